@@ -1,0 +1,19 @@
+//! Writes the PartnerIntegration CRD generated from the Rust types.
+//!
+//! `cargo run -p tollgate-crds --bin crdgen` rewrites `crds/partnerintegrations.tollgate.dev.yaml`
+//! (and the chart's copy); `--stdout` prints it instead.
+
+use std::path::PathBuf;
+
+fn main() -> std::io::Result<()> {
+    let yaml = tollgate_crds::crd_yaml();
+    if std::env::args().any(|a| a == "--stdout") {
+        print!("{yaml}");
+        return Ok(());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join(tollgate_crds::CRD_PATH);
+    std::fs::write(&path, &yaml)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

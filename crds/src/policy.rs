@@ -1,0 +1,1361 @@
+//! The runtime form of a `PartnerIntegration`, and the pure compile step from spec to policy.
+//!
+//! Operator and sidecar both call [`compile`], so "valid" means the same thing everywhere. The
+//! result has every default filled in, every duration parsed, every header name checked and
+//! every route resolved against the integration's defaults, so the data plane never re-reads
+//! the spec.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use serde::Serialize;
+
+use crate::duration;
+use crate::v1alpha1::{
+    Backoff, CircuitBreaker, Fallback, KillSwitch, OnLimit, PartnerIntegrationSpec, RateLimit,
+    RateLimitScope, Retries, SecretKeyRef, Timeouts,
+};
+
+// === defaults (documented in docs/policy.md and on the spec fields) ===
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+pub const DEFAULT_RETRY_ON: [&str; 7] = [
+    "connect-error",
+    "reset",
+    "timeout",
+    "429",
+    "502",
+    "503",
+    "504",
+];
+pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 5;
+pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "idempotency-key";
+pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(2);
+pub const DEFAULT_BREAKER_WINDOW: Duration = Duration::from_secs(30);
+pub const DEFAULT_BREAKER_MINIMUM_REQUESTS: u32 = 20;
+pub const DEFAULT_BREAKER_FAILURE_RATE_PERCENT: u32 = 50;
+pub const DEFAULT_BREAKER_CONSECUTIVE_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_OPEN_DURATION: Duration = Duration::from_secs(15);
+pub const DEFAULT_BREAKER_HALF_OPEN_PROBES: u32 = 3;
+pub const DEFAULT_FALLBACK_STATUS: u16 = 503;
+pub const DEFAULT_CREDENTIAL_HEADER: &str = "authorization";
+pub const DEFAULT_CREDENTIAL_FORMAT: &str = "{value}";
+/// The route name used for requests no route matches.
+pub const DEFAULT_ROUTE: &str = "default";
+
+// === errors ===
+
+/// One rejected value, named by its path in the resource (`spec.retries.backoff.base`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Everything wrong with a spec, in field order. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct CompileError {
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// === the runtime policy ===
+
+/// `namespace/name`, the integration's identity in answers, metrics and spans.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct IntegrationId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for IntegrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A compiled integration: immutable, every default resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationPolicy {
+    pub id: IntegrationId,
+    /// Labels a pod must carry to receive this integration; empty: every pod.
+    pub workload_selector: BTreeMap<String, String>,
+    pub upstream: UpstreamPolicy,
+    /// Host names (and optional ports) recognised as this partner.
+    pub hosts: Vec<HostMatch>,
+    pub versioning: VersioningPolicy,
+    pub credentials: Option<CredentialPolicy>,
+    /// The partner's account-wide quota: every request counts against it.
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// The integration's breaker, shared by every route without a breaker of its own.
+    pub circuit_breaker: Option<BreakerPolicy>,
+    /// Declared routes in order; the first match wins.
+    pub routes: Vec<RoutePolicy>,
+    /// What unmatched requests get (named [`DEFAULT_ROUTE`]).
+    pub default_route: RoutePolicy,
+    pub sla: Option<SlaPolicy>,
+    /// Lower-case header names never shown in logs, spans or `/config`; always includes the
+    /// credential header.
+    #[serde(serialize_with = "ser::header_names")]
+    pub redact_headers: Vec<HeaderName>,
+}
+
+impl IntegrationPolicy {
+    /// The route a request takes: the first declared route that matches, else the default.
+    pub fn route_for(&self, method: &Method, path: &str) -> &RoutePolicy {
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, path))
+            .unwrap_or(&self.default_route)
+    }
+
+    /// Whether a pod with these labels should run this integration.
+    pub fn selects(&self, pod_labels: &BTreeMap<String, String>) -> bool {
+        self.workload_selector
+            .iter()
+            .all(|(k, v)| pod_labels.get(k) == Some(v))
+    }
+
+    /// Whether `host` (a `Host` header, absolute-form authority or `CONNECT` target, with or
+    /// without port) names this partner.
+    pub fn matches_host(&self, host: &str, port: Option<u16>) -> bool {
+        self.hosts.iter().any(|h| h.matches(host, port))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// Where traffic goes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamPolicy {
+    /// The url as written.
+    pub url: String,
+    pub scheme: Scheme,
+    /// Lower-case host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    /// Path prefix prepended to every request path, without a trailing `/` (often empty).
+    pub base_path: String,
+    #[serde(with = "duration::serde_go")]
+    pub connect_timeout: Duration,
+}
+
+/// One `hosts` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostMatch {
+    /// Lower case.
+    pub host: String,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str, port: Option<u16>) -> bool {
+        self.host.eq_ignore_ascii_case(host) && (self.port.is_none() || self.port == port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersioningPolicy {
+    #[serde(serialize_with = "ser::header_pairs")]
+    pub pin_headers: Vec<(HeaderName, HeaderValue)>,
+    pub denied_path_prefixes: Vec<String>,
+}
+
+impl VersioningPolicy {
+    /// The denied prefix this path falls under, if any (segment-aware).
+    pub fn denied(&self, path: &str) -> Option<&str> {
+        self.denied_path_prefixes
+            .iter()
+            .find(|p| path_has_prefix(path, p))
+            .map(String::as_str)
+    }
+}
+
+/// The credential to inject: `header: prefix + secret + suffix`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialPolicy {
+    pub secret_ref: SecretKeyRef,
+    #[serde(serialize_with = "ser::header_name")]
+    pub header: HeaderName,
+    /// What precedes `{value}` in `format`.
+    pub prefix: String,
+    /// What follows `{value}` in `format`.
+    pub suffix: String,
+}
+
+impl CredentialPolicy {
+    /// The header value for a secret, or `None` if the result is not a valid header value.
+    pub fn render(&self, secret: &str) -> Option<HeaderValue> {
+        let mut v =
+            HeaderValue::from_str(&format!("{}{}{}", self.prefix, secret, self.suffix)).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+/// A quota: every band must admit a request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicy {
+    pub scope: RateLimitScope,
+    pub on_limit: OnLimit,
+    #[serde(with = "duration::serde_go")]
+    pub max_queue_wait: Duration,
+    #[serde(serialize_with = "ser::opt_header_name")]
+    pub partition_by: Option<HeaderName>,
+    pub bands: Vec<BandPolicy>,
+}
+
+/// A token bucket: `requests` tokens, refilled continuously over `per`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BandPolicy {
+    pub name: String,
+    pub requests: u64,
+    #[serde(with = "duration::serde_go")]
+    pub per: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerPolicy {
+    #[serde(with = "duration::serde_go")]
+    pub window: Duration,
+    pub minimum_requests: u32,
+    pub failure_rate_percent: u32,
+    pub consecutive_failures: u32,
+    #[serde(with = "duration::serde_go::option")]
+    pub slow_call_duration: Option<Duration>,
+    #[serde(with = "duration::serde_go")]
+    pub open_duration: Duration,
+    pub half_open_probes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct KillSwitchPolicy {
+    pub enabled: bool,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TimeoutPolicy {
+    #[serde(with = "duration::serde_go")]
+    pub request: Duration,
+    #[serde(with = "duration::serde_go")]
+    pub total: Duration,
+}
+
+/// Which failures a retry may follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryOn {
+    pub connect_error: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    /// 429 and 5xx codes only.
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    pub fn status(&self, code: u16) -> bool {
+        self.statuses.contains(&code)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetPolicy {
+    pub percent: u32,
+    pub min_per_second: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// 1: no retry.
+    pub max_attempts: u32,
+    #[serde(with = "duration::serde_go")]
+    pub backoff_base: Duration,
+    #[serde(with = "duration::serde_go")]
+    pub backoff_max: Duration,
+    pub retry_on: RetryOn,
+    pub respect_retry_after: bool,
+    pub budget: BudgetPolicy,
+    #[serde(serialize_with = "ser::header_name")]
+    pub idempotency_header: HeaderName,
+    pub generate_idempotency_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticResponsePolicy {
+    #[serde(serialize_with = "ser::status")]
+    pub status: StatusCode,
+    #[serde(serialize_with = "ser::header_pairs")]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackPolicy {
+    #[serde(with = "duration::serde_go::option")]
+    pub stale_if_error: Option<Duration>,
+    pub response: Option<StaticResponsePolicy>,
+}
+
+/// Which breaker governs a route.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum BreakerScope {
+    /// No breaker.
+    None,
+    /// The integration's breaker, shared with every other route in this scope.
+    Integration,
+    /// A breaker of the route's own.
+    Route(BreakerPolicy),
+}
+
+/// Everything that governs one route, resolved against the integration's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutePolicy {
+    pub name: String,
+    pub path_prefix: Option<String>,
+    /// Empty: any method.
+    #[serde(serialize_with = "ser::methods")]
+    pub methods: Vec<Method>,
+    /// The integration's switch or the route's own, whichever is on.
+    pub kill_switch: KillSwitchPolicy,
+    pub timeouts: TimeoutPolicy,
+    pub retries: RetryPolicy,
+    /// The route's own bands, enforced in addition to the integration's quota.
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub breaker: BreakerScope,
+    pub fallback: FallbackPolicy,
+}
+
+impl RoutePolicy {
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| path_has_prefix(path, p))
+    }
+
+    /// Whether every request `other` matches is matched by `self` too.
+    fn covers(&self, other: &RoutePolicy) -> bool {
+        let methods = self.methods.is_empty()
+            || (!other.methods.is_empty()
+                && other.methods.iter().all(|m| self.methods.contains(m)));
+        let path = match (&self.path_prefix, &other.path_prefix) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => path_has_prefix(theirs, mine),
+        };
+        methods && path
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlaPolicy {
+    pub availability_percent: Option<f64>,
+    #[serde(with = "duration::serde_go::option")]
+    pub latency_p95: Option<Duration>,
+}
+
+/// Segment-aware prefix test: `/v1/tracking` is a prefix of `/v1/tracking` and
+/// `/v1/tracking/9`, not of `/v1/trackings`. A prefix ending in `/` matches as plain text.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => {
+            rest.is_empty()
+                || prefix.ends_with('/')
+                || rest.starts_with('/')
+                || rest.starts_with('?')
+        }
+        None => false,
+    }
+}
+
+// === compile ===
+
+/// Compiles one spec. `namespace`/`name` identify it in answers and telemetry.
+pub fn compile(
+    namespace: &str,
+    name: &str,
+    spec: &PartnerIntegrationSpec,
+) -> Result<IntegrationPolicy, CompileError> {
+    let mut c = Compiler::default();
+    let policy = c.integration(namespace, name, spec);
+    match policy {
+        Some(p) if c.errors.is_empty() => Ok(p),
+        _ => Err(CompileError { errors: c.errors }),
+    }
+}
+
+/// Collects every error instead of stopping at the first, so a user fixes a spec in one pass.
+#[derive(Default)]
+struct Compiler {
+    errors: Vec<FieldError>,
+}
+
+impl Compiler {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        self.opt_duration(path, value).unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, path: &str, value: Option<&String>) -> Option<Duration> {
+        let s = value?;
+        match duration::parse(s) {
+            Some(d) => Some(d),
+            None => {
+                self.err(
+                    path,
+                    format!("{s:?} is not a duration (use a non-negative Go duration such as 250ms, 3s, 1m)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn positive_duration(
+        &mut self,
+        path: &str,
+        value: Option<&String>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(path, value, default);
+        if d.is_zero() {
+            self.err(
+                path,
+                format!(
+                    "{:?} must be greater than zero",
+                    value.map(String::as_str).unwrap_or("0")
+                ),
+            );
+            return default;
+        }
+        d
+    }
+
+    fn count(&mut self, path: &str, value: Option<i32>, min: i32, max: i32, default: u32) -> u32 {
+        match value {
+            None => default,
+            Some(v) if (min..=max).contains(&v) => v as u32,
+            Some(v) => {
+                self.err(path, format!("{v} is out of range ({min} to {max})"));
+                default
+            }
+        }
+    }
+
+    fn header_name(&mut self, path: &str, s: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(s.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.err(path, format!("{s:?} is not a valid HTTP header name"));
+                None
+            }
+        }
+    }
+
+    fn header_value(&mut self, path: &str, s: &str) -> Option<HeaderValue> {
+        match HeaderValue::from_str(s) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.err(
+                    path,
+                    format!(
+                        "{s:?} is not a valid HTTP header value (control characters or non-ASCII)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn path_prefix(&mut self, path: &str, s: &str) -> Option<String> {
+        if !s.starts_with('/') {
+            self.err(path, format!("{s:?} must start with '/'"));
+            return None;
+        }
+        if s.contains(['?', '#', ' ']) {
+            self.err(
+                path,
+                format!("{s:?} must be a plain path (no query, fragment or spaces)"),
+            );
+            return None;
+        }
+        Some(s.to_string())
+    }
+
+    fn integration(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        spec: &PartnerIntegrationSpec,
+    ) -> Option<IntegrationPolicy> {
+        if namespace.is_empty() {
+            self.err("metadata.namespace", "must be set");
+        }
+        if name.is_empty() {
+            self.err("metadata.name", "must be set");
+        }
+        let upstream = self.upstream(spec);
+        let hosts = self.hosts(spec, upstream.as_ref());
+        let versioning = self.versioning(spec);
+        let credentials = spec.credentials.as_ref().and_then(|c| self.credentials(c));
+        let rate_limit = spec
+            .rate_limit
+            .as_ref()
+            .and_then(|r| self.rate_limit("spec.rateLimit", r, None));
+        let circuit_breaker = spec
+            .circuit_breaker
+            .as_ref()
+            .map(|b| self.breaker("spec.circuitBreaker", b, None));
+
+        let default_route = self.route_policy(
+            "spec",
+            DEFAULT_ROUTE.to_string(),
+            None,
+            Vec::new(),
+            spec,
+            &RouteOverrides::default(),
+        );
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        let mut seen = BTreeSet::new();
+        for (i, r) in spec.routes.iter().enumerate() {
+            let base = format!("spec.routes[{i}]");
+            if r.name == DEFAULT_ROUTE {
+                self.err(
+                    format!("{base}.name"),
+                    format!("{DEFAULT_ROUTE:?} is reserved for requests no route matches"),
+                );
+            }
+            if !seen.insert(r.name.clone()) {
+                self.err(
+                    format!("{base}.name"),
+                    format!(
+                        "{:?} is used by an earlier route; route names must be unique",
+                        r.name
+                    ),
+                );
+            }
+            let prefix = r
+                .r#match
+                .path_prefix
+                .as_deref()
+                .and_then(|p| self.path_prefix(&format!("{base}.match.pathPrefix"), p));
+            let mut methods = Vec::new();
+            for (j, m) in r.r#match.methods.iter().enumerate() {
+                let upper = m.to_ascii_uppercase();
+                match Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if !upper.is_empty() => methods.push(method),
+                    _ => self.err(
+                        format!("{base}.match.methods[{j}]"),
+                        format!("{m:?} is not an HTTP method"),
+                    ),
+                }
+            }
+            let overrides = RouteOverrides {
+                kill_switch: r.kill_switch.as_ref(),
+                timeouts: r.timeouts.as_ref(),
+                retries: r.retries.as_ref(),
+                fallback: r.fallback.as_ref(),
+            };
+            let mut route =
+                self.route_policy(&base, r.name.clone(), prefix, methods, spec, &overrides);
+            route.rate_limit = r.rate_limit.as_ref().and_then(|rl| {
+                self.rate_limit(&format!("{base}.rateLimit"), rl, spec.rate_limit.as_ref())
+            });
+            if let Some(b) = &r.circuit_breaker {
+                route.breaker = BreakerScope::Route(self.breaker(
+                    &format!("{base}.circuitBreaker"),
+                    b,
+                    spec.circuit_breaker.as_ref(),
+                ));
+            }
+            routes.push(route);
+        }
+        for (j, later) in routes.iter().enumerate() {
+            if let Some((i, earlier)) = routes[..j]
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.covers(later))
+            {
+                self.err(
+                    format!("spec.routes[{j}]"),
+                    format!("route {:?} never matches: route {:?} (spec.routes[{i}]) comes first and matches every request it would", later.name, earlier.name),
+                );
+            }
+        }
+
+        let sla = spec.sla.as_ref().map(|s| {
+            let availability_percent =
+                s.availability_percent
+                    .as_ref()
+                    .and_then(|a| match a.parse::<f64>() {
+                        Ok(v) if v > 0.0 && v <= 100.0 => Some(v),
+                        _ => {
+                            self.err(
+                                "spec.sla.availabilityPercent",
+                                format!("{a:?} must be a percentage above 0 and at most 100"),
+                            );
+                            None
+                        }
+                    });
+            let latency_p95 = self.opt_duration("spec.sla.latencyP95", s.latency_p95.as_ref());
+            SlaPolicy {
+                availability_percent,
+                latency_p95,
+            }
+        });
+
+        let mut redact_headers = Vec::new();
+        if let Some(c) = &credentials {
+            redact_headers.push(c.header.clone());
+        }
+        if let Some(t) = &spec.telemetry {
+            for (i, h) in t.redact_headers.iter().enumerate() {
+                if let Some(h) = self.header_name(&format!("spec.telemetry.redactHeaders[{i}]"), h)
+                    && !redact_headers.contains(&h)
+                {
+                    redact_headers.push(h);
+                }
+            }
+        }
+
+        Some(IntegrationPolicy {
+            id: IntegrationId {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            },
+            workload_selector: spec
+                .workload_selector
+                .as_ref()
+                .map(|w| w.match_labels.clone())
+                .unwrap_or_default(),
+            upstream: upstream?,
+            hosts,
+            versioning,
+            credentials,
+            rate_limit,
+            circuit_breaker,
+            routes,
+            default_route,
+            sla,
+            redact_headers,
+        })
+    }
+
+    fn upstream(&mut self, spec: &PartnerIntegrationSpec) -> Option<UpstreamPolicy> {
+        let url = &spec.upstream.url;
+        let path = "spec.upstream.url";
+        let connect_timeout = self.positive_duration(
+            "spec.upstream.connectTimeout",
+            spec.upstream.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let uri: Uri = match url.parse() {
+            Ok(u) => u,
+            Err(_) if !url.contains("://") => {
+                self.err(path, format!("{url:?} must be an absolute URL starting with https:// or http://"));
+                return None;
+            }
+            Err(_) => {
+                self.err(path, format!("{url:?} is not a URL"));
+                return None;
+            }
+        };
+        let scheme = match uri.scheme_str() {
+            Some("https") => Scheme::Https,
+            Some("http") => Scheme::Http,
+            Some(other) => {
+                self.err(
+                    path,
+                    format!("{url:?}: scheme {other:?} is not supported (use https:// or http://)"),
+                );
+                return None;
+            }
+            None => {
+                self.err(
+                    path,
+                    format!("{url:?} must be an absolute URL starting with https:// or http://"),
+                );
+                return None;
+            }
+        };
+        let Some(authority) = uri.authority() else {
+            self.err(path, format!("{url:?} has no host"));
+            return None;
+        };
+        if authority.as_str().contains('@') {
+            self.err(
+                path,
+                format!("{url:?} must not carry credentials; use spec.credentials"),
+            );
+            return None;
+        }
+        if uri.query().is_some() {
+            self.err(path, format!("{url:?} must not have a query string"));
+            return None;
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if host.is_empty() {
+            self.err(path, format!("{url:?} has no host"));
+            return None;
+        }
+        let port = authority.port_u16().unwrap_or(match scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        });
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Some(UpstreamPolicy {
+            url: url.clone(),
+            scheme,
+            host,
+            port,
+            base_path,
+            connect_timeout,
+        })
+    }
+
+    fn hosts(
+        &mut self,
+        spec: &PartnerIntegrationSpec,
+        upstream: Option<&UpstreamPolicy>,
+    ) -> Vec<HostMatch> {
+        if spec.upstream.hosts.is_empty() {
+            // Default: the url's host, with its port when the url names one explicitly.
+            let Some(up) = upstream else {
+                return Vec::new();
+            };
+            let explicit_port = spec
+                .upstream
+                .url
+                .parse::<Uri>()
+                .ok()
+                .and_then(|u| u.port_u16());
+            return vec![HostMatch {
+                host: up.host.clone(),
+                port: explicit_port,
+            }];
+        }
+        let mut out = Vec::new();
+        for (i, h) in spec.upstream.hosts.iter().enumerate() {
+            let path = format!("spec.upstream.hosts[{i}]");
+            let parsed = h.parse::<http::uri::Authority>();
+            match parsed {
+                Ok(a) if !h.contains(['/', '@', '*']) && !a.host().is_empty() => {
+                    out.push(HostMatch {
+                        host: a
+                            .host()
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_ascii_lowercase(),
+                        port: a.port_u16(),
+                    })
+                }
+                _ => self.err(
+                    path,
+                    format!(
+                        "{h:?} is not a host name (write api.example.com or api.example.com:8443)"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    fn versioning(&mut self, spec: &PartnerIntegrationSpec) -> VersioningPolicy {
+        let Some(v) = &spec.versioning else {
+            return VersioningPolicy::default();
+        };
+        let mut pin_headers = Vec::new();
+        for (k, val) in &v.pin_headers {
+            let path = format!("spec.versioning.pinHeaders[{k}]");
+            if let (Some(name), Some(value)) =
+                (self.header_name(&path, k), self.header_value(&path, val))
+            {
+                pin_headers.push((name, value));
+            }
+        }
+        let denied_path_prefixes = v
+            .denied_path_prefixes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                self.path_prefix(&format!("spec.versioning.deniedPathPrefixes[{i}]"), p)
+            })
+            .collect();
+        VersioningPolicy {
+            pin_headers,
+            denied_path_prefixes,
+        }
+    }
+
+    fn credentials(&mut self, c: &crate::v1alpha1::Credentials) -> Option<CredentialPolicy> {
+        let header = self.header_name(
+            "spec.credentials.header",
+            c.header.as_deref().unwrap_or(DEFAULT_CREDENTIAL_HEADER),
+        );
+        let format = c.format.as_deref().unwrap_or(DEFAULT_CREDENTIAL_FORMAT);
+        let parts: Vec<&str> = format.split("{value}").collect();
+        if parts.len() != 2 {
+            self.err(
+                "spec.credentials.format",
+                format!("{format:?} must contain {{value}} exactly once"),
+            );
+            return None;
+        }
+        if HeaderValue::from_str(&format.replace("{value}", "x")).is_err() {
+            self.err(
+                "spec.credentials.format",
+                format!("{format:?} has characters a header value cannot hold"),
+            );
+            return None;
+        }
+        if c.secret_ref.name.is_empty() {
+            self.err("spec.credentials.secretRef.name", "must be set");
+        }
+        if c.secret_ref.key.is_empty() {
+            self.err("spec.credentials.secretRef.key", "must be set");
+        }
+        Some(CredentialPolicy {
+            secret_ref: c.secret_ref.clone(),
+            header: header?,
+            prefix: parts[0].to_string(),
+            suffix: parts[1].to_string(),
+        })
+    }
+
+    /// `inherit`: the integration's quota, whose scope/onLimit/queue settings a route's bands
+    /// take unless the route sets its own.
+    fn rate_limit(
+        &mut self,
+        base: &str,
+        r: &RateLimit,
+        inherit: Option<&RateLimit>,
+    ) -> Option<RateLimitPolicy> {
+        if r.limits.is_empty() {
+            self.err(format!("{base}.limits"), "at least one band is required");
+        }
+        let mut bands = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, b) in r.limits.iter().enumerate() {
+            let path = format!("{base}.limits[{i}]");
+            if b.name.is_empty() {
+                self.err(format!("{path}.name"), "must be set");
+            } else if !names.insert(b.name.clone()) {
+                self.err(
+                    format!("{path}.name"),
+                    format!(
+                        "{:?} is used by an earlier band; band names must be unique",
+                        b.name
+                    ),
+                );
+            }
+            if b.requests < 1 {
+                self.err(
+                    format!("{path}.requests"),
+                    format!("{} must be at least 1", b.requests),
+                );
+            }
+            let per = self.positive_duration(
+                &format!("{path}.per"),
+                Some(&b.per),
+                Duration::from_secs(1),
+            );
+            bands.push(BandPolicy {
+                name: b.name.clone(),
+                requests: b.requests.max(1) as u64,
+                per,
+            });
+        }
+        let scope = r
+            .scope
+            .or(inherit.and_then(|i| i.scope))
+            .unwrap_or_default();
+        let on_limit = r
+            .on_limit
+            .or(inherit.and_then(|i| i.on_limit))
+            .unwrap_or_default();
+        let max_queue_wait = self.duration(
+            &format!("{base}.maxQueueWait"),
+            r.max_queue_wait
+                .as_ref()
+                .or(inherit.and_then(|i| i.max_queue_wait.as_ref())),
+            DEFAULT_MAX_QUEUE_WAIT,
+        );
+        let partition_by = r
+            .partition_by
+            .as_ref()
+            .or(inherit.and_then(|i| i.partition_by.as_ref()))
+            .and_then(|h| self.header_name(&format!("{base}.partitionBy"), h));
+        Some(RateLimitPolicy {
+            scope,
+            on_limit,
+            max_queue_wait,
+            partition_by,
+            bands,
+        })
+    }
+
+    fn breaker(
+        &mut self,
+        base: &str,
+        b: &CircuitBreaker,
+        inherit: Option<&CircuitBreaker>,
+    ) -> BreakerPolicy {
+        let pick_s =
+            |f: fn(&CircuitBreaker) -> Option<&String>| f(b).or(inherit.and_then(f)).cloned();
+        let pick_i = |f: fn(&CircuitBreaker) -> Option<i32>| f(b).or(inherit.and_then(f));
+        BreakerPolicy {
+            window: self.positive_duration(
+                &format!("{base}.window"),
+                pick_s(|b| b.window.as_ref()).as_ref(),
+                DEFAULT_BREAKER_WINDOW,
+            ),
+            minimum_requests: self.count(
+                &format!("{base}.minimumRequests"),
+                pick_i(|b| b.minimum_requests),
+                1,
+                i32::MAX,
+                DEFAULT_BREAKER_MINIMUM_REQUESTS,
+            ),
+            failure_rate_percent: self.count(
+                &format!("{base}.failureRatePercent"),
+                pick_i(|b| b.failure_rate_percent),
+                1,
+                100,
+                DEFAULT_BREAKER_FAILURE_RATE_PERCENT,
+            ),
+            consecutive_failures: self.count(
+                &format!("{base}.consecutiveFailures"),
+                pick_i(|b| b.consecutive_failures),
+                1,
+                i32::MAX,
+                DEFAULT_BREAKER_CONSECUTIVE_FAILURES,
+            ),
+            slow_call_duration: self.opt_duration(
+                &format!("{base}.slowCallDuration"),
+                pick_s(|b| b.slow_call_duration.as_ref()).as_ref(),
+            ),
+            open_duration: self.positive_duration(
+                &format!("{base}.openDuration"),
+                pick_s(|b| b.open_duration.as_ref()).as_ref(),
+                DEFAULT_BREAKER_OPEN_DURATION,
+            ),
+            half_open_probes: self.count(
+                &format!("{base}.halfOpenProbes"),
+                pick_i(|b| b.half_open_probes),
+                1,
+                1000,
+                DEFAULT_BREAKER_HALF_OPEN_PROBES,
+            ),
+        }
+    }
+
+    fn route_policy(
+        &mut self,
+        base: &str,
+        name: String,
+        path_prefix: Option<String>,
+        methods: Vec<Method>,
+        spec: &PartnerIntegrationSpec,
+        o: &RouteOverrides<'_>,
+    ) -> RoutePolicy {
+        let kill_switch = merge_kill_switch(spec.kill_switch.as_ref(), o.kill_switch);
+        let timeouts = self.timeouts(base, spec.timeouts.as_ref(), o.timeouts);
+        let retries = self.retries(base, spec.retries.as_ref(), o.retries);
+        let fallback = self.fallback(base, spec.fallback.as_ref(), o.fallback);
+        RoutePolicy {
+            name,
+            path_prefix,
+            methods,
+            kill_switch,
+            timeouts,
+            retries,
+            rate_limit: None,
+            breaker: if spec.circuit_breaker.is_some() {
+                BreakerScope::Integration
+            } else {
+                BreakerScope::None
+            },
+            fallback,
+        }
+    }
+
+    fn timeouts(
+        &mut self,
+        base: &str,
+        spec: Option<&Timeouts>,
+        route: Option<&Timeouts>,
+    ) -> TimeoutPolicy {
+        // The path names where the value came from: the route's field if it set one.
+        let (req_path, req) = pick(
+            base,
+            "timeouts.request",
+            route.and_then(|t| t.request.as_ref()),
+            spec.and_then(|t| t.request.as_ref()),
+        );
+        let (tot_path, tot) = pick(
+            base,
+            "timeouts.total",
+            route.and_then(|t| t.total.as_ref()),
+            spec.and_then(|t| t.total.as_ref()),
+        );
+        let request = self.positive_duration(&req_path, req, DEFAULT_REQUEST_TIMEOUT);
+        let total = self.positive_duration(&tot_path, tot, DEFAULT_TOTAL_TIMEOUT);
+        if request > total {
+            self.err(
+                req_path,
+                format!(
+                    "{} exceeds the total deadline {} ({tot_path})",
+                    duration::format(request),
+                    duration::format(total)
+                ),
+            );
+        }
+        TimeoutPolicy { request, total }
+    }
+
+    fn retries(
+        &mut self,
+        base: &str,
+        spec: Option<&Retries>,
+        route: Option<&Retries>,
+    ) -> RetryPolicy {
+        let present = spec.is_some() || route.is_some();
+        let (p_attempts, attempts) = pick(
+            base,
+            "retries.maxAttempts",
+            route.and_then(|r| r.max_attempts.as_ref()),
+            spec.and_then(|r| r.max_attempts.as_ref()),
+        );
+        let max_attempts = self.count(
+            &p_attempts,
+            attempts.copied(),
+            1,
+            10,
+            if present { DEFAULT_MAX_ATTEMPTS } else { 1 },
+        );
+
+        fn backoff(r: Option<&Retries>) -> Option<&Backoff> {
+            r.and_then(|r| r.backoff.as_ref())
+        }
+        let (p_base, b_base) = pick(
+            base,
+            "retries.backoff.base",
+            backoff(route).and_then(|b| b.base.as_ref()),
+            backoff(spec).and_then(|b| b.base.as_ref()),
+        );
+        let (p_max, b_max) = pick(
+            base,
+            "retries.backoff.max",
+            backoff(route).and_then(|b| b.max.as_ref()),
+            backoff(spec).and_then(|b| b.max.as_ref()),
+        );
+        let backoff_base = self.duration(&p_base, b_base, DEFAULT_BACKOFF_BASE);
+        let backoff_max = self.duration(&p_max, b_max, DEFAULT_BACKOFF_MAX);
+        if backoff_base > backoff_max {
+            self.err(
+                p_base,
+                format!(
+                    "{} exceeds retries.backoff.max {}",
+                    duration::format(backoff_base),
+                    duration::format(backoff_max)
+                ),
+            );
+        }
+
+        let (p_on, on) = pick(
+            base,
+            "retries.retryOn",
+            route.and_then(|r| r.retry_on.as_ref()),
+            spec.and_then(|r| r.retry_on.as_ref()),
+        );
+        let retry_on = match on {
+            Some(list) => self.retry_on(&p_on, list.iter().map(String::as_str)),
+            None => self.retry_on(&p_on, DEFAULT_RETRY_ON.into_iter()),
+        };
+
+        let respect_retry_after = route
+            .and_then(|r| r.respect_retry_after)
+            .or(spec.and_then(|r| r.respect_retry_after))
+            .unwrap_or(true);
+
+        fn budget(r: Option<&Retries>) -> Option<&crate::v1alpha1::RetryBudget> {
+            r.and_then(|r| r.budget.as_ref())
+        }
+        let (p_pct, pct) = pick(
+            base,
+            "retries.budget.percent",
+            budget(route).and_then(|b| b.percent.as_ref()),
+            budget(spec).and_then(|b| b.percent.as_ref()),
+        );
+        let (p_min, min) = pick(
+            base,
+            "retries.budget.minPerSecond",
+            budget(route).and_then(|b| b.min_per_second.as_ref()),
+            budget(spec).and_then(|b| b.min_per_second.as_ref()),
+        );
+        let budget = BudgetPolicy {
+            percent: self.count(&p_pct, pct.copied(), 0, 100, DEFAULT_BUDGET_PERCENT),
+            min_per_second: self.count(
+                &p_min,
+                min.copied(),
+                0,
+                100_000,
+                DEFAULT_BUDGET_MIN_PER_SECOND,
+            ),
+        };
+
+        fn idem(r: Option<&Retries>) -> Option<&crate::v1alpha1::Idempotency> {
+            r.and_then(|r| r.idempotency.as_ref())
+        }
+        let (p_hdr, hdr) = pick(
+            base,
+            "retries.idempotency.header",
+            idem(route).and_then(|i| i.header.as_ref()),
+            idem(spec).and_then(|i| i.header.as_ref()),
+        );
+        let idempotency_header = self
+            .header_name(
+                &p_hdr,
+                hdr.map(String::as_str)
+                    .unwrap_or(DEFAULT_IDEMPOTENCY_HEADER),
+            )
+            .unwrap_or(HeaderName::from_static(DEFAULT_IDEMPOTENCY_HEADER));
+        let generate_idempotency_key = idem(route)
+            .and_then(|i| i.generate)
+            .or(idem(spec).and_then(|i| i.generate))
+            .unwrap_or(false);
+
+        RetryPolicy {
+            max_attempts,
+            backoff_base,
+            backoff_max,
+            retry_on,
+            respect_retry_after,
+            budget,
+            idempotency_header,
+            generate_idempotency_key,
+        }
+    }
+
+    fn retry_on<'a>(&mut self, path: &str, items: impl Iterator<Item = &'a str>) -> RetryOn {
+        let mut on = RetryOn {
+            connect_error: false,
+            reset: false,
+            timeout: false,
+            statuses: Vec::new(),
+        };
+        for (i, item) in items.enumerate() {
+            match item {
+                "connect-error" => on.connect_error = true,
+                "reset" => on.reset = true,
+                "timeout" => on.timeout = true,
+                code => match code.parse::<u16>() {
+                    Ok(429) => on.statuses.push(429),
+                    Ok(c @ 500..=599) => on.statuses.push(c),
+                    Ok(c @ 400..=499) => self.err(
+                        format!("{path}[{i}]"),
+                        format!("{c} is never retried: a 4xx other than 429 means the request itself is wrong"),
+                    ),
+                    _ => self.err(
+                        format!("{path}[{i}]"),
+                        format!("{code:?} is not a retry condition (connect-error, reset, timeout, 429 or a 5xx code)"),
+                    ),
+                },
+            }
+        }
+        on
+    }
+
+    fn fallback(
+        &mut self,
+        base: &str,
+        spec: Option<&Fallback>,
+        route: Option<&Fallback>,
+    ) -> FallbackPolicy {
+        let (p_stale, stale) = pick(
+            base,
+            "fallback.staleIfError",
+            route.and_then(|f| f.stale_if_error.as_ref()),
+            spec.and_then(|f| f.stale_if_error.as_ref()),
+        );
+        let stale_if_error = self.opt_duration(&p_stale, stale);
+        let (p_resp, resp) = pick(
+            base,
+            "fallback.response",
+            route.and_then(|f| f.response.as_ref()),
+            spec.and_then(|f| f.response.as_ref()),
+        );
+        let response = resp.and_then(|r| {
+            let code = r.status.unwrap_or(i32::from(DEFAULT_FALLBACK_STATUS));
+            let status = match u16::try_from(code)
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+            {
+                Some(s) if (100..=599).contains(&code) => s,
+                _ => {
+                    self.err(
+                        format!("{p_resp}.status"),
+                        format!("{code} is not an HTTP status (100 to 599)"),
+                    );
+                    return None;
+                }
+            };
+            let mut headers = Vec::new();
+            for (k, v) in &r.headers {
+                let path = format!("{p_resp}.headers[{k}]");
+                if let (Some(n), Some(v)) =
+                    (self.header_name(&path, k), self.header_value(&path, v))
+                {
+                    headers.push((n, v));
+                }
+            }
+            Some(StaticResponsePolicy {
+                status,
+                headers,
+                body: r.body.clone().unwrap_or_default(),
+            })
+        });
+        FallbackPolicy {
+            stale_if_error,
+            response,
+        }
+    }
+}
+
+/// A route's own sections, merged field by field over the integration's.
+#[derive(Default)]
+struct RouteOverrides<'a> {
+    kill_switch: Option<&'a KillSwitch>,
+    timeouts: Option<&'a Timeouts>,
+    retries: Option<&'a Retries>,
+    fallback: Option<&'a Fallback>,
+}
+
+/// The route's value if it set one, else the integration's; with the path of the one chosen.
+fn pick<'a, T>(
+    base: &str,
+    field: &str,
+    route: Option<&'a T>,
+    spec: Option<&'a T>,
+) -> (String, Option<&'a T>) {
+    match route {
+        Some(v) => (format!("{base}.{field}"), Some(v)),
+        None => (format!("spec.{field}"), spec),
+    }
+}
+
+fn merge_kill_switch(spec: Option<&KillSwitch>, route: Option<&KillSwitch>) -> KillSwitchPolicy {
+    for k in [spec, route].into_iter().flatten() {
+        if k.enabled {
+            return KillSwitchPolicy {
+                enabled: true,
+                reason: k.reason.clone(),
+            };
+        }
+    }
+    KillSwitchPolicy::default()
+}
+
+/// Serializers for `/config`: header names and values as text, methods as strings.
+mod ser {
+    use http::{HeaderName, HeaderValue, Method, StatusCode};
+    use serde::Serializer;
+    use serde::ser::{SerializeMap, SerializeSeq};
+
+    pub fn header_name<S: Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(h.as_str())
+    }
+
+    pub fn opt_header_name<S: Serializer>(h: &Option<HeaderName>, s: S) -> Result<S::Ok, S::Error> {
+        match h {
+            Some(h) => s.serialize_str(h.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn header_names<S: Serializer>(hs: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(hs.len()))?;
+        for h in hs {
+            seq.serialize_element(h.as_str())?;
+        }
+        seq.end()
+    }
+
+    pub fn header_pairs<S: Serializer>(
+        hs: &[(HeaderName, HeaderValue)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(hs.len()))?;
+        for (k, v) in hs {
+            map.serialize_entry(k.as_str(), v.to_str().unwrap_or("<binary>"))?;
+        }
+        map.end()
+    }
+
+    pub fn methods<S: Serializer>(ms: &[Method], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(ms.len()))?;
+        for m in ms {
+            seq.serialize_element(m.as_str())?;
+        }
+        seq.end()
+    }
+
+    pub fn status<S: Serializer>(c: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u16(c.as_u16())
+    }
+}

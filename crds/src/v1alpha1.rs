@@ -1,0 +1,605 @@
+//! `PartnerIntegration` v1alpha1: the resource users write.
+//!
+//! Every field of the public contract lives here. The schema the API server enforces is
+//! generated from these types (`cargo run -p tollgate-crds --bin crdgen`); rules a schema can
+//! express (patterns, ranges, CEL) are declared on the fields, and everything else is checked by
+//! [`crate::policy::compile`], which operator and sidecar share.
+
+// Each printcolumn repeats `type_ = "string"`; clippy reads that as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Go/Kubernetes duration, e.g. `250ms`, `3s`, `1m30s`, `1h`. Negative values are not allowed.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+/// The longest duration string the schema accepts (keeps CEL cost estimates bounded).
+pub const DURATION_MAX_LEN: u32 = 32;
+
+/// Desired state of one partner API integration.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "tollgate.dev",
+    version = "v1alpha1",
+    kind = "PartnerIntegration",
+    plural = "partnerintegrations",
+    singular = "partnerintegration",
+    shortname = "pi",
+    shortname = "pis",
+    namespaced,
+    status = "PartnerIntegrationStatus",
+    derive = "PartialEq",
+    doc = "A partner API that Tollgate governs: quotas, timeouts, retries, circuit breaking, kill switch, fallbacks, version pins, credentials and the SLA to watch.",
+    printcolumn(
+        name = "READY",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "KILL",
+        type_ = "boolean",
+        json_path = ".spec.killSwitch.enabled"
+    ),
+    printcolumn(name = "CIRCUIT", type_ = "string", json_path = ".status.circuit"),
+    printcolumn(
+        name = "RPM",
+        type_ = "integer",
+        json_path = ".status.traffic.requestsPerMinute"
+    ),
+    printcolumn(
+        name = "ERR%",
+        type_ = "number",
+        json_path = ".status.traffic.errorRatePercent"
+    ),
+    printcolumn(
+        name = "P95",
+        type_ = "string",
+        json_path = ".status.traffic.latencyP95"
+    ),
+    printcolumn(
+        name = "AGE",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PartnerIntegrationSpec {
+    /// Which pods' sidecars receive this integration. Absent: every injected pod in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+    /// Where the sidecar sends traffic and which hosts it recognises as this partner.
+    pub upstream: Upstream,
+    /// Stops all traffic to the partner at once. Absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_switch: Option<KillSwitch>,
+    /// Per-attempt and whole-call deadlines. Always in force (defaults 10s and 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    /// Safe retries. Absent: no retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// The partner's quota (every call to the partner counts). Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Stops calling a failing partner for a while. Absent: no breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// What the app gets when the partner fails or the kill switch is on. Absent: the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// API-version pins and denied (deprecated) path prefixes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versioning: Option<Versioning>,
+    /// The credential the sidecar injects; the app never holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    /// Per-endpoint overrides; the first match wins; unmatched requests use the defaults above.
+    /// Route names are unique (the API server enforces it: the list is keyed by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub routes: Vec<Route>,
+    /// The service level to watch; a miss sets condition `SLABreached`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla: Option<Sla>,
+    /// What telemetry must never contain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<Telemetry>,
+}
+
+/// Selects pods by label, as a Deployment's selector does.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Every label listed must be present on the pod with this value.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// The partner's address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Base URL the sidecar sends traffic to, `https://` or `http://`.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("spec.upstream.url: scheme must be http or https"))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub url: String,
+    /// Host names (optionally `name:port`) the sidecar recognises as this partner, from the
+    /// request's `Host`, absolute URL or `CONNECT` target. Default: the url's host (and port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 261)))]
+    pub hosts: Vec<String>,
+    /// TCP + TLS connect deadline. Default 3s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub connect_timeout: Option<String>,
+}
+
+/// The kill switch: while enabled, nothing reaches the partner.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KillSwitch {
+    /// Stop all traffic to the partner (or to the route).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Why; shown in the sidecar's answers, events and status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+}
+
+/// Deadlines.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.request) || !has(self.total) || duration(self.request) <= duration(self.total)").message("timeouts.request must not exceed timeouts.total"))]
+pub struct Timeouts {
+    /// One attempt, from sending the request to the end of the response headers. Default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub request: Option<String>,
+    /// The whole call: queueing, every attempt and backoff, in clock time. Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub total: Option<String>,
+}
+
+/// Which failures are retried, how often and how fast.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Attempts in all; 1 means no retry. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: Option<i32>,
+    /// Exponential backoff with full jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Failures that may be retried: `connect-error`, `reset`, `timeout`, or a status code
+    /// (`429` or 5xx; other 4xx are never retried). Default: all of
+    /// `connect-error, reset, timeout, 429, 502, 503, 504`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(max = 16)))]
+    #[x_kube(validation = Rule::new("self.all(x, x == 'connect-error' || x == 'reset' || x == 'timeout' || x == '429' || x.matches('^5[0-9][0-9]$'))").message("retries.retryOn: allowed are connect-error, reset, timeout, 429 and 5xx codes"))]
+    pub retry_on: Option<Vec<String>>,
+    /// Wait as long as the partner's `Retry-After` asks, within the total deadline. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respect_retry_after: Option<bool>,
+    /// Retries may add at most this share of traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+    /// When a non-idempotent method may be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// Exponential backoff bounds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.base) || !has(self.max) || duration(self.base) <= duration(self.max)").message("retries.backoff.base must not exceed retries.backoff.max"))]
+pub struct Backoff {
+    /// First backoff ceiling. Default 100ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub base: Option<String>,
+    /// Largest backoff. Default 2s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub max: Option<String>,
+}
+
+/// Retry budget: retries are allowed while they stay under `percent` of recent requests, with a
+/// floor of `minPerSecond`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<i32>,
+    /// Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub min_per_second: Option<i32>,
+}
+
+/// Idempotency keys for non-idempotent methods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Idempotency {
+    /// A POST/PATCH is retried only when it carries this header. Default `Idempotency-Key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub header: Option<String>,
+    /// Add a fresh key to POST/PATCH requests without one, before the first attempt; every
+    /// retry reuses it. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<bool>,
+}
+
+/// Who shares a quota.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RateLimitScope {
+    /// Shared by all sidecars of this integration (the operator divides it among them).
+    #[default]
+    Global,
+    /// Each pod has the whole quota to itself.
+    PerPod,
+}
+
+/// What happens to a request over the limit.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnLimit {
+    /// Answer 429 at once, with `Retry-After`.
+    #[default]
+    Reject,
+    /// Wait (first come, first served) up to `maxQueueWait`, then 429.
+    Queue,
+}
+
+/// A quota made of one or more bands; every band must admit a request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// `global` (default) or `perPod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RateLimitScope>,
+    /// `reject` (default) or `queue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_limit: Option<OnLimit>,
+    /// With `onLimit: queue`, the longest a request waits for a token. Default 2s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub max_queue_wait: Option<String>,
+    /// Request header whose value selects a separate set of buckets (regional quotas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub partition_by: Option<String>,
+    /// The bands (burst AND sustained); at least one; names unique (the list is keyed by name).
+    #[schemars(length(min = 1, max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub limits: Vec<LimitBand>,
+}
+
+/// `requests` per `per`: a token bucket that refills continuously.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitBand {
+    /// Names the band in metrics and answers.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Requests allowed per period (also the burst size). At least 1.
+    #[schemars(range(min = 1))]
+    pub requests: i64,
+    /// The period.
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub per: String,
+}
+
+/// Circuit breaker thresholds. Either trigger opens it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Rolling window for the failure rate. Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub window: Option<String>,
+    /// Calls in the window before the rate counts. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub minimum_requests: Option<i32>,
+    /// Failures (5xx, timeouts, connect errors, resets; not 4xx) per 100 calls. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_rate_percent: Option<i32>,
+    /// Failures in a row. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub consecutive_failures: Option<i32>,
+    /// A call slower than this counts as a failure. Default: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub slow_call_duration: Option<String>,
+    /// How long it stays open before half-open. Default 15s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub open_duration: Option<String>,
+    /// Probes let through while half-open; all succeed -> closed. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub half_open_probes: Option<i32>,
+}
+
+/// Degraded answers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fallback {
+    /// GET: serve the last good response up to this age when the partner fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub stale_if_error: Option<String>,
+    /// Else this static response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<StaticResponse>,
+}
+
+/// A fixed response.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticResponse {
+    /// HTTP status. Default 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 599))]
+    pub status: Option<i32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub body: Option<String>,
+}
+
+/// API version control.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Versioning {
+    /// Set (overwriting what the app sent) on every outbound request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pin_headers: BTreeMap<String, String>,
+    /// Requests under these path prefixes get 410 Gone and never reach the partner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
+    pub denied_path_prefixes: Vec<String>,
+}
+
+/// The credential to inject.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    /// The Secret (same namespace) and key holding the credential.
+    pub secret_ref: SecretKeyRef,
+    /// Header to set, over whatever the app sent. Default `Authorization`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub header: Option<String>,
+    /// Header value; `{value}` is replaced by the secret. Default `{value}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("self.contains('{value}')").message("credentials.format must contain {value}"))]
+    pub format: Option<String>,
+}
+
+/// A key of a Secret in the integration's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A per-endpoint override.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// Names the route in metrics, spans, answers and status.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Which requests the route takes.
+    #[serde(default)]
+    pub r#match: RouteMatch,
+    /// The route's own bands, enforced in addition to the integration's quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Field by field over the integration's timeouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    /// Field by field over the integration's retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// The route gets a breaker of its own (fields default to the integration's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Field by field over the integration's fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// Stops this route alone (the integration's kill switch stops every route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_switch: Option<KillSwitch>,
+}
+
+/// Request matching; every given criterion must hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// Path prefix, segment-aware: `/v1/tracking` matches `/v1/tracking` and
+    /// `/v1/tracking/123`, not `/v1/trackings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path_prefix: Option<String>,
+    /// HTTP methods (upper case). Empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 32)))]
+    pub methods: Vec<String>,
+}
+
+/// The service level to watch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sla {
+    /// Share of successful calls, e.g. `"99.9"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,3}(\.[0-9]+)?$"), length(max = 16))]
+    pub availability_percent: Option<String>,
+    /// 95th percentile latency of calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub latency_p95: Option<String>,
+}
+
+/// Telemetry hygiene.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Telemetry {
+    /// Headers whose values never appear in logs, spans or `/config` (the credential header
+    /// is always redacted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
+    pub redact_headers: Vec<String>,
+}
+
+/// Observed state, written by the operator from what the sidecars report.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartnerIntegrationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The revision sidecars report they run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<String>,
+    /// Ready, Invalid, KillSwitchActive, CircuitOpen, SLABreached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Summary of breaker states across sidecars: `closed`, `half-open` or `open`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars: Option<SidecarSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficSummary>,
+}
+
+/// One condition, keyed by `type`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// One of the `condition::*` constants.
+    pub r#type: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One of the `reason::*` constants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// RFC 3339 time of the last change of `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Sidecars that should run this integration, and what they report.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSummary {
+    pub desired: i32,
+    pub up_to_date: i32,
+    pub breaker_open: i32,
+}
+
+/// Traffic over the status window, summed over sidecars.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSummary {
+    pub requests_per_minute: i64,
+    pub error_rate_percent: f64,
+    /// e.g. `120ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p95: Option<String>,
+    pub rate_limited_per_minute: i64,
+}
+
+/// Condition types.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const INVALID: &str = "Invalid";
+    pub const KILL_SWITCH_ACTIVE: &str = "KillSwitchActive";
+    pub const CIRCUIT_OPEN: &str = "CircuitOpen";
+    pub const SLA_BREACHED: &str = "SLABreached";
+}
+
+/// Condition reasons.
+pub mod reason {
+    /// Compiled and distributed.
+    pub const COMPILED: &str = "Compiled";
+    /// The spec failed validation; the message names the field.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A referenced Secret or key is missing; the previous credential stays in force.
+    pub const SECRET_MISSING: &str = "SecretMissing";
+    /// The spec is valid.
+    pub const VALID: &str = "Valid";
+    pub const KILL_SWITCH_ENABLED: &str = "KillSwitchEnabled";
+    pub const KILL_SWITCH_DISABLED: &str = "KillSwitchDisabled";
+    pub const BREAKER_OPEN: &str = "BreakerOpen";
+    pub const BREAKER_CLOSED: &str = "BreakerClosed";
+    pub const AVAILABILITY_BELOW_TARGET: &str = "AvailabilityBelowTarget";
+    pub const LATENCY_ABOVE_TARGET: &str = "LatencyAboveTarget";
+    pub const WITHIN_TARGET: &str = "WithinTarget";
+    pub const NO_TRAFFIC: &str = "NoTraffic";
+}

@@ -1,0 +1,584 @@
+//! The compile step: documented defaults, rejected values named by field path, and the examples.
+
+use std::time::Duration;
+
+use http::Method;
+use tollgate_crds::policy::{self, BreakerScope, Scheme};
+use tollgate_crds::v1alpha1::{OnLimit, RateLimitScope};
+use tollgate_crds::{PartnerIntegrationSpec, compile, manifest};
+
+fn spec(yaml: &str) -> PartnerIntegrationSpec {
+    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("test spec does not parse: {e}\n{yaml}"))
+}
+
+fn ok(yaml: &str) -> policy::IntegrationPolicy {
+    compile("ns", "partner", &spec(yaml)).unwrap_or_else(|e| panic!("expected valid, got: {e}"))
+}
+
+const MINIMAL: &str = "upstream: {url: https://api.partner.example}";
+
+#[test]
+fn minimal_spec_gets_documented_defaults() {
+    let p = ok(MINIMAL);
+    assert_eq!(p.id.to_string(), "ns/partner");
+    assert_eq!(p.upstream.scheme, Scheme::Https);
+    assert_eq!(p.upstream.host, "api.partner.example");
+    assert_eq!(p.upstream.port, 443);
+    assert_eq!(p.upstream.base_path, "");
+    assert_eq!(p.upstream.connect_timeout, Duration::from_secs(3));
+    assert_eq!(p.hosts.len(), 1);
+    assert!(p.matches_host("API.partner.example", Some(443)));
+    assert!(p.matches_host("api.partner.example", None));
+    assert!(p.workload_selector.is_empty());
+    assert!(p.rate_limit.is_none(), "no rateLimit section: no limit");
+    assert!(
+        p.circuit_breaker.is_none(),
+        "no circuitBreaker section: no breaker"
+    );
+    assert!(p.credentials.is_none());
+    assert!(p.routes.is_empty());
+
+    let d = &p.default_route;
+    assert_eq!(d.name, "default");
+    assert!(!d.kill_switch.enabled);
+    assert_eq!(d.timeouts.request, Duration::from_secs(10));
+    assert_eq!(d.timeouts.total, Duration::from_secs(30));
+    assert_eq!(d.retries.max_attempts, 1, "no retries section: no retry");
+    assert_eq!(d.breaker, BreakerScope::None);
+    assert_eq!(d.fallback, policy::FallbackPolicy::default());
+}
+
+#[test]
+fn section_defaults_fill_in_when_a_section_is_present() {
+    let p = ok("
+upstream: {url: 'http://10.0.0.1:8080/base/'}
+retries: {}
+circuitBreaker: {}
+rateLimit: {limits: [{name: a, requests: 5, per: 1s}]}
+credentials: {secretRef: {name: s, key: k}}
+fallback: {response: {}}
+");
+    assert_eq!(p.upstream.scheme, Scheme::Http);
+    assert_eq!(p.upstream.port, 8080);
+    assert_eq!(p.upstream.base_path, "/base");
+    assert!(p.matches_host("10.0.0.1", Some(8080)));
+    assert!(
+        !p.matches_host("10.0.0.1", Some(8081)),
+        "explicit port in url: only that port"
+    );
+
+    let r = &p.default_route.retries;
+    assert_eq!(r.max_attempts, 3);
+    assert_eq!(r.backoff_base, Duration::from_millis(100));
+    assert_eq!(r.backoff_max, Duration::from_secs(2));
+    assert!(r.retry_on.connect_error && r.retry_on.reset && r.retry_on.timeout);
+    assert_eq!(r.retry_on.statuses, vec![429, 502, 503, 504]);
+    assert!(r.respect_retry_after);
+    assert_eq!((r.budget.percent, r.budget.min_per_second), (20, 5));
+    assert_eq!(r.idempotency_header.as_str(), "idempotency-key");
+    assert!(!r.generate_idempotency_key);
+
+    let b = p.circuit_breaker.as_ref().unwrap();
+    assert_eq!(b.window, Duration::from_secs(30));
+    assert_eq!(
+        (
+            b.minimum_requests,
+            b.failure_rate_percent,
+            b.consecutive_failures
+        ),
+        (20, 50, 5)
+    );
+    assert_eq!(b.slow_call_duration, None);
+    assert_eq!(b.open_duration, Duration::from_secs(15));
+    assert_eq!(b.half_open_probes, 3);
+    assert_eq!(p.default_route.breaker, BreakerScope::Integration);
+
+    let rl = p.rate_limit.as_ref().unwrap();
+    assert_eq!(rl.scope, RateLimitScope::Global);
+    assert_eq!(rl.on_limit, OnLimit::Reject);
+    assert_eq!(rl.max_queue_wait, Duration::from_secs(2));
+    assert_eq!(rl.partition_by, None);
+
+    let c = p.credentials.as_ref().unwrap();
+    assert_eq!(c.header.as_str(), "authorization");
+    assert_eq!(c.render("sk_1").unwrap(), "sk_1");
+    assert!(c.render("sk_1").unwrap().is_sensitive());
+    assert_eq!(
+        p.redact_headers[0].as_str(),
+        "authorization",
+        "the credential header is always redacted"
+    );
+
+    let f = p.default_route.fallback.response.as_ref().unwrap();
+    assert_eq!(f.status.as_u16(), 503);
+    assert!(f.body.is_empty());
+}
+
+#[test]
+fn routes_merge_field_by_field_and_first_match_wins() {
+    let p = ok("
+upstream: {url: https://api.partner.example}
+killSwitch: {enabled: false}
+timeouts: {request: 5s, total: 20s}
+retries: {maxAttempts: 4, backoff: {base: 50ms, max: 1s}}
+circuitBreaker: {consecutiveFailures: 7}
+rateLimit: {partitionBy: x-user-region, onLimit: queue, limits: [{name: sustained, requests: 300, per: 1m}]}
+routes:
+  - name: tracking
+    match: {pathPrefix: /v1/tracking, methods: [get]}
+    rateLimit: {limits: [{name: tracking, requests: 20, per: 1m}]}
+    timeouts: {request: 2s}
+    circuitBreaker: {openDuration: 1m}
+    killSwitch: {enabled: true, reason: partner bug}
+  - name: writes
+    match: {methods: [POST, PATCH]}
+    retries: {maxAttempts: 2}
+");
+    let t = &p.routes[0];
+    assert_eq!(t.methods, vec![Method::GET], "methods are upper-cased");
+    assert_eq!(t.timeouts.request, Duration::from_secs(2));
+    assert_eq!(t.timeouts.total, Duration::from_secs(20), "total inherited");
+    assert_eq!(t.retries.max_attempts, 4, "retries inherited");
+    assert!(t.kill_switch.enabled);
+    assert_eq!(t.kill_switch.reason.as_deref(), Some("partner bug"));
+    let BreakerScope::Route(b) = &t.breaker else {
+        panic!("tracking has its own breaker")
+    };
+    assert_eq!(b.open_duration, Duration::from_secs(60));
+    assert_eq!(
+        b.consecutive_failures, 7,
+        "unset breaker fields come from the integration's"
+    );
+    let rl = t.rate_limit.as_ref().unwrap();
+    assert_eq!(rl.bands[0].name, "tracking");
+    assert_eq!(
+        rl.partition_by.as_ref().unwrap().as_str(),
+        "x-user-region",
+        "route bands inherit the partition"
+    );
+    assert_eq!(rl.on_limit, OnLimit::Queue);
+
+    let w = &p.routes[1];
+    assert_eq!(w.retries.max_attempts, 2);
+    assert_eq!(w.retries.backoff_base, Duration::from_millis(50));
+    assert_eq!(w.breaker, BreakerScope::Integration);
+    assert!(!w.kill_switch.enabled);
+
+    assert_eq!(
+        p.route_for(&Method::GET, "/v1/tracking/123").name,
+        "tracking"
+    );
+    assert_eq!(
+        p.route_for(&Method::GET, "/v1/tracking?id=1").name,
+        "tracking"
+    );
+    assert_eq!(
+        p.route_for(&Method::GET, "/v1/trackings").name,
+        "default",
+        "prefixes are segment-aware"
+    );
+    assert_eq!(p.route_for(&Method::POST, "/v1/tracking").name, "writes");
+    assert_eq!(p.route_for(&Method::DELETE, "/v1/x").name, "default");
+    assert!(
+        !p.default_route.kill_switch.enabled,
+        "a route's kill switch stops only that route"
+    );
+}
+
+#[test]
+fn integration_kill_switch_stops_every_route() {
+    let p = ok("
+upstream: {url: https://api.partner.example}
+killSwitch: {enabled: true, reason: INC-123}
+routes: [{name: a, match: {pathPrefix: /a}}]
+");
+    assert!(p.default_route.kill_switch.enabled);
+    assert!(p.routes[0].kill_switch.enabled);
+    assert_eq!(p.routes[0].kill_switch.reason.as_deref(), Some("INC-123"));
+}
+
+#[test]
+fn selectors_hosts_versioning_and_sla() {
+    let p = ok("
+workloadSelector: {matchLabels: {app: checkout}}
+upstream: {url: https://api.partner.example, hosts: [api.partner.example, 'alt.partner.example:8443']}
+versioning: {pinHeaders: {Stripe-Version: '2024-06-20'}, deniedPathPrefixes: [/v0]}
+sla: {availabilityPercent: '99.9', latencyP95: 800ms}
+telemetry: {redactHeaders: [X-Account]}
+");
+    let labels = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(p.selects(&labels(&[("app", "checkout"), ("tier", "web")])));
+    assert!(!p.selects(&labels(&[("app", "billing")])));
+    assert!(p.matches_host("alt.partner.example", Some(8443)));
+    assert!(!p.matches_host("alt.partner.example", Some(443)));
+    assert_eq!(p.versioning.denied("/v0/charges"), Some("/v0"));
+    assert_eq!(p.versioning.denied("/v0"), Some("/v0"));
+    assert_eq!(p.versioning.denied("/v01/charges"), None);
+    assert_eq!(p.versioning.pin_headers[0].0.as_str(), "stripe-version");
+    let sla = p.sla.as_ref().unwrap();
+    assert_eq!(sla.availability_percent, Some(99.9));
+    assert_eq!(sla.latency_p95, Some(Duration::from_millis(800)));
+    assert_eq!(p.redact_headers[0].as_str(), "x-account");
+}
+
+/// Each case: a spec, the field path the error must name, and a fragment of the message.
+const BAD: &[(&str, &str, &str)] = &[
+    (
+        "upstream: {url: https://a.example}\nretries: {backoff: {base: -5s}}",
+        "spec.retries.backoff.base",
+        "\"-5s\" is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\ntimeouts: {request: soon}",
+        "spec.timeouts.request",
+        "is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\ntimeouts: {request: 0s}",
+        "spec.timeouts.request",
+        "greater than zero",
+    ),
+    (
+        "upstream: {url: https://a.example}\ntimeouts: {request: 40s, total: 30s}",
+        "spec.timeouts.request",
+        "exceeds the total deadline 30s",
+    ),
+    (
+        "upstream: {url: https://a.example}\nretries: {backoff: {base: 5s, max: 1s}}",
+        "spec.retries.backoff.base",
+        "exceeds retries.backoff.max",
+    ),
+    (
+        "upstream: {url: https://a.example}\nretries: {maxAttempts: 0}",
+        "spec.retries.maxAttempts",
+        "0 is out of range",
+    ),
+    (
+        "upstream: {url: https://a.example}\nretries: {retryOn: [timeout, '404']}",
+        "spec.retries.retryOn[1]",
+        "404 is never retried",
+    ),
+    (
+        "upstream: {url: https://a.example}\nretries: {retryOn: [banana]}",
+        "spec.retries.retryOn[0]",
+        "not a retry condition",
+    ),
+    (
+        "upstream: {url: https://a.example}\nretries: {budget: {percent: 150}}",
+        "spec.retries.budget.percent",
+        "150 is out of range",
+    ),
+    (
+        "upstream: {url: https://a.example}\nretries: {idempotency: {header: 'bad header'}}",
+        "spec.retries.idempotency.header",
+        "not a valid HTTP header name",
+    ),
+    (
+        "upstream: {url: ftp://a.example}",
+        "spec.upstream.url",
+        "scheme \"ftp\"",
+    ),
+    (
+        "upstream: {url: a.example/path}",
+        "spec.upstream.url",
+        "absolute URL",
+    ),
+    (
+        "upstream: {url: 'https://user:pw@a.example'}",
+        "spec.upstream.url",
+        "must not carry credentials",
+    ),
+    (
+        "upstream: {url: https://a.example, hosts: ['https://a.example/x']}",
+        "spec.upstream.hosts[0]",
+        "is not a host name",
+    ),
+    (
+        "upstream: {url: https://a.example, connectTimeout: 3}",
+        "spec.upstream.connectTimeout",
+        "is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: []}",
+        "spec.rateLimit.limits",
+        "at least one band",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: [{name: a, requests: 0, per: 1s}]}",
+        "spec.rateLimit.limits[0].requests",
+        "must be at least 1",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: [{name: a, requests: 1, per: 0s}]}",
+        "spec.rateLimit.limits[0].per",
+        "greater than zero",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: [{name: a, requests: 1, per: 1s}, {name: a, requests: 2, per: 1m}]}",
+        "spec.rateLimit.limits[1].name",
+        "band names must be unique",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {partitionBy: 'x region', limits: [{name: a, requests: 1, per: 1s}]}",
+        "spec.rateLimit.partitionBy",
+        "not a valid HTTP header name",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncircuitBreaker: {failureRatePercent: 0}",
+        "spec.circuitBreaker.failureRatePercent",
+        "0 is out of range",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncircuitBreaker: {halfOpenProbes: 0}",
+        "spec.circuitBreaker.halfOpenProbes",
+        "out of range",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncircuitBreaker: {openDuration: forever}",
+        "spec.circuitBreaker.openDuration",
+        "is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\nfallback: {response: {status: 99}}",
+        "spec.fallback.response.status",
+        "99 is not an HTTP status",
+    ),
+    (
+        "upstream: {url: https://a.example}\nfallback: {response: {headers: {'bad name': x}}}",
+        "spec.fallback.response.headers[bad name]",
+        "not a valid HTTP header name",
+    ),
+    (
+        "upstream: {url: https://a.example}\nfallback: {staleIfError: 5 minutes}",
+        "spec.fallback.staleIfError",
+        "is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\nversioning: {pinHeaders: {Stripe-Version: \"a\\nb\"}}",
+        "spec.versioning.pinHeaders[Stripe-Version]",
+        "not a valid HTTP header value",
+    ),
+    (
+        "upstream: {url: https://a.example}\nversioning: {deniedPathPrefixes: [v0]}",
+        "spec.versioning.deniedPathPrefixes[0]",
+        "must start with '/'",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {secretRef: {name: s, key: k}, format: 'Bearer'}",
+        "spec.credentials.format",
+        "must contain {value} exactly once",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {secretRef: {name: s, key: k}, header: 'Auth:'}",
+        "spec.credentials.header",
+        "not a valid HTTP header name",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {secretRef: {name: '', key: k}}",
+        "spec.credentials.secretRef.name",
+        "must be set",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: x}}]",
+        "spec.routes[0].match.pathPrefix",
+        "must start with '/'",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {methods: ['GE T']}}]",
+        "spec.routes[0].match.methods[0]",
+        "is not an HTTP method",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: /a}}, {name: a, match: {pathPrefix: /b}}]",
+        "spec.routes[1].name",
+        "route names must be unique",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: default, match: {pathPrefix: /a}}]",
+        "spec.routes[0].name",
+        "reserved",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: v1, match: {pathPrefix: /v1}}, {name: tracking, match: {pathPrefix: /v1/tracking, methods: [GET]}}]",
+        "spec.routes[1]",
+        "never matches: route \"v1\" (spec.routes[0])",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: /a}, timeouts: {request: 1m}}]",
+        "spec.routes[0].timeouts.request",
+        "exceeds the total deadline",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: /a}, rateLimit: {limits: [{name: x, requests: 1, per: 1 s}]}}]",
+        "spec.routes[0].rateLimit.limits[0].per",
+        "is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\nsla: {availabilityPercent: '120'}",
+        "spec.sla.availabilityPercent",
+        "at most 100",
+    ),
+    (
+        "upstream: {url: https://a.example}\nsla: {latencyP95: fast}",
+        "spec.sla.latencyP95",
+        "is not a duration",
+    ),
+    (
+        "upstream: {url: https://a.example}\ntelemetry: {redactHeaders: ['a b']}",
+        "spec.telemetry.redactHeaders[0]",
+        "not a valid HTTP header name",
+    ),
+];
+
+#[test]
+fn every_bad_value_is_refused_with_its_field_path() {
+    assert!(BAD.len() >= 15);
+    let mut paths = std::collections::BTreeSet::new();
+    for (yaml, path, fragment) in BAD {
+        let err = match compile("ns", "partner", &spec(yaml)) {
+            Ok(_) => panic!("accepted a bad spec (expected {path}):\n{yaml}"),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(
+            err.errors
+                .iter()
+                .any(|e| e.path == *path && e.message.contains(fragment)),
+            "spec:\n{yaml}\nexpected an error at {path} containing {fragment:?}, got: {text}"
+        );
+        assert!(
+            text.contains(&format!("{path}: ")),
+            "the message names the field: {text}"
+        );
+        paths.insert(*path);
+    }
+    assert!(paths.len() >= 15, "distinct fields: {}", paths.len());
+}
+
+#[test]
+fn the_documented_message_form() {
+    let err = compile(
+        "ns",
+        "p",
+        &spec("upstream: {url: https://a.example}\nretries: {backoff: {base: -5s}}"),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(r#"spec.retries.backoff.base: "-5s" is not a duration"#),
+        "{err}"
+    );
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let err = compile(
+        "ns",
+        "p",
+        &spec(
+            "
+upstream: {url: https://a.example}
+timeouts: {request: x}
+retries: {maxAttempts: 99}
+",
+        ),
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["spec.timeouts.request", "spec.retries.maxAttempts"]);
+}
+
+#[test]
+fn every_example_compiles() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let mut seen = 0;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let items = manifest::parse_stream(&text, "default")
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            !items.is_empty(),
+            "{} holds no PartnerIntegration",
+            path.display()
+        );
+        for pi in items {
+            let ns = pi.metadata.namespace.clone().unwrap();
+            let name = pi.metadata.name.clone().unwrap();
+            compile(&ns, &name, &pi.spec)
+                .unwrap_or_else(|e| panic!("{}: {ns}/{name}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "examples: {seen}");
+}
+
+#[test]
+fn logistics_example_layers_the_tracking_quota_under_the_account_quota() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/logistics.yaml"
+    ))
+    .unwrap();
+    let pi = &manifest::parse_stream(&text, "default").unwrap()[0];
+    let p = compile("fulfilment", "shipfast", &pi.spec).unwrap();
+    let account: Vec<(u64, Duration)> = p
+        .rate_limit
+        .as_ref()
+        .unwrap()
+        .bands
+        .iter()
+        .map(|b| (b.requests, b.per))
+        .collect();
+    assert_eq!(
+        account,
+        [(300, Duration::from_secs(60)), (20, Duration::from_secs(1))]
+    );
+    let tracking = p.route_for(&Method::GET, "/v1/tracking/1Z999");
+    assert_eq!(tracking.name, "tracking");
+    assert_eq!(tracking.rate_limit.as_ref().unwrap().bands[0].requests, 20);
+    assert_eq!(
+        tracking.rate_limit.as_ref().unwrap().bands[0].per,
+        Duration::from_secs(60)
+    );
+}
+
+#[test]
+fn manifest_stream_errors_name_the_document() {
+    let two = "apiVersion: tollgate.dev/v1alpha1\nkind: PartnerIntegration\nmetadata: {name: a}\nspec: {upstream: {url: https://a.example}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n";
+    let err = manifest::parse_stream(two, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("document 2: kind \"ConfigMap\""), "{err}");
+
+    let bad_yaml = "apiVersion: tollgate.dev/v1alpha1\nkind: PartnerIntegration\nmetadata: {name: a}\nspec: {upstream: {url: [}\n";
+    let err = manifest::parse_stream(bad_yaml, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("document 1:"), "{err}");
+
+    let dup = format!(
+        "{}---\n{}",
+        &two[..two.find("---").unwrap()],
+        &two[..two.find("---").unwrap()]
+    );
+    let err = manifest::parse_stream(&dup, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("default/a"), "{err}");
+
+    let ok = manifest::parse_stream("---\n---\n", "default").unwrap();
+    assert!(ok.is_empty());
+}

@@ -1,0 +1,1 @@
+//! End-to-end test support: the control plane harness and process helpers.
