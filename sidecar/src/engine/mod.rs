@@ -1,0 +1,1 @@
+//! Policy state machines, free of I/O and tested on a paused clock.
