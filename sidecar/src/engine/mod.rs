@@ -6,4 +6,6 @@
 //! sections and no await under a lock.
 
 
+pub mod breaker;
 pub mod limiter;
+mod window;
