@@ -6,6 +6,7 @@
 //! sections and no await under a lock.
 
 
+pub mod backoff;
 pub mod breaker;
 pub mod limiter;
 mod window;
