@@ -9,4 +9,5 @@
 pub mod backoff;
 pub mod breaker;
 pub mod limiter;
+pub mod retry_after;
 mod window;
