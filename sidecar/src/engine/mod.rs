@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod breaker;
+pub mod budget;
 pub mod limiter;
 pub mod retry_after;
 mod window;
