@@ -2,7 +2,23 @@
 //! partner traffic.
 //!
 //! `engine` holds the policy state machines (token buckets, breakers, backoff, budgets, the
-//! stale cache), free of I/O; `layers` wraps each in a tower layer; `proxy` accepts the app's
-//! connections and runs requests through the stack.
+//! stale cache), free of I/O; `layers` wraps each in a tower layer, in the order a request meets
+//! them; `proxy` accepts the app's connections and runs requests through the stack; `config`
+//! builds and swaps revisions of policy.
 
+pub mod admin;
+pub mod answer;
+pub mod body;
+pub mod client;
+pub mod config;
 pub mod engine;
+pub mod layers;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;
+pub mod trace;
+
+/// Parses a Go-form duration flag (`500ms`, `15s`).
+pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    tollgate_crds::duration::parse(s).ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 15s, 1m)"))
+}

@@ -1,1 +1,166 @@
-fn main() {}
+//! `tollgate-sidecar`: the per-pod policy proxy.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use tollgate_sidecar::admin::{self, Admin};
+use tollgate_sidecar::config::file::FileSource;
+use tollgate_sidecar::config::secrets::SecretsDir;
+use tollgate_sidecar::config::Store;
+use tollgate_sidecar::layers::{self, StackContext};
+use tollgate_sidecar::proxy::handler::Proxy;
+use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
+use tollgate_sidecar::state::StateContext;
+use tollgate_sidecar::telemetry::metrics::Metrics;
+use tollgate_sidecar::telemetry::tracing::{self as telemetry, LogFormat};
+use tollgate_sidecar::{client, duration_arg};
+
+/// Governs this pod's outbound calls to partner APIs.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate-sidecar", version, about, long_about = None)]
+struct Args {
+    /// Standalone mode: a YAML stream of PartnerIntegration manifests, watched and reloaded.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where `secretRef`s resolve in standalone mode: DIR/<secret name>/<key>.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Outbound listener (forward proxy, Host-routed origin-form, CONNECT).
+    #[arg(long, default_value = "127.0.0.1:15080")]
+    listen: SocketAddr,
+    /// Admin listener (/metrics, /healthz, /readyz, /config).
+    #[arg(long, default_value = "127.0.0.1:15090")]
+    admin: SocketAddr,
+    /// Requests for hosts no integration claims: pass them through untouched, or deny (403).
+    #[arg(long, value_enum, default_value = "pass")]
+    unknown_hosts: UnknownHosts,
+    /// Extra CA certificates (PEM) trusted for partner TLS, besides the system's.
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: Option<PathBuf>,
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    #[arg(long, default_value_t = 32 * 1024)]
+    max_header_bytes: usize,
+    /// Largest request body accepted; larger gets 400.
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: u64,
+    /// Request bodies up to this size are buffered and can be retried; larger ones stream once.
+    #[arg(long, default_value_t = 64 * 1024)]
+    replay_limit: usize,
+    /// App connections open at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// CONNECT tunnels open at once.
+    #[arg(long, default_value_t = 1024)]
+    max_tunnels: usize,
+    /// Time a client has to send its request head.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    header_read_timeout: Duration,
+    /// On SIGTERM, how long open connections may finish.
+    #[arg(long, default_value = "15s", value_parser = duration_arg)]
+    drain_timeout: Duration,
+    /// How often the config file and secrets are checked for changes.
+    #[arg(long, default_value = "500ms", value_parser = duration_arg)]
+    reload_interval: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate-sidecar: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-sidecar: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut telemetry = telemetry::init(args.log_format, "info")?;
+    let Some(config_path) = args.config.clone() else {
+        anyhow::bail!("no policy source: give --config FILE (standalone mode)");
+    };
+    let ca = match &args.ca_bundle {
+        Some(p) => Some(std::fs::read(p).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", p.display()))?),
+        None => None,
+    };
+    let tls = client::tls_config(ca.as_deref())?;
+    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(Store::default());
+    let ctx = StateContext::new(tls.clone());
+
+    let source = FileSource {
+        path: config_path.clone(),
+        secrets: SecretsDir::new(args.secrets_dir.clone()),
+        store: store.clone(),
+        ctx: ctx.clone(),
+        metrics: metrics.clone(),
+    };
+    // The first load must succeed: there is no previous revision to keep.
+    let id = source.reload().map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(revision = %id, path = %config_path.display(), integrations = store.load().integrations.len(), "config loaded");
+    tokio::spawn(source.watch(args.reload_interval));
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("--admin {}: {e}", args.admin))?;
+    let listen = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let options = ProxyOptions {
+        listen,
+        unknown_hosts: args.unknown_hosts,
+        max_header_bytes: args.max_header_bytes,
+        replay_limit: args.replay_limit,
+        max_body_bytes: args.max_body_bytes,
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections,
+        max_tunnels: args.max_tunnels,
+        ..ProxyOptions::default()
+    };
+    let proxy = Arc::new(Proxy {
+        store: store.clone(),
+        stack: layers::stack(StackContext { metrics: metrics.clone() }),
+        passthrough: client::build(tls, options.passthrough_connect_timeout, &ctx.pool),
+        tunnels: Arc::new(Semaphore::new(options.max_tunnels)),
+        options,
+        metrics: metrics.clone(),
+    });
+    tokio::spawn(admin::serve(admin_listener, Arc::new(Admin { store, metrics })));
+    tracing::info!(listen = %listen, admin = %admin_addr, otlp = telemetry.exporting(), "tollgate-sidecar ready");
+    server::serve(listener, proxy, shutdown_signal(), args.drain_timeout).await;
+    telemetry.shutdown();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}

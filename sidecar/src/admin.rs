@@ -1,0 +1,150 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::body::{self, RespBody};
+use crate::config::{Revision, Source, Store};
+use crate::telemetry::metrics::Metrics;
+
+/// Admin connections open at once.
+const MAX_CONNECTIONS: usize = 64;
+
+pub struct Admin {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves the admin listener until the process ends.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .max_buf_size(16 * 1024);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue;
+        };
+        let admin = admin.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(req)) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
+
+fn text(status: StatusCode, s: impl Into<String>) -> Response<RespBody> {
+    let mut r = Response::new(body::full(s.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+impl Admin {
+    pub fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match req.uri().path() {
+            "/metrics" => {
+                self.metrics.refresh(&self.store.load());
+                let mut r = text(StatusCode::OK, self.metrics.encode());
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                r
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                let rev = self.store.load();
+                if rev.source == Source::Empty {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "no policy revision loaded yet\n")
+                } else {
+                    text(StatusCode::OK, format!("ok: revision {}\n", rev.id))
+                }
+            }
+            "/config" => {
+                let v = config_json(&self.store.load());
+                let mut r = Response::new(body::full(serde_json::to_vec_pretty(&v).unwrap_or_default()));
+                r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz, /config\n"),
+        }
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// The revision in force as JSON. Credential values never appear (the policy holds only the
+/// secret's name); pinned and static headers named in `redactHeaders` show `<redacted>`.
+pub fn config_json(rev: &Revision) -> Value {
+    let integrations: Vec<Value> = rev
+        .integrations
+        .iter()
+        .map(|i| {
+            let mut v = serde_json::to_value(&i.policy).unwrap_or(Value::Null);
+            let redact: Vec<String> = i.policy.redact_headers.iter().map(|h| h.as_str().to_string()).collect();
+            redact_maps(&mut v, &redact);
+            if let Some(c) = v.get_mut("credentials").and_then(Value::as_object_mut) {
+                c.insert("loaded".into(), Value::Bool(i.credential.is_some()));
+            }
+            v
+        })
+        .collect();
+    let loaded_at = httpdate::fmt_http_date(rev.loaded_at);
+    let source = match &rev.source {
+        Source::Empty => json!({"kind": "none"}),
+        Source::File(p) => json!({"kind": "file", "path": p}),
+        Source::Operator(u) => json!({"kind": "operator", "url": u}),
+    };
+    json!({"revision": rev.id, "source": source, "loadedAt": loaded_at, "integrations": integrations})
+}
+
+/// Replaces the values of redacted header names in every header map of the policy JSON
+/// (`pinHeaders`, fallback `headers`).
+fn redact_maps(v: &mut Value, redact: &[String]) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if (k == "pinHeaders" || k == "headers")
+                    && let Value::Object(h) = child
+                {
+                    for (name, value) in h.iter_mut() {
+                        if redact.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+                            *value = Value::String(REDACTED.into());
+                        }
+                    }
+                    continue;
+                }
+                redact_maps(child, redact);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| redact_maps(c, redact)),
+        _ => {}
+    }
+}

@@ -1,0 +1,145 @@
+//! Connections to partners: one pool per integration, TLS origination with rustls, and a
+//! connect deadline that covers TCP and the TLS handshake together.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::ClientConfig;
+use tower::Service;
+
+use crate::body::{BoxError, ReqBody};
+
+/// Pool settings shared by every integration's client.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            idle_timeout: Duration::from_secs(90),
+            max_idle_per_host: 64,
+        }
+    }
+}
+
+/// The trust anchors for partner TLS: the system's roots, the bundled Mozilla roots when the
+/// system has none, and an optional extra CA bundle (`--ca-bundle`).
+pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(pem) = extra_ca_pem {
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            roots
+                .add(cert.map_err(|e| anyhow::anyhow!("--ca-bundle: unreadable certificate: {e}"))?)
+                .map_err(|e| anyhow::anyhow!("--ca-bundle: rejected certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            anyhow::bail!("--ca-bundle: no PEM certificate found");
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+pub type HttpClient = Client<TimeoutConnector<HttpsConnector<HttpConnector>>, ReqBody>;
+
+/// Builds one integration's client.
+pub fn build(tls: Arc<ClientConfig>, connect_timeout: Duration, pool: &PoolOptions) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(pool.idle_timeout)
+        .pool_max_idle_per_host(pool.max_idle_per_host)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .set_host(false)
+        .build(TimeoutConnector {
+            inner: https,
+            timeout: connect_timeout,
+        })
+}
+
+/// Bounds a whole connect (TCP and TLS) by one deadline.
+#[derive(Clone, Debug)]
+pub struct TimeoutConnector<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+/// The connect deadline passed.
+#[derive(Debug, thiserror::Error)]
+#[error("connect timed out after {0:?}")]
+pub struct ConnectTimeout(pub Duration);
+
+impl<C> Service<Uri> for TimeoutConnector<C>
+where
+    C: Service<Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let timeout = self.timeout;
+        let fut = self.inner.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
+            }
+        })
+    }
+}
+
+/// How an attempt failed below HTTP, for retry and breaker decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportFailure {
+    /// No connection could be made (refused, DNS, TLS, connect deadline).
+    Connect,
+    /// The connection broke before a response arrived.
+    Reset,
+}
+
+/// Classifies a client error.
+pub fn classify(err: &hyper_util::client::legacy::Error) -> TransportFailure {
+    if err.is_connect() {
+        TransportFailure::Connect
+    } else {
+        TransportFailure::Reset
+    }
+}

@@ -1,0 +1,85 @@
+//! Circuit breaker: while open, calls fail fast with 503 `circuit-open` and `Retry-After` set
+//! to the time until half-open. The breaker sees each call's final outcome (after retries).
+//!
+//! Failures are the partner's 5xx, connect errors, resets and timeouts; 4xx (429 included)
+//! are the request's or the quota's fault and count as successes.
+
+use std::task::{Context, Poll};
+
+use http::Request;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::{BoxFuture, Call, CallError, CallResult};
+use crate::answer::Reason;
+use crate::body::{ReqBody, RespBody};
+use crate::engine::breaker::CallOutcome;
+
+pub fn layer() -> CircuitBreakerLayer {
+    CircuitBreakerLayer
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CircuitBreakerLayer;
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+    fn layer(&self, inner: S) -> CircuitBreaker<S> {
+        CircuitBreaker { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+}
+
+/// The breaker's view of a call's result; `None`: neither (the sidecar's own decision).
+pub fn outcome(result: &CallResult) -> Option<CallOutcome> {
+    match result {
+        Ok(resp) if resp.status().is_server_error() => Some(CallOutcome::Failure),
+        Ok(_) => Some(CallOutcome::Success),
+        Err(e) if e.is_partner_failure() => Some(CallOutcome::Failure),
+        Err(_) => None,
+    }
+}
+
+impl<S> Service<Request<ReqBody>> for CircuitBreaker<S>
+where
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, BoxFuture<CallResult>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let call = Call::from_request(&req);
+        let Some(breaker) = call.integration.state.breaker(&call.integration.policy, call.route).cloned() else {
+            return futures::future::Either::Left(self.inner.call(req));
+        };
+        let started = Instant::now();
+        match breaker.try_acquire(started) {
+            Err(open) => {
+                let msg = "circuit breaker is open: the partner has been failing".to_string();
+                let answer = call.answer(Reason::CircuitOpen, msg).retry_after(open.retry_after);
+                futures::future::Either::Right(Box::pin(std::future::ready(Err(answer.into()))))
+            }
+            Ok(permit) => {
+                let fut = self.inner.call(req);
+                futures::future::Either::Right(Box::pin(async move {
+                    let result = fut.await;
+                    if let Some(o) = outcome(&result) {
+                        let now = Instant::now();
+                        permit.record(o, now - started, now);
+                    }
+                    result
+                }))
+            }
+        }
+    }
+}

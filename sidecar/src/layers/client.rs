@@ -1,0 +1,111 @@
+//! The innermost service: sends one attempt to the partner over the integration's pool.
+
+use std::task::{Context, Poll};
+
+use http::header::{HOST, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
+use http::{Request, Response, Uri};
+use tower::Service;
+
+use super::{BoxFuture, Call, CallError, CallResult};
+use crate::body::{self, ReqBody, RespBody};
+use crate::client::classify;
+use crate::proxy::headers::strip_hop_by_hop;
+use tollgate_crds::policy::{Scheme, UpstreamPolicy};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Client;
+
+/// `scheme://host:port` + the upstream's base path + the request's path and query.
+pub fn upstream_uri(up: &UpstreamPolicy, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    let pq = path_and_query.map_or("/", PathAndQuery::as_str);
+    let path = if up.base_path.is_empty() {
+        pq.to_string()
+    } else {
+        format!("{}{}", up.base_path, pq)
+    };
+    Uri::builder()
+        .scheme(match up.scheme {
+            Scheme::Http => UriScheme::HTTP,
+            Scheme::Https => UriScheme::HTTPS,
+        })
+        .authority(authority(up).as_str())
+        .path_and_query(path)
+        .build()
+}
+
+/// `host` or `host:port` (port omitted when it is the scheme's default), IPv6 bracketed.
+pub fn authority(up: &UpstreamPolicy) -> Authority {
+    let host = if up.host.contains(':') {
+        format!("[{}]", up.host)
+    } else {
+        up.host.clone()
+    };
+    let default_port = match up.scheme {
+        Scheme::Http => 80,
+        Scheme::Https => 443,
+    };
+    let text = if up.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", up.port)
+    };
+    text.parse().expect("host and port from a parsed URL form an authority")
+}
+
+impl Service<Request<ReqBody>> for Client {
+    type Response = Response<RespBody>;
+    type Error = CallError;
+    type Future = BoxFuture<CallResult>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), CallError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let call = Call::from_request(&req);
+        let up = &call.integration.policy.upstream;
+        let uri = match upstream_uri(up, req.uri().path_and_query()) {
+            Ok(u) => u,
+            Err(e) => {
+                let err = CallError::Answer(call.answer(crate::answer::Reason::BadRequest, format!("request path: {e}")));
+                return Box::pin(std::future::ready(Err(err)));
+            }
+        };
+        if let Ok(host) = HeaderValue::from_str(authority(up).as_str()) {
+            req.headers_mut().insert(HOST, host);
+        }
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        crate::trace::inject_context(req.headers_mut());
+        let client = call.integration.state.client.clone();
+        Box::pin(async move {
+            match client.request(req).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, body::incoming(body)))
+                }
+                Err(e) => Err(CallError::Transport {
+                    kind: classify(&e),
+                    message: error_chain(&e),
+                }),
+            }
+        })
+    }
+}
+
+/// The error and its causes on one line (hyper's top-level messages alone say little).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,134 @@
+//! Observe: the outermost layer. Runs the call inside its span, turns errors into the
+//! sidecar's answers, and records every call's outcome in metrics and span attributes.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use super::{BoxFuture, Call, CallError};
+use crate::answer::Reason;
+use crate::body::{ReqBody, RespBody};
+use crate::telemetry::metrics::{CallLabels, Metrics, RouteLabels};
+
+/// Put on a response served from fallback, so the call is recorded as such.
+#[derive(Debug, Clone, Copy)]
+pub struct ServedFallback {
+    pub kind: &'static str,
+    /// What the fallback stood in for.
+    pub reason: Option<Reason>,
+}
+
+pub fn layer(metrics: Arc<Metrics>) -> ObserveLayer {
+    ObserveLayer { metrics }
+}
+
+#[derive(Clone, Debug)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request<ReqBody>> for Observe<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = CallError> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<RespBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<RespBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let call = Call::from_request(&req);
+        let span = crate::trace::call_span(
+            req.method(),
+            &call.integration.label,
+            call.route_name(),
+            req.headers(),
+        );
+        let fut = {
+            let _enter = span.enter();
+            self.inner.call(req)
+        };
+        let metrics = self.metrics.clone();
+        Box::pin(
+            async move {
+                let result = fut.await;
+                let (resp, outcome, reason) = match result {
+                    Ok(resp) => {
+                        let (outcome, reason) = match resp.extensions().get::<ServedFallback>() {
+                            Some(f) => (format!("fallback-{}", f.kind), f.reason),
+                            None if resp.status().as_u16() < 400 => ("success".to_string(), None),
+                            None => ("partner-error".to_string(), None),
+                        };
+                        if let Some(f) = resp.extensions().get::<ServedFallback>() {
+                            tracing::Span::current().record("tollgate.fallback", f.kind);
+                        }
+                        (resp, outcome, reason)
+                    }
+                    Err(e) => {
+                        let answer = e.into_answer(&call);
+                        let reason = answer.reason;
+                        (answer.into_response(), reason.as_str().to_string(), Some(reason))
+                    }
+                };
+                let status = resp.status().as_u16();
+                let span = tracing::Span::current();
+                span.record("http.response.status_code", status);
+                span.record("tollgate.attempts", call.attempts());
+                if let Some(r) = reason {
+                    span.record("tollgate.reason", r.as_str());
+                }
+                if status >= 500 || reason.is_some() {
+                    span.record("otel.status_code", "ERROR");
+                }
+                let integration = call.integration.label.to_string();
+                let route = call.route_name().to_string();
+                metrics
+                    .duration
+                    .get_or_create(&RouteLabels {
+                        integration: integration.clone(),
+                        route: route.clone(),
+                    })
+                    .observe(call.started.elapsed().as_secs_f64());
+                metrics
+                    .requests
+                    .get_or_create(&CallLabels {
+                        integration,
+                        route,
+                        outcome,
+                        code: status.to_string(),
+                    })
+                    .inc();
+                call.integration.state.record_call(call.route, status, reason, call.started.elapsed());
+                Ok(resp)
+            }
+            .instrument(span),
+        )
+    }
+}

@@ -1,0 +1,189 @@
+//! Retry: only failures in `retryOn` (never a 4xx other than 429), exponential backoff with
+//! full jitter, the partner's `Retry-After` honoured, a retry budget, and the call's total
+//! deadline over everything.
+//!
+//! A non-idempotent method (POST, PATCH, ...) is retried only when it carries the idempotency
+//! header; with `generate: true` the sidecar adds a fresh key to POST/PATCH before the first
+//! attempt and sends the same key on every retry. A request body too large to buffer is sent
+//! once and never retried.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Method, Request};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use super::{BoxFuture, Call, CallError, CallResult};
+use crate::body::{ReqBody, RespBody};
+use crate::client::TransportFailure;
+use crate::engine::{backoff, retry_after};
+use crate::telemetry::metrics::{Metrics, RouteLabels};
+use tollgate_crds::policy::RetryPolicy;
+
+pub fn layer(metrics: Arc<Metrics>) -> RetryLayer {
+    RetryLayer { metrics }
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Methods that may be repeated without changing the outcome (RFC 9110 section 9.2.2).
+pub fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// Whether this result is one the policy retries.
+pub fn retryable(policy: &RetryPolicy, result: &CallResult) -> bool {
+    let on = &policy.retry_on;
+    match result {
+        Ok(resp) => on.status(resp.status().as_u16()),
+        Err(CallError::Transport { kind: TransportFailure::Connect, .. }) => on.connect_error,
+        Err(CallError::Transport { kind: TransportFailure::Reset, .. }) => on.reset,
+        Err(CallError::AttemptTimeout) => on.timeout,
+        Err(CallError::Answer(_)) => false,
+    }
+}
+
+/// A fresh idempotency key (random, UUID-shaped).
+pub fn new_idempotency_key() -> HeaderValue {
+    let b: [u8; 16] = rand::random();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let key = format!("{}-{}-4{}-{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[16..20], &hex[20..32]);
+    HeaderValue::from_str(&key).expect("hex and dashes form a header value")
+}
+
+impl<S> Service<Request<ReqBody>> for Retry<S>
+where
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<CallResult>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let call = Call::from_request(&req);
+        let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
+        let policy = &call.route_policy().retries;
+        if policy.generate_idempotency_key
+            && matches!(*req.method(), Method::POST | Method::PATCH)
+            && !req.headers().contains_key(&policy.idempotency_header)
+        {
+            req.headers_mut().insert(policy.idempotency_header.clone(), new_idempotency_key());
+        }
+        let budget = call.integration.state.budgets.get(call.route).map(|(_, b)| b.clone());
+        if let Some(b) = &budget {
+            b.record_request(Instant::now());
+        }
+        Box::pin(async move {
+            let policy = &call.route_policy().retries;
+            let may_repeat = is_idempotent(req.method()) || req.headers().contains_key(&policy.idempotency_header);
+            let mut req = req;
+            let mut n: u32 = 0;
+            loop {
+                n += 1;
+                call.attempts.store(n, Ordering::Relaxed);
+                // Keep a copy for the next attempt while one may follow.
+                let spare = if n < policy.max_attempts && may_repeat {
+                    req.body().try_clone().map(|body| {
+                        let mut r = Request::new(body);
+                        *r.method_mut() = req.method().clone();
+                        *r.uri_mut() = req.uri().clone();
+                        *r.version_mut() = req.version();
+                        *r.headers_mut() = req.headers().clone();
+                        *r.extensions_mut() = req.extensions().clone();
+                        r
+                    })
+                } else {
+                    None
+                };
+                let span = crate::trace::attempt_span(n);
+                let fut = {
+                    let _enter = span.enter();
+                    inner.clone().call(req)
+                };
+                let result = fut.instrument(span.clone()).await;
+                match &result {
+                    Ok(r) => {
+                        span.record("http.response.status_code", r.status().as_u16());
+                        if r.status().is_server_error() {
+                            span.record("otel.status_code", "ERROR");
+                        }
+                    }
+                    Err(e) => {
+                        span.record("error.type", error_type(e));
+                        span.record("otel.status_code", "ERROR");
+                    }
+                }
+                let Some(next) = spare else { return result };
+                if !retryable(policy, &result) {
+                    return result;
+                }
+                let now = Instant::now();
+                let mut delay = backoff::Backoff::new(policy.backoff_base, policy.backoff_max).delay(n, &mut rand::rng());
+                if policy.respect_retry_after
+                    && let Ok(resp) = &result
+                    && let Some(asked) = retry_after::from_headers(resp.headers(), SystemTime::now())
+                {
+                    delay = delay.max(asked);
+                }
+                // A retry that cannot finish its wait before the deadline is not attempted.
+                if now + delay + Duration::from_millis(1) >= call.deadline {
+                    return result;
+                }
+                if let Some(b) = &budget
+                    && !b.try_retry(now)
+                {
+                    tracing::debug!(integration = %call.integration.label, "retry budget exhausted");
+                    return result;
+                }
+                metrics
+                    .retries
+                    .get_or_create(&RouteLabels {
+                        integration: call.integration.label.to_string(),
+                        route: call.route_name().to_string(),
+                    })
+                    .inc();
+                drop(result);
+                tokio::time::sleep(delay).await;
+                req = next;
+            }
+        })
+    }
+}
+
+fn error_type(e: &CallError) -> &'static str {
+    match e {
+        CallError::Answer(a) => a.reason.as_str(),
+        CallError::Transport { kind: TransportFailure::Connect, .. } => "connect-error",
+        CallError::Transport { kind: TransportFailure::Reset, .. } => "reset",
+        CallError::AttemptTimeout => "timeout",
+    }
+}

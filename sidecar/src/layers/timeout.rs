@@ -1,0 +1,56 @@
+//! Per-attempt timeout: `timeouts.request`, cut short by what is left of the total deadline.
+
+use std::task::{Context, Poll};
+
+use http::Request;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::{BoxFuture, Call, CallError, CallResult};
+use crate::body::{ReqBody, RespBody};
+
+pub fn layer() -> TimeoutLayer {
+    TimeoutLayer
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer;
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Timeout<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<ReqBody>> for Timeout<S>
+where
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<CallResult>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let call = Call::from_request(&req);
+        let attempt_deadline = Instant::now() + call.route_policy().timeouts.request;
+        let deadline = attempt_deadline.min(call.deadline);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(CallError::AttemptTimeout),
+            }
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! Turns an app request into a call through the policy stack, a pass-through, or a tunnel.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Request, Response, Uri};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::headers::strip_hop_by_hop;
+use super::sniff::Verdict;
+use super::{ProxyOptions, UnknownHosts};
+use crate::answer::{Answer, Reason};
+use crate::body::{self, BodyError, RespBody};
+use crate::client::HttpClient;
+use crate::config::Store;
+use crate::layers::{Call, Stack};
+use crate::telemetry::metrics::Metrics;
+
+/// Everything a request handler needs; shared by all connections.
+pub struct Proxy {
+    pub store: Arc<Store>,
+    pub stack: Stack,
+    pub options: ProxyOptions,
+    /// For hosts no integration claims.
+    pub passthrough: HttpClient,
+    pub metrics: Arc<Metrics>,
+    pub tunnels: Arc<Semaphore>,
+}
+
+/// Where a request is going, from its absolute-form target or its `Host` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: Option<u16>,
+    pub https: bool,
+}
+
+impl Target {
+    fn from_authority(a: &Authority, https: bool) -> Target {
+        Target {
+            host: a.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase(),
+            port: a.port_u16(),
+            https,
+        }
+    }
+}
+
+/// The request's target, or why it has none.
+pub fn target(req: &Request<Incoming>) -> Result<Target, String> {
+    if let Some(a) = req.uri().authority() {
+        if req.method() != Method::CONNECT && req.uri().scheme_str().is_some_and(|s| s != "http" && s != "https") {
+            return Err(format!("scheme {:?} is not proxied", req.uri().scheme_str().unwrap_or_default()));
+        }
+        return Ok(Target::from_authority(a, req.uri().scheme_str() == Some("https")));
+    }
+    let host = req.headers().get(HOST).ok_or("no Host header and no absolute URL")?;
+    let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
+    let a: Authority = host.parse().map_err(|_| format!("Host header {host:?} is not a host"))?;
+    Ok(Target::from_authority(&a, false))
+}
+
+impl Proxy {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, verdict: Verdict) -> Response<RespBody> {
+        if verdict == Verdict::LengthAndChunked {
+            return Answer::new(
+                Reason::BadRequest,
+                "request has both Content-Length and Transfer-Encoding; refused (request smuggling guard)",
+            )
+            .into_response();
+        }
+        let target = match target(&req) {
+            Ok(t) => t,
+            Err(e) => return Answer::new(Reason::BadRequest, e).into_response(),
+        };
+        if self.is_self(&target) {
+            return Answer::new(Reason::BadRequest, "request is addressed to the sidecar itself").into_response();
+        }
+        if req.method() == Method::CONNECT {
+            return super::tunnel::handle(self, req, target).await;
+        }
+        let revision = self.store.load_full();
+        let Some(integration) = revision.find(&target.host, target.port).cloned() else {
+            return match self.options.unknown_hosts {
+                UnknownHosts::Deny => Answer::new(
+                    Reason::UnknownHost,
+                    format!("{} is not a partner host and --unknown-hosts is deny", target.host),
+                )
+                .into_response(),
+                UnknownHosts::Pass => self.passthrough(req, target).await,
+            };
+        };
+        drop(revision);
+
+        let (mut parts, incoming) = req.into_parts();
+        let started = Instant::now();
+        let route = integration.route_index(&parts.method, parts.uri.path());
+        let route_policy = integration.route(route);
+        let label = integration.label.clone();
+        let body = match body::prepare(incoming, self.options.replay_limit, self.options.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e @ BodyError::TooLarge { .. }) => {
+                return Answer::new(Reason::BadRequest, e.to_string()).at(&label, &route_policy.name).into_response();
+            }
+            Err(e @ BodyError::Read(_)) => {
+                return Answer::new(Reason::BadRequest, e.to_string()).at(&label, &route_policy.name).into_response();
+            }
+        };
+        // Absolute-form becomes origin-form: the client layer builds the partner's URL.
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
+        strip_hop_by_hop(&mut parts.headers);
+        let partition = integration
+            .policy
+            .rate_limit
+            .as_ref()
+            .and_then(|r| r.partition_by.as_ref())
+            .or_else(|| route_policy.rate_limit.as_ref().and_then(|r| r.partition_by.as_ref()))
+            .and_then(|h| parts.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let deadline = started + route_policy.timeouts.total;
+        let call = Arc::new(Call {
+            integration,
+            route,
+            deadline,
+            started,
+            attempts: AtomicU32::new(0),
+            partition,
+        });
+        parts.extensions.insert(call);
+        let req = Request::from_parts(parts, body);
+        match self.stack.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    }
+
+    fn is_self(&self, t: &Target) -> bool {
+        let listen = self.options.listen;
+        t.port == Some(listen.port())
+            && (t.host == listen.ip().to_string() || (listen.ip().is_loopback() && t.host == "localhost"))
+    }
+
+    async fn passthrough(&self, req: Request<Incoming>, target: Target) -> Response<RespBody> {
+        let (mut parts, incoming) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let scheme = if target.https { "https" } else { "http" };
+        let authority = match (parts.uri.authority(), parts.headers.get(HOST).and_then(|h| h.to_str().ok())) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(h)) => h.to_string(),
+            (None, None) => return Answer::new(Reason::BadRequest, "no Host header").into_response(),
+        };
+        let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        parts.uri = match format!("{scheme}://{authority}{pq}").parse() {
+            Ok(u) => u,
+            Err(e) => return Answer::new(Reason::BadRequest, format!("request target: {e}")).into_response(),
+        };
+        let body = match body::prepare(incoming, 0, self.options.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return Answer::new(Reason::BadRequest, e.to_string()).into_response(),
+        };
+        match self.passthrough.request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body::incoming(body))
+            }
+            Err(e) => Answer::new(
+                Reason::UpstreamUnreachable,
+                format!("{authority}: {}", crate::layers::client::error_chain(&e)),
+            )
+            .into_response(),
+        }
+    }
+}
+

@@ -1,0 +1,319 @@
+//! Request-smuggling guard.
+//!
+//! hyper accepts a request carrying both `Content-Length` and `Transfer-Encoding` (it drops
+//! the length and reads chunks), but such a request is how smuggling attacks start, and the
+//! contract is to refuse it with 400 and forward nothing. hyper removes the evidence before the
+//! service sees the request, so this wrapper watches the bytes the app sends, follows the
+//! HTTP/1.1 framing (heads, fixed-length and chunked bodies), and queues one verdict per request
+//! head, in order; the service takes the verdict for each request it handles.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the guard saw in one request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    LengthAndChunked,
+}
+
+/// Verdicts shared between the connection's reader and its request handler.
+#[derive(Debug, Clone, Default)]
+pub struct Verdicts(Arc<Mutex<VecDeque<Verdict>>>);
+
+impl Verdicts {
+    /// The verdict for the next request (Ok when the guard stopped following the stream).
+    pub fn next(&self) -> Verdict {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or(Verdict::Ok)
+    }
+
+    fn push(&self, v: Verdict) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push_back(v);
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Head(Vec<u8>),
+    Fixed(u64),
+    Chunk(Chunk),
+    /// CONNECT, upgrades, or a head too large or unparsable: hyper decides from here.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Reading the hex size; the value so far.
+    Size(u64),
+    /// Skipping chunk extensions to the end of the size line.
+    Ext(u64),
+    /// Expecting LF after the size line's CR.
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// After the last chunk: trailer lines; `true` when the current line is empty so far.
+    Trailer(bool),
+    TrailerLf(bool),
+}
+
+/// Follows the framing of a stream of requests.
+#[derive(Debug)]
+pub struct Framer {
+    state: State,
+    max_head: usize,
+    verdicts: Verdicts,
+}
+
+impl Framer {
+    pub fn new(max_head: usize, verdicts: Verdicts) -> Self {
+        Framer {
+            state: State::Head(Vec::new()),
+            max_head,
+            verdicts,
+        }
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Off => return,
+                State::Fixed(n) => {
+                    let take = (*n).min(data.len() as u64) as usize;
+                    *n -= take as u64;
+                    data = &data[take..];
+                    if *n == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::Head(buf) => {
+                    // Leading CRLFs between requests are allowed and ignored.
+                    if buf.is_empty() {
+                        let skip = data.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+                        data = &data[skip..];
+                        if data.is_empty() {
+                            return;
+                        }
+                    }
+                    let before = buf.len();
+                    buf.extend_from_slice(data);
+                    let search_from = before.saturating_sub(3);
+                    match find_head_end(&buf[search_from..]) {
+                        Some(end) => {
+                            let head_len = search_from + end;
+                            let consumed = head_len - before;
+                            let head = std::mem::take(buf);
+                            data = &data[consumed..];
+                            self.state = self.on_head(&head[..head_len]);
+                        }
+                        None => {
+                            if buf.len() > self.max_head {
+                                self.state = State::Off;
+                            }
+                            return;
+                        }
+                    }
+                }
+                State::Chunk(c) => {
+                    let b = data[0];
+                    let mut consumed = 1;
+                    let next = match *c {
+                        Chunk::Size(v) => match hex(b) {
+                            Some(d) => Some(Chunk::Size(v.saturating_mul(16).saturating_add(d))),
+                            None if b == b';' || b == b' ' || b == b'\t' => Some(Chunk::Ext(v)),
+                            None if b == b'\r' => Some(Chunk::SizeLf(v)),
+                            None => None,
+                        },
+                        Chunk::Ext(v) => Some(if b == b'\r' { Chunk::SizeLf(v) } else { Chunk::Ext(v) }),
+                        Chunk::SizeLf(v) if b == b'\n' => Some(if v == 0 { Chunk::Trailer(true) } else { Chunk::Data(v) }),
+                        Chunk::Data(n) => {
+                            let take = n.min(data.len() as u64);
+                            consumed = take as usize;
+                            Some(if n == take { Chunk::DataCr } else { Chunk::Data(n - take) })
+                        }
+                        Chunk::DataCr if b == b'\r' => Some(Chunk::DataLf),
+                        Chunk::DataLf if b == b'\n' => Some(Chunk::Size(0)),
+                        Chunk::Trailer(empty) => Some(if b == b'\r' {
+                            Chunk::TrailerLf(empty)
+                        } else {
+                            Chunk::Trailer(false)
+                        }),
+                        Chunk::TrailerLf(empty) if b == b'\n' => {
+                            if empty {
+                                self.state = State::Head(Vec::new());
+                                data = &data[1..];
+                                continue;
+                            }
+                            Some(Chunk::Trailer(true))
+                        }
+                        _ => None,
+                    };
+                    data = &data[consumed..];
+                    match next {
+                        Some(n) => *c = n,
+                        // Malformed chunking: hyper will refuse it; stop following.
+                        None => self.state = State::Off,
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_head(&mut self, head: &[u8]) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => return State::Off,
+        }
+        let mut content_length: Option<u64> = None;
+        let mut te = false;
+        let mut chunked = false;
+        let mut upgrade = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).or(Some(0));
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = std::str::from_utf8(h.value)
+                    .map(|v| v.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")))
+                    .unwrap_or(false);
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        let verdict = if te && content_length.is_some() {
+            Verdict::LengthAndChunked
+        } else {
+            Verdict::Ok
+        };
+        self.verdicts.push(verdict);
+        if req.method == Some("CONNECT") || upgrade {
+            return State::Off;
+        }
+        if te {
+            if chunked { State::Chunk(Chunk::Size(0)) } else { State::Off }
+        } else {
+            match content_length {
+                Some(0) | None => State::Head(Vec::new()),
+                Some(n) => State::Fixed(n),
+            }
+        }
+    }
+}
+
+fn hex(b: u8) -> Option<u64> {
+    (b as char).to_digit(16).map(u64::from)
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// An app connection whose incoming bytes pass through a [`Framer`].
+pub struct SniffIo<T> {
+    inner: T,
+    framer: Framer,
+}
+
+impl<T> SniffIo<T> {
+    pub fn new(inner: T, max_head: usize, verdicts: Verdicts) -> Self {
+        SniffIo {
+            inner,
+            framer: Framer::new(max_head, verdicts),
+        }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SniffIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                // Split borrow: copy out is avoided by feeding from the filled slice directly.
+                let this = &mut *self;
+                this.framer.feed(new);
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SniffIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts_of(stream: &[u8], split: usize) -> Vec<Verdict> {
+        let v = Verdicts::default();
+        let mut f = Framer::new(64 * 1024, v.clone());
+        // Feed in pieces of `split` bytes: framing must not depend on read boundaries.
+        for piece in stream.chunks(split.max(1)) {
+            f.feed(piece);
+        }
+        let mut out = Vec::new();
+        while let Some(x) = v.0.lock().unwrap().pop_front() {
+            out.push(x);
+        }
+        out
+    }
+
+    const PIPELINE: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nGET /\r\n0\r\nX-Trailer: 1\r\n\r\n\
+POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+GET /e HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn one_verdict_per_request_whatever_the_read_sizes() {
+        use Verdict::*;
+        for split in [1, 2, 3, 7, 16, 1000] {
+            assert_eq!(
+                verdicts_of(PIPELINE, split),
+                vec![Ok, Ok, Ok, LengthAndChunked, Ok],
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_bytes_that_look_like_a_request_are_not_heads() {
+        let s = b"POST / HTTP/1.1\r\nContent-Length: 60\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
+        assert_eq!(verdicts_of(s, 5), vec![Verdict::Ok]);
+    }
+
+    #[test]
+    fn connect_stops_following() {
+        let s = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n\x16\x03\x01GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(verdicts_of(s, 4), vec![Verdict::Ok]);
+    }
+}

@@ -1,0 +1,240 @@
+//! Shared, mutable state behind a revision: buckets, breakers, retry budgets, the stale cache,
+//! connection pools and traffic counters.
+//!
+//! A new revision carries each piece over from the previous one when the configuration that
+//! shapes it is unchanged, so flipping a kill switch or editing one route does not refill every
+//! bucket, close every breaker or drop every pooled connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use tokio::time::Instant;
+use tollgate_crds::policy::{BreakerPolicy, BreakerScope, BudgetPolicy, IntegrationId, IntegrationPolicy, RateLimitPolicy};
+
+use crate::answer::Reason;
+use crate::client::{self, HttpClient, PoolOptions};
+use crate::engine::breaker::Breaker;
+use crate::engine::budget::RetryBudget;
+use crate::engine::limiter::Limiter;
+use crate::engine::stale_cache::StaleCache;
+
+/// What building state needs from the process.
+#[derive(Clone)]
+pub struct StateContext {
+    pub tls: Arc<ClientConfig>,
+    pub pool: PoolOptions,
+    /// Distinct `partitionBy` values tracked per quota.
+    pub max_partitions: usize,
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
+    /// Share of each global quota this process may use, per integration (cluster mode: set by
+    /// the operator). Absent: the whole quota.
+    pub shares: Arc<RwLock<HashMap<IntegrationId, f64>>>,
+}
+
+impl StateContext {
+    pub fn new(tls: Arc<ClientConfig>) -> Self {
+        StateContext {
+            tls,
+            pool: PoolOptions::default(),
+            max_partitions: 10_000,
+            cache_max_entries: 1_000,
+            cache_max_bytes: 32 * 1024 * 1024,
+            shares: Arc::default(),
+        }
+    }
+
+    fn share(&self, id: &IntegrationId) -> f64 {
+        self.shares.read().unwrap_or_else(|e| e.into_inner()).get(id).copied().unwrap_or(1.0)
+    }
+}
+
+/// A quota with the configuration it was built from.
+#[derive(Clone)]
+pub struct Quota {
+    pub policy: RateLimitPolicy,
+    pub limiter: Arc<Limiter>,
+}
+
+#[derive(Clone)]
+struct KeyedBreaker {
+    policy: BreakerPolicy,
+    breaker: Arc<Breaker>,
+}
+
+/// Per-integration state. Route-indexed vectors have `routes.len() + 1` entries (the last is the
+/// default route).
+pub struct IntegrationState {
+    pub client: HttpClient,
+    client_key: Duration,
+    /// The integration's account-wide quota.
+    pub quota: Option<Quota>,
+    pub route_quotas: Vec<Option<Quota>>,
+    breaker: Option<KeyedBreaker>,
+    route_breakers: Vec<Option<KeyedBreaker>>,
+    /// Per route: the budget policy it was built from, and the budget.
+    pub budgets: Vec<(BudgetPolicy, Arc<RetryBudget>)>,
+    pub cache: Option<Arc<StaleCache>>,
+    pub traffic: Arc<Traffic>,
+    /// Route names by index; state is matched by name across revisions, not by position.
+    route_names: Vec<String>,
+}
+
+impl IntegrationState {
+    pub fn build(policy: &IntegrationPolicy, old: Option<&IntegrationState>, ctx: &StateContext) -> Self {
+        let share = ctx.share(&policy.id);
+        let connect_timeout = policy.upstream.connect_timeout;
+        let client = match old {
+            Some(o) if o.client_key == connect_timeout => o.client.clone(),
+            _ => client::build(ctx.tls.clone(), connect_timeout, &ctx.pool),
+        };
+        let quota = policy
+            .rate_limit
+            .as_ref()
+            .map(|p| build_quota(p, old.and_then(|o| o.quota.as_ref()), ctx, share));
+        let routes = policy.routes.len() + 1;
+        let route = |i: usize| if i < policy.routes.len() { &policy.routes[i] } else { &policy.default_route };
+        let old_index = |name: &str| old.and_then(|o| o.route_names.iter().position(|n| n == name));
+        let route_quotas = (0..routes)
+            .map(|i| {
+                let prev = old_index(&route(i).name).and_then(|j| old?.route_quotas[j].as_ref());
+                route(i).rate_limit.as_ref().map(|p| build_quota(p, prev, ctx, share))
+            })
+            .collect();
+        let breaker = policy
+            .circuit_breaker
+            .as_ref()
+            .map(|p| keyed_breaker(p, old.and_then(|o| o.breaker.as_ref())));
+        let route_breakers = (0..routes)
+            .map(|i| match &route(i).breaker {
+                BreakerScope::Route(p) => {
+                    let prev = old_index(&route(i).name).and_then(|j| old?.route_breakers[j].as_ref());
+                    Some(keyed_breaker(p, prev))
+                }
+                _ => None,
+            })
+            .collect();
+        let budgets = (0..routes)
+            .map(|i| {
+                let b = &route(i).retries.budget;
+                match old_index(&route(i).name).and_then(|j| old?.budgets.get(j)) {
+                    Some((prev_policy, prev)) if prev_policy == b => (b.clone(), prev.clone()),
+                    _ => (b.clone(), Arc::new(RetryBudget::new(b))),
+                }
+            })
+            .collect();
+        let wants_cache = (0..routes).any(|i| route(i).fallback.stale_if_error.is_some());
+        let cache = wants_cache.then(|| {
+            old.and_then(|o| o.cache.clone())
+                .unwrap_or_else(|| Arc::new(StaleCache::new(ctx.cache_max_entries, ctx.cache_max_bytes)))
+        });
+        IntegrationState {
+            client,
+            client_key: connect_timeout,
+            quota,
+            route_quotas,
+            breaker,
+            route_breakers,
+            budgets,
+            cache,
+            traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
+            route_names: (0..routes).map(|i| route(i).name.clone()).collect(),
+        }
+    }
+
+    /// The breaker governing a route, if any.
+    pub fn breaker(&self, policy: &IntegrationPolicy, route: usize) -> Option<&Arc<Breaker>> {
+        let r = policy.routes.get(route).unwrap_or(&policy.default_route);
+        match r.breaker {
+            BreakerScope::None => None,
+            BreakerScope::Integration => self.breaker.as_ref().map(|k| &k.breaker),
+            BreakerScope::Route(_) => self.route_breakers.get(route)?.as_ref().map(|k| &k.breaker),
+        }
+    }
+
+    /// `(route label, state number)` for every breaker; the integration-wide breaker is
+    /// labelled `*`.
+    pub fn breaker_states(&self, _policy: &IntegrationPolicy, now: Instant) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        if let Some(k) = &self.breaker {
+            out.push(("*".to_string(), k.breaker.state(now).as_gauge()));
+        }
+        for (i, k) in self.route_breakers.iter().enumerate() {
+            if let Some(k) = k {
+                out.push((self.route_names[i].clone(), k.breaker.state(now).as_gauge()));
+            }
+        }
+        out
+    }
+
+    /// Counts a finished call for status reports.
+    pub fn record_call(&self, _route: usize, status: u16, reason: Option<Reason>, elapsed: Duration) {
+        self.traffic.record(status, reason, elapsed);
+    }
+}
+
+fn build_quota(policy: &RateLimitPolicy, old: Option<&Quota>, ctx: &StateContext, share: f64) -> Quota {
+    let limiter = match old {
+        Some(q) if q.policy.bands == policy.bands && q.policy.partition_by.is_some() == policy.partition_by.is_some() => {
+            q.limiter.clone()
+        }
+        _ => Arc::new(Limiter::new(&policy.bands, ctx.max_partitions)),
+    };
+    let scoped = if policy.scope == tollgate_crds::v1alpha1::RateLimitScope::Global { share } else { 1.0 };
+    if let Err(e) = limiter.set_share(scoped) {
+        tracing::warn!(integration = ?policy.bands, error = %e, "ignoring an invalid quota share");
+    }
+    Quota {
+        policy: policy.clone(),
+        limiter,
+    }
+}
+
+fn keyed_breaker(policy: &BreakerPolicy, old: Option<&KeyedBreaker>) -> KeyedBreaker {
+    match old {
+        Some(k) if &k.policy == policy => k.clone(),
+        _ => KeyedBreaker {
+            policy: policy.clone(),
+            breaker: Arc::new(Breaker::new(policy.clone())),
+        },
+    }
+}
+
+/// Traffic counters of one integration since the sidecar started, for status reports.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub requests: AtomicU64,
+    /// Calls that failed: the partner's 5xx and the sidecar's own error answers, except
+    /// rate limiting (the app's excess, not a partner failure).
+    pub errors: AtomicU64,
+    pub rate_limited: AtomicU64,
+    /// Latency histogram, buckets of [`LATENCY_BUCKETS_MS`] plus one overflow bucket.
+    pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+}
+
+/// Upper bounds (milliseconds) of the latency buckets used for p95.
+pub const LATENCY_BUCKETS_MS: [u64; 16] = [1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000];
+
+impl Traffic {
+    pub fn record(&self, status: u16, reason: Option<Reason>, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match reason {
+            Some(Reason::RateLimited) => {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            None if status >= 500 => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        let ms = elapsed.as_millis() as u64;
+        let bucket = LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,193 @@
+//! The sidecar's metrics, named as api.md section 4 binds them.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::config::Revision;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub integration: String,
+    pub route: String,
+    /// `success`, `partner-error` (the partner's own 4xx/5xx), `fallback`, or the reason the
+    /// sidecar answered (`kill-switch`, `rate-limited`, ...).
+    pub outcome: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub integration: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BandLabels {
+    pub integration: String,
+    pub route: String,
+    pub band: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevisionLabels {
+    pub revision: String,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    pub integration: String,
+    pub outcome: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<CallLabels, Counter>,
+    pub duration: Family<RouteLabels, Histogram>,
+    pub rate_limited: Family<BandLabels, Counter>,
+    pub retries: Family<RouteLabels, Counter>,
+    pub circuit_state: Family<RouteLabels, Gauge>,
+    pub kill_switch: Family<RouteLabels, Gauge>,
+    pub revision_info: Family<RevisionLabels, Gauge>,
+    pub config_errors: Counter,
+    pub tunnels: Family<TunnelLabels, Counter>,
+    pub open_connections: Gauge,
+    pub rejected_connections: Counter,
+    /// Serialises gauge refreshes against each other (scrapes may overlap).
+    refresh: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<CallLabels, Counter>::default();
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let rate_limited = Family::<BandLabels, Counter>::default();
+        let retries = Family::<RouteLabels, Counter>::default();
+        let circuit_state = Family::<RouteLabels, Gauge>::default();
+        let kill_switch = Family::<RouteLabels, Gauge>::default();
+        let revision_info = Family::<RevisionLabels, Gauge>::default();
+        let config_errors = Counter::default();
+        let tunnels = Family::<TunnelLabels, Counter>::default();
+        let open_connections = Gauge::default();
+        let rejected_connections = Counter::default();
+        // prometheus-client appends `_total` to counters.
+        registry.register("tollgate_requests", "Calls to partners, by outcome and status code", requests.clone());
+        registry.register(
+            "tollgate_request_duration_seconds",
+            "Whole-call latency as the app sees it, retries and queueing included",
+            duration.clone(),
+        );
+        registry.register(
+            "tollgate_rate_limited",
+            "Requests the sidecar answered 429 (the partner's own 429s are not counted here)",
+            rate_limited.clone(),
+        );
+        registry.register("tollgate_retries", "Retry attempts sent to partners", retries.clone());
+        registry.register(
+            "tollgate_circuit_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            circuit_state.clone(),
+        );
+        registry.register("tollgate_kill_switch_active", "1 while the kill switch is on", kill_switch.clone());
+        registry.register(
+            "tollgate_config_revision_info",
+            "The policy revision in force (value 1)",
+            revision_info.clone(),
+        );
+        registry.register(
+            "tollgate_config_errors",
+            "Configuration updates rejected (the previous revision stayed in force)",
+            config_errors.clone(),
+        );
+        registry.register("tollgate_tunnels", "CONNECT tunnels, by outcome", tunnels.clone());
+        registry.register("tollgate_open_connections", "App connections open now", open_connections.clone());
+        registry.register(
+            "tollgate_rejected_connections",
+            "App connections refused because the connection limit was reached",
+            rejected_connections.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            rate_limited,
+            retries,
+            circuit_state,
+            kill_switch,
+            revision_info,
+            config_errors,
+            tunnels,
+            open_connections,
+            rejected_connections,
+            refresh: Mutex::new(()),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn config_error(&self) {
+        self.config_errors.inc();
+    }
+
+    pub fn set_revision(&self, id: &str, source: &str) {
+        self.revision_info.clear();
+        self.revision_info
+            .get_or_create(&RevisionLabels {
+                revision: id.to_string(),
+                source: source.to_string(),
+            })
+            .set(1);
+    }
+
+    /// Sets the state gauges (breakers, kill switches) from the revision in force.
+    pub fn refresh(&self, revision: &Revision) {
+        let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+        self.circuit_state.clear();
+        self.kill_switch.clear();
+        let now = tokio::time::Instant::now();
+        for i in &revision.integrations {
+            for (route, state) in i.state.breaker_states(&i.policy, now) {
+                self.circuit_state
+                    .get_or_create(&RouteLabels {
+                        integration: i.label.to_string(),
+                        route,
+                    })
+                    .set(state);
+            }
+            for index in 0..=i.policy.routes.len() {
+                let r = i.route(index);
+                self.kill_switch
+                    .get_or_create(&RouteLabels {
+                        integration: i.label.to_string(),
+                        route: r.name.clone(),
+                    })
+                    .set(i64::from(r.kill_switch.enabled));
+            }
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

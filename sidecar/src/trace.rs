@@ -1,0 +1,82 @@
+//! Spans: one per call and one per attempt, W3C `traceparent` continued from the app and passed
+//! on to the partner. Spans carry no header values, so no credential can reach them.
+
+use http::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing::Span;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of Tollgate's exported spans (the exporter takes only these).
+pub const TARGET: &str = "tollgate::trace";
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The span of one call, child of the app's `traceparent` when it sent one.
+pub fn call_span(method: &http::Method, integration: &str, route: &str, headers: &HeaderMap) -> Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "tollgate.call",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        tollgate.integration = integration,
+        tollgate.route = route,
+        http.request.method = method.as_str(),
+        http.response.status_code = Empty,
+        tollgate.attempts = Empty,
+        tollgate.reason = Empty,
+        tollgate.fallback = Empty,
+    );
+    if !span.is_disabled() {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The span of one attempt, child of the current (call) span.
+pub fn attempt_span(attempt: u32) -> Span {
+    tracing::info_span!(
+        target: TARGET,
+        "tollgate.attempt",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        tollgate.attempt = attempt,
+        http.response.status_code = Empty,
+        error.type = Empty,
+    )
+}
+
+/// Writes the current span's context as `traceparent` (and `tracestate`) into outbound
+/// headers. Without an exporter the propagator does nothing and the app's own header, if any,
+/// passes through unchanged.
+pub fn inject_context(headers: &mut HeaderMap) {
+    let span = Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}

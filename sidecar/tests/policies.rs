@@ -1,0 +1,429 @@
+//! Every policy against a real partner server, through the real sidecar binary.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use support::*;
+
+fn spec(partner: &Partner, rest: &str) -> String {
+    manifest("partner", &format!("upstream: {{url: '{}'}}\n{rest}", partner.url()))
+}
+
+// === kill switch ===
+
+#[tokio::test]
+async fn kill_switch_stops_every_call_and_says_why() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(&partner, "killSwitch: {enabled: true, reason: 'INC-123 vendor double-charging'}")).await;
+    for _ in 0..3 {
+        let resp = sidecar.get(&format!("{}/v1/charges", partner.url())).await;
+        assert_eq!(resp.status, 503);
+        assert_eq!(resp.reason(), Some("kill-switch"));
+        let e = &resp.json()["error"];
+        assert_eq!(e["reason"], "kill-switch");
+        assert_eq!(e["integration"], "test/partner");
+        assert_eq!(e["route"], "default");
+        assert!(e["message"].as_str().unwrap().contains("INC-123"));
+    }
+    assert_eq!(partner.count(), 0, "zero partner calls through the kill switch");
+    let m = sidecar.metrics().await;
+    assert_eq!(metric(&m, "tollgate_kill_switch_active", &[("integration", "test/partner"), ("route", "default")]), 1.0, "{m}");
+    assert_eq!(metric(&m, "tollgate_requests_total", &[("outcome", "kill-switch"), ("code", "503")]), 3.0, "{m}");
+
+    // Off again: traffic flows, without restart.
+    sidecar.write_config(&spec(&partner, "killSwitch: {enabled: false}"));
+    sidecar.wait_config("kill switch off", |c| c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == false).await;
+    assert_eq!(sidecar.get(&format!("{}/v1/charges", partner.url())).await.status, 200);
+    assert_eq!(partner.count(), 1);
+}
+
+#[tokio::test]
+async fn a_route_kill_switch_stops_only_that_route() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "routes:\n- name: refunds\n  match: {pathPrefix: /v1/refunds}\n  killSwitch: {enabled: true}",
+    ))
+    .await;
+    let resp = sidecar.get(&format!("{}/v1/refunds/9", partner.url())).await;
+    assert_eq!(resp.reason(), Some("kill-switch"));
+    assert_eq!(resp.json()["error"]["route"], "refunds");
+    assert_eq!(sidecar.get(&format!("{}/v1/charges", partner.url())).await.status, 200);
+    assert_eq!(partner.count(), 1);
+}
+
+// === version gate ===
+
+#[tokio::test]
+async fn denied_prefixes_get_410_and_pins_overwrite_the_app() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "versioning: {pinHeaders: {Stripe-Version: '2024-06-20'}, deniedPathPrefixes: [/v0]}",
+    ))
+    .await;
+    let resp = sidecar.get(&format!("{}/v0/charges", partner.url())).await;
+    assert_eq!(resp.status, 410);
+    assert_eq!(resp.reason(), Some("deprecated-version"));
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("/v0"));
+    assert_eq!(partner.count(), 0, "a denied prefix never reaches the partner");
+
+    let resp = sidecar
+        .send(Method::GET, &format!("{}/v1/charges", partner.url()), &[("stripe-version", "1999-01-01")], "")
+        .await;
+    assert_eq!(resp.status, 200);
+    let seen = partner.seen();
+    let versions: Vec<_> = seen[0].headers.get_all("stripe-version").iter().collect();
+    assert_eq!(versions, ["2024-06-20"]);
+}
+
+// === credentials ===
+
+#[tokio::test]
+async fn credentials_are_injected_over_the_app_and_rotate_without_restart() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start_with(
+        &spec(&partner, "credentials: {secretRef: {name: api, key: token}, header: Authorization, format: 'Bearer {value}'}"),
+        Options {
+            secrets: vec![("api".into(), "token".into(), "sk_live_first\n".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    sidecar.send(Method::GET, &url, &[("authorization", "Bearer app-made-this-up")], "").await;
+    assert_eq!(partner.seen()[0].headers["authorization"], "Bearer sk_live_first");
+
+    write_secret(&sidecar.secrets_dir(), "api", "token", "sk_live_second");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        sidecar.get(&url).await;
+        let last = partner.seen().last().unwrap().headers["authorization"].clone();
+        if last == "Bearer sk_live_second" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rotated key never used");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let config = sidecar.admin_get("/config").await.body;
+    let metrics = sidecar.metrics().await;
+    for secret in ["sk_live_first", "sk_live_second"] {
+        assert!(!config.contains(secret), "credential in /config");
+        assert!(!metrics.contains(secret), "credential in /metrics");
+        assert!(!sidecar.log_text().contains(secret), "credential in logs");
+    }
+    assert!(config.contains("\"loaded\": true"), "{config}");
+}
+
+// === rate limit ===
+
+#[tokio::test]
+async fn over_the_limit_is_answered_429_at_once_with_retry_after() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(&partner, "rateLimit: {limits: [{name: sustained, requests: 3, per: 1m}]}")).await;
+    let url = format!("{}/v1/x", partner.url());
+    for _ in 0..3 {
+        assert_eq!(sidecar.get(&url).await.status, 200);
+    }
+    let resp = sidecar.get(&url).await;
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.reason(), Some("rate-limited"));
+    let retry_after: u64 = resp.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry_after), "one token per 20s: {retry_after}");
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("sustained"));
+    assert_eq!(partner.count(), 3);
+    let m = sidecar.metrics().await;
+    assert_eq!(metric(&m, "tollgate_rate_limited_total", &[("integration", "test/partner"), ("band", "sustained")]), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn partitions_have_their_own_buckets() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {partitionBy: x-user-region, limits: [{name: per-region, requests: 2, per: 1m}]}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    let get = |region: &'static str| {
+        let url = url.clone();
+        let listen = sidecar.listen;
+        async move { request(listen, Method::GET, &url, &[("x-user-region", region)], "").await.status }
+    };
+    assert_eq!(get("eu").await, 200);
+    assert_eq!(get("eu").await, 200);
+    assert_eq!(get("eu").await, 429);
+    assert_eq!(get("us").await, 200, "another region is not starved");
+    assert_eq!(get("us").await, 200);
+    assert_eq!(get("us").await, 429);
+}
+
+#[tokio::test]
+async fn a_route_quota_sits_under_the_account_quota() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {limits: [{name: account, requests: 3, per: 1m}]}\nroutes:\n- name: tracking\n  match: {pathPrefix: /v1/tracking}\n  rateLimit: {limits: [{name: tracking, requests: 1, per: 1m}]}",
+    ))
+    .await;
+    let tracking = format!("{}/v1/tracking/1", partner.url());
+    let other = format!("{}/v1/labels", partner.url());
+    assert_eq!(sidecar.get(&tracking).await.status, 200);
+    let denied = sidecar.get(&tracking).await;
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.json()["error"]["route"], "tracking");
+    // The denied tracking call did not consume the account quota: two more fit.
+    assert_eq!(sidecar.get(&other).await.status, 200);
+    assert_eq!(sidecar.get(&other).await.status, 200);
+    assert_eq!(sidecar.get(&other).await.status, 429);
+    assert_eq!(partner.count(), 3);
+}
+
+#[tokio::test]
+async fn queue_mode_waits_for_a_token_instead_of_refusing() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {onLimit: queue, maxQueueWait: 2s, limits: [{name: burst, requests: 2, per: 500ms}]}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let (listen, url) = (sidecar.listen, url.clone());
+        handles.push(tokio::spawn(async move { request(listen, Method::GET, &url, &[], "").await.status }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap(), 200, "queued requests are admitted, not refused");
+    }
+    assert_eq!(partner.count(), 4);
+    // Four requests at 2 per 500ms cannot all have gone at once.
+    assert!(started.elapsed() >= Duration::from_millis(240), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn queue_mode_refuses_what_cannot_be_served_within_max_queue_wait() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {onLimit: queue, maxQueueWait: 100ms, limits: [{name: slow, requests: 1, per: 1m}]}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    assert_eq!(sidecar.get(&url).await.status, 200);
+    let resp = sidecar.get(&url).await;
+    assert_eq!(resp.status, 429);
+    assert!(resp.headers.contains_key("retry-after"));
+    assert_eq!(partner.count(), 1);
+}
+
+// === circuit breaker ===
+
+#[tokio::test]
+async fn consecutive_failures_open_the_breaker_and_calls_fail_fast() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(500));
+    let sidecar = Sidecar::start(&spec(&partner, "circuitBreaker: {consecutiveFailures: 2, openDuration: 30s}")).await;
+    let url = format!("{}/v1/x", partner.url());
+    assert_eq!(sidecar.get(&url).await.status, 500, "the partner's own 500 passes through");
+    assert_eq!(sidecar.get(&url).await.status, 500);
+    let resp = sidecar.get(&url).await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.reason(), Some("circuit-open"));
+    let retry_after: u64 = resp.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((25..=30).contains(&retry_after), "time until half-open: {retry_after}");
+    assert_eq!(partner.count(), 2, "zero partner calls through an open breaker");
+    let m = sidecar.metrics().await;
+    assert_eq!(metric(&m, "tollgate_circuit_state", &[("integration", "test/partner"), ("route", "*")]), 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn client_errors_do_not_open_the_breaker() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(404));
+    let sidecar = Sidecar::start(&spec(&partner, "circuitBreaker: {consecutiveFailures: 2}")).await;
+    let url = format!("{}/v1/x", partner.url());
+    for _ in 0..5 {
+        assert_eq!(sidecar.get(&url).await.status, 404);
+    }
+    assert_eq!(partner.count(), 5);
+}
+
+// === retries ===
+
+fn retry_spec(partner: &Partner, extra: &str) -> String {
+    spec(partner, &format!("retries: {{maxAttempts: 3, backoff: {{base: 1ms, max: 5ms}}{extra}}}"))
+}
+
+#[tokio::test]
+async fn retryable_statuses_are_retried_exactly_max_attempts_times() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start(&retry_spec(&partner, "")).await;
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 503, "the last partner answer passes through");
+    assert_eq!(partner.count(), 3);
+    let m = sidecar.metrics().await;
+    assert_eq!(metric(&m, "tollgate_retries_total", &[("integration", "test/partner")]), 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_retry_that_succeeds_returns_the_success() {
+    let partner = Partner::start().await;
+    partner.queue([Reply::Status(502), Reply::Reset]);
+    let sidecar = Sidecar::start(&retry_spec(&partner, "")).await;
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(partner.count(), 3);
+}
+
+#[tokio::test]
+async fn other_client_errors_are_never_retried() {
+    let partner = Partner::start().await;
+    for code in [400, 401, 404, 409, 422] {
+        partner.clear();
+        partner.script(move |_, _| Reply::Status(code));
+        let sidecar = Sidecar::start(&retry_spec(&partner, ", retryOn: [connect-error, reset, timeout, '429', '500', '502', '503', '504']")).await;
+        assert_eq!(sidecar.get(&format!("{}/v1/x", partner.url())).await.status, code);
+        assert_eq!(partner.count(), 1, "{code} retried");
+    }
+}
+
+#[tokio::test]
+async fn post_is_retried_only_with_an_idempotency_key() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start(&retry_spec(&partner, "")).await;
+    let url = format!("{}/v1/charges", partner.url());
+    sidecar.send(Method::POST, &url, &[], "{}").await;
+    assert_eq!(partner.count(), 1, "POST without a key: one attempt");
+    partner.clear();
+    sidecar.send(Method::POST, &url, &[("idempotency-key", "k-1")], "{}").await;
+    assert_eq!(partner.count(), 3, "POST with a key: retried");
+    assert!(partner.seen().iter().all(|s| s.headers["idempotency-key"] == "k-1" && &s.body[..] == b"{}"));
+}
+
+#[tokio::test]
+async fn a_generated_idempotency_key_is_the_same_on_every_attempt() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start(&retry_spec(&partner, ", idempotency: {header: Idempotency-Key, generate: true}")).await;
+    let url = format!("{}/v1/charges", partner.url());
+    sidecar.send(Method::POST, &url, &[], "{\"amount\":1}").await;
+    let seen = partner.seen();
+    assert_eq!(seen.len(), 3);
+    let key = seen[0].headers["idempotency-key"].to_str().unwrap().to_string();
+    assert_eq!(key.len(), 36, "{key}");
+    assert!(seen.iter().all(|s| s.headers["idempotency-key"] == key.as_str()));
+    // A second call gets a fresh key.
+    partner.clear();
+    sidecar.send(Method::POST, &url, &[], "{}").await;
+    assert_ne!(partner.seen()[0].headers["idempotency-key"], key.as_str());
+}
+
+#[tokio::test]
+async fn timeouts_are_retried_and_end_in_504() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Delay(Duration::from_secs(2), Box::new(Reply::ok("too late"))));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "timeouts: {request: 100ms, total: 10s}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 2ms}}",
+    ))
+    .await;
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 504);
+    assert_eq!(resp.reason(), Some("timeout"));
+    assert_eq!(partner.count(), 3);
+}
+
+#[tokio::test]
+async fn the_total_deadline_bounds_attempts_and_backoff() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Delay(Duration::from_secs(5), Box::new(Reply::ok("too late"))));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "timeouts: {request: 200ms, total: 300ms}\nretries: {maxAttempts: 10, backoff: {base: 1ms, max: 2ms}}",
+    ))
+    .await;
+    let started = Instant::now();
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 504);
+    assert!(partner.count() <= 2, "300ms total allows at most two 200ms attempts: {}", partner.count());
+    assert!(started.elapsed() < Duration::from_secs(5), "the call did not wait for the partner");
+}
+
+#[tokio::test]
+async fn connect_errors_are_retried_then_reported_unreachable() {
+    // A port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let sidecar = Sidecar::start(&manifest(
+        "partner",
+        &format!("upstream: {{url: 'http://127.0.0.1:{port}'}}\nretries: {{maxAttempts: 3, backoff: {{base: 1ms, max: 2ms}}}}"),
+    ))
+    .await;
+    let resp = sidecar.get(&format!("http://127.0.0.1:{port}/v1/x")).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.reason(), Some("upstream-unreachable"));
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("3 attempt"), "{}", resp.body);
+    let m = sidecar.metrics().await;
+    assert_eq!(metric(&m, "tollgate_retries_total", &[]), 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn retry_after_from_the_partner_is_honoured() {
+    let partner = Partner::start().await;
+    partner.queue([Reply::Full {
+        status: 503,
+        headers: vec![("retry-after".into(), "1".into())],
+        body: "busy".into(),
+    }]);
+    let sidecar = Sidecar::start(&retry_spec(&partner, "")).await;
+    let started = Instant::now();
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(partner.count(), 2);
+    assert!(started.elapsed() >= Duration::from_secs(1), "retried before Retry-After: {:?}", started.elapsed());
+}
+
+// === fallback ===
+
+#[tokio::test]
+async fn static_fallback_stands_in_for_the_kill_switch() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "killSwitch: {enabled: true}\nfallback:\n  response: {status: 200, headers: {content-type: application/json}, body: '{\"status\":\"degraded\"}'}",
+    ))
+    .await;
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.headers["x-tollgate-fallback"], "static");
+    assert_eq!(resp.headers["content-type"], "application/json");
+    assert_eq!(resp.body, r#"{"status":"degraded"}"#);
+    assert_eq!(partner.count(), 0);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_last_good_get() {
+    let partner = Partner::start().await;
+    partner.queue([Reply::ok("fresh data")]);
+    partner.script(|_, _| Reply::Status(500));
+    let sidecar = Sidecar::start(&spec(&partner, "fallback: {staleIfError: 5m}")).await;
+    let url = format!("{}/v1/catalog", partner.url());
+    let first = sidecar.get(&url).await;
+    assert_eq!(first.body, "fresh data");
+    assert!(!first.headers.contains_key("x-tollgate-fallback"));
+    let second = sidecar.get(&url).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, "fresh data");
+    assert_eq!(second.headers["x-tollgate-fallback"], "stale");
+    // Another path has nothing cached: the partner's error passes through.
+    assert_eq!(sidecar.get(&format!("{}/v1/other", partner.url())).await.status, 500);
+}
