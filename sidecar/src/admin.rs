@@ -59,7 +59,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
 fn text(status: StatusCode, s: impl Into<String>) -> Response<RespBody> {
     let mut r = Response::new(body::full(s.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -74,7 +77,9 @@ impl Admin {
                 let mut r = text(StatusCode::OK, self.metrics.encode());
                 r.headers_mut().insert(
                     CONTENT_TYPE,
-                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }
@@ -82,18 +87,27 @@ impl Admin {
             "/readyz" => {
                 let rev = self.store.load();
                 if rev.source == Source::Empty {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "no policy revision loaded yet\n")
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no policy revision loaded yet\n",
+                    )
                 } else {
                     text(StatusCode::OK, format!("ok: revision {}\n", rev.id))
                 }
             }
             "/config" => {
                 let v = config_json(&self.store.load());
-                let mut r = Response::new(body::full(serde_json::to_vec_pretty(&v).unwrap_or_default()));
-                r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                let mut r = Response::new(body::full(
+                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                ));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 r
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz, /config\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz, /readyz, /config\n",
+            ),
         }
     }
 }
@@ -108,7 +122,12 @@ pub fn config_json(rev: &Revision) -> Value {
         .iter()
         .map(|i| {
             let mut v = serde_json::to_value(&i.policy).unwrap_or(Value::Null);
-            let redact: Vec<String> = i.policy.redact_headers.iter().map(|h| h.as_str().to_string()).collect();
+            let redact: Vec<String> = i
+                .policy
+                .redact_headers
+                .iter()
+                .map(|h| h.as_str().to_string())
+                .collect();
             redact_maps(&mut v, &redact);
             if let Some(c) = v.get_mut("credentials").and_then(Value::as_object_mut) {
                 c.insert("loaded".into(), Value::Bool(i.credential.is_some()));

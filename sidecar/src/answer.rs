@@ -133,8 +133,14 @@ impl Answer {
         let mut resp = Response::new(body::full(json));
         *resp.status_mut() = self.reason.status();
         let h = resp.headers_mut();
-        h.insert(REASON_HEADER, HeaderValue::from_static(self.reason.as_str()));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            REASON_HEADER,
+            HeaderValue::from_static(self.reason.as_str()),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(d) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(d)));
@@ -167,7 +173,9 @@ mod tests {
             (Reason::UnknownHost, 403),
         ];
         for (reason, status) in expected {
-            let resp = Answer::new(reason, "why").at("payments/stripe", "charges").into_response();
+            let resp = Answer::new(reason, "why")
+                .at("payments/stripe", "charges")
+                .into_response();
             assert_eq!(resp.status().as_u16(), status, "{reason}");
             assert_eq!(resp.headers()[REASON_HEADER], reason.as_str());
             let body = resp.into_body().collect().await.unwrap().to_bytes();

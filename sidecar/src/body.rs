@@ -18,7 +18,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> RespBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> RespBody {
@@ -67,7 +69,10 @@ impl Body for ReqBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Full(b) => {
                 if b.is_empty() {
@@ -76,7 +81,11 @@ impl Body for ReqBody {
                     Poll::Ready(Some(Ok(Frame::data(std::mem::take(b)))))
                 }
             }
-            ReqBody::Stream { prefix, rest, remaining } => {
+            ReqBody::Stream {
+                prefix,
+                rest,
+                remaining,
+            } => {
                 if let Some(p) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
@@ -125,7 +134,11 @@ impl Body for ReqBody {
 
 /// Reads a request body: buffered whole when it fits `replay_limit`, else streamed (bounded by
 /// `max`). Errors when the body is larger than `max` or the app's stream fails.
-pub async fn prepare(mut body: Incoming, replay_limit: usize, max: u64) -> Result<ReqBody, BodyError> {
+pub async fn prepare(
+    mut body: Incoming,
+    replay_limit: usize,
+    max: u64,
+) -> Result<ReqBody, BodyError> {
     let hint = body.size_hint();
     if let Some(exact) = hint.exact() {
         if exact > max {

@@ -10,9 +10,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use tollgate_sidecar::admin::{self, Admin};
+use tollgate_sidecar::config::Store;
 use tollgate_sidecar::config::file::FileSource;
 use tollgate_sidecar::config::secrets::SecretsDir;
-use tollgate_sidecar::config::Store;
 use tollgate_sidecar::layers::{self, StackContext};
 use tollgate_sidecar::proxy::handler::Proxy;
 use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
@@ -74,7 +74,10 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tollgate-sidecar: cannot start the runtime: {e}");
@@ -96,7 +99,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("no policy source: give --config FILE (standalone mode)");
     };
     let ca = match &args.ca_bundle {
-        Some(p) => Some(std::fs::read(p).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", p.display()))?),
+        Some(p) => Some(
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", p.display()))?,
+        ),
         None => None,
     };
     let tls = client::tls_config(ca.as_deref())?;
@@ -137,13 +142,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let proxy = Arc::new(Proxy {
         store: store.clone(),
-        stack: layers::stack(StackContext { metrics: metrics.clone() }),
+        stack: layers::stack(StackContext {
+            metrics: metrics.clone(),
+        }),
         passthrough: client::build(tls, options.passthrough_connect_timeout, &ctx.pool),
         tunnels: Arc::new(Semaphore::new(options.max_tunnels)),
         options,
         metrics: metrics.clone(),
     });
-    tokio::spawn(admin::serve(admin_listener, Arc::new(Admin { store, metrics })));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(Admin { store, metrics }),
+    ));
     tracing::info!(listen = %listen, admin = %admin_addr, otlp = telemetry.exporting(), "tollgate-sidecar ready");
     server::serve(listener, proxy, shutdown_signal(), args.drain_timeout).await;
     telemetry.shutdown();

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use rustls::ClientConfig;
 use tokio::time::Instant;
-use tollgate_crds::policy::{BreakerPolicy, BreakerScope, BudgetPolicy, IntegrationId, IntegrationPolicy, RateLimitPolicy};
+use tollgate_crds::policy::{
+    BreakerPolicy, BreakerScope, BudgetPolicy, IntegrationId, IntegrationPolicy, RateLimitPolicy,
+};
 
 use crate::answer::Reason;
 use crate::client::{self, HttpClient, PoolOptions};
@@ -48,7 +50,12 @@ impl StateContext {
     }
 
     fn share(&self, id: &IntegrationId) -> f64 {
-        self.shares.read().unwrap_or_else(|e| e.into_inner()).get(id).copied().unwrap_or(1.0)
+        self.shares
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(1.0)
     }
 }
 
@@ -84,7 +91,11 @@ pub struct IntegrationState {
 }
 
 impl IntegrationState {
-    pub fn build(policy: &IntegrationPolicy, old: Option<&IntegrationState>, ctx: &StateContext) -> Self {
+    pub fn build(
+        policy: &IntegrationPolicy,
+        old: Option<&IntegrationState>,
+        ctx: &StateContext,
+    ) -> Self {
         let share = ctx.share(&policy.id);
         let connect_timeout = policy.upstream.connect_timeout;
         let client = match old {
@@ -96,12 +107,21 @@ impl IntegrationState {
             .as_ref()
             .map(|p| build_quota(p, old.and_then(|o| o.quota.as_ref()), ctx, share));
         let routes = policy.routes.len() + 1;
-        let route = |i: usize| if i < policy.routes.len() { &policy.routes[i] } else { &policy.default_route };
+        let route = |i: usize| {
+            if i < policy.routes.len() {
+                &policy.routes[i]
+            } else {
+                &policy.default_route
+            }
+        };
         let old_index = |name: &str| old.and_then(|o| o.route_names.iter().position(|n| n == name));
         let route_quotas = (0..routes)
             .map(|i| {
                 let prev = old_index(&route(i).name).and_then(|j| old?.route_quotas[j].as_ref());
-                route(i).rate_limit.as_ref().map(|p| build_quota(p, prev, ctx, share))
+                route(i)
+                    .rate_limit
+                    .as_ref()
+                    .map(|p| build_quota(p, prev, ctx, share))
             })
             .collect();
         let breaker = policy
@@ -111,7 +131,8 @@ impl IntegrationState {
         let route_breakers = (0..routes)
             .map(|i| match &route(i).breaker {
                 BreakerScope::Route(p) => {
-                    let prev = old_index(&route(i).name).and_then(|j| old?.route_breakers[j].as_ref());
+                    let prev =
+                        old_index(&route(i).name).and_then(|j| old?.route_breakers[j].as_ref());
                     Some(keyed_breaker(p, prev))
                 }
                 _ => None,
@@ -128,8 +149,9 @@ impl IntegrationState {
             .collect();
         let wants_cache = (0..routes).any(|i| route(i).fallback.stale_if_error.is_some());
         let cache = wants_cache.then(|| {
-            old.and_then(|o| o.cache.clone())
-                .unwrap_or_else(|| Arc::new(StaleCache::new(ctx.cache_max_entries, ctx.cache_max_bytes)))
+            old.and_then(|o| o.cache.clone()).unwrap_or_else(|| {
+                Arc::new(StaleCache::new(ctx.cache_max_entries, ctx.cache_max_bytes))
+            })
         });
         IntegrationState {
             client,
@@ -171,19 +193,37 @@ impl IntegrationState {
     }
 
     /// Counts a finished call for status reports.
-    pub fn record_call(&self, _route: usize, status: u16, reason: Option<Reason>, elapsed: Duration) {
+    pub fn record_call(
+        &self,
+        _route: usize,
+        status: u16,
+        reason: Option<Reason>,
+        elapsed: Duration,
+    ) {
         self.traffic.record(status, reason, elapsed);
     }
 }
 
-fn build_quota(policy: &RateLimitPolicy, old: Option<&Quota>, ctx: &StateContext, share: f64) -> Quota {
+fn build_quota(
+    policy: &RateLimitPolicy,
+    old: Option<&Quota>,
+    ctx: &StateContext,
+    share: f64,
+) -> Quota {
     let limiter = match old {
-        Some(q) if q.policy.bands == policy.bands && q.policy.partition_by.is_some() == policy.partition_by.is_some() => {
+        Some(q)
+            if q.policy.bands == policy.bands
+                && q.policy.partition_by.is_some() == policy.partition_by.is_some() =>
+        {
             q.limiter.clone()
         }
         _ => Arc::new(Limiter::new(&policy.bands, ctx.max_partitions)),
     };
-    let scoped = if policy.scope == tollgate_crds::v1alpha1::RateLimitScope::Global { share } else { 1.0 };
+    let scoped = if policy.scope == tollgate_crds::v1alpha1::RateLimitScope::Global {
+        share
+    } else {
+        1.0
+    };
     if let Err(e) = limiter.set_share(scoped) {
         tracing::warn!(integration = ?policy.bands, error = %e, "ignoring an invalid quota share");
     }
@@ -216,7 +256,9 @@ pub struct Traffic {
 }
 
 /// Upper bounds (milliseconds) of the latency buckets used for p95.
-pub const LATENCY_BUCKETS_MS: [u64; 16] = [1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000];
+pub const LATENCY_BUCKETS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000,
+];
 
 impl Traffic {
     pub fn record(&self, status: u16, reason: Option<Reason>, elapsed: Duration) {
@@ -234,7 +276,10 @@ impl Traffic {
             None => {}
         }
         let ms = elapsed.as_millis() as u64;
-        let bucket = LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
     }
 }

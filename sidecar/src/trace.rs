@@ -35,7 +35,12 @@ impl Injector for HeaderInjector<'_> {
 }
 
 /// The span of one call, child of the app's `traceparent` when it sent one.
-pub fn call_span(method: &http::Method, integration: &str, route: &str, headers: &HeaderMap) -> Span {
+pub fn call_span(
+    method: &http::Method,
+    integration: &str,
+    route: &str,
+    headers: &HeaderMap,
+) -> Span {
     let span = tracing::info_span!(
         target: TARGET,
         "tollgate.call",
@@ -50,7 +55,9 @@ pub fn call_span(method: &http::Method, integration: &str, route: &str, headers:
         tollgate.fallback = Empty,
     );
     if !span.is_disabled() {
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(headers))
+        });
         let _ = span.set_parent(parent);
     }
     span
@@ -78,5 +85,7 @@ pub fn inject_context(headers: &mut HeaderMap) {
         return;
     }
     let cx = span.context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut HeaderInjector(headers))
+    });
 }

@@ -7,54 +7,99 @@ use support::*;
 #[tokio::test]
 async fn an_edit_applies_without_restart() {
     let partner = Partner::start().await;
-    let v1 = manifest("partner", &format!("upstream: {{url: '{}'}}", partner.url()));
+    let v1 = manifest(
+        "partner",
+        &format!("upstream: {{url: '{}'}}", partner.url()),
+    );
     let sidecar = Sidecar::start(&v1).await;
-    let first = sidecar.config().await["revision"].as_str().unwrap().to_string();
+    let first = sidecar.config().await["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let url = format!("{}/v1/x", partner.url());
     assert_eq!(sidecar.get(&url).await.status, 200);
 
     let v2 = manifest(
         "partner",
-        &format!("upstream: {{url: '{}'}}\nrateLimit: {{limits: [{{name: tight, requests: 1, per: 1m}}]}}", partner.url()),
+        &format!(
+            "upstream: {{url: '{}'}}\nrateLimit: {{limits: [{{name: tight, requests: 1, per: 1m}}]}}",
+            partner.url()
+        ),
     );
     sidecar.write_config(&v2);
-    let c = sidecar.wait_config("the new revision", |c| c["revision"] != first.as_str()).await;
-    assert_eq!(c["integrations"][0]["rateLimit"]["bands"][0]["name"], "tight");
+    let c = sidecar
+        .wait_config("the new revision", |c| c["revision"] != first.as_str())
+        .await;
+    assert_eq!(
+        c["integrations"][0]["rateLimit"]["bands"][0]["name"],
+        "tight"
+    );
     assert_eq!(sidecar.get(&url).await.status, 200);
     assert_eq!(sidecar.get(&url).await.status, 429);
     let m = sidecar.metrics().await;
     let rev = c["revision"].as_str().unwrap();
-    assert!(m.contains(&format!("tollgate_config_revision_info{{revision=\"{rev}\",source=\"file\"}} 1")), "{m}");
+    assert!(
+        m.contains(&format!(
+            "tollgate_config_revision_info{{revision=\"{rev}\",source=\"file\"}} 1"
+        )),
+        "{m}"
+    );
 }
 
 async fn bad_edit_keeps_previous(bad: &str, expect_in_log: &str) {
     let partner = Partner::start().await;
     let good = manifest(
         "partner",
-        &format!("upstream: {{url: '{}'}}\nversioning: {{pinHeaders: {{X-Version: '1'}}}}", partner.url()),
+        &format!(
+            "upstream: {{url: '{}'}}\nversioning: {{pinHeaders: {{X-Version: '1'}}}}",
+            partner.url()
+        ),
     );
     let sidecar = Sidecar::start(&good).await;
-    let before = sidecar.config().await["revision"].as_str().unwrap().to_string();
+    let before = sidecar.config().await["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
     sidecar.write_config(bad);
     sidecar
-        .wait_metrics("the rejected edit counted", |m| metric(m, "tollgate_config_errors_total", &[]) == 1.0)
+        .wait_metrics("the rejected edit counted", |m| {
+            metric(m, "tollgate_config_errors_total", &[]) == 1.0
+        })
         .await;
-    assert_eq!(sidecar.config().await["revision"], before.as_str(), "the previous revision stays in force");
+    assert_eq!(
+        sidecar.config().await["revision"],
+        before.as_str(),
+        "the previous revision stays in force"
+    );
     let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
     assert_eq!(resp.status, 200);
-    assert_eq!(partner.seen()[0].headers["x-version"], "1", "still enforcing the previous revision");
+    assert_eq!(
+        partner.seen()[0].headers["x-version"],
+        "1",
+        "still enforcing the previous revision"
+    );
     let log = sidecar.log_text();
-    assert!(log.contains(expect_in_log), "log should name {expect_in_log:?}:\n{log}");
+    assert!(
+        log.contains(expect_in_log),
+        "log should name {expect_in_log:?}:\n{log}"
+    );
 }
 
 #[tokio::test]
 async fn unparsable_yaml_keeps_the_previous_revision() {
-    bad_edit_keeps_previous("apiVersion: tollgate.dev/v1alpha1\nkind: PartnerIntegration\nmetadata: {name: [\n", "document 1").await;
+    bad_edit_keeps_previous(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: PartnerIntegration\nmetadata: {name: [\n",
+        "document 1",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn an_invalid_spec_keeps_the_previous_revision_and_names_the_field() {
-    let bad = manifest("partner", "upstream: {url: 'http://127.0.0.1:1'}\nretries: {backoff: {base: -5s}}");
+    let bad = manifest(
+        "partner",
+        "upstream: {url: 'http://127.0.0.1:1'}\nretries: {backoff: {base: -5s}}",
+    );
     bad_edit_keeps_previous(&bad, "spec.retries.backoff.base").await;
 }
 
@@ -62,8 +107,14 @@ async fn an_invalid_spec_keeps_the_previous_revision_and_names_the_field() {
 async fn two_integrations_claiming_one_host_are_refused() {
     let bad = format!(
         "{}---\n{}",
-        manifest("a", "upstream: {url: 'http://api.example:80', hosts: [api.example]}"),
-        manifest("b", "upstream: {url: 'http://other.example', hosts: [api.example]}")
+        manifest(
+            "a",
+            "upstream: {url: 'http://api.example:80', hosts: [api.example]}"
+        ),
+        manifest(
+            "b",
+            "upstream: {url: 'http://other.example', hosts: [api.example]}"
+        )
     );
     bad_edit_keeps_previous(&bad, "already claimed by test/a").await;
 }
@@ -74,7 +125,13 @@ async fn the_first_config_must_be_valid() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, manifest("p", "upstream: {url: 'ftp://x'}")).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-sidecar"))
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--config"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&path)
         .output()
         .unwrap();

@@ -8,7 +8,10 @@ use http::Method;
 use support::*;
 
 fn spec(partner: &Partner, rest: &str) -> String {
-    manifest("partner", &format!("upstream: {{url: '{}'}}\n{rest}", partner.url()))
+    manifest(
+        "partner",
+        &format!("upstream: {{url: '{}'}}\n{rest}", partner.url()),
+    )
 }
 
 // === kill switch ===
@@ -16,7 +19,11 @@ fn spec(partner: &Partner, rest: &str) -> String {
 #[tokio::test]
 async fn kill_switch_stops_every_call_and_says_why() {
     let partner = Partner::start().await;
-    let sidecar = Sidecar::start(&spec(&partner, "killSwitch: {enabled: true, reason: 'INC-123 vendor double-charging'}")).await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "killSwitch: {enabled: true, reason: 'INC-123 vendor double-charging'}",
+    ))
+    .await;
     for _ in 0..3 {
         let resp = sidecar.get(&format!("{}/v1/charges", partner.url())).await;
         assert_eq!(resp.status, 503);
@@ -27,15 +34,45 @@ async fn kill_switch_stops_every_call_and_says_why() {
         assert_eq!(e["route"], "default");
         assert!(e["message"].as_str().unwrap().contains("INC-123"));
     }
-    assert_eq!(partner.count(), 0, "zero partner calls through the kill switch");
+    assert_eq!(
+        partner.count(),
+        0,
+        "zero partner calls through the kill switch"
+    );
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_kill_switch_active", &[("integration", "test/partner"), ("route", "default")]), 1.0, "{m}");
-    assert_eq!(metric(&m, "tollgate_requests_total", &[("outcome", "kill-switch"), ("code", "503")]), 3.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_kill_switch_active",
+            &[("integration", "test/partner"), ("route", "default")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_requests_total",
+            &[("outcome", "kill-switch"), ("code", "503")]
+        ),
+        3.0,
+        "{m}"
+    );
 
     // Off again: traffic flows, without restart.
     sidecar.write_config(&spec(&partner, "killSwitch: {enabled: false}"));
-    sidecar.wait_config("kill switch off", |c| c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == false).await;
-    assert_eq!(sidecar.get(&format!("{}/v1/charges", partner.url())).await.status, 200);
+    sidecar
+        .wait_config("kill switch off", |c| {
+            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == false
+        })
+        .await;
+    assert_eq!(
+        sidecar
+            .get(&format!("{}/v1/charges", partner.url()))
+            .await
+            .status,
+        200
+    );
     assert_eq!(partner.count(), 1);
 }
 
@@ -47,10 +84,18 @@ async fn a_route_kill_switch_stops_only_that_route() {
         "routes:\n- name: refunds\n  match: {pathPrefix: /v1/refunds}\n  killSwitch: {enabled: true}",
     ))
     .await;
-    let resp = sidecar.get(&format!("{}/v1/refunds/9", partner.url())).await;
+    let resp = sidecar
+        .get(&format!("{}/v1/refunds/9", partner.url()))
+        .await;
     assert_eq!(resp.reason(), Some("kill-switch"));
     assert_eq!(resp.json()["error"]["route"], "refunds");
-    assert_eq!(sidecar.get(&format!("{}/v1/charges", partner.url())).await.status, 200);
+    assert_eq!(
+        sidecar
+            .get(&format!("{}/v1/charges", partner.url()))
+            .await
+            .status,
+        200
+    );
     assert_eq!(partner.count(), 1);
 }
 
@@ -67,11 +112,25 @@ async fn denied_prefixes_get_410_and_pins_overwrite_the_app() {
     let resp = sidecar.get(&format!("{}/v0/charges", partner.url())).await;
     assert_eq!(resp.status, 410);
     assert_eq!(resp.reason(), Some("deprecated-version"));
-    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("/v0"));
-    assert_eq!(partner.count(), 0, "a denied prefix never reaches the partner");
+    assert!(
+        resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v0")
+    );
+    assert_eq!(
+        partner.count(),
+        0,
+        "a denied prefix never reaches the partner"
+    );
 
     let resp = sidecar
-        .send(Method::GET, &format!("{}/v1/charges", partner.url()), &[("stripe-version", "1999-01-01")], "")
+        .send(
+            Method::GET,
+            &format!("{}/v1/charges", partner.url()),
+            &[("stripe-version", "1999-01-01")],
+            "",
+        )
         .await;
     assert_eq!(resp.status, 200);
     let seen = partner.seen();
@@ -93,8 +152,18 @@ async fn credentials_are_injected_over_the_app_and_rotate_without_restart() {
     )
     .await;
     let url = format!("{}/v1/x", partner.url());
-    sidecar.send(Method::GET, &url, &[("authorization", "Bearer app-made-this-up")], "").await;
-    assert_eq!(partner.seen()[0].headers["authorization"], "Bearer sk_live_first");
+    sidecar
+        .send(
+            Method::GET,
+            &url,
+            &[("authorization", "Bearer app-made-this-up")],
+            "",
+        )
+        .await;
+    assert_eq!(
+        partner.seen()[0].headers["authorization"],
+        "Bearer sk_live_first"
+    );
 
     write_secret(&sidecar.secrets_dir(), "api", "token", "sk_live_second");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -123,7 +192,11 @@ async fn credentials_are_injected_over_the_app_and_rotate_without_restart() {
 #[tokio::test]
 async fn over_the_limit_is_answered_429_at_once_with_retry_after() {
     let partner = Partner::start().await;
-    let sidecar = Sidecar::start(&spec(&partner, "rateLimit: {limits: [{name: sustained, requests: 3, per: 1m}]}")).await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {limits: [{name: sustained, requests: 3, per: 1m}]}",
+    ))
+    .await;
     let url = format!("{}/v1/x", partner.url());
     for _ in 0..3 {
         assert_eq!(sidecar.get(&url).await.status, 200);
@@ -131,12 +204,32 @@ async fn over_the_limit_is_answered_429_at_once_with_retry_after() {
     let resp = sidecar.get(&url).await;
     assert_eq!(resp.status, 429);
     assert_eq!(resp.reason(), Some("rate-limited"));
-    let retry_after: u64 = resp.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=20).contains(&retry_after), "one token per 20s: {retry_after}");
-    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("sustained"));
+    let retry_after: u64 = resp.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=20).contains(&retry_after),
+        "one token per 20s: {retry_after}"
+    );
+    assert!(
+        resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sustained")
+    );
     assert_eq!(partner.count(), 3);
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_rate_limited_total", &[("integration", "test/partner"), ("band", "sustained")]), 1.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_rate_limited_total",
+            &[("integration", "test/partner"), ("band", "sustained")]
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +244,11 @@ async fn partitions_have_their_own_buckets() {
     let get = |region: &'static str| {
         let url = url.clone();
         let listen = sidecar.listen;
-        async move { request(listen, Method::GET, &url, &[("x-user-region", region)], "").await.status }
+        async move {
+            request(listen, Method::GET, &url, &[("x-user-region", region)], "")
+                .await
+                .status
+        }
     };
     assert_eq!(get("eu").await, 200);
     assert_eq!(get("eu").await, 200);
@@ -195,14 +292,24 @@ async fn queue_mode_waits_for_a_token_instead_of_refusing() {
     let mut handles = Vec::new();
     for _ in 0..4 {
         let (listen, url) = (sidecar.listen, url.clone());
-        handles.push(tokio::spawn(async move { request(listen, Method::GET, &url, &[], "").await.status }));
+        handles.push(tokio::spawn(async move {
+            request(listen, Method::GET, &url, &[], "").await.status
+        }));
     }
     for h in handles {
-        assert_eq!(h.await.unwrap(), 200, "queued requests are admitted, not refused");
+        assert_eq!(
+            h.await.unwrap(),
+            200,
+            "queued requests are admitted, not refused"
+        );
     }
     assert_eq!(partner.count(), 4);
     // Four requests at 2 per 500ms cannot all have gone at once.
-    assert!(started.elapsed() >= Duration::from_millis(240), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(240),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -227,18 +334,45 @@ async fn queue_mode_refuses_what_cannot_be_served_within_max_queue_wait() {
 async fn consecutive_failures_open_the_breaker_and_calls_fail_fast() {
     let partner = Partner::start().await;
     partner.script(|_, _| Reply::Status(500));
-    let sidecar = Sidecar::start(&spec(&partner, "circuitBreaker: {consecutiveFailures: 2, openDuration: 30s}")).await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "circuitBreaker: {consecutiveFailures: 2, openDuration: 30s}",
+    ))
+    .await;
     let url = format!("{}/v1/x", partner.url());
-    assert_eq!(sidecar.get(&url).await.status, 500, "the partner's own 500 passes through");
+    assert_eq!(
+        sidecar.get(&url).await.status,
+        500,
+        "the partner's own 500 passes through"
+    );
     assert_eq!(sidecar.get(&url).await.status, 500);
     let resp = sidecar.get(&url).await;
     assert_eq!(resp.status, 503);
     assert_eq!(resp.reason(), Some("circuit-open"));
-    let retry_after: u64 = resp.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((25..=30).contains(&retry_after), "time until half-open: {retry_after}");
-    assert_eq!(partner.count(), 2, "zero partner calls through an open breaker");
+    let retry_after: u64 = resp.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (25..=30).contains(&retry_after),
+        "time until half-open: {retry_after}"
+    );
+    assert_eq!(
+        partner.count(),
+        2,
+        "zero partner calls through an open breaker"
+    );
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_circuit_state", &[("integration", "test/partner"), ("route", "*")]), 2.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_circuit_state",
+            &[("integration", "test/partner"), ("route", "*")]
+        ),
+        2.0,
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -256,7 +390,10 @@ async fn client_errors_do_not_open_the_breaker() {
 // === retries ===
 
 fn retry_spec(partner: &Partner, extra: &str) -> String {
-    spec(partner, &format!("retries: {{maxAttempts: 3, backoff: {{base: 1ms, max: 5ms}}{extra}}}"))
+    spec(
+        partner,
+        &format!("retries: {{maxAttempts: 3, backoff: {{base: 1ms, max: 5ms}}{extra}}}"),
+    )
 }
 
 #[tokio::test]
@@ -268,7 +405,15 @@ async fn retryable_statuses_are_retried_exactly_max_attempts_times() {
     assert_eq!(resp.status, 503, "the last partner answer passes through");
     assert_eq!(partner.count(), 3);
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_retries_total", &[("integration", "test/partner")]), 2.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_retries_total",
+            &[("integration", "test/partner")]
+        ),
+        2.0,
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -287,8 +432,15 @@ async fn other_client_errors_are_never_retried() {
     for code in [400, 401, 404, 409, 422] {
         partner.clear();
         partner.script(move |_, _| Reply::Status(code));
-        let sidecar = Sidecar::start(&retry_spec(&partner, ", retryOn: [connect-error, reset, timeout, '429', '500', '502', '503', '504']")).await;
-        assert_eq!(sidecar.get(&format!("{}/v1/x", partner.url())).await.status, code);
+        let sidecar = Sidecar::start(&retry_spec(
+            &partner,
+            ", retryOn: [connect-error, reset, timeout, '429', '500', '502', '503', '504']",
+        ))
+        .await;
+        assert_eq!(
+            sidecar.get(&format!("{}/v1/x", partner.url())).await.status,
+            code
+        );
         assert_eq!(partner.count(), 1, "{code} retried");
     }
 }
@@ -302,23 +454,42 @@ async fn post_is_retried_only_with_an_idempotency_key() {
     sidecar.send(Method::POST, &url, &[], "{}").await;
     assert_eq!(partner.count(), 1, "POST without a key: one attempt");
     partner.clear();
-    sidecar.send(Method::POST, &url, &[("idempotency-key", "k-1")], "{}").await;
+    sidecar
+        .send(Method::POST, &url, &[("idempotency-key", "k-1")], "{}")
+        .await;
     assert_eq!(partner.count(), 3, "POST with a key: retried");
-    assert!(partner.seen().iter().all(|s| s.headers["idempotency-key"] == "k-1" && &s.body[..] == b"{}"));
+    assert!(
+        partner
+            .seen()
+            .iter()
+            .all(|s| s.headers["idempotency-key"] == "k-1" && &s.body[..] == b"{}")
+    );
 }
 
 #[tokio::test]
 async fn a_generated_idempotency_key_is_the_same_on_every_attempt() {
     let partner = Partner::start().await;
     partner.script(|_, _| Reply::Status(503));
-    let sidecar = Sidecar::start(&retry_spec(&partner, ", idempotency: {header: Idempotency-Key, generate: true}")).await;
+    let sidecar = Sidecar::start(&retry_spec(
+        &partner,
+        ", idempotency: {header: Idempotency-Key, generate: true}",
+    ))
+    .await;
     let url = format!("{}/v1/charges", partner.url());
-    sidecar.send(Method::POST, &url, &[], "{\"amount\":1}").await;
+    sidecar
+        .send(Method::POST, &url, &[], "{\"amount\":1}")
+        .await;
     let seen = partner.seen();
     assert_eq!(seen.len(), 3);
-    let key = seen[0].headers["idempotency-key"].to_str().unwrap().to_string();
+    let key = seen[0].headers["idempotency-key"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert_eq!(key.len(), 36, "{key}");
-    assert!(seen.iter().all(|s| s.headers["idempotency-key"] == key.as_str()));
+    assert!(
+        seen.iter()
+            .all(|s| s.headers["idempotency-key"] == key.as_str())
+    );
     // A second call gets a fresh key.
     partner.clear();
     sidecar.send(Method::POST, &url, &[], "{}").await;
@@ -352,8 +523,15 @@ async fn the_total_deadline_bounds_attempts_and_backoff() {
     let started = Instant::now();
     let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
     assert_eq!(resp.status, 504);
-    assert!(partner.count() <= 2, "300ms total allows at most two 200ms attempts: {}", partner.count());
-    assert!(started.elapsed() < Duration::from_secs(5), "the call did not wait for the partner");
+    assert!(
+        partner.count() <= 2,
+        "300ms total allows at most two 200ms attempts: {}",
+        partner.count()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the call did not wait for the partner"
+    );
 }
 
 #[tokio::test]
@@ -371,7 +549,14 @@ async fn connect_errors_are_retried_then_reported_unreachable() {
     let resp = sidecar.get(&format!("http://127.0.0.1:{port}/v1/x")).await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.reason(), Some("upstream-unreachable"));
-    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("3 attempt"), "{}", resp.body);
+    assert!(
+        resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 attempt"),
+        "{}",
+        resp.body
+    );
     let m = sidecar.metrics().await;
     assert_eq!(metric(&m, "tollgate_retries_total", &[]), 2.0, "{m}");
 }
@@ -389,7 +574,11 @@ async fn retry_after_from_the_partner_is_honoured() {
     let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
     assert_eq!(resp.status, 200);
     assert_eq!(partner.count(), 2);
-    assert!(started.elapsed() >= Duration::from_secs(1), "retried before Retry-After: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retried before Retry-After: {:?}",
+        started.elapsed()
+    );
 }
 
 // === fallback ===
@@ -425,5 +614,35 @@ async fn stale_if_error_serves_the_last_good_get() {
     assert_eq!(second.body, "fresh data");
     assert_eq!(second.headers["x-tollgate-fallback"], "stale");
     // Another path has nothing cached: the partner's error passes through.
-    assert_eq!(sidecar.get(&format!("{}/v1/other", partner.url())).await.status, 500);
+    assert_eq!(
+        sidecar
+            .get(&format!("{}/v1/other", partner.url()))
+            .await
+            .status,
+        500
+    );
+}
+
+#[tokio::test]
+async fn bodies_too_large_to_buffer_stream_once_and_are_never_retried() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start_with(
+        &retry_spec(&partner, ""),
+        Options {
+            args: vec!["--replay-limit".into(), "1024".into()],
+            ..Options::default()
+        },
+    )
+    .await;
+    let url = format!("{}/v1/upload", partner.url());
+    let big = "b".repeat(5000);
+    sidecar.send(Method::PUT, &url, &[], &big).await;
+    let seen = partner.seen();
+    assert_eq!(seen.len(), 1, "a streamed body is sent once");
+    assert_eq!(seen[0].body.len(), 5000, "and arrives whole");
+    partner.clear();
+    sidecar.send(Method::PUT, &url, &[], &"s".repeat(500)).await;
+    assert_eq!(partner.count(), 3, "a buffered body is replayed");
+    assert!(partner.seen().iter().all(|s| s.body.len() == 500));
 }

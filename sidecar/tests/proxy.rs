@@ -18,7 +18,10 @@ async fn forward_proxy_passes_the_partner_response_through_unchanged() {
     let partner = Partner::start().await;
     partner.script(|_, _| Reply::Full {
         status: 201,
-        headers: vec![("x-partner".into(), "yes".into()), ("content-type".into(), "application/json".into())],
+        headers: vec![
+            ("x-partner".into(), "yes".into()),
+            ("content-type".into(), "application/json".into()),
+        ],
         body: r#"{"id":"ch_1"}"#.into(),
     });
     let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
@@ -42,7 +45,19 @@ async fn forward_proxy_passes_the_partner_response_through_unchanged() {
     assert_eq!(seen[0].headers["host"], partner.addr.to_string().as_str());
     assert_eq!(&seen[0].body[..], br#"{"amount":5}"#);
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_requests_total", &[("integration", "test/partner"), ("outcome", "success"), ("code", "201")]), 1.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_requests_total",
+            &[
+                ("integration", "test/partner"),
+                ("outcome", "success"),
+                ("code", "201")
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -50,7 +65,14 @@ async fn origin_form_is_routed_by_host() {
     let partner = Partner::start().await;
     let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
     let host = partner.addr.to_string();
-    let resp = request(sidecar.listen, Method::GET, "/v1/ping", &[("host", &host)], "").await;
+    let resp = request(
+        sidecar.listen,
+        Method::GET,
+        "/v1/ping",
+        &[("host", &host)],
+        "",
+    )
+    .await;
     assert_eq!(resp.status, 200);
     assert_eq!(partner.seen()[0].path, "/v1/ping");
 }
@@ -58,12 +80,21 @@ async fn origin_form_is_routed_by_host() {
 #[tokio::test]
 async fn upstream_base_path_is_prepended() {
     let partner = Partner::start().await;
-    let spec = manifest("partner", &format!("upstream: {{url: '{}/api/v2', hosts: [partner.test]}}", partner.url()));
+    let spec = manifest(
+        "partner",
+        &format!(
+            "upstream: {{url: '{}/api/v2', hosts: [partner.test]}}",
+            partner.url()
+        ),
+    );
     let sidecar = Sidecar::start(&spec).await;
     let resp = sidecar.get("http://partner.test/things/1").await;
     assert_eq!(resp.status, 200);
     assert_eq!(partner.seen()[0].path, "/api/v2/things/1");
-    assert_eq!(partner.seen()[0].headers["host"], partner.addr.to_string().as_str());
+    assert_eq!(
+        partner.seen()[0].headers["host"],
+        partner.addr.to_string().as_str()
+    );
 }
 
 #[tokio::test]
@@ -97,7 +128,10 @@ async fn https_partner_gets_tls_from_the_sidecar() {
     let ca_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca_file.path(), &ca.ca_pem).unwrap();
     let port = partner.addr.port();
-    let spec = manifest("secure", &format!("upstream: {{url: 'https://localhost:{port}'}}"));
+    let spec = manifest(
+        "secure",
+        &format!("upstream: {{url: 'https://localhost:{port}'}}"),
+    );
     let sidecar = Sidecar::start_with(
         &spec,
         Options {
@@ -107,21 +141,29 @@ async fn https_partner_gets_tls_from_the_sidecar() {
     )
     .await;
     // The app speaks plain HTTP to the sidecar; the sidecar originates TLS to the partner.
-    let resp = sidecar.get(&format!("http://localhost:{port}/v1/secure")).await;
+    let resp = sidecar
+        .get(&format!("http://localhost:{port}/v1/secure"))
+        .await;
     assert_eq!(resp.status, 200, "{}", resp.body);
     assert_eq!(partner.seen()[0].path, "/v1/secure");
 
     // Without the CA the partner's certificate is refused: nothing is sent.
     let untrusting = Sidecar::start(&spec).await;
-    let resp = untrusting.get(&format!("http://localhost:{port}/v1/secure")).await;
+    let resp = untrusting
+        .get(&format!("http://localhost:{port}/v1/secure"))
+        .await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.reason(), Some("upstream-unreachable"));
     assert_eq!(partner.count(), 1);
 }
 
 async fn connect(sidecar: &Sidecar, target: &str) -> (String, tokio::net::TcpStream) {
-    let mut s = tokio::net::TcpStream::connect(sidecar.listen).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(sidecar.listen)
+        .await
+        .unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -139,9 +181,15 @@ async fn connect_tunnels_bytes_and_obeys_the_kill_switch() {
     let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
     let (head, mut s) = connect(&sidecar, &partner.addr.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    s.write_all(format!("GET /inside HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", partner.addr).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!(
+            "GET /inside HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            partner.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -149,17 +197,30 @@ async fn connect_tunnels_bytes_and_obeys_the_kill_switch() {
 
     sidecar.write_config(&manifest(
         "partner",
-        &format!("upstream: {{url: '{}'}}\nkillSwitch: {{enabled: true, reason: INC-7}}", partner.url()),
+        &format!(
+            "upstream: {{url: '{}'}}\nkillSwitch: {{enabled: true, reason: INC-7}}",
+            partner.url()
+        ),
     ));
     sidecar
-        .wait_config("kill switch on", |c| c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true)
+        .wait_config("kill switch on", |c| {
+            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
+        })
         .await;
     let (head, _s) = connect(&sidecar, &partner.addr.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("x-tollgate-reason: kill-switch"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-tollgate-reason: kill-switch"),
+        "{head}"
+    );
     assert_eq!(partner.count(), 1, "no new connection reached the partner");
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_tunnels_total", &[("outcome", "kill-switch")]), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "tollgate_tunnels_total", &[("outcome", "kill-switch")]),
+        1.0,
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -176,7 +237,11 @@ async fn oversized_headers_get_431_and_reach_nobody() {
     let big = "a".repeat(20_000);
     let out = raw(
         sidecar.listen,
-        format!("GET /x HTTP/1.1\r\nHost: {}\r\nX-Big: {big}\r\n\r\n", partner.addr).as_bytes(),
+        format!(
+            "GET /x HTTP/1.1\r\nHost: {}\r\nX-Big: {big}\r\n\r\n",
+            partner.addr
+        )
+        .as_bytes(),
         Duration::from_secs(5),
     )
     .await;
@@ -195,8 +260,15 @@ async fn smuggling_shapes_are_refused_and_never_forwarded() {
     let out = raw(sidecar.listen, both.as_bytes(), Duration::from_secs(5)).await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("x-tollgate-reason: bad-request"), "{out}");
-    let conflicting = format!("POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde");
-    let out = raw(sidecar.listen, conflicting.as_bytes(), Duration::from_secs(5)).await;
+    let conflicting = format!(
+        "POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"
+    );
+    let out = raw(
+        sidecar.listen,
+        conflicting.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert_eq!(partner.count(), 0, "{:?}", partner.seen());
 }
@@ -212,12 +284,26 @@ async fn bodies_over_the_limit_get_400() {
         },
     )
     .await;
-    let resp = sidecar.send(Method::POST, &format!("{}/upload", partner.url()), &[], &"x".repeat(5000)).await;
+    let resp = sidecar
+        .send(
+            Method::POST,
+            &format!("{}/upload", partner.url()),
+            &[],
+            &"x".repeat(5000),
+        )
+        .await;
     assert_eq!(resp.status, 400);
     assert_eq!(resp.reason(), Some("bad-request"));
     assert_eq!(resp.json()["error"]["integration"], "test/partner");
     assert_eq!(partner.count(), 0);
-    let resp = sidecar.send(Method::POST, &format!("{}/upload", partner.url()), &[], &"x".repeat(900)).await;
+    let resp = sidecar
+        .send(
+            Method::POST,
+            &format!("{}/upload", partner.url()),
+            &[],
+            &"x".repeat(900),
+        )
+        .await;
     assert_eq!(resp.status, 200);
 }
 
@@ -232,7 +318,9 @@ async fn a_client_that_never_finishes_its_head_is_disconnected() {
         },
     )
     .await;
-    let mut s = tokio::net::TcpStream::connect(sidecar.listen).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(sidecar.listen)
+        .await
+        .unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
@@ -251,23 +339,43 @@ async fn connections_over_the_limit_are_closed() {
         },
     )
     .await;
-    let _a = tokio::net::TcpStream::connect(sidecar.listen).await.unwrap();
-    let _b = tokio::net::TcpStream::connect(sidecar.listen).await.unwrap();
+    let _a = tokio::net::TcpStream::connect(sidecar.listen)
+        .await
+        .unwrap();
+    let _b = tokio::net::TcpStream::connect(sidecar.listen)
+        .await
+        .unwrap();
     sidecar
-        .wait_metrics("two open connections", |m| metric(m, "tollgate_open_connections", &[]) == 2.0)
+        .wait_metrics("two open connections", |m| {
+            metric(m, "tollgate_open_connections", &[]) == 2.0
+        })
         .await;
-    let mut c = tokio::net::TcpStream::connect(sidecar.listen).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(sidecar.listen)
+        .await
+        .unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "the third connection is closed at once");
     let m = sidecar.metrics().await;
-    assert_eq!(metric(&m, "tollgate_rejected_connections_total", &[]), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "tollgate_rejected_connections_total", &[]),
+        1.0,
+        "{m}"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight() {
     let partner = Partner::start().await;
-    partner.script(|_, _| Reply::Delay(Duration::from_millis(700), Box::new(Reply::ok("late but whole"))));
+    partner.script(|_, _| {
+        Reply::Delay(
+            Duration::from_millis(700),
+            Box::new(Reply::ok("late but whole")),
+        )
+    });
     let mut sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
     let url = format!("{}/slow", partner.url());
     let listen = sidecar.listen;
@@ -275,12 +383,18 @@ async fn sigterm_drains_the_request_in_flight() {
     while partner.count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let status = std::process::Command::new("kill").args(["-TERM", &sidecar.pid().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &sidecar.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let resp = in_flight.await.unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, "late but whole");
-    let exit = sidecar.wait_exit(Duration::from_secs(10)).await.expect("the sidecar exits after draining");
+    let exit = sidecar
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the sidecar exits after draining");
     assert!(exit.success(), "{exit:?}");
 }
 

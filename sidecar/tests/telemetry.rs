@@ -60,7 +60,10 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     let attempts = receiver.wait_for("tollgate.attempt", 2).await;
     let call = &calls[0];
     assert_eq!(call.trace_id, trace_id);
-    assert_eq!(call.parent_span_id, parent_id, "the call span is the app's span's child");
+    assert_eq!(
+        call.parent_span_id, parent_id,
+        "the call span is the app's span's child"
+    );
     assert_eq!(call.service_name, "checkout-sidecar");
     let a = &call.attributes;
     assert_eq!(a["tollgate.integration"], "test/payments");
@@ -70,22 +73,46 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     assert_eq!(a["tollgate.attempts"], "2");
     for at in &attempts {
         assert_eq!(at.trace_id, trace_id);
-        assert_eq!(at.parent_span_id, call.span_id, "attempt spans are children of the call span");
+        assert_eq!(
+            at.parent_span_id, call.span_id,
+            "attempt spans are children of the call span"
+        );
     }
-    let codes: Vec<&str> = attempts.iter().map(|s| s.attributes["http.response.status_code"].as_str()).collect();
-    assert!(codes.contains(&"503") && codes.contains(&"200"), "{codes:?}");
-    assert!(tp.contains(&attempts.iter().find(|s| s.attributes["tollgate.attempt"] == "2").unwrap().span_id));
+    let codes: Vec<&str> = attempts
+        .iter()
+        .map(|s| s.attributes["http.response.status_code"].as_str())
+        .collect();
+    assert!(
+        codes.contains(&"503") && codes.contains(&"200"),
+        "{codes:?}"
+    );
+    assert!(
+        tp.contains(
+            &attempts
+                .iter()
+                .find(|s| s.attributes["tollgate.attempt"] == "2")
+                .unwrap()
+                .span_id
+        )
+    );
 
     // A sidecar-made answer records its reason.
     sidecar.write_config(&spec.replace("routes:", "killSwitch: {enabled: true}\nroutes:"));
-    sidecar.wait_config("kill switch", |c| c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true).await;
+    sidecar
+        .wait_config("kill switch", |c| {
+            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
+        })
+        .await;
     sidecar.get(&format!("{}/v1/charges", partner.url())).await;
     let calls = receiver.wait_for("tollgate.call", 2).await;
     assert!(calls.iter().any(|c| c.attributes.get("tollgate.reason").map(String::as_str) == Some("kill-switch")));
 
     let raw = receiver.raw();
     for secret in [SECRET, "acct_secret_value"] {
-        assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} exported");
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} exported"
+        );
         assert!(!sidecar.log_text().contains(secret), "{secret} logged");
     }
 }

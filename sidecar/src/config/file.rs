@@ -81,19 +81,27 @@ impl FileSource {
     fn apply(&self, content: &[u8]) -> Result<(String, Vec<SecretKeyRef>), ConfigError> {
         let path = self.path.display().to_string();
         let text = String::from_utf8_lossy(content);
-        let items = manifest::parse_stream(&text, DEFAULT_NAMESPACE).map_err(|source| ConfigError::Manifest {
-            path: path.clone(),
-            source,
+        let items = manifest::parse_stream(&text, DEFAULT_NAMESPACE).map_err(|source| {
+            ConfigError::Manifest {
+                path: path.clone(),
+                source,
+            }
         })?;
         let mut policies = Vec::with_capacity(items.len());
         let mut refs = Vec::new();
         for pi in &items {
-            let ns = pi.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+            let ns = pi
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(DEFAULT_NAMESPACE);
             let name = pi.metadata.name.as_deref().unwrap_or_default();
-            let policy = tollgate_crds::compile(ns, name, &pi.spec).map_err(|source| ConfigError::Invalid {
-                path: path.clone(),
-                integration: format!("{ns}/{name}"),
-                source,
+            let policy = tollgate_crds::compile(ns, name, &pi.spec).map_err(|source| {
+                ConfigError::Invalid {
+                    path: path.clone(),
+                    integration: format!("{ns}/{name}"),
+                    source,
+                }
             })?;
             if let Some(c) = &policy.credentials {
                 refs.push(c.secret_ref.clone());
@@ -120,6 +128,21 @@ impl FileSource {
     pub async fn watch(self, interval: Duration) {
         let mut seen = Seen::default();
         let mut refs: Vec<SecretKeyRef> = Vec::new();
+        // What `reload` already applied at start-up is not applied again.
+        if let Ok(content) = self.read()
+            && self.store.load().id == fingerprint(&content)
+            && let Ok(items) =
+                manifest::parse_stream(&String::from_utf8_lossy(&content), DEFAULT_NAMESPACE)
+        {
+            refs = items
+                .iter()
+                .filter_map(|pi| pi.spec.credentials.as_ref().map(|c| c.secret_ref.clone()))
+                .collect();
+            seen = Seen {
+                secrets: self.secrets.snapshot(&refs),
+                content,
+            };
+        }
         let mut failed_content: Option<Vec<u8>> = None;
         loop {
             let current = match self.read() {
@@ -139,7 +162,8 @@ impl FileSource {
                 let secrets = self.secrets.snapshot(&refs);
                 let now = Seen { content, secrets };
                 let changed = now != seen;
-                let already_failed = failed_content.as_ref() == Some(&now.content) && now.secrets == seen.secrets;
+                let already_failed =
+                    failed_content.as_ref() == Some(&now.content) && now.secrets == seen.secrets;
                 if changed && !already_failed {
                     match self.apply(&now.content) {
                         Ok((id, new_refs)) => {

@@ -32,7 +32,9 @@ pub struct Integration {
 
 impl std::fmt::Debug for Integration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Integration").field("id", &self.label).finish_non_exhaustive()
+        f.debug_struct("Integration")
+            .field("id", &self.label)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,7 +49,10 @@ impl Integration {
     }
 
     pub fn route(&self, index: usize) -> &tollgate_crds::policy::RoutePolicy {
-        self.policy.routes.get(index).unwrap_or(&self.policy.default_route)
+        self.policy
+            .routes
+            .get(index)
+            .unwrap_or(&self.policy.default_route)
     }
 
     /// Whether `path` falls under a denied prefix.
@@ -172,7 +177,10 @@ pub fn build_revision(
         {
             tracing::warn!(integration = %policy.id, secret = %c.secret_ref.name, key = %c.secret_ref.key, "credential secret not found; requests go without it");
         }
-        let old = previous.integrations.iter().find(|o| o.policy.id == policy.id);
+        let old = previous
+            .integrations
+            .iter()
+            .find(|o| o.policy.id == policy.id);
         let state = IntegrationState::build(&policy, old.map(|o| &o.state), ctx);
         integrations.push(Arc::new(Integration {
             label: Arc::from(policy.id.to_string()),

@@ -59,14 +59,21 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let Some(breaker) = call.integration.state.breaker(&call.integration.policy, call.route).cloned() else {
+        let Some(breaker) = call
+            .integration
+            .state
+            .breaker(&call.integration.policy, call.route)
+            .cloned()
+        else {
             return futures::future::Either::Left(self.inner.call(req));
         };
         let started = Instant::now();
         match breaker.try_acquire(started) {
             Err(open) => {
                 let msg = "circuit breaker is open: the partner has been failing".to_string();
-                let answer = call.answer(Reason::CircuitOpen, msg).retry_after(open.retry_after);
+                let answer = call
+                    .answer(Reason::CircuitOpen, msg)
+                    .retry_after(open.retry_after);
                 futures::future::Either::Right(Box::pin(std::future::ready(Err(answer.into()))))
             }
             Ok(permit) => {

@@ -17,7 +17,10 @@ use tollgate_crds::policy::{Scheme, UpstreamPolicy};
 pub struct Client;
 
 /// `scheme://host:port` + the upstream's base path + the request's path and query.
-pub fn upstream_uri(up: &UpstreamPolicy, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+pub fn upstream_uri(
+    up: &UpstreamPolicy,
+    path_and_query: Option<&PathAndQuery>,
+) -> Result<Uri, http::Error> {
     let pq = path_and_query.map_or("/", PathAndQuery::as_str);
     let path = if up.base_path.is_empty() {
         pq.to_string()
@@ -50,7 +53,8 @@ pub fn authority(up: &UpstreamPolicy) -> Authority {
     } else {
         format!("{host}:{}", up.port)
     };
-    text.parse().expect("host and port from a parsed URL form an authority")
+    text.parse()
+        .expect("host and port from a parsed URL form an authority")
 }
 
 impl Service<Request<ReqBody>> for Client {
@@ -68,7 +72,10 @@ impl Service<Request<ReqBody>> for Client {
         let uri = match upstream_uri(up, req.uri().path_and_query()) {
             Ok(u) => u,
             Err(e) => {
-                let err = CallError::Answer(call.answer(crate::answer::Reason::BadRequest, format!("request path: {e}")));
+                let err = CallError::Answer(call.answer(
+                    crate::answer::Reason::BadRequest,
+                    format!("request path: {e}"),
+                ));
                 return Box::pin(std::future::ready(Err(err)));
             }
         };
@@ -84,6 +91,8 @@ impl Service<Request<ReqBody>> for Client {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    // The app's connection is HTTP/1.1 whatever the partner spoke.
+                    parts.version = http::Version::HTTP_11;
                     Ok(Response::from_parts(parts, body::incoming(body)))
                 }
                 Err(e) => Err(CallError::Transport {

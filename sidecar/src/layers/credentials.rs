@@ -47,7 +47,8 @@ where
             // Whatever the app sent under this header never reaches the partner.
             req.headers_mut().remove(&policy.header);
             if let Some(value) = &integration.credential {
-                req.headers_mut().insert(policy.header.clone(), value.clone());
+                req.headers_mut()
+                    .insert(policy.header.clone(), value.clone());
             }
         }
         self.inner.call(req)

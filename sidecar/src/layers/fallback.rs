@@ -46,7 +46,10 @@ pub struct Fallback<S> {
 fn replaceable(e: &CallError) -> Option<Reason> {
     match e {
         CallError::Answer(a) => match a.reason {
-            Reason::KillSwitch | Reason::CircuitOpen | Reason::Timeout | Reason::UpstreamUnreachable => Some(a.reason),
+            Reason::KillSwitch
+            | Reason::CircuitOpen
+            | Reason::Timeout
+            | Reason::UpstreamUnreachable => Some(a.reason),
             _ => None,
         },
         CallError::Transport { .. } => Some(Reason::UpstreamUnreachable),
@@ -55,16 +58,28 @@ fn replaceable(e: &CallError) -> Option<Reason> {
 }
 
 fn cache_key(req: &Request<ReqBody>) -> String {
-    req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string()
+    req.uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string()
 }
 
-fn from_cache(c: &CachedResponse, age: std::time::Duration, reason: Option<Reason>) -> Response<RespBody> {
+fn from_cache(
+    c: &CachedResponse,
+    age: std::time::Duration,
+    reason: Option<Reason>,
+) -> Response<RespBody> {
     let mut resp = Response::new(body::full(c.body.clone()));
     *resp.status_mut() = c.status;
     *resp.headers_mut() = c.headers.clone();
-    resp.headers_mut().insert(FALLBACK_HEADER, HeaderValue::from_static("stale"));
-    resp.headers_mut().insert(http::header::AGE, HeaderValue::from(age.as_secs()));
-    resp.extensions_mut().insert(ServedFallback { kind: "stale", reason });
+    resp.headers_mut()
+        .insert(FALLBACK_HEADER, HeaderValue::from_static("stale"));
+    resp.headers_mut()
+        .insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+    resp.extensions_mut().insert(ServedFallback {
+        kind: "stale",
+        reason,
+    });
     resp
 }
 
@@ -88,7 +103,9 @@ where
             return futures::future::Either::Left(self.inner.call(req));
         }
         let stale = match (&call.integration.state.cache, policy.stale_if_error) {
-            (Some(cache), Some(max_age)) if req.method() == Method::GET => Some((cache.clone(), max_age, cache_key(&req))),
+            (Some(cache), Some(max_age)) if req.method() == Method::GET => {
+                Some((cache.clone(), max_age, cache_key(&req)))
+            }
             _ => None,
         };
         let fut = self.inner.call(req);
@@ -110,7 +127,9 @@ where
                 }
                 Ok(resp) => Ok(resp),
                 Err(e) => {
-                    let Some(reason) = replaceable(&e) else { return Err(e) };
+                    let Some(reason) = replaceable(&e) else {
+                        return Err(e);
+                    };
                     if let Some((cache, max_age, key)) = &stale
                         && let Some(s) = cache.get(key, *max_age, Instant::now())
                     {
@@ -123,8 +142,12 @@ where
                             for (k, v) in &r.headers {
                                 resp.headers_mut().insert(k.clone(), v.clone());
                             }
-                            resp.headers_mut().insert(FALLBACK_HEADER, HeaderValue::from_static("static"));
-                            resp.headers_mut().insert(crate::answer::REASON_HEADER, HeaderValue::from_static(reason.as_str()));
+                            resp.headers_mut()
+                                .insert(FALLBACK_HEADER, HeaderValue::from_static("static"));
+                            resp.headers_mut().insert(
+                                crate::answer::REASON_HEADER,
+                                HeaderValue::from_static(reason.as_str()),
+                            );
                             resp.extensions_mut().insert(ServedFallback {
                                 kind: "static",
                                 reason: Some(reason),
@@ -141,8 +164,14 @@ where
 
 /// Buffers a small successful GET response into the cache and returns it unchanged; a large or
 /// unsized one passes through uncached.
-async fn store(cache: &crate::engine::stale_cache::StaleCache, key: String, resp: Response<RespBody>) -> Response<RespBody> {
-    let small = http_body::Body::size_hint(resp.body()).upper().is_some_and(|u| u <= MAX_CACHED_BODY);
+async fn store(
+    cache: &crate::engine::stale_cache::StaleCache,
+    key: String,
+    resp: Response<RespBody>,
+) -> Response<RespBody> {
+    let small = http_body::Body::size_hint(resp.body())
+        .upper()
+        .is_some_and(|u| u <= MAX_CACHED_BODY);
     if !small {
         return resp;
     }

@@ -30,7 +30,11 @@ pub struct KillSwitch<S> {
 
 impl<S> Service<Request<ReqBody>> for KillSwitch<S>
 where
-    S: Service<Request<ReqBody>, Response = http::Response<crate::body::RespBody>, Error = super::CallError>,
+    S: Service<
+            Request<ReqBody>,
+            Response = http::Response<crate::body::RespBody>,
+            Error = super::CallError,
+        >,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -49,7 +53,9 @@ where
                 Some(r) => format!("kill switch is on: {r}"),
                 None => "kill switch is on".to_string(),
             };
-            return futures::future::Either::Right(std::future::ready(Err(call.answer(Reason::KillSwitch, message).into())));
+            return futures::future::Either::Right(std::future::ready(Err(call
+                .answer(Reason::KillSwitch, message)
+                .into())));
         }
         futures::future::Either::Left(self.inner.call(req))
     }

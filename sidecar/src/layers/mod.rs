@@ -21,6 +21,9 @@ pub mod retry;
 pub mod timeout;
 pub mod version_gate;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -88,7 +91,10 @@ pub enum CallError {
     Answer(#[from] Answer),
     /// The attempt could not reach the partner or the connection broke.
     #[error("{kind:?}: {message}")]
-    Transport { kind: TransportFailure, message: String },
+    Transport {
+        kind: TransportFailure,
+        message: String,
+    },
     /// The attempt's deadline passed.
     #[error("attempt timed out")]
     AttemptTimeout,
@@ -101,7 +107,10 @@ impl CallError {
             CallError::Answer(a) => a,
             CallError::Transport { message, .. } => call.answer(
                 Reason::UpstreamUnreachable,
-                format!("partner unreachable after {} attempt(s): {message}", call.attempts().max(1)),
+                format!(
+                    "partner unreachable after {} attempt(s): {message}",
+                    call.attempts().max(1)
+                ),
             ),
             CallError::AttemptTimeout => {
                 let r = call.route_policy();
@@ -127,7 +136,8 @@ impl CallError {
 pub type CallResult = Result<Response<RespBody>, CallError>;
 
 /// The whole pipeline as one cloneable service.
-pub type Stack = BoxCloneSyncService<Request<ReqBody>, Response<RespBody>, std::convert::Infallible>;
+pub type Stack =
+    BoxCloneSyncService<Request<ReqBody>, Response<RespBody>, std::convert::Infallible>;
 
 /// Shared things the layers need.
 #[derive(Clone)]

@@ -94,7 +94,11 @@ where
                     Err(e) => {
                         let answer = e.into_answer(&call);
                         let reason = answer.reason;
-                        (answer.into_response(), reason.as_str().to_string(), Some(reason))
+                        (
+                            answer.into_response(),
+                            reason.as_str().to_string(),
+                            Some(reason),
+                        )
                     }
                 };
                 let status = resp.status().as_u16();
@@ -125,7 +129,12 @@ where
                         code: status.to_string(),
                     })
                     .inc();
-                call.integration.state.record_call(call.route, status, reason, call.started.elapsed());
+                call.integration.state.record_call(
+                    call.route,
+                    status,
+                    reason,
+                    call.started.elapsed(),
+                );
                 Ok(resp)
             }
             .instrument(span),

@@ -44,7 +44,10 @@ pub struct RateLimit<S> {
 
 impl<S> Service<Request<ReqBody>> for RateLimit<S>
 where
-    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError> + Clone + Send + 'static,
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -64,11 +67,16 @@ where
             return futures::future::Either::Left(self.inner.call(req));
         }
         // The route's settings decide how to wait when it has its own quota.
-        let policy = route_quota.or(account).map(|q| &q.policy).expect("one quota is set");
+        let policy = route_quota
+            .or(account)
+            .map(|q| &q.policy)
+            .expect("one quota is set");
         let now = Instant::now();
         let max_wait = match policy.on_limit {
             OnLimit::Reject => Duration::ZERO,
-            OnLimit::Queue => policy.max_queue_wait.min(call.deadline.saturating_duration_since(now)),
+            OnLimit::Queue => policy
+                .max_queue_wait
+                .min(call.deadline.saturating_duration_since(now)),
         };
         let partition = call.partition.as_deref();
         let mut quotas: Vec<(&Limiter, Option<&str>)> = Vec::with_capacity(2);
@@ -93,7 +101,9 @@ where
                         band: denied.band.to_string(),
                     })
                     .inc();
-                let which = if route_quota.is_some_and(|q| q.policy.bands.iter().any(|b| *b.name == *denied.band)) {
+                let which = if route_quota
+                    .is_some_and(|q| q.policy.bands.iter().any(|b| *b.name == *denied.band))
+                {
                     format!("spec.routes[{}].rateLimit", call.route_name())
                 } else {
                     "spec.rateLimit".to_string()
@@ -102,7 +112,9 @@ where
                 if let Some(p) = partition {
                     msg.push_str(&format!(" for partition {p:?}"));
                 }
-                let answer = call.answer(Reason::RateLimited, msg).retry_after(denied.retry_after);
+                let answer = call
+                    .answer(Reason::RateLimited, msg)
+                    .retry_after(denied.retry_after);
                 futures::future::Either::Right(Box::pin(std::future::ready(Err(answer.into()))))
             }
         }

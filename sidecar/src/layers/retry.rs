@@ -51,7 +51,10 @@ pub struct Retry<S> {
 
 /// Methods that may be repeated without changing the outcome (RFC 9110 section 9.2.2).
 pub fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Whether this result is one the policy retries.
@@ -59,8 +62,14 @@ pub fn retryable(policy: &RetryPolicy, result: &CallResult) -> bool {
     let on = &policy.retry_on;
     match result {
         Ok(resp) => on.status(resp.status().as_u16()),
-        Err(CallError::Transport { kind: TransportFailure::Connect, .. }) => on.connect_error,
-        Err(CallError::Transport { kind: TransportFailure::Reset, .. }) => on.reset,
+        Err(CallError::Transport {
+            kind: TransportFailure::Connect,
+            ..
+        }) => on.connect_error,
+        Err(CallError::Transport {
+            kind: TransportFailure::Reset,
+            ..
+        }) => on.reset,
         Err(CallError::AttemptTimeout) => on.timeout,
         Err(CallError::Answer(_)) => false,
     }
@@ -70,13 +79,23 @@ pub fn retryable(policy: &RetryPolicy, result: &CallResult) -> bool {
 pub fn new_idempotency_key() -> HeaderValue {
     let b: [u8; 16] = rand::random();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let key = format!("{}-{}-4{}-{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[16..20], &hex[20..32]);
+    let key = format!(
+        "{}-{}-4{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
     HeaderValue::from_str(&key).expect("hex and dashes form a header value")
 }
 
 impl<S> Service<Request<ReqBody>> for Retry<S>
 where
-    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError> + Clone + Send + 'static,
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -96,15 +115,22 @@ where
             && matches!(*req.method(), Method::POST | Method::PATCH)
             && !req.headers().contains_key(&policy.idempotency_header)
         {
-            req.headers_mut().insert(policy.idempotency_header.clone(), new_idempotency_key());
+            req.headers_mut()
+                .insert(policy.idempotency_header.clone(), new_idempotency_key());
         }
-        let budget = call.integration.state.budgets.get(call.route).map(|(_, b)| b.clone());
+        let budget = call
+            .integration
+            .state
+            .budgets
+            .get(call.route)
+            .map(|(_, b)| b.clone());
         if let Some(b) = &budget {
             b.record_request(Instant::now());
         }
         Box::pin(async move {
             let policy = &call.route_policy().retries;
-            let may_repeat = is_idempotent(req.method()) || req.headers().contains_key(&policy.idempotency_header);
+            let may_repeat = is_idempotent(req.method())
+                || req.headers().contains_key(&policy.idempotency_header);
             let mut req = req;
             let mut n: u32 = 0;
             loop {
@@ -147,10 +173,12 @@ where
                     return result;
                 }
                 let now = Instant::now();
-                let mut delay = backoff::Backoff::new(policy.backoff_base, policy.backoff_max).delay(n, &mut rand::rng());
+                let mut delay = backoff::Backoff::new(policy.backoff_base, policy.backoff_max)
+                    .delay(n, &mut rand::rng());
                 if policy.respect_retry_after
                     && let Ok(resp) = &result
-                    && let Some(asked) = retry_after::from_headers(resp.headers(), SystemTime::now())
+                    && let Some(asked) =
+                        retry_after::from_headers(resp.headers(), SystemTime::now())
                 {
                     delay = delay.max(asked);
                 }
@@ -182,8 +210,14 @@ where
 fn error_type(e: &CallError) -> &'static str {
     match e {
         CallError::Answer(a) => a.reason.as_str(),
-        CallError::Transport { kind: TransportFailure::Connect, .. } => "connect-error",
-        CallError::Transport { kind: TransportFailure::Reset, .. } => "reset",
+        CallError::Transport {
+            kind: TransportFailure::Connect,
+            ..
+        } => "connect-error",
+        CallError::Transport {
+            kind: TransportFailure::Reset,
+            ..
+        } => "reset",
         CallError::AttemptTimeout => "timeout",
     }
 }

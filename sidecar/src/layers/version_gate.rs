@@ -46,8 +46,11 @@ where
         let call = Call::from_request(&req);
         let versioning = &call.integration.policy.versioning;
         if let Some(prefix) = versioning.denied(req.uri().path()) {
-            let msg = format!("path prefix {prefix} is denied (spec.versioning.deniedPathPrefixes)");
-            return Either::Right(std::future::ready(Err(call.answer(Reason::DeprecatedVersion, msg).into())));
+            let msg =
+                format!("path prefix {prefix} is denied (spec.versioning.deniedPathPrefixes)");
+            return Either::Right(std::future::ready(Err(call
+                .answer(Reason::DeprecatedVersion, msg)
+                .into())));
         }
         for (name, value) in &versioning.pin_headers {
             req.headers_mut().insert(name.clone(), value.clone());

@@ -43,7 +43,11 @@ pub struct Target {
 impl Target {
     fn from_authority(a: &Authority, https: bool) -> Target {
         Target {
-            host: a.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase(),
+            host: a
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase(),
             port: a.port_u16(),
             https,
         }
@@ -53,19 +57,39 @@ impl Target {
 /// The request's target, or why it has none.
 pub fn target(req: &Request<Incoming>) -> Result<Target, String> {
     if let Some(a) = req.uri().authority() {
-        if req.method() != Method::CONNECT && req.uri().scheme_str().is_some_and(|s| s != "http" && s != "https") {
-            return Err(format!("scheme {:?} is not proxied", req.uri().scheme_str().unwrap_or_default()));
+        if req.method() != Method::CONNECT
+            && req
+                .uri()
+                .scheme_str()
+                .is_some_and(|s| s != "http" && s != "https")
+        {
+            return Err(format!(
+                "scheme {:?} is not proxied",
+                req.uri().scheme_str().unwrap_or_default()
+            ));
         }
-        return Ok(Target::from_authority(a, req.uri().scheme_str() == Some("https")));
+        return Ok(Target::from_authority(
+            a,
+            req.uri().scheme_str() == Some("https"),
+        ));
     }
-    let host = req.headers().get(HOST).ok_or("no Host header and no absolute URL")?;
+    let host = req
+        .headers()
+        .get(HOST)
+        .ok_or("no Host header and no absolute URL")?;
     let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
-    let a: Authority = host.parse().map_err(|_| format!("Host header {host:?} is not a host"))?;
+    let a: Authority = host
+        .parse()
+        .map_err(|_| format!("Host header {host:?} is not a host"))?;
     Ok(Target::from_authority(&a, false))
 }
 
 impl Proxy {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, verdict: Verdict) -> Response<RespBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        verdict: Verdict,
+    ) -> Response<RespBody> {
         if verdict == Verdict::LengthAndChunked {
             return Answer::new(
                 Reason::BadRequest,
@@ -78,7 +102,11 @@ impl Proxy {
             Err(e) => return Answer::new(Reason::BadRequest, e).into_response(),
         };
         if self.is_self(&target) {
-            return Answer::new(Reason::BadRequest, "request is addressed to the sidecar itself").into_response();
+            return Answer::new(
+                Reason::BadRequest,
+                "request is addressed to the sidecar itself",
+            )
+            .into_response();
         }
         if req.method() == Method::CONNECT {
             return super::tunnel::handle(self, req, target).await;
@@ -88,7 +116,10 @@ impl Proxy {
             return match self.options.unknown_hosts {
                 UnknownHosts::Deny => Answer::new(
                     Reason::UnknownHost,
-                    format!("{} is not a partner host and --unknown-hosts is deny", target.host),
+                    format!(
+                        "{} is not a partner host and --unknown-hosts is deny",
+                        target.host
+                    ),
                 )
                 .into_response(),
                 UnknownHosts::Pass => self.passthrough(req, target).await,
@@ -101,17 +132,31 @@ impl Proxy {
         let route = integration.route_index(&parts.method, parts.uri.path());
         let route_policy = integration.route(route);
         let label = integration.label.clone();
-        let body = match body::prepare(incoming, self.options.replay_limit, self.options.max_body_bytes).await {
+        let body = match body::prepare(
+            incoming,
+            self.options.replay_limit,
+            self.options.max_body_bytes,
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e @ BodyError::TooLarge { .. }) => {
-                return Answer::new(Reason::BadRequest, e.to_string()).at(&label, &route_policy.name).into_response();
+                return Answer::new(Reason::BadRequest, e.to_string())
+                    .at(&label, &route_policy.name)
+                    .into_response();
             }
             Err(e @ BodyError::Read(_)) => {
-                return Answer::new(Reason::BadRequest, e.to_string()).at(&label, &route_policy.name).into_response();
+                return Answer::new(Reason::BadRequest, e.to_string())
+                    .at(&label, &route_policy.name)
+                    .into_response();
             }
         };
         // Absolute-form becomes origin-form: the client layer builds the partner's URL.
-        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(pq);
         strip_hop_by_hop(&mut parts.headers);
         let partition = integration
@@ -119,7 +164,12 @@ impl Proxy {
             .rate_limit
             .as_ref()
             .and_then(|r| r.partition_by.as_ref())
-            .or_else(|| route_policy.rate_limit.as_ref().and_then(|r| r.partition_by.as_ref()))
+            .or_else(|| {
+                route_policy
+                    .rate_limit
+                    .as_ref()
+                    .and_then(|r| r.partition_by.as_ref())
+            })
             .and_then(|h| parts.headers.get(h))
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
@@ -143,31 +193,45 @@ impl Proxy {
     fn is_self(&self, t: &Target) -> bool {
         let listen = self.options.listen;
         t.port == Some(listen.port())
-            && (t.host == listen.ip().to_string() || (listen.ip().is_loopback() && t.host == "localhost"))
+            && (t.host == listen.ip().to_string()
+                || (listen.ip().is_loopback() && t.host == "localhost"))
     }
 
     async fn passthrough(&self, req: Request<Incoming>, target: Target) -> Response<RespBody> {
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let scheme = if target.https { "https" } else { "http" };
-        let authority = match (parts.uri.authority(), parts.headers.get(HOST).and_then(|h| h.to_str().ok())) {
+        let authority = match (
+            parts.uri.authority(),
+            parts.headers.get(HOST).and_then(|h| h.to_str().ok()),
+        ) {
             (Some(a), _) => a.to_string(),
             (None, Some(h)) => h.to_string(),
-            (None, None) => return Answer::new(Reason::BadRequest, "no Host header").into_response(),
+            (None, None) => {
+                return Answer::new(Reason::BadRequest, "no Host header").into_response();
+            }
         };
         let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         parts.uri = match format!("{scheme}://{authority}{pq}").parse() {
             Ok(u) => u,
-            Err(e) => return Answer::new(Reason::BadRequest, format!("request target: {e}")).into_response(),
+            Err(e) => {
+                return Answer::new(Reason::BadRequest, format!("request target: {e}"))
+                    .into_response();
+            }
         };
         let body = match body::prepare(incoming, 0, self.options.max_body_bytes).await {
             Ok(b) => b,
             Err(e) => return Answer::new(Reason::BadRequest, e.to_string()).into_response(),
         };
-        match self.passthrough.request(Request::from_parts(parts, body)).await {
+        match self
+            .passthrough
+            .request(Request::from_parts(parts, body))
+            .await
+        {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                parts.version = http::Version::HTTP_11;
                 Response::from_parts(parts, body::incoming(body))
             }
             Err(e) => Answer::new(
@@ -178,4 +242,3 @@ impl Proxy {
         }
     }
 }
-

@@ -52,7 +52,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let verdicts = Verdicts::default();
-        let io = TokioIo::new(SniffIo::new(stream, proxy.options.max_header_bytes, verdicts.clone()));
+        let io = TokioIo::new(SniffIo::new(
+            stream,
+            proxy.options.max_header_bytes,
+            verdicts.clone(),
+        ));
         let p = proxy.clone();
         let service = service_fn(move |req| {
             let verdict = verdicts.next();

@@ -30,11 +30,18 @@ pub struct Verdicts(Arc<Mutex<VecDeque<Verdict>>>);
 impl Verdicts {
     /// The verdict for the next request (Ok when the guard stopped following the stream).
     pub fn next(&self) -> Verdict {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or(Verdict::Ok)
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+            .unwrap_or(Verdict::Ok)
     }
 
     fn push(&self, v: Verdict) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push_back(v);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(v);
     }
 }
 
@@ -95,7 +102,10 @@ impl Framer {
                 State::Head(buf) => {
                     // Leading CRLFs between requests are allowed and ignored.
                     if buf.is_empty() {
-                        let skip = data.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+                        let skip = data
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
                         data = &data[skip..];
                         if data.is_empty() {
                             return;
@@ -130,12 +140,24 @@ impl Framer {
                             None if b == b'\r' => Some(Chunk::SizeLf(v)),
                             None => None,
                         },
-                        Chunk::Ext(v) => Some(if b == b'\r' { Chunk::SizeLf(v) } else { Chunk::Ext(v) }),
-                        Chunk::SizeLf(v) if b == b'\n' => Some(if v == 0 { Chunk::Trailer(true) } else { Chunk::Data(v) }),
+                        Chunk::Ext(v) => Some(if b == b'\r' {
+                            Chunk::SizeLf(v)
+                        } else {
+                            Chunk::Ext(v)
+                        }),
+                        Chunk::SizeLf(v) if b == b'\n' => Some(if v == 0 {
+                            Chunk::Trailer(true)
+                        } else {
+                            Chunk::Data(v)
+                        }),
                         Chunk::Data(n) => {
                             let take = n.min(data.len() as u64);
                             consumed = take as usize;
-                            Some(if n == take { Chunk::DataCr } else { Chunk::Data(n - take) })
+                            Some(if n == take {
+                                Chunk::DataCr
+                            } else {
+                                Chunk::Data(n - take)
+                            })
                         }
                         Chunk::DataCr if b == b'\r' => Some(Chunk::DataLf),
                         Chunk::DataLf if b == b'\n' => Some(Chunk::Size(0)),
@@ -178,11 +200,18 @@ impl Framer {
         let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).or(Some(0));
+                content_length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .or(Some(0));
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 te = true;
                 chunked = std::str::from_utf8(h.value)
-                    .map(|v| v.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")))
+                    .map(|v| {
+                        v.rsplit(',')
+                            .next()
+                            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+                    })
                     .unwrap_or(false);
             } else if h.name.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
@@ -198,7 +227,11 @@ impl Framer {
             return State::Off;
         }
         if te {
-            if chunked { State::Chunk(Chunk::Size(0)) } else { State::Off }
+            if chunked {
+                State::Chunk(Chunk::Size(0))
+            } else {
+                State::Off
+            }
         } else {
             match content_length {
                 Some(0) | None => State::Head(Vec::new()),
@@ -236,7 +269,11 @@ impl<T> SniffIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for SniffIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
@@ -252,7 +289,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for SniffIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, data)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -261,7 +302,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SniffIo<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

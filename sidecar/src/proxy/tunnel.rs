@@ -10,13 +10,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::handler::{Proxy, Target};
 use super::UnknownHosts;
+use super::handler::{Proxy, Target};
 use crate::answer::{Answer, Reason};
 use crate::body::{self, RespBody};
 use crate::telemetry::metrics::TunnelLabels;
 
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, target: Target) -> Response<RespBody> {
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    target: Target,
+) -> Response<RespBody> {
     let Some(port) = target.port else {
         return Answer::new(Reason::BadRequest, "CONNECT needs host:port").into_response();
     };
@@ -32,14 +36,19 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, target: Target) -
                     Some(r) => format!("kill switch is on: {r}"),
                     None => "kill switch is on".into(),
                 };
-                return Answer::new(Reason::KillSwitch, msg).at(&i.label, "tunnel").into_response();
+                return Answer::new(Reason::KillSwitch, msg)
+                    .at(&i.label, "tunnel")
+                    .into_response();
             }
             (i.label.to_string(), i.policy.upstream.connect_timeout)
         }
         None if proxy.options.unknown_hosts == UnknownHosts::Deny => {
             return Answer::new(
                 Reason::UnknownHost,
-                format!("{} is not a partner host and --unknown-hosts is deny", target.host),
+                format!(
+                    "{} is not a partner host and --unknown-hosts is deny",
+                    target.host
+                ),
             )
             .into_response();
         }
@@ -47,20 +56,37 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, target: Target) -
     };
     let answer_at = |reason: Reason, msg: String| {
         let a = Answer::new(reason, msg);
-        if label.is_empty() { a } else { a.at(&label, "tunnel") }
+        if label.is_empty() {
+            a
+        } else {
+            a.at(&label, "tunnel")
+        }
     };
     let Ok(permit) = proxy.tunnels.clone().try_acquire_owned() else {
         count(&proxy, &label, "limited");
         return answer_at(
             Reason::RateLimited,
-            format!("{} tunnels already open (--max-tunnels)", proxy.options.max_tunnels),
+            format!(
+                "{} tunnels already open (--max-tunnels)",
+                proxy.options.max_tunnels
+            ),
         )
         .retry_after(Duration::from_secs(1))
         .into_response();
     };
-    let addr = format!("{}:{port}", if target.host.contains(':') { format!("[{}]", target.host) } else { target.host.clone() });
+    let addr = format!(
+        "{}:{port}",
+        if target.host.contains(':') {
+            format!("[{}]", target.host)
+        } else {
+            target.host.clone()
+        }
+    );
     let span = tracing::info_span!(target: crate::trace::TARGET, "tollgate.tunnel", otel.kind = "client", tollgate.integration = %label, server.address = %target.host, server.port = port);
-    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(&addr)).instrument(span.clone()).await {
+    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(&addr))
+        .instrument(span.clone())
+        .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             count(&proxy, &label, "upstream-unreachable");
@@ -70,7 +96,10 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, target: Target) -
             count(&proxy, &label, "timeout");
             return answer_at(
                 Reason::Timeout,
-                format!("{addr}: no connection within {}", tollgate_crds::duration::format(connect_timeout)),
+                format!(
+                    "{addr}: no connection within {}",
+                    tollgate_crds::duration::format(connect_timeout)
+                ),
             )
             .into_response();
         }

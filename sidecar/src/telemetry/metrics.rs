@@ -79,7 +79,9 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<CallLabels, Counter>::default();
-        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
         let rate_limited = Family::<BandLabels, Counter>::default();
         let retries = Family::<RouteLabels, Counter>::default();
         let circuit_state = Family::<RouteLabels, Gauge>::default();
@@ -90,7 +92,11 @@ impl Default for Metrics {
         let open_connections = Gauge::default();
         let rejected_connections = Counter::default();
         // prometheus-client appends `_total` to counters.
-        registry.register("tollgate_requests", "Calls to partners, by outcome and status code", requests.clone());
+        registry.register(
+            "tollgate_requests",
+            "Calls to partners, by outcome and status code",
+            requests.clone(),
+        );
         registry.register(
             "tollgate_request_duration_seconds",
             "Whole-call latency as the app sees it, retries and queueing included",
@@ -101,13 +107,21 @@ impl Default for Metrics {
             "Requests the sidecar answered 429 (the partner's own 429s are not counted here)",
             rate_limited.clone(),
         );
-        registry.register("tollgate_retries", "Retry attempts sent to partners", retries.clone());
+        registry.register(
+            "tollgate_retries",
+            "Retry attempts sent to partners",
+            retries.clone(),
+        );
         registry.register(
             "tollgate_circuit_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open",
             circuit_state.clone(),
         );
-        registry.register("tollgate_kill_switch_active", "1 while the kill switch is on", kill_switch.clone());
+        registry.register(
+            "tollgate_kill_switch_active",
+            "1 while the kill switch is on",
+            kill_switch.clone(),
+        );
         registry.register(
             "tollgate_config_revision_info",
             "The policy revision in force (value 1)",
@@ -118,8 +132,16 @@ impl Default for Metrics {
             "Configuration updates rejected (the previous revision stayed in force)",
             config_errors.clone(),
         );
-        registry.register("tollgate_tunnels", "CONNECT tunnels, by outcome", tunnels.clone());
-        registry.register("tollgate_open_connections", "App connections open now", open_connections.clone());
+        registry.register(
+            "tollgate_tunnels",
+            "CONNECT tunnels, by outcome",
+            tunnels.clone(),
+        );
+        registry.register(
+            "tollgate_open_connections",
+            "App connections open now",
+            open_connections.clone(),
+        );
         registry.register(
             "tollgate_rejected_connections",
             "App connections refused because the connection limit was reached",
@@ -187,7 +209,8 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

@@ -54,30 +54,45 @@ fn env(name: &str) -> Option<String> {
 /// Installs the global subscriber (logs) and, if configured, the OTLP span exporter. Must run
 /// inside the tokio runtime.
 pub fn init(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let provider = tracer_provider()?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
     let (text, json) = match format {
         LogFormat::Text => (Some(fmt), None),
-        LogFormat::Json => (None, Some(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
+        ),
     };
     let otel = provider.as_ref().map(|p| {
         // Only Tollgate's own call and attempt spans are exported, whatever the log filter.
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("tollgate-sidecar"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target().starts_with(crate::trace::TARGET)))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.target().starts_with(crate::trace::TARGET)
+            }))
     });
     use tracing_subscriber::Layer as _;
     tracing_subscriber::registry()
         .with(otel)
         .with(text.map(|l| l.with_filter(filter)))
         .with(json.map(|l| {
-            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+            let filter = EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(default_filter));
             l.with_filter(filter)
         }))
         .try_init()
         .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))?;
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
     Ok(Telemetry { provider })
 }
 
@@ -87,7 +102,9 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     {
         return Ok(None);
     }
-    if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() && env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
+    if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+        && env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+    {
         return Ok(None);
     }
     let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -106,8 +123,11 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
             "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported (use http/protobuf or grpc)"
         ),
     };
-    let resource = Resource::builder().with_service_name(env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate-sidecar".into())).build();
-    let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+    let resource = Resource::builder()
+        .with_service_name(env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate-sidecar".into()))
+        .build();
+    let processor =
+        BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_resource(resource)

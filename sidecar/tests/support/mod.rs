@@ -95,7 +95,9 @@ impl Partner {
         let task = tokio::spawn(async move {
             let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (s, sc, q, acceptor) = (s.clone(), sc.clone(), q.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
@@ -159,10 +161,18 @@ async fn handle(
     queue: Arc<Mutex<VecDeque<Reply>>>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let s = Seen {
         method: parts.method,
-        path: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         headers: parts.headers,
         body,
     };
@@ -188,7 +198,11 @@ async fn handle(
                 *r.status_mut() = StatusCode::from_u16(code).unwrap();
                 return Ok(r);
             }
-            Reply::Full { status, headers, body } => {
+            Reply::Full {
+                status,
+                headers,
+                body,
+            } => {
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 *r.status_mut() = StatusCode::from_u16(status).unwrap();
                 for (k, v) in headers {
@@ -216,12 +230,18 @@ impl TestCa {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tollgate test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tollgate test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
         let cert = params.signed_by(&key, &issuer).unwrap();
         TestCa {
             ca_pem: ca_cert.pem(),
@@ -288,7 +308,14 @@ impl Sidecar {
             .arg(&config_path)
             .arg("--secrets-dir")
             .arg(&secrets_dir)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .args(["--reload-interval", "50ms"])
             .args(&opts.args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -321,7 +348,10 @@ impl Sidecar {
         let ready = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
         let (listen, admin) = match ready {
             Ok(Some(addrs)) => addrs,
-            _ => panic!("sidecar did not become ready; its log:\n{}", logs.lock().unwrap().join("\n")),
+            _ => panic!(
+                "sidecar did not become ready; its log:\n{}",
+                logs.lock().unwrap().join("\n")
+            ),
         };
         Sidecar {
             child,
@@ -349,7 +379,14 @@ impl Sidecar {
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
-        request(self.admin, Method::GET, &format!("http://{}{path}", self.admin), &[], "").await
+        request(
+            self.admin,
+            Method::GET,
+            &format!("http://{}{path}", self.admin),
+            &[],
+            "",
+        )
+        .await
     }
 
     pub async fn metrics(&self) -> String {
@@ -362,7 +399,11 @@ impl Sidecar {
 
     /// Polls `/config` until `pred` holds (the sidecar applies file changes within its reload
     /// interval); panics with the log after 10 s.
-    pub async fn wait_config(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub async fn wait_config(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let c = self.config().await;
@@ -370,7 +411,10 @@ impl Sidecar {
                 return c;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("timed out waiting for {what}; config: {c}\nlog:\n{}", self.log_text());
+                panic!(
+                    "timed out waiting for {what}; config: {c}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -396,7 +440,13 @@ impl Sidecar {
         request(self.listen, Method::GET, url, &[], "").await
     }
 
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Resp {
         request(self.listen, method, url, headers, body).await
     }
 
@@ -405,7 +455,10 @@ impl Sidecar {
     }
 
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
 
@@ -428,19 +481,30 @@ pub struct Resp {
 
 impl Resp {
     pub fn reason(&self) -> Option<&str> {
-        self.headers.get("x-tollgate-reason").and_then(|v| v.to_str().ok())
+        self.headers
+            .get("x-tollgate-reason")
+            .and_then(|v| v.to_str().ok())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
     }
 }
 
 /// Sends one request to `proxy` with `url` as the request target (absolute-form for a full URL,
 /// origin-form for a path) on a fresh connection.
-pub async fn request(proxy: SocketAddr, method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+pub async fn request(
+    proxy: SocketAddr,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
     let stream = TcpStream::connect(proxy).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let uri: http::Uri = url.parse().unwrap();
     let mut req = Request::builder().method(method).uri(uri.clone());
@@ -473,7 +537,9 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
 
 /// A PartnerIntegration manifest for `name` whose spec is `spec` (YAML, indented two spaces).
 pub fn manifest(name: &str, spec: &str) -> String {
-    let mut out = format!("apiVersion: tollgate.dev/v1alpha1\nkind: PartnerIntegration\nmetadata:\n  name: {name}\n  namespace: test\nspec:\n");
+    let mut out = format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: PartnerIntegration\nmetadata:\n  name: {name}\n  namespace: test\nspec:\n"
+    );
     for line in spec.trim_matches('\n').lines() {
         out.push_str("  ");
         out.push_str(line);
@@ -486,7 +552,11 @@ pub fn manifest(name: &str, spec: &str) -> String {
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

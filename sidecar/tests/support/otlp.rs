@@ -12,7 +12,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use tokio::net::TcpListener;
@@ -63,14 +65,21 @@ impl Receiver {
         let (s, r) = (spans.clone(), raw.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (s, r) = (s.clone(), r.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (s, r) = (s.clone(), r.clone());
                         async move {
                             let path = req.uri().path().to_string();
-                            let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             if path == "/v1/traces" {
                                 r.lock().unwrap().extend_from_slice(&body);
                                 if let Ok(export) = ExportTraceServiceRequest::decode(body) {
@@ -79,7 +88,11 @@ impl Receiver {
                                         let service_name = rs
                                             .resource
                                             .as_ref()
-                                            .and_then(|res| res.attributes.iter().find(|a| a.key == "service.name"))
+                                            .and_then(|res| {
+                                                res.attributes
+                                                    .iter()
+                                                    .find(|a| a.key == "service.name")
+                                            })
                                             .map(|a| text(&a.value))
                                             .unwrap_or_default();
                                         for ss in rs.scope_spans {
@@ -89,7 +102,11 @@ impl Receiver {
                                                     trace_id: hex(&span.trace_id),
                                                     span_id: hex(&span.span_id),
                                                     parent_span_id: hex(&span.parent_span_id),
-                                                    attributes: span.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect(),
+                                                    attributes: span
+                                                        .attributes
+                                                        .iter()
+                                                        .map(|a| (a.key.clone(), text(&a.value)))
+                                                        .collect(),
                                                     service_name: service_name.clone(),
                                                 });
                                             }
@@ -99,15 +116,23 @@ impl Receiver {
                             }
                             let ok = ExportTraceServiceResponse::default().encode_to_vec();
                             let mut resp = Response::new(Full::new(Bytes::from(ok)));
-                            resp.headers_mut().insert("content-type", "application/x-protobuf".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("content-type", "application/x-protobuf".parse().unwrap());
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         });
-        Receiver { addr, spans, raw, task }
+        Receiver {
+            addr,
+            spans,
+            raw,
+            task,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -126,12 +151,20 @@ impl Receiver {
     pub async fn wait_for(&self, name: &str, n: usize) -> Vec<SpanRecord> {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
-            let got: Vec<SpanRecord> = self.spans().into_iter().filter(|s| s.name == name).collect();
+            let got: Vec<SpanRecord> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s.name == name)
+                .collect();
             if got.len() >= n {
                 return got;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("only {} {name} spans arrived: {:?}", got.len(), self.spans());
+                panic!(
+                    "only {} {name} spans arrived: {:?}",
+                    got.len(),
+                    self.spans()
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
