@@ -703,7 +703,10 @@ impl Compiler {
         let uri: Uri = match url.parse() {
             Ok(u) => u,
             Err(_) if !url.contains("://") => {
-                self.err(path, format!("{url:?} must be an absolute URL starting with https:// or http://"));
+                self.err(
+                    path,
+                    format!("{url:?} must be an absolute URL starting with https:// or http://"),
+                );
                 return None;
             }
             Err(_) => {

@@ -1,6 +1,6 @@
 //! Each layer alone, on a paused clock, against a scripted inner service.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
