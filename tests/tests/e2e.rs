@@ -4,5 +4,6 @@
 //! area is a module beside this file, and all of them share the control plane
 //! of `ControlPlane::shared()`. Run with `cargo test -p tollgate-e2e`.
 
+mod crd;
 mod helm;
 mod tokens;
