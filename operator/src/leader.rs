@@ -1,0 +1,174 @@
+//! Leader election with a `coordination.k8s.io/v1` Lease.
+//!
+//! Only the leader writes (status, events, finalizers); every replica reconciles into its own
+//! catalog and serves sidecars. As in client-go, expiry is judged on the local clock from the
+//! moment this replica last saw the lease record change, never by comparing another replica's
+//! clock: a record unchanged for `lease_duration` is free to take. Optimistic concurrency
+//! (`resourceVersion` on replace) settles races.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Read side: whether this replica leads now.
+#[derive(Clone)]
+pub struct Leadership(watch::Receiver<bool>);
+
+impl Leadership {
+    /// Always leader: one replica, `--leader-election=false`, tests.
+    pub fn always() -> Self {
+        let (tx, rx) = watch::channel(true);
+        // The receiver keeps its last value after the sender is gone.
+        drop(tx);
+        Self(rx)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves on every change of leadership.
+    pub async fn changed(&mut self) -> bool {
+        let _ = self.0.changed().await;
+        *self.0.borrow_and_update()
+    }
+}
+
+/// Settings of the election.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This replica (its pod name).
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_every: Duration,
+}
+
+/// Write side: campaigns and renews until dropped.
+pub struct LeaderElector {
+    api: Api<Lease>,
+    cfg: LeaseConfig,
+    tx: watch::Sender<bool>,
+    /// The last record seen (holder, renew time) and when it was first seen locally.
+    observed: Option<(Option<String>, Option<Timestamp>, Instant)>,
+    last_renewed: Option<Instant>,
+}
+
+impl LeaderElector {
+    pub fn new(client: kube::Client, cfg: LeaseConfig) -> (Self, Leadership) {
+        let (tx, rx) = watch::channel(false);
+        let api = Api::namespaced(client, &cfg.namespace);
+        (
+            Self {
+                api,
+                cfg,
+                tx,
+                observed: None,
+                last_renewed: None,
+            },
+            Leadership(rx),
+        )
+    }
+
+    /// Campaigns forever.
+    pub async fn run(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+        loop {
+            let leading = match self.try_acquire_or_renew().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, lease = %self.cfg.name, "lease update failed");
+                    // Keep leading only while our last renewal is within the lease.
+                    self.last_renewed
+                        .is_some_and(|t| t.elapsed() < self.cfg.lease_duration)
+                        && *self.tx.borrow()
+                }
+            };
+            if leading != *self.tx.borrow() {
+                tracing::info!(identity = %self.cfg.identity, leading, "leadership changed");
+            }
+            metrics.leader.set(i64::from(leading));
+            self.tx.send_replace(leading);
+            tokio::time::sleep(self.cfg.renew_every).await;
+        }
+    }
+
+    /// One round: take the lease if free or expired, renew it if ours.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let duration_secs = i32::try_from(self.cfg.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.cfg.name.clone()),
+                    namespace: Some(self.cfg.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.cfg.identity.clone()),
+                    lease_duration_seconds: Some(duration_secs),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => {
+                    self.last_renewed = Some(Instant::now());
+                    Ok(true)
+                }
+                Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let renew = spec.renew_time.as_ref().map(|t| t.0);
+        let record = (holder.clone(), renew);
+        match &self.observed {
+            Some((h, r, _)) if (h.clone(), *r) == record => {}
+            _ => self.observed = Some((record.0, record.1, Instant::now())),
+        }
+        let ours = holder.as_deref() == Some(self.cfg.identity.as_str());
+        let their_duration = spec
+            .lease_duration_seconds
+            .map_or(self.cfg.lease_duration, |s| {
+                Duration::from_secs(u64::try_from(s).unwrap_or(0))
+            });
+        let expired = self
+            .observed
+            .as_ref()
+            .is_some_and(|(_, _, seen)| seen.elapsed() >= their_duration);
+        if !ours && holder.is_some() && !expired {
+            return Ok(false);
+        }
+        let mut next = spec;
+        if !ours {
+            next.acquire_time = Some(MicroTime(now));
+            next.lease_transitions = Some(next.lease_transitions.unwrap_or(0) + 1);
+            next.holder_identity = Some(self.cfg.identity.clone());
+        }
+        next.renew_time = Some(MicroTime(now));
+        next.lease_duration_seconds = Some(duration_secs);
+        lease.spec = Some(next);
+        // `replace` carries the resourceVersion we read: a concurrent writer makes it fail.
+        match self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                self.last_renewed = Some(Instant::now());
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
