@@ -5,4 +5,5 @@
 //! stale cache), free of I/O; `layers` wraps each in a tower layer; `proxy` accepts the app's
 //! connections and runs requests through the stack.
 
+pub mod cluster;
 pub mod engine;
