@@ -377,7 +377,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         // Becoming leader: write every status now rather than at the next requeue.
         let promoted = futures::stream::unfold(ctx.leader.clone(), |mut l| async move {
             loop {
-                if l.changed().await {
+                if l.changed().await? {
                     return Some(((), l));
                 }
             }
@@ -425,5 +425,343 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     tokio::select! {
         _ = futures::future::join_all(runs) => {}
         _ = prune => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{NAME, NS, context, integration, previous_entry, secret, spec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+    use tollgate_crds::v1alpha1::{condition, reason};
+
+    fn key() -> Key {
+        (NS.to_string(), NAME.to_string())
+    }
+
+    fn cond<'a>(
+        s: &'a tollgate_crds::PartnerIntegrationStatus,
+        t: &str,
+    ) -> &'a tollgate_crds::v1alpha1::Condition {
+        status::find(Some(s), t).unwrap_or_else(|| panic!("condition {t} missing in {s:?}"))
+    }
+
+    #[tokio::test]
+    async fn valid_spec_is_distributed_and_reported_ready() {
+        let (ctx, mut api, catalog) = context(true);
+        let pi = integration(spec(false), 1);
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            api.done().await;
+            status
+        });
+        let action = reconcile(Arc::new(pi), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        let status = server.await.unwrap();
+
+        let entry = catalog.get(&key()).expect("in the catalog");
+        assert_eq!(entry.generation, 1);
+        assert_eq!(
+            entry.credential.as_ref().map(|c| c.value.expose()),
+            Some("sk_live_1")
+        );
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(
+            status.config_revision.as_deref(),
+            Some(entry.config_revision.as_str())
+        );
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("True", Some(reason::COMPILED))
+        );
+        assert_eq!(cond(&status, condition::INVALID).status, "False");
+        assert_eq!(cond(&status, condition::KILL_SWITCH_ACTIVE).status, "False");
+        assert_eq!(cond(&status, condition::CIRCUIT_OPEN).status, "False");
+        assert_eq!(status.circuit.as_deref(), Some("closed"));
+        assert_eq!(status.sidecars.as_ref().map(|s| s.desired), Some(0));
+    }
+
+    #[tokio::test]
+    async fn unchanged_status_is_not_rewritten() {
+        let (ctx, mut api, _) = context(true);
+        let pi = integration(spec(false), 1);
+        let secret_then_status = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            (api, status)
+        });
+        reconcile(Arc::new(pi.clone()), ctx.clone()).await.unwrap();
+        let (mut api, status) = secret_then_status.await.unwrap();
+
+        // The next reconcile sees the status it wrote: it reads the Secret and writes nothing.
+        let mut again = pi;
+        again.status = Some(status);
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            api.done().await;
+        });
+        reconcile(Arc::new(again), ctx).await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_keeps_previous_revision_and_names_the_field() {
+        let (ctx, mut api, catalog) = context(true);
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_1"));
+        let previous = catalog.get(&key()).unwrap().config_revision.clone();
+        let mut bad = spec(false);
+        bad["timeouts"] = json!({"request": "10s", "total": "5s"});
+        let pi = integration(bad.clone(), 2);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(bad, 2)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, (kind, why, note)) = server.await.unwrap();
+
+        let entry = catalog.get(&key()).unwrap();
+        assert_eq!(
+            entry.generation, 1,
+            "the last valid revision stays in force"
+        );
+        assert_eq!(status.config_revision.as_deref(), Some(previous.as_str()));
+        assert_eq!(status.observed_generation, Some(2));
+        let invalid = cond(&status, condition::INVALID);
+        assert_eq!(invalid.status, "True");
+        assert_eq!(invalid.reason.as_deref(), Some(reason::INVALID_SPEC));
+        let message = invalid.message.as_deref().unwrap();
+        assert!(message.contains("spec.timeouts.request"), "{message}");
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some(reason::INVALID_SPEC))
+        );
+        assert!(ready.message.as_deref().unwrap().contains(&previous));
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::INVALID_SPEC)
+        );
+        assert!(note.contains("spec.timeouts.request"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn kill_switch_on_then_off_flips_condition_and_emits_events() {
+        // On.
+        let (ctx, mut api, catalog) = context(true);
+        let mut before = integration(spec(false), 1);
+        before.status = Some(status::build(
+            &status::Findings {
+                generation: 1,
+                invalid: None,
+                secret_problem: None,
+                in_force: Some(&previous_entry(spec(false), 1, "sk_live_1")),
+                observed: None,
+            },
+            None,
+            Timestamp::now(),
+        ));
+        let mut on = integration(spec(true), 2);
+        on.status = before.status.clone();
+        let echo = on.clone();
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&echo).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(on), ctx).await.unwrap();
+        let (status_on, (kind, why, note)) = server.await.unwrap();
+        let ks = cond(&status_on, condition::KILL_SWITCH_ACTIVE);
+        assert_eq!(
+            (ks.status.as_str(), ks.reason.as_deref()),
+            ("True", Some(reason::KILL_SWITCH_ENABLED))
+        );
+        assert_eq!(
+            ks.message.as_deref(),
+            Some("INC-123 vendor double-charging")
+        );
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::KILL_SWITCH_ENABLED)
+        );
+        assert!(note.contains("INC-123"), "{note}");
+        assert!(catalog.get(&key()).unwrap().kill_switch());
+
+        // Off again.
+        let (ctx, mut api, catalog) = context(true);
+        let mut off = integration(spec(false), 3);
+        off.status = Some(status_on);
+        let echo = off.clone();
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&echo).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(off), ctx).await.unwrap();
+        let (status_off, (kind, why, _)) = server.await.unwrap();
+        let ks = cond(&status_off, condition::KILL_SWITCH_ACTIVE);
+        assert_eq!(
+            (ks.status.as_str(), ks.reason.as_deref()),
+            ("False", Some(reason::KILL_SWITCH_DISABLED))
+        );
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Normal", reason::KILL_SWITCH_DISABLED)
+        );
+        assert!(!catalog.get(&key()).unwrap().kill_switch());
+    }
+
+    #[tokio::test]
+    async fn missing_secret_is_named_and_the_previous_credential_stays() {
+        let (ctx, mut api, catalog) = context(true);
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_old"));
+        let mut changed = spec(false);
+        changed["upstream"]["connectTimeout"] = json!("1s");
+        let pi = integration(changed.clone(), 2);
+        let server = tokio::spawn(async move {
+            api.secret_get(None).await;
+            let status = api.status_apply(&integration(changed, 2)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, (kind, why, note)) = server.await.unwrap();
+
+        let entry = catalog.get(&key()).unwrap();
+        assert_eq!(entry.generation, 2, "the new spec is in force");
+        assert_eq!(
+            entry.credential.as_ref().map(|c| c.value.expose()),
+            Some("sk_live_old"),
+            "with the previous credential"
+        );
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some(reason::SECRET_MISSING))
+        );
+        let message = ready.message.as_deref().unwrap();
+        assert!(message.contains("Secret payments/stripe-api"), "{message}");
+        assert!(message.contains("previous credential"), "{message}");
+        assert_eq!(cond(&status, condition::INVALID).status, "False");
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::SECRET_MISSING)
+        );
+        assert!(note.contains("stripe-api"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn missing_key_is_named_too() {
+        let (ctx, mut api, catalog) = context(true);
+        let pi = integration(spec(false), 1);
+        let mut s = secret("x");
+        s.data = Some(Default::default());
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(s)).await;
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            let _ = api.event_create().await;
+            api.done().await;
+            status
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let status = server.await.unwrap();
+        let ready = cond(&status, condition::READY);
+        assert!(
+            ready
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("no key \"apiKey\"")
+        );
+        // Nothing to keep: distributed without a credential.
+        assert!(catalog.get(&key()).unwrap().credential.is_none());
+    }
+
+    #[tokio::test]
+    async fn deletion_withdraws_the_integration_and_releases_the_finalizer() {
+        let (ctx, mut api, catalog) = context(true);
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_1"));
+        let mut pi = integration(spec(false), 1);
+        pi.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let echo = pi.clone();
+        let server = tokio::spawn(async move {
+            let ops = api.finalizer_patch(&echo).await;
+            api.done().await;
+            ops
+        });
+        let action = reconcile(Arc::new(pi), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let ops = server.await.unwrap();
+        assert_eq!(ops[1]["op"], "remove");
+        assert_eq!(ops[1]["path"], "/metadata/finalizers/0");
+        assert!(catalog.get(&key()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_new_object_gets_the_finalizer_first() {
+        let (ctx, mut api, catalog) = context(true);
+        let mut pi = integration(spec(false), 1);
+        pi.metadata.finalizers = None;
+        let echo = pi.clone();
+        let server = tokio::spawn(async move {
+            let ops = api.finalizer_patch(&echo).await;
+            api.done().await;
+            ops
+        });
+        let action = reconcile(Arc::new(pi), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let ops = server.await.unwrap();
+        assert_eq!(ops[1]["op"], "add");
+        assert_eq!(ops[1]["value"], json!([FINALIZER]));
+        assert!(
+            catalog.get(&key()).is_none(),
+            "applied only once the finalizer is on"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_distributes_but_never_writes() {
+        let (ctx, mut api, catalog) = context(false);
+        let mut pi = integration(spec(false), 1);
+        pi.metadata.finalizers = None;
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            api.done().await;
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        server.await.unwrap();
+        assert!(catalog.get(&key()).is_some());
+    }
+
+    #[tokio::test]
+    async fn api_errors_are_counted_and_backed_off() {
+        let (ctx, mut api, _) = context(true);
+        let pi = Arc::new(integration(spec(false), 1));
+        let server = tokio::spawn(async move {
+            let (_, send) = api.0.next_request().await.unwrap();
+            send.send_error(std::io::Error::other("connection refused"));
+        });
+        let err = reconcile(pi.clone(), ctx.clone()).await.unwrap_err();
+        server.await.unwrap();
+        assert_eq!(err.metric_label(), "api_unreachable");
+        let _ = error_policy(pi.clone(), &err, ctx.clone());
+        let _ = error_policy(pi.clone(), &err, ctx.clone());
+        assert_eq!(
+            ctx.failures().get(&key()),
+            Some(&2),
+            "backoff grows per failure"
+        );
+        assert!(ctx.metrics.encode().contains("reason=\"api_unreachable\""));
+        assert!(backoff(1) >= Duration::from_secs(2) && backoff(1) < Duration::from_secs(3));
+        assert!(backoff(30) <= Duration::from_secs(360));
     }
 }

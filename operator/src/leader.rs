@@ -22,8 +22,13 @@ pub struct Leadership(watch::Receiver<bool>);
 impl Leadership {
     /// Always leader: one replica, `--leader-election=false`, tests.
     pub fn always() -> Self {
-        let (tx, rx) = watch::channel(true);
         // The receiver keeps its last value after the sender is gone.
+        Self::fixed(true)
+    }
+
+    /// Fixed either way (tests).
+    pub fn fixed(leader: bool) -> Self {
+        let (tx, rx) = watch::channel(leader);
         drop(tx);
         Self(rx)
     }
@@ -32,10 +37,10 @@ impl Leadership {
         *self.0.borrow()
     }
 
-    /// Resolves on every change of leadership.
-    pub async fn changed(&mut self) -> bool {
-        let _ = self.0.changed().await;
-        *self.0.borrow_and_update()
+    /// The next change of leadership: `Some(leading)`, or `None` once it can no longer change.
+    pub async fn changed(&mut self) -> Option<bool> {
+        self.0.changed().await.ok()?;
+        Some(*self.0.borrow_and_update())
     }
 }
 

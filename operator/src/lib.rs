@@ -12,6 +12,8 @@ pub mod catalog;
 pub mod controller;
 pub mod distribution;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod status;
