@@ -16,6 +16,7 @@ pub mod error;
 mod fixtures;
 pub mod leader;
 pub mod metrics;
+pub mod peers;
 pub mod status;
 pub mod traffic;
 

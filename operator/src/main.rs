@@ -15,6 +15,7 @@ use tollgate_operator::distribution::{
 };
 use tollgate_operator::leader::{LeaderElector, Leadership, LeaseConfig};
 use tollgate_operator::metrics::{self, Metrics, Readiness};
+use tollgate_operator::peers::{self, PeerConfig};
 
 /// Reconciles PartnerIntegrations and pushes policy revisions to Tollgate sidecars.
 #[derive(Parser, Debug)]
@@ -40,7 +41,8 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:8080")]
     admin: SocketAddr,
 
-    /// Elect one leader among replicas with a Lease; off: this replica always writes.
+    /// Run as one of several replicas: elect a leader with a Lease and exchange sidecar state
+    /// through peer Leases. Off: a single replica that always writes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
 
@@ -63,6 +65,10 @@ struct Args {
     /// How often the Lease is renewed or contested.
     #[arg(long, default_value = "5s", value_parser = duration)]
     lease_renew: Duration,
+
+    /// How often each replica publishes its sidecars' state to the others (peer Leases).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    peer_interval: Duration,
 
     /// How often each status is refreshed from sidecar reports.
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -129,13 +135,15 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::default();
     let catalog = CatalogHandle::new();
-    let hub = Hub::new(
+    let (peers_tx, peers_rx) = tokio::sync::watch::channel(Arc::default());
+    let hub = Hub::with_peers(
         catalog.clone(),
         metrics.clone(),
         HubSettings {
             heartbeat: args.heartbeat,
             report_interval: args.report_interval,
         },
+        peers_rx,
     );
     tokio::spawn(hub.clone().run());
 
@@ -151,8 +159,17 @@ async fn main() -> anyhow::Result<()> {
             },
         );
         tokio::spawn(elector.run(metrics.clone()));
+        // Several replicas: each tells the others which sidecars it serves.
+        let peer_cfg = PeerConfig {
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            interval: args.peer_interval,
+        };
+        tokio::spawn(peers::follow(client.clone(), peer_cfg.clone(), peers_tx));
+        tokio::spawn(peers::publish(client.clone(), peer_cfg, hub.clone()));
         leadership
     } else {
+        drop(peers_tx);
         metrics.leader.set(1);
         Leadership::always()
     };

@@ -5,10 +5,11 @@
 //! minute over what was actually covered, and the latest revision and breaker state each pod
 //! reported.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_crds::distribution::{BreakerState, IntegrationReport};
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
@@ -47,6 +48,85 @@ pub struct Observed {
     /// Successful share of calls in the window, percent; `None` without calls.
     pub availability_percent: Option<f64>,
     pub latency_p95: Option<Duration>,
+}
+
+/// One replica's aggregate for one integration. Replicas exchange these (see
+/// [`crate::peers`]); [`Partial::merge`] adds them up and [`Partial::finish`] turns the sum into
+/// what the status shows.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Partial {
+    /// Pods subscribed to the integration.
+    pub subscribers: u32,
+    /// Subscribed pods with a fresh report, by the config revision they run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, u32>,
+    pub breaker_open: u32,
+    pub breaker_half_open: u32,
+    pub requests_per_second: f64,
+    pub rate_limited_per_second: f64,
+    /// Calls and failed calls in the window.
+    pub requests: u64,
+    pub errors: u64,
+    /// Sum of p95 × calls, and of calls, over samples with a p95 (a call-weighted mean).
+    pub p95_weighted_millis: f64,
+    pub p95_weight: u64,
+    /// Some pod reported in the window.
+    pub reported: bool,
+}
+
+impl Partial {
+    pub fn merge(&mut self, o: &Partial) {
+        self.subscribers = self.subscribers.saturating_add(o.subscribers);
+        for (r, n) in &o.revisions {
+            *self.revisions.entry(r.clone()).or_default() += n;
+        }
+        self.breaker_open += o.breaker_open;
+        self.breaker_half_open += o.breaker_half_open;
+        self.requests_per_second += o.requests_per_second;
+        self.rate_limited_per_second += o.rate_limited_per_second;
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.p95_weighted_millis += o.p95_weighted_millis;
+        self.p95_weight += o.p95_weight;
+        self.reported |= o.reported;
+    }
+
+    /// What the status shows, against the revision in force.
+    pub fn finish(&self, current_revision: &str) -> Observed {
+        let latency_p95 = (self.p95_weight > 0).then(|| {
+            Duration::from_secs_f64(self.p95_weighted_millis / self.p95_weight as f64 / 1000.0)
+        });
+        let error_rate = if self.requests > 0 {
+            self.errors as f64 * 100.0 / self.requests as f64
+        } else {
+            0.0
+        };
+        let circuit = if self.breaker_open > 0 {
+            BreakerState::Open
+        } else if self.breaker_half_open > 0 {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Closed
+        };
+        let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        Observed {
+            sidecars: SidecarSummary {
+                desired: count(self.subscribers),
+                up_to_date: count(self.revisions.get(current_revision).copied().unwrap_or(0)),
+                breaker_open: count(self.breaker_open),
+            },
+            traffic: self.reported.then(|| TrafficSummary {
+                requests_per_minute: (self.requests_per_second * 60.0).round() as i64,
+                error_rate_percent: (error_rate * 100.0).round() / 100.0,
+                latency_p95: latency_p95.map(format_latency),
+                rate_limited_per_minute: (self.rate_limited_per_second * 60.0).round() as i64,
+            }),
+            circuit,
+            availability_percent: (self.requests > 0).then_some(100.0 - error_rate),
+            latency_p95,
+        }
+    }
 }
 
 /// Reports of every sidecar this replica serves.
@@ -111,15 +191,21 @@ impl TrafficStore {
         current_revision: &str,
         now: Instant,
     ) -> Observed {
+        self.partial(key, subscribed, now).finish(current_revision)
+    }
+
+    /// This replica's share of what the status of `key` shows, mergeable with other replicas'.
+    pub fn partial(&self, key: &Key, subscribed: &[PodKey], now: Instant) -> Partial {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let empty = HashMap::new();
         let pods = inner.get(key).unwrap_or(&empty);
         let cutoff = now.checked_sub(self.window);
         let stale_cutoff = now.checked_sub(self.stale_after);
+        let mut p = Partial {
+            subscribers: u32::try_from(subscribed.len()).unwrap_or(u32::MAX),
+            ..Partial::default()
+        };
 
-        let mut up_to_date = 0;
-        let mut breaker_open = 0;
-        let mut circuit = BreakerState::Closed;
         for pod in subscribed {
             let Some(t) = pods.get(pod) else { continue };
             let fresh = match (t.last_report, stale_cutoff) {
@@ -130,22 +216,16 @@ impl TrafficStore {
             if !fresh {
                 continue;
             }
-            if t.config_revision == current_revision {
-                up_to_date += 1;
+            *p.revisions.entry(t.config_revision.clone()).or_default() += 1;
+            match t.breaker {
+                BreakerState::Open => p.breaker_open += 1,
+                BreakerState::HalfOpen => p.breaker_half_open += 1,
+                BreakerState::Closed => {}
             }
-            if t.breaker == BreakerState::Open {
-                breaker_open += 1;
-            }
-            circuit = worst(circuit, t.breaker);
         }
 
         // Traffic counts every pod that reported in the window, subscribed now or not: the
         // calls happened.
-        let mut rate = 0.0;
-        let mut limited_rate = 0.0;
-        let (mut requests, mut errors) = (0u64, 0u64);
-        let (mut p95_weighted, mut p95_weight) = (0.0, 0u64);
-        let mut any = false;
         for t in pods.values() {
             let in_window: Vec<&Sample> = t
                 .samples
@@ -155,7 +235,7 @@ impl TrafficStore {
             if in_window.is_empty() {
                 continue;
             }
-            any = true;
+            p.reported = true;
             let covered: f64 = in_window
                 .iter()
                 .map(|s| s.interval.as_secs_f64())
@@ -164,45 +244,21 @@ impl TrafficStore {
             let req: u64 = in_window.iter().map(|s| s.requests).sum();
             let lim: u64 = in_window.iter().map(|s| s.rate_limited).sum();
             if covered > 0.0 {
-                rate += req as f64 / covered;
-                limited_rate += lim as f64 / covered;
+                p.requests_per_second += req as f64 / covered;
+                p.rate_limited_per_second += lim as f64 / covered;
             }
-            requests += req;
-            errors += in_window.iter().map(|s| s.errors).sum::<u64>();
+            p.requests += req;
+            p.errors += in_window.iter().map(|s| s.errors).sum::<u64>();
             for s in &in_window {
-                if let Some(p) = s.p95_ms
+                if let Some(v) = s.p95_ms
                     && s.requests > 0
                 {
-                    p95_weighted += p * s.requests as f64;
-                    p95_weight += s.requests;
+                    p.p95_weighted_millis += v * s.requests as f64;
+                    p.p95_weight += s.requests;
                 }
             }
         }
-
-        let latency_p95 = (p95_weight > 0)
-            .then(|| Duration::from_secs_f64(p95_weighted / p95_weight as f64 / 1000.0));
-        let error_rate = if requests > 0 {
-            errors as f64 * 100.0 / requests as f64
-        } else {
-            0.0
-        };
-        let traffic = any.then(|| TrafficSummary {
-            requests_per_minute: (rate * 60.0).round() as i64,
-            error_rate_percent: (error_rate * 100.0).round() / 100.0,
-            latency_p95: latency_p95.map(format_latency),
-            rate_limited_per_minute: (limited_rate * 60.0).round() as i64,
-        });
-        Observed {
-            sidecars: SidecarSummary {
-                desired: i32::try_from(subscribed.len()).unwrap_or(i32::MAX),
-                up_to_date,
-                breaker_open,
-            },
-            traffic,
-            circuit,
-            availability_percent: (requests > 0).then_some(100.0 - error_rate),
-            latency_p95,
-        }
+        p
     }
 
     /// Every integration with reports, for tests and debugging.
@@ -212,15 +268,6 @@ impl TrafficStore {
         keys.sort();
         keys
     }
-}
-
-fn worst(a: BreakerState, b: BreakerState) -> BreakerState {
-    let rank = |s| match s {
-        BreakerState::Closed => 0,
-        BreakerState::HalfOpen => 1,
-        BreakerState::Open => 2,
-    };
-    if rank(b) > rank(a) { b } else { a }
 }
 
 /// `120ms`, `1.5s`: milliseconds below ten seconds, else seconds with one decimal.

@@ -18,7 +18,8 @@ use tollgate_crds::distribution::{
 
 use crate::catalog::{Catalog, CatalogHandle, Key, hex};
 use crate::metrics::Metrics;
-use crate::traffic::{Observed, PodKey, TrafficStore};
+use crate::peers::Peers;
+use crate::traffic::{Observed, Partial, PodKey, TrafficStore};
 
 /// A pod proven by its ServiceAccount token, with the labels read from the API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,8 +40,10 @@ impl PodIdentity {
 #[derive(Clone, Debug)]
 pub struct View {
     pub catalog: Arc<Catalog>,
-    /// Distinct pods subscribed per integration.
+    /// Distinct pods subscribed per integration on this replica.
     pub subscribers: BTreeMap<Key, Vec<PodKey>>,
+    /// Sidecars subscribed per integration on the other replicas.
+    pub remote: BTreeMap<Key, u32>,
     pub changed_at: Instant,
 }
 
@@ -58,8 +61,13 @@ impl View {
                 continue;
             }
             let share = e.has_global_quota().then(|| {
-                let n = self.subscribers.get(key).map_or(1, Vec::len);
-                QuotaShare::equal(u32::try_from(n).unwrap_or(u32::MAX))
+                let local = self.subscribers.get(key).map_or(1, Vec::len);
+                let remote = self.remote.get(key).copied().unwrap_or(0);
+                QuotaShare::equal(
+                    u32::try_from(local)
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(remote),
+                )
             });
             // The config revision covers spec, generation and the Secret's version.
             digest.update(e.namespace.as_bytes());
@@ -112,17 +120,31 @@ pub struct Hub {
     catalog: CatalogHandle,
     sessions: Mutex<HashMap<String, Session>>,
     view: watch::Sender<Arc<View>>,
+    peers: watch::Receiver<Arc<Peers>>,
     traffic: TrafficStore,
     metrics: Arc<Metrics>,
     settings: HubSettings,
 }
 
 impl Hub {
+    /// A hub alone: shares and status count only this replica's sidecars.
     pub fn new(catalog: CatalogHandle, metrics: Arc<Metrics>, settings: HubSettings) -> Arc<Self> {
+        let (_, peers) = watch::channel(Arc::default());
+        Self::with_peers(catalog, metrics, settings, peers)
+    }
+
+    /// A hub that also counts the other replicas' sidecars (see [`crate::peers`]).
+    pub fn with_peers(
+        catalog: CatalogHandle,
+        metrics: Arc<Metrics>,
+        settings: HubSettings,
+        peers: watch::Receiver<Arc<Peers>>,
+    ) -> Arc<Self> {
         let published = catalog.subscribe().borrow().clone();
         let (view, _) = watch::channel(Arc::new(View {
             catalog: published.catalog,
             subscribers: BTreeMap::new(),
+            remote: BTreeMap::new(),
             changed_at: published.changed_at,
         }));
         let traffic = TrafficStore::new(
@@ -133,20 +155,26 @@ impl Hub {
             catalog,
             sessions: Mutex::default(),
             view,
+            peers,
             traffic,
             metrics,
             settings,
         })
     }
 
-    /// Follows the catalog until the returned future is dropped. Run it once per hub.
+    /// Follows the catalog and the peers until the returned future is dropped. Run it once
+    /// per hub.
     pub async fn run(self: Arc<Self>) {
-        let mut rx = self.catalog.subscribe();
+        let mut catalog = self.catalog.subscribe();
+        let mut peers = self.peers.clone();
+        let mut peers_alive = true;
         loop {
-            let changed_at = rx.borrow_and_update().changed_at;
+            let changed_at = catalog.borrow_and_update().changed_at;
+            peers.borrow_and_update();
             self.recompute(changed_at);
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                c = catalog.changed() => if c.is_err() { return },
+                p = peers.changed(), if peers_alive => if p.is_err() { peers_alive = false },
             }
         }
     }
@@ -159,12 +187,30 @@ impl Hub {
         self.view.borrow().clone()
     }
 
-    /// What the status of `key` should show, from this replica's sidecars.
+    /// What the status of `key` should show: this replica's sidecars and the other replicas'.
     pub fn observe(&self, key: &Key, current_revision: &str) -> Observed {
         let view = self.view();
         let pods = view.subscribers.get(key).cloned().unwrap_or_default();
-        self.traffic
-            .observe(key, &pods, current_revision, Instant::now())
+        let mut partial = self.traffic.partial(key, &pods, Instant::now());
+        partial.merge(&self.peers.borrow().partial(key));
+        partial.finish(current_revision)
+    }
+
+    /// This replica's aggregates, for the other replicas.
+    pub fn partials(&self) -> BTreeMap<Key, Partial> {
+        let view = self.view();
+        let now = Instant::now();
+        let mut keys: Vec<Key> = view.subscribers.keys().cloned().collect();
+        keys.extend(self.traffic.keys());
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .map(|k| {
+                let pods = view.subscribers.get(&k).cloned().unwrap_or_default();
+                let p = self.traffic.partial(&k, &pods, now);
+                (k, p)
+            })
+            .collect()
     }
 
     /// Forgets the reports of a deleted integration.
@@ -197,13 +243,24 @@ impl Hub {
                 subscribers.insert(key.clone(), selected);
             }
         }
+        let peers = self.peers.borrow().clone();
+        let remote: BTreeMap<Key, u32> = catalog
+            .entries
+            .keys()
+            .map(|k| (k.clone(), peers.subscribers(k)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         self.view.send_if_modified(|v| {
-            if Arc::ptr_eq(&v.catalog, &catalog) && v.subscribers == subscribers {
+            if Arc::ptr_eq(&v.catalog, &catalog)
+                && v.subscribers == subscribers
+                && v.remote == remote
+            {
                 return false;
             }
             *v = Arc::new(View {
                 catalog,
                 subscribers,
+                remote,
                 changed_at,
             });
             true
@@ -400,4 +457,93 @@ fn secs(d: Duration) -> u32 {
 fn new_session_id() -> String {
     let bytes: [u8; 16] = rand::random();
     hex(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Entry;
+    use crate::peers::PeerState;
+    use crate::traffic::Partial;
+
+    fn global_entry() -> Entry {
+        let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(serde_json::json!({
+            "upstream": {"url": "http://partner.internal"},
+            "rateLimit": {"scope": "global", "limits": [{"name": "s", "requests": 12, "per": "1s"}]},
+        }))
+        .unwrap();
+        let policy = tollgate_crds::compile("shop", "partner", &spec).unwrap();
+        Entry::new(1, spec, policy, None)
+    }
+
+    fn peers_with(subscribers: u32) -> Arc<Peers> {
+        let mut partials = BTreeMap::new();
+        partials.insert(
+            ("shop".to_string(), "partner".to_string()),
+            Partial {
+                subscribers,
+                ..Partial::default()
+            },
+        );
+        let mut p = Peers::default();
+        p.by_identity
+            .insert("op-b".into(), PeerState::from_partials(&partials));
+        Arc::new(p)
+    }
+
+    async fn next_message(rx: &mut mpsc::Receiver<Bytes>) -> StreamMessage {
+        let line = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a line in time")
+            .expect("stream open");
+        serde_json::from_slice(&line).expect("a message")
+    }
+
+    #[tokio::test]
+    async fn global_share_counts_the_other_replicas_sidecars() {
+        let catalog = CatalogHandle::new();
+        catalog.upsert(global_entry());
+        let (peers_tx, peers_rx) = watch::channel(peers_with(2));
+        let hub = Hub::with_peers(
+            catalog,
+            Arc::new(Metrics::new()),
+            HubSettings::default(),
+            peers_rx,
+        );
+        tokio::spawn(hub.clone().run());
+        let pod = PodIdentity {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            uid: None,
+            labels: BTreeMap::new(),
+        };
+        let (_session, mut rx) = hub.open(pod, None);
+        assert!(matches!(
+            next_message(&mut rx).await,
+            StreamMessage::Hello(_)
+        ));
+        let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        let share = s.integrations[0].quota_share.clone().unwrap();
+        assert_eq!(share.subscribers, 3, "one here, two on the other replica");
+        assert_eq!(share.scale(12), 4);
+
+        // The other replica's sidecars leave: this one gets the whole band.
+        peers_tx.send_replace(Arc::new(Peers::default()));
+        let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        assert_eq!(
+            s.integrations[0].quota_share.clone().unwrap().subscribers,
+            1
+        );
+        assert_eq!(s.revision, 2);
+
+        // Status counts them too.
+        peers_tx.send_replace(peers_with(4));
+        let key = ("shop".to_string(), "partner".to_string());
+        let rev = hub.view().catalog.entries[&key].config_revision.clone();
+        assert_eq!(hub.observe(&key, &rev).sidecars.desired, 5);
+    }
 }
