@@ -68,24 +68,61 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// A rustls server configuration from PEM files, offering `h2` and `http/1.1`.
+/// A rustls server configuration from PEM files, offering `h2` and `http/1.1`. The files are
+/// re-read when they change (cert-manager and friends rotate them in place), checked at most
+/// every ten seconds during handshakes; a bad new pair is logged and the old one kept.
 pub fn tls_config_from_files(cert: &str, key: &str) -> Result<rustls::ServerConfig, TlsError> {
-    let read = |p: &str| {
-        std::fs::read(p).map_err(|source| TlsError::Read {
-            path: p.to_string(),
-            source,
-        })
-    };
-    tls_config(&read(cert)?, &read(key)?, cert, key)
+    files_config(cert, key, ReloadingCert::CHECK_EVERY)
 }
 
-/// As [`tls_config_from_files`], from PEM bytes (names are for messages).
+fn files_config(
+    cert: &str,
+    key: &str,
+    check_every: Duration,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let resolver = ReloadingCert::load(cert.into(), key.into(), check_every)?;
+    let mut cfg = builder()?.with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = alpn();
+    Ok(cfg)
+}
+
+/// As [`tls_config_from_files`], from PEM bytes, without reloading (names are for messages).
 pub fn tls_config(
     cert_pem: &[u8],
     key_pem: &[u8],
     cert_name: &str,
     key_name: &str,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    let (certs, key) = parse_pair(cert_pem, key_pem, cert_name, key_name)?;
+    let mut cfg = builder()?.with_single_cert(certs, key)?;
+    cfg.alpn_protocols = alpn();
+    Ok(cfg)
+}
+
+fn builder()
+-> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>, TlsError> {
+    Ok(rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth())
+}
+
+fn alpn() -> Vec<Vec<u8>> {
+    vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+}
+
+type CertPair = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn parse_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<CertPair, TlsError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(cert_pem))
         .collect::<Result<_, _>>()
         .map_err(|source| TlsError::Read {
@@ -101,14 +138,104 @@ pub fn tls_config(
             source,
         })?
         .ok_or_else(|| TlsError::NoKey(key_name.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(cfg)
+    Ok((certs, key))
+}
+
+/// Serves the certificate in `cert`/`key`, reloading it when the files change.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    check_every: Duration,
+    state: std::sync::Mutex<CertState>,
+}
+
+#[derive(Debug)]
+struct CertState {
+    current: Arc<rustls::sign::CertifiedKey>,
+    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    checked: std::time::Instant,
+}
+
+impl ReloadingCert {
+    const CHECK_EVERY: Duration = Duration::from_secs(10);
+
+    fn load(
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        check_every: Duration,
+    ) -> Result<Self, TlsError> {
+        let current = Self::read(&cert, &key)?;
+        let stamp = Self::stamp(&cert, &key);
+        Ok(Self {
+            cert,
+            key,
+            check_every,
+            state: std::sync::Mutex::new(CertState {
+                current,
+                stamp,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    fn stamp(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(cert)?, m(key)?))
+    }
+
+    fn read(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| TlsError::Read {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let (certs, key_der) = parse_pair(
+            &read(cert)?,
+            &read(key)?,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )?;
+        // Refuses a key that does not match the certificate (a rotation caught half-written).
+        Ok(Arc::new(rustls::sign::CertifiedKey::from_der(
+            certs,
+            key_der,
+            &rustls::crypto::ring::default_provider(),
+        )?))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.checked.elapsed() >= self.check_every {
+            st.checked = std::time::Instant::now();
+            let stamp = Self::stamp(&self.cert, &self.key);
+            if stamp != st.stamp {
+                match Self::read(&self.cert, &self.key) {
+                    Ok(k) => {
+                        tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
+                        st.current = k;
+                        st.stamp = stamp;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "new certificate unusable; keeping the old one")
+                    }
+                }
+            }
+        }
+        Some(st.current.clone())
+    }
 }
 
 /// The endpoint's shared state.
@@ -312,5 +439,90 @@ impl<'a> Query<'a> {
 
     fn get(&self, key: &str) -> Option<&'a str> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn pair() -> (String, String) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        (ck.cert.pem(), ck.signing_key.serialize_pem())
+    }
+
+    async fn handshake(addr: std::net::SocketAddr, trusted_pem: &str) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut BufReader::new(trusted_pem.as_bytes())) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        match tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+        {
+            Ok(mut s) => {
+                let _ = s.shutdown().await;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn rotated_certificate_files_are_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (old_cert, old_key) = pair();
+        let (new_cert, new_key) = pair();
+        std::fs::write(&cert_path, &old_cert).unwrap();
+        std::fs::write(&key_path, &old_key).unwrap();
+        let cfg = files_config(
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        assert!(handshake(addr, &old_cert).await);
+        assert!(!handshake(addr, &new_cert).await);
+
+        // Rotate in place (mtime moves forward); half-way the pair does not match.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::fs::write(&cert_path, &new_cert).unwrap();
+        assert!(
+            handshake(addr, &old_cert).await,
+            "half a rotation keeps the old pair"
+        );
+        std::fs::write(&key_path, &new_key).unwrap();
+        assert!(handshake(addr, &new_cert).await);
+        assert!(!handshake(addr, &old_cert).await);
+
+        // A broken rotation keeps the last good pair.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::fs::write(&key_path, "not a key").unwrap();
+        assert!(handshake(addr, &new_cert).await);
     }
 }
