@@ -212,3 +212,51 @@ fn admin(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Respo
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn admin_serves_metrics_health_and_readiness() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.reconciles.inc();
+        metrics.reconcile_failed("api_conflict");
+        metrics.connected_sidecars.set(3);
+        metrics.observe_push(Duration::from_millis(12));
+        let ready = Readiness::default();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_admin(listener, metrics, ready.clone()));
+
+        let m = get(addr, "/metrics").await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        for line in [
+            "tollgate_operator_reconciles_total 1",
+            "tollgate_operator_reconcile_errors_total{reason=\"api_conflict\"} 1",
+            "tollgate_operator_connected_sidecars 3",
+            "tollgate_operator_push_latency_seconds_count 1",
+            "tollgate_operator_leader 0",
+        ] {
+            assert!(m.contains(line), "missing {line:?} in\n{m}");
+        }
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        ready.set(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}
