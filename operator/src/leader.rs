@@ -177,3 +177,132 @@ impl LeaderElector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn elector() -> (LeaderElector, Handle) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (e, _) = LeaderElector::new(
+            kube::Client::new(svc, "default"),
+            LeaseConfig {
+                namespace: "tollgate-system".into(),
+                name: "tollgate-operator".into(),
+                identity: "op-a".into(),
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            },
+        );
+        (e, handle)
+    }
+
+    fn lease(holder: &str, renew: &str) -> Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "tollgate-operator", "namespace": "tollgate-system", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renew, "leaseTransitions": 2}
+        })
+    }
+
+    fn reply(status: StatusCode, v: Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap()
+    }
+
+    fn status(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": reason})
+    }
+
+    /// Answers the GET, then (if `write` is given) the write with it; returns the body written.
+    async fn serve(
+        h: &mut Handle,
+        get: Response<Body>,
+        write: Option<(Method, Response<Body>)>,
+    ) -> Option<Value> {
+        let (req, send) = h.next_request().await.unwrap();
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(
+            req.uri().path(),
+            "/apis/coordination.k8s.io/v1/namespaces/tollgate-system/leases/tollgate-operator"
+        );
+        send.send_response(get);
+        let (method, resp) = write?;
+        let (req, send) = h.next_request().await.unwrap();
+        assert_eq!(req.method(), method);
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        send.send_response(resp);
+        Some(body)
+    }
+
+    #[tokio::test]
+    async fn creates_a_missing_lease_and_leads() {
+        let (mut e, mut h) = elector();
+        let server = tokio::spawn(async move {
+            serve(
+                &mut h,
+                reply(StatusCode::NOT_FOUND, status(404, "NotFound")),
+                Some((
+                    Method::POST,
+                    reply(
+                        StatusCode::CREATED,
+                        lease("op-a", "2026-01-01T00:00:00.000000Z"),
+                    ),
+                )),
+            )
+            .await
+        });
+        assert!(e.try_acquire_or_renew().await.unwrap());
+        let created = server.await.unwrap().unwrap();
+        assert_eq!(created["spec"]["holderIdentity"], "op-a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_out_a_live_holder_then_takes_over() {
+        let (mut e, mut h) = elector();
+        let held = "2026-01-01T00:00:00.000000Z";
+        let server = tokio::spawn(async move {
+            // Held by op-b, seen renewed: follow.
+            serve(&mut h, reply(StatusCode::OK, lease("op-b", held)), None).await;
+            // Still the same record 10 s later: not expired yet.
+            serve(&mut h, reply(StatusCode::OK, lease("op-b", held)), None).await;
+            // Unchanged for 15 s: take it over, with the resourceVersion read.
+            let taken = serve(
+                &mut h,
+                reply(StatusCode::OK, lease("op-b", held)),
+                Some((Method::PUT, reply(StatusCode::OK, lease("op-a", held)))),
+            )
+            .await;
+            // Renewing our own lease loses a race: conflict means follower this round.
+            let _ = serve(
+                &mut h,
+                reply(StatusCode::OK, lease("op-a", held)),
+                Some((
+                    Method::PUT,
+                    reply(StatusCode::CONFLICT, status(409, "Conflict")),
+                )),
+            )
+            .await;
+            taken
+        });
+        assert!(!e.try_acquire_or_renew().await.unwrap());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!e.try_acquire_or_renew().await.unwrap());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(e.try_acquire_or_renew().await.unwrap());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!e.try_acquire_or_renew().await.unwrap());
+        let taken = server.await.unwrap().unwrap();
+        assert_eq!(taken["spec"]["holderIdentity"], "op-a");
+        assert_eq!(taken["spec"]["leaseTransitions"], 3);
+        assert_eq!(taken["metadata"]["resourceVersion"], "7");
+    }
+}
