@@ -38,6 +38,9 @@ pub const FIELD_MANAGER: &str = "tollgate-operator";
 /// Held while the operator still has to tell sidecars an integration is gone.
 pub const FINALIZER: &str = "tollgate.dev/cleanup";
 
+/// How often a follower re-reads an object that did not change.
+pub const FOLLOWER_RESYNC: Duration = Duration::from_secs(300);
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -235,7 +238,9 @@ async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<A
     };
 
     if !leader {
-        return Ok(Action::requeue(ctx.status_interval));
+        // Changes to the object or its Secret trigger a reconcile anyway; a follower has no
+        // status to refresh, so its periodic pass is only a safety net.
+        return Ok(Action::requeue(FOLLOWER_RESYNC));
     }
 
     let in_force = ctx.catalog.get(&key);
@@ -737,7 +742,8 @@ mod tests {
             api.secret_get(Some(secret("sk_live_1"))).await;
             api.done().await;
         });
-        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let action = reconcile(Arc::new(pi), ctx).await.unwrap();
+        assert_eq!(action, Action::requeue(FOLLOWER_RESYNC));
         server.await.unwrap();
         assert!(catalog.get(&key()).is_some());
     }
