@@ -1,6 +1,7 @@
 //! Tollgate's API: the `PartnerIntegration` resource, its generated CRD, and the compile step
 //! from spec to runtime policy that the operator and the sidecar share.
 
+pub mod distribution;
 pub mod duration;
 pub mod manifest;
 pub mod policy;

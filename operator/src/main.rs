@@ -1,1 +1,214 @@
-fn main() {}
+//! `tollgate-operator`: the control plane binary.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::runtime::events::Reporter;
+use tokio::net::TcpListener;
+use tollgate_operator::catalog::CatalogHandle;
+use tollgate_operator::controller::{self, Context};
+use tollgate_operator::distribution::{
+    Authenticator, Distribution, Hub, HubSettings, ServerLimits, serve, tls_config_from_files,
+};
+use tollgate_operator::leader::{LeaderElector, Leadership, LeaseConfig};
+use tollgate_operator::metrics::{self, Metrics, Readiness};
+use tollgate_operator::peers::{self, PeerConfig};
+
+/// Reconciles PartnerIntegrations and pushes policy revisions to Tollgate sidecars.
+#[derive(Parser, Debug)]
+#[command(name = "tollgate-operator", version)]
+struct Args {
+    /// Watch only this namespace (repeatable). Default: every namespace.
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+
+    /// Address of the HTTPS endpoint sidecars subscribe to.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+
+    /// PEM certificate chain of the endpoint.
+    #[arg(long, value_name = "PATH")]
+    tls_cert: String,
+
+    /// PEM private key of the endpoint.
+    #[arg(long, value_name = "PATH")]
+    tls_key: String,
+
+    /// Address of the admin listener (/metrics, /healthz, /readyz), plain HTTP.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    admin: SocketAddr,
+
+    /// Run as one of several replicas: elect a leader with a Lease and exchange sidecar state
+    /// through peer Leases. Off: a single replica that always writes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+
+    /// Name of the Lease.
+    #[arg(long, default_value = "tollgate-operator")]
+    lease_name: String,
+
+    /// Namespace of the Lease (normally the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tollgate-system")]
+    lease_namespace: String,
+
+    /// This replica's identity in the Lease and in events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
+    /// How long a Lease stays valid without renewal.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+
+    /// How often the Lease is renewed or contested.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    lease_renew: Duration,
+
+    /// How often each replica publishes its sidecars' state to the others (peer Leases).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    peer_interval: Duration,
+
+    /// How often each status is refreshed from sidecar reports.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    status_interval: Duration,
+
+    /// Heartbeat on idle streams.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    heartbeat: Duration,
+
+    /// How often sidecars report.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    report_interval: Duration,
+
+    /// Most connections the endpoint holds at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Largest request header block, bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_header_bytes: usize,
+
+    /// Largest ack/report body, bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_body_bytes: usize,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    tollgate_crds::duration::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 5s, 1m)"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    // One provider for every TLS user in the process (kube's client and our endpoint).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("tollgate-operator-{}", std::process::id()));
+
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or kubeconfig)")?;
+    controller::check_crd(&client, &args.namespaces).await?;
+
+    let tls = tls_config_from_files(&args.tls_cert, &args.tls_key)?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Readiness::default();
+    let catalog = CatalogHandle::new();
+    let (peers_tx, peers_rx) = tokio::sync::watch::channel(Arc::default());
+    let hub = Hub::with_peers(
+        catalog.clone(),
+        metrics.clone(),
+        HubSettings {
+            heartbeat: args.heartbeat,
+            report_interval: args.report_interval,
+        },
+        peers_rx,
+    );
+    tokio::spawn(hub.clone().run());
+
+    let leadership = if args.leader_election {
+        let (elector, leadership) = LeaderElector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: args.lease_duration,
+                renew_every: args.lease_renew,
+            },
+        );
+        tokio::spawn(elector.run(metrics.clone()));
+        // Several replicas: each tells the others which sidecars it serves.
+        let peer_cfg = PeerConfig {
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            interval: args.peer_interval,
+        };
+        tokio::spawn(peers::follow(client.clone(), peer_cfg.clone(), peers_tx));
+        tokio::spawn(peers::publish(client.clone(), peer_cfg, hub.clone()));
+        leadership
+    } else {
+        drop(peers_tx);
+        metrics.leader.set(1);
+        Leadership::always()
+    };
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let distribution = Arc::new(Distribution {
+        hub: hub.clone(),
+        auth: Authenticator::new(client.clone()),
+        metrics: metrics.clone(),
+        limits: ServerLimits {
+            max_connections: args.max_connections,
+            max_header_bytes: args.max_header_bytes,
+            max_body_bytes: args.max_body_bytes,
+            ..ServerLimits::default()
+        },
+    });
+    tokio::spawn(serve(listener, Arc::new(tls), distribution));
+    let admin = metrics::bind(args.admin)
+        .await
+        .with_context(|| format!("binding {}", args.admin))?;
+    tokio::spawn(metrics::serve_admin(admin, metrics.clone(), ready.clone()));
+    tracing::info!(listen = %args.listen, admin = %args.admin, %identity, namespaces = ?args.namespaces, "tollgate-operator started");
+
+    let ctx = Arc::new(Context::new(
+        client,
+        catalog,
+        hub,
+        leadership,
+        metrics,
+        Reporter {
+            controller: controller::FIELD_MANAGER.to_string(),
+            instance: Some(identity),
+        },
+        args.status_interval,
+    ));
+    ready.set(true);
+    controller::run(ctx, args.namespaces).await;
+    tracing::info!("tollgate-operator stopped");
+    Ok(())
+}

@@ -4,12 +4,13 @@
 //! `engine` holds the policy state machines (token buckets, breakers, backoff, budgets, the
 //! stale cache), free of I/O; `layers` wraps each in a tower layer, in the order a request meets
 //! them; `proxy` accepts the app's connections and runs requests through the stack; `config`
-//! builds and swaps revisions of policy.
+//! builds and swaps revisions of policy; `cluster` subscribes to the operator for them.
 
 pub mod admin;
 pub mod answer;
 pub mod body;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod layers;

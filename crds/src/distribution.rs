@@ -1,0 +1,306 @@
+//! The wire protocol between the operator and its sidecars (config distribution, version 1).
+//!
+//! # Transport
+//!
+//! HTTPS, HTTP/2 preferred (the stream and the reports then share one connection and so reach
+//! the same operator replica). Every request carries the pod's projected ServiceAccount token
+//! (audience [`TOKEN_AUDIENCE`]) as `Authorization: Bearer <token>`.
+//!
+//! - `GET` [`SUBSCRIBE_PATH`]`?namespace=NS&pod=NAME[&revision=N&digest=D]`: a long-lived
+//!   response of newline-delimited JSON, one [`StreamMessage`] per line. The first line is
+//!   [`StreamMessage::Hello`]; then either a [`StreamMessage::Snapshot`] or, when the `revision`
+//!   and `digest` the sidecar already holds are still current, [`StreamMessage::Unchanged`];
+//!   then a new snapshot whenever what the pod should run changes, and heartbeats in between.
+//! - `POST` [`ACK_PATH`] with an [`Ack`]: the sidecar applied a revision (feeds the operator's
+//!   push-latency histogram).
+//! - `POST` [`REPORT_PATH`] with a [`Report`]: what the sidecar observed since its last report.
+//!
+//! Both POSTs name the stream's session in the [`SESSION_HEADER`] header and are answered
+//! `204 No Content`; `409 Conflict` means the session is gone (reconnect).
+//!
+//! # Revisions
+//!
+//! [`Snapshot::revision`] counts up by one per snapshot on a pod's stream. A reconnecting
+//! sidecar sends the revision and digest it holds; the operator continues from that number, so
+//! revisions stay monotonic for the pod across reconnects, operator restarts and replicas.
+//! [`Snapshot::digest`] is a content hash over everything the snapshot distributes (credential
+//! values enter it only through the Secret's resourceVersion, never as a hash of the value).
+//!
+//! # Secrets
+//!
+//! Credential values travel as [`SecretValue`], whose `Debug` and `Display` print
+//! `<redacted>`; only [`SecretValue::expose`] gives the value.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::v1alpha1::PartnerIntegrationSpec;
+
+/// Bumped on an incompatible change; both ends refuse a version they do not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The audience a sidecar's projected ServiceAccount token must be issued for.
+pub const TOKEN_AUDIENCE: &str = "tollgate";
+/// Long-lived NDJSON stream of [`StreamMessage`]s.
+pub const SUBSCRIBE_PATH: &str = "/v1/subscribe";
+/// Where an [`Ack`] is posted.
+pub const ACK_PATH: &str = "/v1/ack";
+/// Where a [`Report`] is posted.
+pub const REPORT_PATH: &str = "/v1/report";
+/// Names the stream session on POSTs.
+pub const SESSION_HEADER: &str = "x-tollgate-session";
+/// Content type of the stream.
+pub const NDJSON: &str = "application/x-ndjson";
+
+// === impl SecretValue ===
+
+/// A credential value. `Debug` and `Display` redact it; serialization does not (it is what
+/// the operator sends to a sidecar and what the sidecar persists with mode 0600).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself: for injecting into a request header, nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+// === stream ===
+
+/// One line of the subscribe stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum StreamMessage {
+    /// First line: the session and the cadence the operator expects.
+    Hello(Hello),
+    /// Everything the pod should run now. Replaces the previous snapshot whole.
+    Snapshot(Snapshot),
+    /// Answer to a resume: the revision the sidecar holds is still current.
+    #[serde(rename_all = "camelCase")]
+    Unchanged { revision: u64, digest: String },
+    /// Keeps the connection visibly alive; a sidecar that hears nothing for three heartbeat
+    /// intervals reconnects.
+    Heartbeat,
+}
+
+/// Opens a stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    pub protocol: u32,
+    /// Random, unguessable; names the stream on [`Ack`] and [`Report`] POSTs.
+    pub session: String,
+    pub heartbeat_seconds: u32,
+    pub report_interval_seconds: u32,
+}
+
+/// What one pod should run: the integrations of its namespace whose `workloadSelector` matches
+/// its labels, with the credential values they reference. Nothing else.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub protocol: u32,
+    /// Monotonic per pod stream (see the module docs).
+    pub revision: u64,
+    /// Content hash of `integrations` (hex).
+    pub digest: String,
+    /// Sorted by namespace, then name.
+    pub integrations: Vec<DistributedIntegration>,
+}
+
+impl Snapshot {
+    /// An empty snapshot, for a sidecar that holds nothing yet.
+    pub fn empty() -> Self {
+        Self {
+            protocol: PROTOCOL_VERSION,
+            revision: 0,
+            digest: String::new(),
+            integrations: Vec::new(),
+        }
+    }
+}
+
+/// One integration as a sidecar receives it. The spec is the one the operator validated with
+/// [`crate::compile`]; the sidecar compiles it again into its runtime form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DistributedIntegration {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.generation` of the spec distributed.
+    pub generation: i64,
+    /// The integration's config revision, as in `status.configRevision`; reported back in
+    /// [`IntegrationReport::config_revision`].
+    pub config_revision: String,
+    pub spec: PartnerIntegrationSpec,
+    /// The value of `spec.credentials.secretRef`. `None` when the spec has no credentials, or
+    /// when the Secret has never been readable (the sidecar then sends no credential); when a
+    /// Secret disappears later the previous value stays here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<SecretValue>,
+    /// This pod's share of every `rateLimit.scope: global` band (integration and route bands).
+    /// `None` when no band is global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_share: Option<QuotaShare>,
+}
+
+/// How much of a global quota this sidecar may spend.
+///
+/// Today the operator divides equally: `fraction = 1 / subscribers`, re-divided whenever a
+/// sidecar of the integration connects or goes away. A demand-proportional scheme will send
+/// other fractions (and may add fields); a sidecar multiplies each global band's `requests`
+/// by `fraction` and needs nothing else.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaShare {
+    /// In `(0, 1]`.
+    pub fraction: f64,
+    /// Sidecars currently subscribed to the integration, this one included.
+    pub subscribers: u32,
+}
+
+impl QuotaShare {
+    /// Equal division among `subscribers` (at least 1).
+    pub fn equal(subscribers: u32) -> Self {
+        let n = subscribers.max(1);
+        Self {
+            fraction: 1.0 / f64::from(n),
+            subscribers: n,
+        }
+    }
+
+    /// A band of `requests` per period scaled to this share: never below 1, so every sidecar
+    /// can make progress.
+    pub fn scale(&self, requests: u64) -> u64 {
+        ((requests as f64) * self.fraction).floor().max(1.0) as u64
+    }
+}
+
+// === sidecar -> operator ===
+
+/// A sidecar applied a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    pub revision: u64,
+}
+
+/// Sent every few seconds (see [`Hello::report_interval_seconds`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// The snapshot revision in force.
+    pub revision: u64,
+    pub integrations: Vec<IntegrationReport>,
+}
+
+/// Breaker state as the sidecar sees it (the integration-level breaker, or the worst route).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BreakerState {
+    #[default]
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+impl BreakerState {
+    /// As in `status.circuit`: `closed`, `half-open`, `open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::HalfOpen => "half-open",
+            BreakerState::Open => "open",
+        }
+    }
+}
+
+/// What one sidecar saw of one integration during `intervalMillis` (counts are deltas since
+/// its previous report).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationReport {
+    pub namespace: String,
+    pub name: String,
+    /// The config revision in force for this integration.
+    pub config_revision: String,
+    /// The span these counts cover.
+    pub interval_millis: u64,
+    /// Calls the app made (each call once, however many attempts).
+    pub requests: u64,
+    /// Calls that failed: the partner's 5xx, timeouts, unreachable, and the sidecar's own
+    /// answers other than `rate-limited` (kill switch, circuit open).
+    pub errors: u64,
+    /// Calls answered `rate-limited` by the sidecar.
+    pub rate_limited: u64,
+    /// 95th percentile of call duration in the interval, milliseconds; `None` without calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p95_millis: Option<f64>,
+    pub breaker: BreakerState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_value_never_prints() {
+        let v = SecretValue::new("sk_live_123");
+        assert_eq!(format!("{v:?}"), "<redacted>");
+        assert_eq!(format!("{v}"), "<redacted>");
+        let i = DistributedIntegration {
+            namespace: "payments".into(),
+            name: "stripe".into(),
+            generation: 1,
+            config_revision: "1-abc".into(),
+            spec: PartnerIntegrationSpec::default(),
+            credential: Some(v.clone()),
+            quota_share: None,
+        };
+        assert!(!format!("{i:?}").contains("sk_live_123"));
+        // The wire carries it.
+        assert!(serde_json::to_string(&i).unwrap().contains("sk_live_123"));
+    }
+
+    #[test]
+    fn messages_are_tagged_lines() {
+        let m = StreamMessage::Unchanged {
+            revision: 4,
+            digest: "ab".into(),
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(s, r#"{"type":"unchanged","revision":4,"digest":"ab"}"#);
+        assert_eq!(serde_json::from_str::<StreamMessage>(&s).unwrap(), m);
+        assert_eq!(
+            serde_json::to_string(&StreamMessage::Heartbeat).unwrap(),
+            r#"{"type":"heartbeat"}"#
+        );
+    }
+
+    #[test]
+    fn equal_share_scales_bands() {
+        let s = QuotaShare::equal(2);
+        assert_eq!(s.fraction, 0.5);
+        assert_eq!(s.scale(10), 5);
+        assert_eq!(QuotaShare::equal(0).subscribers, 1);
+        assert_eq!(QuotaShare::equal(3).scale(1), 1);
+    }
+}

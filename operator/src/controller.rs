@@ -1,0 +1,773 @@
+//! The PartnerIntegration controller.
+//!
+//! Every replica reconciles every PartnerIntegration into its [`catalog`](crate::catalog)
+//! (compile with the shared step, resolve the Secret), because every replica serves sidecars.
+//! Only the leader writes: the finalizer, the status (server-side apply under
+//! [`FIELD_MANAGER`]) and events. Reconciles requeue every `status_interval` so the status
+//! follows what sidecars report.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::time::Instant;
+use tollgate_crds::distribution::SecretValue;
+use tollgate_crds::v1alpha1::SecretKeyRef;
+use tollgate_crds::{CRD_PATH, PartnerIntegration};
+use tracing::{Span, field, info, instrument, warn};
+
+use crate::catalog::{CatalogHandle, Credential, Entry, Key};
+use crate::distribution::Hub;
+use crate::error::{Error, Result};
+use crate::leader::Leadership;
+use crate::metrics::Metrics;
+use crate::status::{self, Findings};
+
+/// The one field manager for everything this operator writes.
+pub const FIELD_MANAGER: &str = "tollgate-operator";
+/// Held while the operator still has to tell sidecars an integration is gone.
+pub const FINALIZER: &str = "tollgate.dev/cleanup";
+
+/// How often a follower re-reads an object that did not change.
+pub const FOLLOWER_RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub catalog: CatalogHandle,
+    pub hub: Arc<Hub>,
+    pub recorder: Recorder,
+    pub leader: Leadership,
+    pub metrics: Arc<Metrics>,
+    /// How often a healthy object is reconciled again to refresh its status.
+    pub status_interval: Duration,
+    /// Consecutive failures per object, for the error policy's backoff.
+    failures: Mutex<HashMap<Key, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        catalog: CatalogHandle,
+        hub: Arc<Hub>,
+        leader: Leadership,
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+        status_interval: Duration,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            catalog,
+            hub,
+            leader,
+            metrics,
+            status_interval,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Key, u32>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn key_of(pi: &PartnerIntegration) -> Result<Key> {
+    let ns = pi
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let name = pi
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingMetadata("name"))?;
+    Ok((ns, name))
+}
+
+/// Reconciles one PartnerIntegration.
+#[instrument(skip(pi, ctx), fields(namespace, name, generation = field::Empty, leader))]
+pub async fn reconcile(pi: Arc<PartnerIntegration>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let key = key_of(&pi)?;
+    let span = Span::current();
+    span.record("namespace", key.0.as_str());
+    span.record("name", key.1.as_str());
+    span.record("generation", pi.metadata.generation.unwrap_or(0));
+    let leader = ctx.leader.is_leader();
+    span.record("leader", leader);
+
+    let result = if leader {
+        let api: Api<PartnerIntegration> = Api::namespaced(ctx.client.clone(), &key.0);
+        finalizer(&api, FINALIZER, pi, |event| async {
+            match event {
+                Finalizer::Apply(pi) => apply(&pi, &ctx, true).await,
+                Finalizer::Cleanup(pi) => cleanup(&pi, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    } else if pi.metadata.deletion_timestamp.is_some() {
+        cleanup(&pi, &ctx).await
+    } else {
+        apply(&pi, &ctx, false).await
+    };
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures().remove(&key);
+    }
+    result
+}
+
+/// Requeues a failed object with exponential backoff (2s doubling to 5 minutes, jittered).
+pub fn error_policy(pi: Arc<PartnerIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error.metric_label());
+    let n = match key_of(&pi) {
+        Ok(key) => {
+            let mut failures = ctx.failures();
+            let n = failures.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(n);
+    warn!(
+        name = %pi.name_any(),
+        namespace = pi.namespace().as_deref().unwrap_or(""),
+        reason = error.metric_label(),
+        %error,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// Delay before retry number `n` (1-based).
+pub fn backoff(n: u32) -> Duration {
+    let base = Duration::from_secs(2).saturating_mul(1u32 << n.saturating_sub(1).min(8));
+    let capped = base.min(Duration::from_secs(300));
+    // Up to 20% jitter so a burst of failures does not retry in lockstep.
+    let jitter = capped.mul_f64(rand::random::<f64>() * 0.2);
+    capped + jitter
+}
+
+/// The credential as read now.
+enum SecretRead {
+    Found(Credential),
+    /// Names what is missing.
+    Missing(String),
+}
+
+async fn read_secret(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<SecretRead> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let Some(secret) = secrets.get_opt(&r.name).await? else {
+        return Ok(SecretRead::Missing(format!(
+            "Secret {ns}/{} (spec.credentials.secretRef) not found",
+            r.name
+        )));
+    };
+    let value = secret.data.as_ref().and_then(|d| d.get(&r.key));
+    let Some(bytes) = value else {
+        return Ok(SecretRead::Missing(format!(
+            "Secret {ns}/{} has no key {:?} (spec.credentials.secretRef.key)",
+            r.name, r.key
+        )));
+    };
+    let Ok(text) = std::str::from_utf8(&bytes.0) else {
+        return Ok(SecretRead::Missing(format!(
+            "Secret {ns}/{} key {:?} is not UTF-8 text",
+            r.name, r.key
+        )));
+    };
+    // Files made with `echo` end in a newline that no API key contains.
+    let text = text.trim_end_matches(['\n', '\r']);
+    Ok(SecretRead::Found(Credential {
+        value: SecretValue::new(text),
+        secret_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+    }))
+}
+
+/// Compiles, resolves the credential, updates the catalog; as leader also writes status and
+/// events.
+async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<Action> {
+    let key = key_of(pi)?;
+    let (ns, name) = (&key.0, &key.1);
+    let generation = pi.metadata.generation.unwrap_or(0);
+    let previous = ctx.catalog.get(&key);
+
+    let mut secret_problem = None;
+    let invalid = match tollgate_crds::compile(ns, name, &pi.spec) {
+        Err(e) => {
+            info!(error = %e, "spec invalid; the previous revision stays in force");
+            Some(e)
+        }
+        Ok(policy) => {
+            let credential = match &policy.credentials {
+                None => None,
+                Some(c) => match read_secret(&ctx.client, ns, &c.secret_ref).await? {
+                    SecretRead::Found(c) => Some(c),
+                    SecretRead::Missing(why) => {
+                        info!(%why, "credential unavailable; the previous one stays in force");
+                        secret_problem = Some(why);
+                        previous.as_ref().and_then(|p| p.credential.clone())
+                    }
+                },
+            };
+            let entry = Entry::new(generation, pi.spec.clone(), policy, credential);
+            let revision = entry.config_revision.clone();
+            if ctx.catalog.upsert(entry) {
+                info!(%revision, "revision in force");
+            }
+            None
+        }
+    };
+
+    if !leader {
+        // Changes to the object or its Secret trigger a reconcile anyway; a follower has no
+        // status to refresh, so its periodic pass is only a safety net.
+        return Ok(Action::requeue(FOLLOWER_RESYNC));
+    }
+
+    let in_force = ctx.catalog.get(&key);
+    let observed = in_force
+        .as_ref()
+        .map(|e| ctx.hub.observe(&key, &e.config_revision));
+    let findings = Findings {
+        generation,
+        invalid: invalid.as_ref(),
+        secret_problem: secret_problem.as_deref(),
+        in_force: in_force.as_deref(),
+        observed: observed.as_ref(),
+    };
+    let new = status::build(&findings, pi.status.as_ref(), Timestamp::now());
+    if pi.status.as_ref() != Some(&new) {
+        let patch = serde_json::json!({
+            "apiVersion": "tollgate.dev/v1alpha1",
+            "kind": "PartnerIntegration",
+            "status": new,
+        });
+        let api: Api<PartnerIntegration> = Api::namespaced(ctx.client.clone(), ns);
+        api.patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    for n in status::notices(pi.status.as_ref(), &new) {
+        publish(ctx, pi, n).await;
+    }
+    Ok(Action::requeue(ctx.status_interval))
+}
+
+async fn publish(ctx: &Context, pi: &PartnerIntegration, n: status::Notice) {
+    let event = KubeEvent {
+        type_: if n.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: n.reason.to_string(),
+        note: Some(truncate(&n.note, 1000)),
+        action: n.action.to_string(),
+        secondary: None,
+    };
+    // A lost event must not fail the reconcile: the status already says it.
+    if let Err(e) = ctx.recorder.publish(&event, &pi.object_ref(&())).await {
+        warn!(error = %e, reason = n.reason, "could not publish event");
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The object is going away: sidecars stop receiving it.
+async fn cleanup(pi: &PartnerIntegration, ctx: &Context) -> Result<Action> {
+    let key = key_of(pi)?;
+    if ctx.catalog.remove(&key) {
+        info!("integration withdrawn from sidecars");
+    }
+    ctx.hub.forget(&key);
+    Ok(Action::await_change())
+}
+
+/// Says how to install the CRD when it is missing. `namespaces` empty: cluster-wide.
+pub async fn check_crd(client: &Client, namespaces: &[String]) -> anyhow::Result<()> {
+    let api: Api<PartnerIntegration> = match namespaces.first() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => anyhow::bail!(
+            "the PartnerIntegration CRD (partnerintegrations.tollgate.dev) is not installed; \
+             install it with `kubectl apply -f {CRD_PATH}` or the Helm chart charts/tollgate"
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "cannot list PartnerIntegrations: check the operator's RBAC and the API server",
+        )),
+    }
+}
+
+/// The PartnerIntegrations in `store` that reference `secret`.
+fn referencing(
+    store: &Store<PartnerIntegration>,
+    secret: &Secret,
+) -> Vec<ObjectRef<PartnerIntegration>> {
+    let (Some(ns), Some(name)) = (
+        secret.metadata.namespace.as_deref(),
+        secret.metadata.name.as_deref(),
+    ) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .into_iter()
+        .filter(|pi| {
+            pi.metadata.namespace.as_deref() == Some(ns)
+                && pi
+                    .spec
+                    .credentials
+                    .as_ref()
+                    .is_some_and(|c| c.secret_ref.name == name)
+        })
+        .map(|pi| ObjectRef::from_obj(&*pi))
+        .collect()
+}
+
+/// Runs the controllers (one per namespace given, or one for the whole cluster) until they
+/// stop on a signal. Drops catalog entries of objects that vanished without a cleanup.
+pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let mut stores = Vec::new();
+    let mut runs = Vec::new();
+    for scope in scopes {
+        let (pis, secrets): (Api<PartnerIntegration>, Api<Secret>) = match &scope {
+            Some(ns) => (
+                Api::namespaced(ctx.client.clone(), ns),
+                Api::namespaced(ctx.client.clone(), ns),
+            ),
+            None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+        };
+        let controller = Controller::new(pis, watcher::Config::default().any_semantic());
+        let store = controller.store();
+        stores.push(store.clone());
+        // Becoming leader: write every status now rather than at the next requeue.
+        let promoted = futures::stream::unfold(ctx.leader.clone(), |mut l| async move {
+            loop {
+                if l.changed().await? {
+                    return Some(((), l));
+                }
+            }
+        });
+        let run = controller
+            .watches(secrets, watcher::Config::default(), move |s| {
+                referencing(&store, &s)
+            })
+            .reconcile_all_on(promoted)
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|res| async move {
+                match res {
+                    Ok((obj, action)) => {
+                        tracing::debug!(object = %obj, ?action, "reconciled")
+                    }
+                    Err(e) => warn!(error = %e, "reconcile error"),
+                }
+            });
+        runs.push(run);
+    }
+    let prune = {
+        let catalog = ctx.catalog.clone();
+        async move {
+            for s in &stores {
+                if s.wait_until_ready().await.is_err() {
+                    return;
+                }
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let live: std::collections::BTreeSet<Key> = stores
+                    .iter()
+                    .flat_map(|s| s.state())
+                    .filter_map(|pi| key_of(&pi).ok())
+                    .collect();
+                let dropped = catalog.retain(|k| live.contains(k));
+                if dropped > 0 {
+                    info!(dropped, "withdrew integrations whose objects are gone");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join_all(runs) => {}
+        _ = prune => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{NAME, NS, context, integration, previous_entry, secret, spec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+    use tollgate_crds::v1alpha1::{condition, reason};
+
+    fn key() -> Key {
+        (NS.to_string(), NAME.to_string())
+    }
+
+    fn cond<'a>(
+        s: &'a tollgate_crds::PartnerIntegrationStatus,
+        t: &str,
+    ) -> &'a tollgate_crds::v1alpha1::Condition {
+        status::find(Some(s), t).unwrap_or_else(|| panic!("condition {t} missing in {s:?}"))
+    }
+
+    #[tokio::test]
+    async fn valid_spec_is_distributed_and_reported_ready() {
+        let (ctx, mut api, catalog) = context(true);
+        let pi = integration(spec(false), 1);
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            api.done().await;
+            status
+        });
+        let action = reconcile(Arc::new(pi), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        let status = server.await.unwrap();
+
+        let entry = catalog.get(&key()).expect("in the catalog");
+        assert_eq!(entry.generation, 1);
+        assert_eq!(
+            entry.credential.as_ref().map(|c| c.value.expose()),
+            Some("sk_live_1")
+        );
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(
+            status.config_revision.as_deref(),
+            Some(entry.config_revision.as_str())
+        );
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("True", Some(reason::COMPILED))
+        );
+        assert_eq!(cond(&status, condition::INVALID).status, "False");
+        assert_eq!(cond(&status, condition::KILL_SWITCH_ACTIVE).status, "False");
+        assert_eq!(cond(&status, condition::CIRCUIT_OPEN).status, "False");
+        assert_eq!(status.circuit.as_deref(), Some("closed"));
+        assert_eq!(status.sidecars.as_ref().map(|s| s.desired), Some(0));
+    }
+
+    #[tokio::test]
+    async fn unchanged_status_is_not_rewritten() {
+        let (ctx, mut api, _) = context(true);
+        let pi = integration(spec(false), 1);
+        let secret_then_status = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            (api, status)
+        });
+        reconcile(Arc::new(pi.clone()), ctx.clone()).await.unwrap();
+        let (mut api, status) = secret_then_status.await.unwrap();
+
+        // The next reconcile sees the status it wrote: it reads the Secret and writes nothing.
+        let mut again = pi;
+        again.status = Some(status);
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            api.done().await;
+        });
+        reconcile(Arc::new(again), ctx).await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_keeps_previous_revision_and_names_the_field() {
+        let (ctx, mut api, catalog) = context(true);
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_1"));
+        let previous = catalog.get(&key()).unwrap().config_revision.clone();
+        let mut bad = spec(false);
+        bad["timeouts"] = json!({"request": "10s", "total": "5s"});
+        let pi = integration(bad.clone(), 2);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(bad, 2)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, (kind, why, note)) = server.await.unwrap();
+
+        let entry = catalog.get(&key()).unwrap();
+        assert_eq!(
+            entry.generation, 1,
+            "the last valid revision stays in force"
+        );
+        assert_eq!(status.config_revision.as_deref(), Some(previous.as_str()));
+        assert_eq!(status.observed_generation, Some(2));
+        let invalid = cond(&status, condition::INVALID);
+        assert_eq!(invalid.status, "True");
+        assert_eq!(invalid.reason.as_deref(), Some(reason::INVALID_SPEC));
+        let message = invalid.message.as_deref().unwrap();
+        assert!(message.contains("spec.timeouts.request"), "{message}");
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some(reason::INVALID_SPEC))
+        );
+        assert!(ready.message.as_deref().unwrap().contains(&previous));
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::INVALID_SPEC)
+        );
+        assert!(note.contains("spec.timeouts.request"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn kill_switch_on_then_off_flips_condition_and_emits_events() {
+        // On.
+        let (ctx, mut api, catalog) = context(true);
+        let mut before = integration(spec(false), 1);
+        before.status = Some(status::build(
+            &status::Findings {
+                generation: 1,
+                invalid: None,
+                secret_problem: None,
+                in_force: Some(&previous_entry(spec(false), 1, "sk_live_1")),
+                observed: None,
+            },
+            None,
+            Timestamp::now(),
+        ));
+        let mut on = integration(spec(true), 2);
+        on.status = before.status.clone();
+        let echo = on.clone();
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&echo).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(on), ctx).await.unwrap();
+        let (status_on, (kind, why, note)) = server.await.unwrap();
+        let ks = cond(&status_on, condition::KILL_SWITCH_ACTIVE);
+        assert_eq!(
+            (ks.status.as_str(), ks.reason.as_deref()),
+            ("True", Some(reason::KILL_SWITCH_ENABLED))
+        );
+        assert_eq!(
+            ks.message.as_deref(),
+            Some("INC-123 vendor double-charging")
+        );
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::KILL_SWITCH_ENABLED)
+        );
+        assert!(note.contains("INC-123"), "{note}");
+        assert!(catalog.get(&key()).unwrap().kill_switch());
+
+        // Off again.
+        let (ctx, mut api, catalog) = context(true);
+        let mut off = integration(spec(false), 3);
+        off.status = Some(status_on);
+        let echo = off.clone();
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            let status = api.status_apply(&echo).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(off), ctx).await.unwrap();
+        let (status_off, (kind, why, _)) = server.await.unwrap();
+        let ks = cond(&status_off, condition::KILL_SWITCH_ACTIVE);
+        assert_eq!(
+            (ks.status.as_str(), ks.reason.as_deref()),
+            ("False", Some(reason::KILL_SWITCH_DISABLED))
+        );
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Normal", reason::KILL_SWITCH_DISABLED)
+        );
+        assert!(!catalog.get(&key()).unwrap().kill_switch());
+    }
+
+    #[tokio::test]
+    async fn missing_secret_is_named_and_the_previous_credential_stays() {
+        let (ctx, mut api, catalog) = context(true);
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_old"));
+        let mut changed = spec(false);
+        changed["upstream"]["connectTimeout"] = json!("1s");
+        let pi = integration(changed.clone(), 2);
+        let server = tokio::spawn(async move {
+            api.secret_get(None).await;
+            let status = api.status_apply(&integration(changed, 2)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, (kind, why, note)) = server.await.unwrap();
+
+        let entry = catalog.get(&key()).unwrap();
+        assert_eq!(entry.generation, 2, "the new spec is in force");
+        assert_eq!(
+            entry.credential.as_ref().map(|c| c.value.expose()),
+            Some("sk_live_old"),
+            "with the previous credential"
+        );
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some(reason::SECRET_MISSING))
+        );
+        let message = ready.message.as_deref().unwrap();
+        assert!(message.contains("Secret payments/stripe-api"), "{message}");
+        assert!(message.contains("previous credential"), "{message}");
+        assert_eq!(cond(&status, condition::INVALID).status, "False");
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::SECRET_MISSING)
+        );
+        assert!(note.contains("stripe-api"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn missing_key_is_named_too() {
+        let (ctx, mut api, catalog) = context(true);
+        let pi = integration(spec(false), 1);
+        let mut s = secret("x");
+        s.data = Some(Default::default());
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(s)).await;
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            let _ = api.event_create().await;
+            api.done().await;
+            status
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let status = server.await.unwrap();
+        let ready = cond(&status, condition::READY);
+        assert!(
+            ready
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("no key \"apiKey\"")
+        );
+        // Nothing to keep: distributed without a credential.
+        assert!(catalog.get(&key()).unwrap().credential.is_none());
+    }
+
+    #[tokio::test]
+    async fn deletion_withdraws_the_integration_and_releases_the_finalizer() {
+        let (ctx, mut api, catalog) = context(true);
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_1"));
+        let mut pi = integration(spec(false), 1);
+        pi.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let echo = pi.clone();
+        let server = tokio::spawn(async move {
+            let ops = api.finalizer_patch(&echo).await;
+            api.done().await;
+            ops
+        });
+        let action = reconcile(Arc::new(pi), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let ops = server.await.unwrap();
+        assert_eq!(ops[1]["op"], "remove");
+        assert_eq!(ops[1]["path"], "/metadata/finalizers/0");
+        assert!(catalog.get(&key()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_new_object_gets_the_finalizer_first() {
+        let (ctx, mut api, catalog) = context(true);
+        let mut pi = integration(spec(false), 1);
+        pi.metadata.finalizers = None;
+        let echo = pi.clone();
+        let server = tokio::spawn(async move {
+            let ops = api.finalizer_patch(&echo).await;
+            api.done().await;
+            ops
+        });
+        let action = reconcile(Arc::new(pi), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let ops = server.await.unwrap();
+        assert_eq!(ops[1]["op"], "add");
+        assert_eq!(ops[1]["value"], json!([FINALIZER]));
+        assert!(
+            catalog.get(&key()).is_none(),
+            "applied only once the finalizer is on"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_distributes_but_never_writes() {
+        let (ctx, mut api, catalog) = context(false);
+        let mut pi = integration(spec(false), 1);
+        pi.metadata.finalizers = None;
+        let server = tokio::spawn(async move {
+            api.secret_get(Some(secret("sk_live_1"))).await;
+            api.done().await;
+        });
+        let action = reconcile(Arc::new(pi), ctx).await.unwrap();
+        assert_eq!(action, Action::requeue(FOLLOWER_RESYNC));
+        server.await.unwrap();
+        assert!(catalog.get(&key()).is_some());
+    }
+
+    #[tokio::test]
+    async fn api_errors_are_counted_and_backed_off() {
+        let (ctx, mut api, _) = context(true);
+        let pi = Arc::new(integration(spec(false), 1));
+        let server = tokio::spawn(async move {
+            let (_, send) = api.0.next_request().await.unwrap();
+            send.send_error(std::io::Error::other("connection refused"));
+        });
+        let err = reconcile(pi.clone(), ctx.clone()).await.unwrap_err();
+        server.await.unwrap();
+        assert_eq!(err.metric_label(), "api_unreachable");
+        let _ = error_policy(pi.clone(), &err, ctx.clone());
+        let _ = error_policy(pi.clone(), &err, ctx.clone());
+        assert_eq!(
+            ctx.failures().get(&key()),
+            Some(&2),
+            "backoff grows per failure"
+        );
+        assert!(ctx.metrics.encode().contains("reason=\"api_unreachable\""));
+        assert!(backoff(1) >= Duration::from_secs(2) && backoff(1) < Duration::from_secs(3));
+        assert!(backoff(30) <= Duration::from_secs(360));
+    }
+}

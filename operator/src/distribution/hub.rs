@@ -1,0 +1,549 @@
+//! The hub: who is subscribed, what each pod should run, and each stream's revisions.
+//!
+//! A [`View`] (the catalog plus how many pods are subscribed to each integration) is published
+//! through a `watch` channel whenever the catalog changes or a pod comes or goes. Every open
+//! stream wakes on it, computes its pod's snapshot and pushes it if the content changed, so a
+//! change reaches all sidecars at once, without polling.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tollgate_crds::distribution::{
+    DistributedIntegration, Hello, PROTOCOL_VERSION, QuotaShare, Report, Snapshot, StreamMessage,
+};
+
+use crate::catalog::{Catalog, CatalogHandle, Key, hex};
+use crate::metrics::Metrics;
+use crate::peers::Peers;
+use crate::traffic::{Observed, Partial, PodKey, TrafficStore};
+
+/// A pod proven by its ServiceAccount token, with the labels read from the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodIdentity {
+    pub fn key(&self) -> PodKey {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The catalog and the subscriber counts, as of `changed_at`.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub catalog: Arc<Catalog>,
+    /// Distinct pods subscribed per integration on this replica.
+    pub subscribers: BTreeMap<Key, Vec<PodKey>>,
+    /// Sidecars subscribed per integration on the other replicas.
+    pub remote: BTreeMap<Key, u32>,
+    pub changed_at: Instant,
+}
+
+impl View {
+    /// The integrations `pod` should run, and the digest of that content.
+    pub fn snapshot_for(&self, pod: &PodIdentity) -> (Vec<DistributedIntegration>, String) {
+        let mut out = Vec::new();
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let lower = (pod.namespace.clone(), String::new());
+        for (key, e) in self.catalog.entries.range(lower..) {
+            if key.0 != pod.namespace {
+                break;
+            }
+            if !e.policy.selects(&pod.labels) {
+                continue;
+            }
+            let share = e.has_global_quota().then(|| {
+                let local = self.subscribers.get(key).map_or(1, Vec::len);
+                let remote = self.remote.get(key).copied().unwrap_or(0);
+                QuotaShare::equal(
+                    u32::try_from(local)
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(remote),
+                )
+            });
+            // The config revision covers spec, generation and the Secret's version.
+            digest.update(e.namespace.as_bytes());
+            digest.update(b"/");
+            digest.update(e.name.as_bytes());
+            digest.update(b"@");
+            digest.update(e.config_revision.as_bytes());
+            if let Some(s) = &share {
+                digest.update(format!("#{}", s.subscribers).as_bytes());
+            }
+            digest.update(b"\n");
+            out.push(DistributedIntegration {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                generation: e.generation,
+                config_revision: e.config_revision.clone(),
+                spec: e.spec.clone(),
+                credential: e.credential.as_ref().map(|c| c.value.clone()),
+                quota_share: share,
+            });
+        }
+        (out, hex(&digest.finish().as_ref()[..16]))
+    }
+}
+
+/// Timing the hub hands to sidecars.
+#[derive(Clone, Copy, Debug)]
+pub struct HubSettings {
+    pub heartbeat: Duration,
+    pub report_interval: Duration,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            report_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Session {
+    pod: Arc<PodIdentity>,
+    /// Revisions sent and when the change behind each happened; bounded.
+    sent: VecDeque<(u64, Instant)>,
+}
+
+/// Every stream this replica serves.
+pub struct Hub {
+    catalog: CatalogHandle,
+    sessions: Mutex<HashMap<String, Session>>,
+    view: watch::Sender<Arc<View>>,
+    peers: watch::Receiver<Arc<Peers>>,
+    traffic: TrafficStore,
+    metrics: Arc<Metrics>,
+    settings: HubSettings,
+}
+
+impl Hub {
+    /// A hub alone: shares and status count only this replica's sidecars.
+    pub fn new(catalog: CatalogHandle, metrics: Arc<Metrics>, settings: HubSettings) -> Arc<Self> {
+        let (_, peers) = watch::channel(Arc::default());
+        Self::with_peers(catalog, metrics, settings, peers)
+    }
+
+    /// A hub that also counts the other replicas' sidecars (see [`crate::peers`]).
+    pub fn with_peers(
+        catalog: CatalogHandle,
+        metrics: Arc<Metrics>,
+        settings: HubSettings,
+        peers: watch::Receiver<Arc<Peers>>,
+    ) -> Arc<Self> {
+        let published = catalog.subscribe().borrow().clone();
+        let (view, _) = watch::channel(Arc::new(View {
+            catalog: published.catalog,
+            subscribers: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            changed_at: published.changed_at,
+        }));
+        let traffic = TrafficStore::new(
+            Duration::from_secs(60),
+            settings.report_interval * 3 + Duration::from_secs(1),
+        );
+        Arc::new(Self {
+            catalog,
+            sessions: Mutex::default(),
+            view,
+            peers,
+            traffic,
+            metrics,
+            settings,
+        })
+    }
+
+    /// Follows the catalog and the peers until the returned future is dropped. Run it once
+    /// per hub.
+    pub async fn run(self: Arc<Self>) {
+        let mut catalog = self.catalog.subscribe();
+        let mut peers = self.peers.clone();
+        let mut peers_alive = true;
+        loop {
+            let changed_at = catalog.borrow_and_update().changed_at;
+            peers.borrow_and_update();
+            self.recompute(changed_at);
+            tokio::select! {
+                c = catalog.changed() => if c.is_err() { return },
+                p = peers.changed(), if peers_alive => if p.is_err() { peers_alive = false },
+            }
+        }
+    }
+
+    pub fn settings(&self) -> HubSettings {
+        self.settings
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// What the status of `key` should show: this replica's sidecars and the other replicas'.
+    pub fn observe(&self, key: &Key, current_revision: &str) -> Observed {
+        let view = self.view();
+        let pods = view.subscribers.get(key).cloned().unwrap_or_default();
+        let mut partial = self.traffic.partial(key, &pods, Instant::now());
+        partial.merge(&self.peers.borrow().partial(key));
+        partial.finish(current_revision)
+    }
+
+    /// This replica's aggregates, for the other replicas.
+    pub fn partials(&self) -> BTreeMap<Key, Partial> {
+        let view = self.view();
+        let now = Instant::now();
+        let mut keys: Vec<Key> = view.subscribers.keys().cloned().collect();
+        keys.extend(self.traffic.keys());
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .map(|k| {
+                let pods = view.subscribers.get(&k).cloned().unwrap_or_default();
+                let p = self.traffic.partial(&k, &pods, now);
+                (k, p)
+            })
+            .collect()
+    }
+
+    /// Forgets the reports of a deleted integration.
+    pub fn forget(&self, key: &Key) {
+        self.traffic.forget(key);
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Recounts subscribers against the current catalog and publishes a new view if anything
+    /// a stream could see changed.
+    fn recompute(&self, changed_at: Instant) {
+        // Held to the end, so two recomputes cannot publish out of order.
+        let sessions = self.sessions();
+        let catalog = self.catalog.snapshot();
+        let mut pods: BTreeMap<PodKey, Arc<PodIdentity>> = BTreeMap::new();
+        for s in sessions.values() {
+            pods.insert(s.pod.key(), s.pod.clone());
+        }
+        let mut subscribers: BTreeMap<Key, Vec<PodKey>> = BTreeMap::new();
+        for (key, e) in &catalog.entries {
+            let selected: Vec<PodKey> = pods
+                .values()
+                .filter(|p| p.namespace == e.namespace && e.policy.selects(&p.labels))
+                .map(|p| p.key())
+                .collect();
+            if !selected.is_empty() {
+                subscribers.insert(key.clone(), selected);
+            }
+        }
+        let peers = self.peers.borrow().clone();
+        let remote: BTreeMap<Key, u32> = catalog
+            .entries
+            .keys()
+            .map(|k| (k.clone(), peers.subscribers(k)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        self.view.send_if_modified(|v| {
+            if Arc::ptr_eq(&v.catalog, &catalog)
+                && v.subscribers == subscribers
+                && v.remote == remote
+            {
+                return false;
+            }
+            *v = Arc::new(View {
+                catalog,
+                subscribers,
+                remote,
+                changed_at,
+            });
+            true
+        });
+        drop(sessions);
+    }
+
+    /// Opens a stream for an authenticated pod. `resume` is the revision and digest the
+    /// sidecar already holds. The returned receiver yields NDJSON lines; dropping it (the
+    /// client went away) ends the session.
+    pub fn open(
+        self: &Arc<Self>,
+        pod: PodIdentity,
+        resume: Option<(u64, String)>,
+    ) -> (String, mpsc::Receiver<Bytes>) {
+        let session = new_session_id();
+        let pod = Arc::new(pod);
+        self.sessions().insert(
+            session.clone(),
+            Session {
+                pod: pod.clone(),
+                sent: VecDeque::new(),
+            },
+        );
+        self.metrics.connected_sidecars.inc();
+        self.recompute(Instant::now());
+        let (tx, rx) = mpsc::channel(4);
+        let guard = SessionGuard {
+            hub: self.clone(),
+            session: session.clone(),
+        };
+        let hub = self.clone();
+        let id = session.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            hub.stream(&id, &pod, resume, tx).await;
+        });
+        (session, rx)
+    }
+
+    async fn stream(
+        &self,
+        session: &str,
+        pod: &PodIdentity,
+        resume: Option<(u64, String)>,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let hello = StreamMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            session: session.to_string(),
+            heartbeat_seconds: secs(self.settings.heartbeat),
+            report_interval_seconds: secs(self.settings.report_interval),
+        });
+        if !send(&tx, &hello).await {
+            return;
+        }
+        let (mut revision, mut digest) = resume.unwrap_or((0, String::new()));
+        let mut first = true;
+        let mut views = self.view.subscribe();
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        heartbeat.reset();
+        loop {
+            let view = views.borrow_and_update().clone();
+            let (integrations, d) = view.snapshot_for(pod);
+            let message = if d != digest {
+                revision += 1;
+                digest = d;
+                self.sent(session, revision, view.changed_at);
+                Some(StreamMessage::Snapshot(Snapshot {
+                    protocol: PROTOCOL_VERSION,
+                    revision,
+                    digest: digest.clone(),
+                    integrations,
+                }))
+            } else if first {
+                Some(StreamMessage::Unchanged {
+                    revision,
+                    digest: digest.clone(),
+                })
+            } else {
+                None
+            };
+            first = false;
+            if let Some(m) = message {
+                if !send(&tx, &m).await {
+                    return;
+                }
+                tracing::debug!(pod = %pod.key(), revision, "pushed");
+            }
+            loop {
+                tokio::select! {
+                    changed = views.changed() => {
+                        if changed.is_err() { return; }
+                        break;
+                    }
+                    _ = heartbeat.tick() => {
+                        if !send(&tx, &StreamMessage::Heartbeat).await { return; }
+                    }
+                    _ = tx.closed() => return,
+                }
+            }
+        }
+    }
+
+    fn sent(&self, session: &str, revision: u64, changed_at: Instant) {
+        if let Some(s) = self.sessions().get_mut(session) {
+            s.sent.push_back((revision, changed_at));
+            while s.sent.len() > 16 {
+                s.sent.pop_front();
+            }
+        }
+    }
+
+    /// A sidecar applied `revision`. Returns false for an unknown session.
+    pub fn ack(&self, session: &str, revision: u64) -> bool {
+        let mut sessions = self.sessions();
+        let Some(s) = sessions.get_mut(session) else {
+            return false;
+        };
+        if let Some(pos) = s.sent.iter().position(|(r, _)| *r == revision) {
+            let (_, at) = s.sent[pos];
+            self.metrics.observe_push(at.elapsed());
+            s.sent.drain(..=pos);
+        }
+        true
+    }
+
+    /// Records a report. Only integrations the pod is subscribed to count: a sidecar cannot
+    /// speak for another namespace or workload. Returns false for an unknown session.
+    pub fn report(&self, session: &str, report: &Report) -> bool {
+        let Some(pod) = self.sessions().get(session).map(|s| s.pod.clone()) else {
+            return false;
+        };
+        let view = self.view();
+        let me = pod.key();
+        let now = Instant::now();
+        for r in &report.integrations {
+            let key = (r.namespace.clone(), r.name.clone());
+            if view
+                .subscribers
+                .get(&key)
+                .is_some_and(|pods| pods.contains(&me))
+            {
+                self.traffic.record(&me, r, now);
+            }
+        }
+        self.metrics.reports.inc();
+        true
+    }
+
+    fn close(&self, session: &str) {
+        let removed = self.sessions().remove(session).is_some();
+        if removed {
+            self.metrics.connected_sidecars.dec();
+            self.recompute(Instant::now());
+        }
+    }
+
+    /// Open sessions (for tests and `/readyz`-style introspection).
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+}
+
+/// Ends the session when the stream task ends, however it ends.
+struct SessionGuard {
+    hub: Arc<Hub>,
+    session: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.hub.close(&self.session);
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Bytes>, m: &StreamMessage) -> bool {
+    let mut line = match serde_json::to_vec(m) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialize stream message");
+            return false;
+        }
+    };
+    line.push(b'\n');
+    tx.send(Bytes::from(line)).await.is_ok()
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
+}
+
+fn new_session_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Entry;
+    use crate::peers::PeerState;
+    use crate::traffic::Partial;
+
+    fn global_entry() -> Entry {
+        let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(serde_json::json!({
+            "upstream": {"url": "http://partner.internal"},
+            "rateLimit": {"scope": "global", "limits": [{"name": "s", "requests": 12, "per": "1s"}]},
+        }))
+        .unwrap();
+        let policy = tollgate_crds::compile("shop", "partner", &spec).unwrap();
+        Entry::new(1, spec, policy, None)
+    }
+
+    fn peers_with(subscribers: u32) -> Arc<Peers> {
+        let mut partials = BTreeMap::new();
+        partials.insert(
+            ("shop".to_string(), "partner".to_string()),
+            Partial {
+                subscribers,
+                ..Partial::default()
+            },
+        );
+        let mut p = Peers::default();
+        p.by_identity
+            .insert("op-b".into(), PeerState::from_partials(&partials));
+        Arc::new(p)
+    }
+
+    async fn next_message(rx: &mut mpsc::Receiver<Bytes>) -> StreamMessage {
+        let line = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a line in time")
+            .expect("stream open");
+        serde_json::from_slice(&line).expect("a message")
+    }
+
+    #[tokio::test]
+    async fn global_share_counts_the_other_replicas_sidecars() {
+        let catalog = CatalogHandle::new();
+        catalog.upsert(global_entry());
+        let (peers_tx, peers_rx) = watch::channel(peers_with(2));
+        let hub = Hub::with_peers(
+            catalog,
+            Arc::new(Metrics::new()),
+            HubSettings::default(),
+            peers_rx,
+        );
+        tokio::spawn(hub.clone().run());
+        let pod = PodIdentity {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            uid: None,
+            labels: BTreeMap::new(),
+        };
+        let (_session, mut rx) = hub.open(pod, None);
+        assert!(matches!(
+            next_message(&mut rx).await,
+            StreamMessage::Hello(_)
+        ));
+        let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        let share = s.integrations[0].quota_share.clone().unwrap();
+        assert_eq!(share.subscribers, 3, "one here, two on the other replica");
+        assert_eq!(share.scale(12), 4);
+
+        // The other replica's sidecars leave: this one gets the whole band.
+        peers_tx.send_replace(Arc::new(Peers::default()));
+        let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        assert_eq!(
+            s.integrations[0].quota_share.clone().unwrap().subscribers,
+            1
+        );
+        assert_eq!(s.revision, 2);
+
+        // Status counts them too.
+        peers_tx.send_replace(peers_with(4));
+        let key = ("shop".to_string(), "partner".to_string());
+        let rev = hub.view().catalog.entries[&key].config_revision.clone();
+        assert_eq!(hub.observe(&key, &rev).sidecars.desired, 5);
+    }
+}

@@ -1,0 +1,262 @@
+//! The operator's Prometheus metrics and its admin listener (`/metrics`, `/healthz`, `/readyz`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric the operator exports. Cheap to clone-by-Arc; the registry is only for encoding.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run, by outcome is in `reconcile_errors`.
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ReasonLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    /// Streams currently open.
+    pub connected_sidecars: Gauge,
+    /// Subscribe attempts refused, by reason.
+    pub auth_rejections: Family<ReasonLabel, Counter>,
+    /// From the change that produced a revision to the sidecar's ack of it.
+    pub push_latency: Histogram,
+    pub reports: Counter,
+    /// 1 while this replica holds the lease.
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate_operator");
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        let reconcile_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by reason",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        let connected_sidecars = Gauge::default();
+        registry.register(
+            "connected_sidecars",
+            "Sidecar streams open on this replica",
+            connected_sidecars.clone(),
+        );
+        let auth_rejections = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "auth_rejections",
+            "Subscriptions refused, by reason",
+            auth_rejections.clone(),
+        );
+        let push_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "push_latency_seconds",
+            "From a revision's creation to its acknowledgement by a sidecar",
+            push_latency.clone(),
+        );
+        let reports = Counter::default();
+        registry.register("sidecar_reports", "Reports received", reports.clone());
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            connected_sidecars,
+            auth_rejections,
+            push_latency,
+            reports,
+            leader,
+        }
+    }
+
+    pub fn reconcile_failed(&self, label: &str) {
+        self.reconcile_errors
+            .get_or_create(&ReasonLabel {
+                reason: label.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn auth_rejected(&self, label: &str) {
+        self.auth_rejections
+            .get_or_create(&ReasonLabel {
+                reason: label.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn observe_push(&self, latency: Duration) {
+        self.push_latency.observe(latency.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Whether the replica is ready: set once the CRD check passed and the servers listen.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 until the task is dropped.
+pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Readiness) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let metrics = metrics.clone();
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(admin(&req, &metrics, &ready)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .http1_only()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn admin(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, ct: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(ct),
+        );
+        r
+    };
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if ready.get() => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn admin_serves_metrics_health_and_readiness() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.reconciles.inc();
+        metrics.reconcile_failed("api_conflict");
+        metrics.connected_sidecars.set(3);
+        metrics.observe_push(Duration::from_millis(12));
+        let ready = Readiness::default();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_admin(listener, metrics, ready.clone()));
+
+        let m = get(addr, "/metrics").await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        for line in [
+            "tollgate_operator_reconciles_total 1",
+            "tollgate_operator_reconcile_errors_total{reason=\"api_conflict\"} 1",
+            "tollgate_operator_connected_sidecars 3",
+            "tollgate_operator_push_latency_seconds_count 1",
+            "tollgate_operator_leader 0",
+        ] {
+            assert!(m.contains(line), "missing {line:?} in\n{m}");
+        }
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        ready.set(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}

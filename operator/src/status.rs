@@ -1,0 +1,395 @@
+//! The status a PartnerIntegration should show, and the events its changes deserve: pure
+//! functions of what the reconcile found, so they are tested without an API server.
+
+use k8s_openapi::jiff::{Timestamp, Unit};
+use tollgate_crds::distribution::BreakerState;
+use tollgate_crds::v1alpha1::{Condition, PartnerIntegrationStatus, condition, reason};
+use tollgate_crds::{CompileError, duration};
+
+use crate::catalog::Entry;
+use crate::traffic::{Observed, format_latency};
+
+/// What one reconcile found.
+#[derive(Debug)]
+pub struct Findings<'a> {
+    pub generation: i64,
+    /// The spec failed the shared compile step.
+    pub invalid: Option<&'a CompileError>,
+    /// The referenced Secret or key is missing (message names it).
+    pub secret_problem: Option<&'a str>,
+    /// What sidecars are given now (the last valid revision when the spec is invalid).
+    pub in_force: Option<&'a Entry>,
+    /// What the sidecars report about it.
+    pub observed: Option<&'a Observed>,
+}
+
+/// The whole status this operator owns, with transition times carried over from `previous`
+/// for conditions whose status did not change.
+pub fn build(
+    f: &Findings<'_>,
+    previous: Option<&PartnerIntegrationStatus>,
+    now: Timestamp,
+) -> PartnerIntegrationStatus {
+    let mut conditions = Vec::new();
+    let revision = f.in_force.map(|e| e.config_revision.clone());
+    let keeps = match &revision {
+        Some(r) => format!("sidecars keep revision {r}"),
+        None => "nothing is distributed".to_string(),
+    };
+
+    let ready = if let Some(e) = f.invalid {
+        cond(
+            condition::READY,
+            false,
+            reason::INVALID_SPEC,
+            format!("spec is invalid ({e}); {keeps}"),
+        )
+    } else if let Some(p) = f.secret_problem {
+        cond(
+            condition::READY,
+            false,
+            reason::SECRET_MISSING,
+            format!("{p}; the previous credential stays in force"),
+        )
+    } else {
+        cond(
+            condition::READY,
+            true,
+            reason::COMPILED,
+            format!(
+                "revision {} compiled and distributed",
+                revision.as_deref().unwrap_or("-")
+            ),
+        )
+    };
+    conditions.push(ready);
+
+    conditions.push(match f.invalid {
+        Some(e) => cond(
+            condition::INVALID,
+            true,
+            reason::INVALID_SPEC,
+            e.to_string(),
+        ),
+        None => cond(condition::INVALID, false, reason::VALID, String::new()),
+    });
+
+    if let Some(e) = f.in_force {
+        let ks = &e.policy.default_route.kill_switch;
+        conditions.push(if ks.enabled {
+            cond(
+                condition::KILL_SWITCH_ACTIVE,
+                true,
+                reason::KILL_SWITCH_ENABLED,
+                ks.reason
+                    .clone()
+                    .unwrap_or_else(|| "kill switch enabled".into()),
+            )
+        } else {
+            cond(
+                condition::KILL_SWITCH_ACTIVE,
+                false,
+                reason::KILL_SWITCH_DISABLED,
+                String::new(),
+            )
+        });
+    }
+
+    let open = f.observed.map_or(0, |o| o.sidecars.breaker_open);
+    let reporting = f.observed.map_or(0, |o| o.sidecars.desired);
+    conditions.push(if open > 0 {
+        cond(
+            condition::CIRCUIT_OPEN,
+            true,
+            reason::BREAKER_OPEN,
+            format!("{open} of {reporting} sidecars report the breaker open"),
+        )
+    } else {
+        cond(
+            condition::CIRCUIT_OPEN,
+            false,
+            reason::BREAKER_CLOSED,
+            String::new(),
+        )
+    });
+
+    if let Some(sla) = f.in_force.and_then(|e| e.policy.sla.as_ref()) {
+        conditions.push(sla_condition(sla, f.observed));
+    }
+
+    for c in &mut conditions {
+        c.observed_generation = Some(f.generation);
+        let carried = previous
+            .and_then(|p| p.conditions.iter().find(|o| o.r#type == c.r#type))
+            .filter(|o| o.status == c.status)
+            .and_then(|o| o.last_transition_time.clone());
+        c.last_transition_time = Some(carried.unwrap_or_else(|| rfc3339(now)));
+    }
+
+    PartnerIntegrationStatus {
+        observed_generation: Some(f.generation),
+        config_revision: revision,
+        conditions,
+        circuit: f.in_force.map(|_| {
+            f.observed
+                .map_or(BreakerState::Closed, |o| o.circuit)
+                .as_str()
+                .to_string()
+        }),
+        sidecars: f
+            .in_force
+            .map(|_| f.observed.map(|o| o.sidecars.clone()).unwrap_or_default()),
+        traffic: f.observed.and_then(|o| o.traffic.clone()),
+    }
+}
+
+fn sla_condition(sla: &tollgate_crds::policy::SlaPolicy, observed: Option<&Observed>) -> Condition {
+    let (availability, p95) = match observed {
+        Some(o) if o.availability_percent.is_some() => (o.availability_percent, o.latency_p95),
+        _ => {
+            return cond(
+                condition::SLA_BREACHED,
+                false,
+                reason::NO_TRAFFIC,
+                "no calls in the status window".into(),
+            );
+        }
+    };
+    let mut misses = Vec::new();
+    let mut first_reason = None;
+    if let (Some(target), Some(actual)) = (sla.availability_percent, availability)
+        && actual < target
+    {
+        misses.push(format!("availability {actual:.2}% is below {target}%"));
+        first_reason.get_or_insert(reason::AVAILABILITY_BELOW_TARGET);
+    }
+    if let (Some(target), Some(actual)) = (sla.latency_p95, p95)
+        && actual > target
+    {
+        misses.push(format!(
+            "p95 latency {} is above {}",
+            format_latency(actual),
+            duration::format(target)
+        ));
+        first_reason.get_or_insert(reason::LATENCY_ABOVE_TARGET);
+    }
+    match first_reason {
+        Some(r) => cond(condition::SLA_BREACHED, true, r, misses.join("; ")),
+        None => cond(
+            condition::SLA_BREACHED,
+            false,
+            reason::WITHIN_TARGET,
+            String::new(),
+        ),
+    }
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        r#type: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: Some(reason.to_string()),
+        message: (!message.is_empty()).then_some(message),
+        last_transition_time: None,
+        observed_generation: None,
+    }
+}
+
+/// RFC 3339 to the second, as Kubernetes writes `metav1.Time`.
+pub fn rfc3339(t: Timestamp) -> String {
+    t.round(Unit::Second).unwrap_or(t).to_string()
+}
+
+/// A condition of a status by type.
+pub fn find<'a>(
+    status: Option<&'a PartnerIntegrationStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.r#type == type_)
+}
+
+/// An event the change from `old` to `new` deserves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub note: String,
+}
+
+/// Events for: the kill switch flipping, the spec becoming invalid (or invalid differently),
+/// a Secret going missing. Nothing for a status that merely stays as it was.
+pub fn notices(
+    old: Option<&PartnerIntegrationStatus>,
+    new: &PartnerIntegrationStatus,
+) -> Vec<Notice> {
+    let mut out = Vec::new();
+    let status = |s: Option<&PartnerIntegrationStatus>, t| find(s, t).map(|c| c.status.clone());
+
+    let ks_old = status(old, condition::KILL_SWITCH_ACTIVE);
+    if let Some(ks) = find(Some(new), condition::KILL_SWITCH_ACTIVE)
+        && ks_old.as_deref() != Some(ks.status.as_str())
+        && (ks_old.is_some() || ks.status == "True")
+    {
+        let on = ks.status == "True";
+        out.push(Notice {
+            warning: on,
+            reason: if on {
+                reason::KILL_SWITCH_ENABLED
+            } else {
+                reason::KILL_SWITCH_DISABLED
+            },
+            action: "KillSwitch",
+            note: if on {
+                format!(
+                    "kill switch on: {}",
+                    ks.message.as_deref().unwrap_or("no reason given")
+                )
+            } else {
+                "kill switch off: traffic flows again".to_string()
+            },
+        });
+    }
+
+    if let Some(inv) = find(Some(new), condition::INVALID)
+        && inv.status == "True"
+    {
+        let before = find(old, condition::INVALID);
+        let same = before.is_some_and(|b| b.status == "True" && b.message == inv.message);
+        if !same {
+            out.push(Notice {
+                warning: true,
+                reason: reason::INVALID_SPEC,
+                action: "Validate",
+                note: inv.message.clone().unwrap_or_default(),
+            });
+        }
+    }
+
+    if let Some(ready) = find(Some(new), condition::READY)
+        && ready.reason.as_deref() == Some(reason::SECRET_MISSING)
+    {
+        let before = find(old, condition::READY);
+        if before.is_none_or(|b| b.message != ready.message) {
+            out.push(Notice {
+                warning: true,
+                reason: reason::SECRET_MISSING,
+                action: "ResolveCredential",
+                note: ready.message.clone().unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_crds::PartnerIntegrationSpec;
+    use tollgate_crds::v1alpha1::{KillSwitch, SidecarSummary, Sla, TrafficSummary};
+
+    fn entry(kill: bool, sla: bool) -> Entry {
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.kill_switch = Some(KillSwitch {
+            enabled: kill,
+            reason: Some("INC-1".into()),
+        });
+        if sla {
+            s.sla = Some(Sla {
+                availability_percent: Some("99".into()),
+                latency_p95: Some("500ms".into()),
+            });
+        }
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        Entry::new(2, s, p, None)
+    }
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn transition_time_kept_while_status_unchanged() {
+        let e = entry(false, false);
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: None,
+        };
+        let first = build(&f, None, t("2026-01-01T00:00:00Z"));
+        let again = build(&f, Some(&first), t("2026-01-01T00:05:00Z"));
+        assert_eq!(first, again);
+        let ready = find(Some(&again), condition::READY).unwrap();
+        assert_eq!(
+            ready.last_transition_time.as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+        assert!(notices(None, &first).is_empty());
+    }
+
+    #[test]
+    fn kill_switch_flip_is_noticed_once() {
+        let off = entry(false, false);
+        let on = entry(true, false);
+        let f = |e| Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(e),
+            observed: None,
+        };
+        let now = t("2026-01-01T00:00:00Z");
+        let s_off = build(&f(&off), None, now);
+        let s_on = build(&f(&on), Some(&s_off), now);
+        let n = notices(Some(&s_off), &s_on);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].reason, reason::KILL_SWITCH_ENABLED);
+        assert!(n[0].note.contains("INC-1"));
+        assert!(notices(Some(&s_on), &s_on).is_empty());
+        let back = build(&f(&off), Some(&s_on), now);
+        assert_eq!(
+            notices(Some(&s_on), &back)[0].reason,
+            reason::KILL_SWITCH_DISABLED
+        );
+    }
+
+    #[test]
+    fn sla_breach_names_the_miss() {
+        let e = entry(false, true);
+        let o = Observed {
+            sidecars: SidecarSummary {
+                desired: 2,
+                up_to_date: 2,
+                breaker_open: 1,
+            },
+            traffic: Some(TrafficSummary::default()),
+            circuit: BreakerState::Open,
+            availability_percent: Some(97.5),
+            latency_p95: Some(std::time::Duration::from_millis(900)),
+        };
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(&o),
+        };
+        let s = build(&f, None, t("2026-01-01T00:00:00Z"));
+        let sla = find(Some(&s), condition::SLA_BREACHED).unwrap();
+        assert_eq!(sla.status, "True");
+        assert_eq!(
+            sla.reason.as_deref(),
+            Some(reason::AVAILABILITY_BELOW_TARGET)
+        );
+        let msg = sla.message.as_deref().unwrap();
+        assert!(msg.contains("97.50%") && msg.contains("900ms"), "{msg}");
+        assert_eq!(
+            find(Some(&s), condition::CIRCUIT_OPEN).unwrap().status,
+            "True"
+        );
+        assert_eq!(s.circuit.as_deref(), Some("open"));
+    }
+}

@@ -1,0 +1,334 @@
+//! Aggregates sidecar reports into what a PartnerIntegration's status shows.
+//!
+//! Each sidecar reports deltas per integration every few seconds. Per (integration, pod) the
+//! store keeps the samples of the last `window` (one minute by default), so rates are per
+//! minute over what was actually covered, and the latest revision and breaker state each pod
+//! reported.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tollgate_crds::distribution::{BreakerState, IntegrationReport};
+use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
+
+use crate::catalog::Key;
+
+/// `namespace/pod-name`.
+pub type PodKey = String;
+
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Instant,
+    interval: Duration,
+    requests: u64,
+    errors: u64,
+    rate_limited: u64,
+    p95_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PodTraffic {
+    samples: VecDeque<Sample>,
+    config_revision: String,
+    breaker: BreakerState,
+    last_report: Option<Instant>,
+}
+
+/// What the status shows for one integration.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Observed {
+    pub sidecars: SidecarSummary,
+    /// `None` until some sidecar reported.
+    pub traffic: Option<TrafficSummary>,
+    /// Worst breaker state among fresh reports of subscribed sidecars.
+    pub circuit: BreakerState,
+    /// Successful share of calls in the window, percent; `None` without calls.
+    pub availability_percent: Option<f64>,
+    pub latency_p95: Option<Duration>,
+}
+
+/// One replica's aggregate for one integration. Replicas exchange these (see
+/// [`crate::peers`]); [`Partial::merge`] adds them up and [`Partial::finish`] turns the sum into
+/// what the status shows.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Partial {
+    /// Pods subscribed to the integration.
+    pub subscribers: u32,
+    /// Subscribed pods with a fresh report, by the config revision they run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, u32>,
+    pub breaker_open: u32,
+    pub breaker_half_open: u32,
+    pub requests_per_second: f64,
+    pub rate_limited_per_second: f64,
+    /// Calls and failed calls in the window.
+    pub requests: u64,
+    pub errors: u64,
+    /// Sum of p95 × calls, and of calls, over samples with a p95 (a call-weighted mean).
+    pub p95_weighted_millis: f64,
+    pub p95_weight: u64,
+    /// Some pod reported in the window.
+    pub reported: bool,
+}
+
+impl Partial {
+    pub fn merge(&mut self, o: &Partial) {
+        self.subscribers = self.subscribers.saturating_add(o.subscribers);
+        for (r, n) in &o.revisions {
+            *self.revisions.entry(r.clone()).or_default() += n;
+        }
+        self.breaker_open += o.breaker_open;
+        self.breaker_half_open += o.breaker_half_open;
+        self.requests_per_second += o.requests_per_second;
+        self.rate_limited_per_second += o.rate_limited_per_second;
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.p95_weighted_millis += o.p95_weighted_millis;
+        self.p95_weight += o.p95_weight;
+        self.reported |= o.reported;
+    }
+
+    /// What the status shows, against the revision in force.
+    pub fn finish(&self, current_revision: &str) -> Observed {
+        let latency_p95 = (self.p95_weight > 0).then(|| {
+            Duration::from_secs_f64(self.p95_weighted_millis / self.p95_weight as f64 / 1000.0)
+        });
+        let error_rate = if self.requests > 0 {
+            self.errors as f64 * 100.0 / self.requests as f64
+        } else {
+            0.0
+        };
+        let circuit = if self.breaker_open > 0 {
+            BreakerState::Open
+        } else if self.breaker_half_open > 0 {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Closed
+        };
+        let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        Observed {
+            sidecars: SidecarSummary {
+                desired: count(self.subscribers),
+                up_to_date: count(self.revisions.get(current_revision).copied().unwrap_or(0)),
+                breaker_open: count(self.breaker_open),
+            },
+            traffic: self.reported.then(|| TrafficSummary {
+                requests_per_minute: (self.requests_per_second * 60.0).round() as i64,
+                error_rate_percent: (error_rate * 100.0).round() / 100.0,
+                latency_p95: latency_p95.map(format_latency),
+                rate_limited_per_minute: (self.rate_limited_per_second * 60.0).round() as i64,
+            }),
+            circuit,
+            availability_percent: (self.requests > 0).then_some(100.0 - error_rate),
+            latency_p95,
+        }
+    }
+}
+
+/// Reports of every sidecar this replica serves.
+#[derive(Debug)]
+pub struct TrafficStore {
+    window: Duration,
+    /// A pod's latest report older than this no longer counts for revision or breaker state.
+    stale_after: Duration,
+    inner: Mutex<HashMap<Key, HashMap<PodKey, PodTraffic>>>,
+}
+
+impl TrafficStore {
+    pub fn new(window: Duration, stale_after: Duration) -> Self {
+        Self {
+            window,
+            stale_after,
+            inner: Mutex::default(),
+        }
+    }
+
+    pub fn record(&self, pod: &str, r: &IntegrationReport, now: Instant) {
+        let key = (r.namespace.clone(), r.name.clone());
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let t = inner
+            .entry(key)
+            .or_default()
+            .entry(pod.to_string())
+            .or_default();
+        t.samples.push_back(Sample {
+            at: now,
+            interval: Duration::from_millis(r.interval_millis).min(self.window),
+            requests: r.requests,
+            errors: r.errors.min(r.requests),
+            rate_limited: r.rate_limited,
+            p95_ms: r.latency_p95_millis.filter(|v| v.is_finite() && *v >= 0.0),
+        });
+        t.config_revision = r.config_revision.clone();
+        t.breaker = r.breaker;
+        t.last_report = Some(now);
+        let cutoff = now.checked_sub(self.window);
+        while let (Some(front), Some(cutoff)) = (t.samples.front(), cutoff) {
+            if front.at >= cutoff {
+                break;
+            }
+            t.samples.pop_front();
+        }
+    }
+
+    /// Forgets an integration (deleted).
+    pub fn forget(&self, key: &Key) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Summarises `key` for the pods currently subscribed to it, against the revision in force.
+    pub fn observe(
+        &self,
+        key: &Key,
+        subscribed: &[PodKey],
+        current_revision: &str,
+        now: Instant,
+    ) -> Observed {
+        self.partial(key, subscribed, now).finish(current_revision)
+    }
+
+    /// This replica's share of what the status of `key` shows, mergeable with other replicas'.
+    pub fn partial(&self, key: &Key, subscribed: &[PodKey], now: Instant) -> Partial {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let empty = HashMap::new();
+        let pods = inner.get(key).unwrap_or(&empty);
+        let cutoff = now.checked_sub(self.window);
+        let stale_cutoff = now.checked_sub(self.stale_after);
+        let mut p = Partial {
+            subscribers: u32::try_from(subscribed.len()).unwrap_or(u32::MAX),
+            ..Partial::default()
+        };
+
+        for pod in subscribed {
+            let Some(t) = pods.get(pod) else { continue };
+            let fresh = match (t.last_report, stale_cutoff) {
+                (Some(at), Some(c)) => at >= c,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if !fresh {
+                continue;
+            }
+            *p.revisions.entry(t.config_revision.clone()).or_default() += 1;
+            match t.breaker {
+                BreakerState::Open => p.breaker_open += 1,
+                BreakerState::HalfOpen => p.breaker_half_open += 1,
+                BreakerState::Closed => {}
+            }
+        }
+
+        // Traffic counts every pod that reported in the window, subscribed now or not: the
+        // calls happened.
+        for t in pods.values() {
+            let in_window: Vec<&Sample> = t
+                .samples
+                .iter()
+                .filter(|s| cutoff.is_none_or(|c| s.at >= c))
+                .collect();
+            if in_window.is_empty() {
+                continue;
+            }
+            p.reported = true;
+            let covered: f64 = in_window
+                .iter()
+                .map(|s| s.interval.as_secs_f64())
+                .sum::<f64>()
+                .min(self.window.as_secs_f64());
+            let req: u64 = in_window.iter().map(|s| s.requests).sum();
+            let lim: u64 = in_window.iter().map(|s| s.rate_limited).sum();
+            if covered > 0.0 {
+                p.requests_per_second += req as f64 / covered;
+                p.rate_limited_per_second += lim as f64 / covered;
+            }
+            p.requests += req;
+            p.errors += in_window.iter().map(|s| s.errors).sum::<u64>();
+            for s in &in_window {
+                if let Some(v) = s.p95_ms
+                    && s.requests > 0
+                {
+                    p.p95_weighted_millis += v * s.requests as f64;
+                    p.p95_weight += s.requests;
+                }
+            }
+        }
+        p
+    }
+
+    /// Every integration with reports, for tests and debugging.
+    pub fn keys(&self) -> Vec<Key> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys: Vec<Key> = inner.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// `120ms`, `1.5s`: milliseconds below ten seconds, else seconds with one decimal.
+pub fn format_latency(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10_000.0 {
+        format!("{}ms", ms.round() as u64)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(requests: u64, errors: u64, p95: f64, breaker: BreakerState) -> IntegrationReport {
+        IntegrationReport {
+            namespace: "ns".into(),
+            name: "a".into(),
+            config_revision: "1-x".into(),
+            interval_millis: 5_000,
+            requests,
+            errors,
+            rate_limited: 1,
+            latency_p95_millis: Some(p95),
+            breaker,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sums_rates_over_pods_and_window() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        let key = ("ns".to_string(), "a".to_string());
+        let t0 = Instant::now();
+        // Two pods, each 50 requests per 5 s = 600/min each.
+        for i in 0..3u32 {
+            let at = t0 + Duration::from_secs(5 * u64::from(i));
+            store.record("ns/p1", &report(50, 5, 100.0, BreakerState::Closed), at);
+            store.record("ns/p2", &report(50, 0, 300.0, BreakerState::Open), at);
+        }
+        let now = t0 + Duration::from_secs(10);
+        let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];
+        let o = store.observe(&key, &pods, "1-x", now);
+        let traffic = o.traffic.unwrap();
+        assert_eq!(traffic.requests_per_minute, 1200);
+        assert_eq!(traffic.rate_limited_per_minute, 24);
+        assert_eq!(traffic.error_rate_percent, 5.0);
+        assert_eq!(traffic.latency_p95.as_deref(), Some("200ms"));
+        assert_eq!(o.sidecars.desired, 2);
+        assert_eq!(o.sidecars.up_to_date, 2);
+        assert_eq!(o.sidecars.breaker_open, 1);
+        assert_eq!(o.circuit, BreakerState::Open);
+        assert_eq!(o.availability_percent, Some(95.0));
+
+        // A revision nobody runs yet; then reports go stale.
+        let o = store.observe(&key, &pods, "2-y", now);
+        assert_eq!(o.sidecars.up_to_date, 0);
+        let o = store.observe(&key, &pods, "1-x", now + Duration::from_secs(30));
+        assert_eq!(o.sidecars.breaker_open, 0);
+        let o = store.observe(&key, &pods, "1-x", now + Duration::from_secs(120));
+        assert_eq!(o.traffic, None);
+    }
+}

@@ -1,0 +1,468 @@
+//! The distribution endpoint over real sockets and TLS, with the sidecar's own cluster client
+//! on the other end. TokenReview and Pods come from an in-process fake API server.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tollgate_crds::distribution::{BreakerState, IntegrationReport, SecretValue, Snapshot};
+use tollgate_operator::catalog::{CatalogHandle, Credential, Entry};
+use tollgate_operator::distribution::HubSettings;
+use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, ConnectionState};
+
+use support::{Certs, FakeApi, OperatorProcess, TokenKind, certs, free_addr};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn settings() -> HubSettings {
+    HubSettings {
+        heartbeat: Duration::from_secs(1),
+        report_interval: Duration::from_secs(1),
+    }
+}
+
+/// A PartnerIntegration as the controller would put it in force.
+fn entry(
+    ns: &str,
+    name: &str,
+    generation: i64,
+    spec: serde_json::Value,
+    secret: Option<&str>,
+) -> Entry {
+    let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(spec).unwrap();
+    let policy = tollgate_crds::compile(ns, name, &spec).unwrap();
+    Entry::new(
+        generation,
+        spec,
+        policy,
+        secret.map(|v| Credential {
+            value: SecretValue::new(v),
+            secret_version: format!("rv-{v}"),
+        }),
+    )
+}
+
+fn stripe(kill: bool) -> serde_json::Value {
+    json!({
+        "workloadSelector": {"matchLabels": {"app": "checkout"}},
+        "upstream": {"url": "https://api.stripe.com"},
+        "killSwitch": {"enabled": kill, "reason": "INC-1"},
+        "credentials": {"secretRef": {"name": "stripe-api", "key": "apiKey"}, "format": "Bearer {value}"},
+    })
+}
+
+fn global_quota() -> serde_json::Value {
+    json!({
+        "upstream": {"url": "http://partner.internal:8080"},
+        "rateLimit": {"scope": "global", "limits": [{"name": "burst", "requests": 10, "per": "1s"}]},
+    })
+}
+
+struct Sidecar {
+    snapshots: mpsc::UnboundedReceiver<Snapshot>,
+    state: watch::Receiver<ConnectionState>,
+    task: tokio::task::JoinHandle<()>,
+    reports: Arc<Mutex<Vec<IntegrationReport>>>,
+}
+
+impl Sidecar {
+    fn start(
+        addr: std::net::SocketAddr,
+        certs: &Certs,
+        dir: &std::path::Path,
+        ns: &str,
+        pod: &str,
+        token: &str,
+    ) -> Self {
+        let token_file = dir.join(format!("{ns}-{pod}.token"));
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let mut config = ClusterConfig::new(
+            format!("https://127.0.0.1:{}", addr.port())
+                .parse()
+                .unwrap(),
+            token_file,
+            certs.ca_file.clone(),
+            pod,
+            ns,
+            dir.join(format!("{ns}-{pod}.snapshot.json")),
+        );
+        config.server_name = Some("localhost".into());
+        config.backoff_base = Duration::from_millis(50);
+        config.backoff_max = Duration::from_millis(300);
+        let (tx, snapshots) = mpsc::unbounded_channel();
+        let reports: Arc<Mutex<Vec<IntegrationReport>>> = Arc::default();
+        let r = reports.clone();
+        let client = ClusterClient::new(
+            config,
+            Arc::new(move |s: &Snapshot| {
+                let _ = tx.send(s.clone());
+                Ok(())
+            }),
+            Arc::new(move || r.lock().unwrap().clone()),
+        );
+        let state = client.state();
+        let task = tokio::spawn(client.run());
+        Self {
+            snapshots,
+            state,
+            task,
+            reports,
+        }
+    }
+
+    async fn next(&mut self) -> Snapshot {
+        tokio::time::timeout(WAIT, self.snapshots.recv())
+            .await
+            .expect("a snapshot in time")
+            .expect("client alive")
+    }
+
+    /// No snapshot arrives within `d`.
+    async fn quiet(&mut self, d: Duration) {
+        if let Ok(Some(s)) = tokio::time::timeout(d, self.snapshots.recv()).await {
+            panic!("unexpected snapshot {s:?}");
+        }
+    }
+
+    async fn state_matches(&mut self, f: impl Fn(&ConnectionState) -> bool) -> ConnectionState {
+        tokio::time::timeout(WAIT, self.state.wait_for(|s| f(s)))
+            .await
+            .expect("state in time")
+            .expect("client alive")
+            .clone()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A sample's value from the Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn wait_until(mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_change_reaches_both_sidecars() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
+    let t2 = api.add_pod("payments", "checkout-2", &[("app", "checkout")]);
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        1,
+        stripe(false),
+        Some("sk_live_1"),
+    ));
+    let addr = free_addr();
+    let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+
+    let mut a = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &t1);
+    let mut b = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-2", &t2);
+    for s in [&mut a, &mut b] {
+        let snap = s.next().await;
+        assert_eq!(snap.revision, 1);
+        assert_eq!(snap.integrations.len(), 1);
+        let i = &snap.integrations[0];
+        assert_eq!(
+            (i.namespace.as_str(), i.name.as_str()),
+            ("payments", "stripe")
+        );
+        assert_eq!(i.credential.as_ref().map(|c| c.expose()), Some("sk_live_1"));
+        assert!(!i.spec.kill_switch.as_ref().unwrap().enabled);
+        assert_eq!(i.quota_share, None);
+    }
+
+    // Kill switch on: pushed to both, as revision 2.
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        2,
+        stripe(true),
+        Some("sk_live_1"),
+    ));
+    for s in [&mut a, &mut b] {
+        let snap = s.next().await;
+        assert_eq!(snap.revision, 2);
+        assert!(
+            snap.integrations[0]
+                .spec
+                .kill_switch
+                .as_ref()
+                .unwrap()
+                .enabled
+        );
+        assert_eq!(snap.integrations[0].generation, 2);
+    }
+    // Both acknowledged both revisions: four push-latency observations.
+    wait_until(|| {
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_push_latency_seconds_count",
+        ) >= 4.0
+    })
+    .await;
+    assert_eq!(op.metrics.connected_sidecars.get(), 2);
+
+    // Reports come back on the same connection and land in the integration's traffic.
+    let rev = catalog
+        .get(&("payments".into(), "stripe".into()))
+        .unwrap()
+        .config_revision
+        .clone();
+    for s in [&a, &b] {
+        *s.reports.lock().unwrap() = vec![IntegrationReport {
+            namespace: "payments".into(),
+            name: "stripe".into(),
+            config_revision: rev.clone(),
+            interval_millis: 1000,
+            requests: 10,
+            errors: 1,
+            rate_limited: 2,
+            latency_p95_millis: Some(120.0),
+            breaker: BreakerState::Closed,
+        }];
+    }
+    let key = ("payments".to_string(), "stripe".to_string());
+    wait_until(|| {
+        let o = op.hub.observe(&key, &rev);
+        o.sidecars.up_to_date == 2 && o.traffic.is_some()
+    })
+    .await;
+    let o = op.hub.observe(&key, &rev);
+    assert_eq!(o.sidecars.desired, 2);
+    let t = o.traffic.unwrap();
+    assert_eq!(t.error_rate_percent, 10.0);
+    assert_eq!(t.latency_p95.as_deref(), Some("120ms"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let logistics = api.add_pod("logistics", "router-1", &[("app", "checkout")]);
+    let other_app = api.add_pod("payments", "ledger-1", &[("app", "ledger")]);
+    api.add_token("forged", TokenKind::Rejected);
+    api.add_token(
+        "unbound",
+        TokenKind::Unbound {
+            namespace: "payments".into(),
+        },
+    );
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        1,
+        stripe(false),
+        Some("sk_live_1"),
+    ));
+    let addr = free_addr();
+    let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+
+    // Authenticated, but nothing of theirs: an empty snapshot, never the payments credential.
+    let mut l = Sidecar::start(
+        addr,
+        &certs,
+        dir.path(),
+        "logistics",
+        "router-1",
+        &logistics,
+    );
+    let mut o = Sidecar::start(addr, &certs, dir.path(), "payments", "ledger-1", &other_app);
+    for s in [&mut l, &mut o] {
+        let snap = s.next().await;
+        assert!(snap.integrations.is_empty(), "{snap:?}");
+    }
+
+    // Refused outright: nothing is applied, the state says why.
+    let mut forged = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", "forged");
+    let st = forged
+        .state_matches(|s| matches!(s, ConnectionState::Disconnected { .. }))
+        .await;
+    assert!(format!("{st:?}").contains("401"), "{st:?}");
+    let mut unbound = Sidecar::start(
+        addr,
+        &certs,
+        dir.path(),
+        "payments",
+        "checkout-1",
+        "unbound",
+    );
+    let st = unbound
+        .state_matches(|s| matches!(s, ConnectionState::Disconnected { .. }))
+        .await;
+    assert!(format!("{st:?}").contains("not bound to a pod"), "{st:?}");
+    // A pod claiming another pod's name with its own valid token.
+    let mut liar = Sidecar::start(
+        addr,
+        &certs,
+        dir.path(),
+        "payments",
+        "checkout-1",
+        &other_app,
+    );
+    let st = liar
+        .state_matches(|s| matches!(s, ConnectionState::Disconnected { .. }))
+        .await;
+    assert!(format!("{st:?}").contains("403"), "{st:?}");
+
+    // Changes in payments reach none of them.
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        2,
+        stripe(true),
+        Some("sk_live_2"),
+    ));
+    for s in [&mut l, &mut o, &mut forged, &mut unbound, &mut liar] {
+        s.quiet(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_quota_is_divided_among_current_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let t1 = api.add_pod("shop", "web-1", &[]);
+    let t2 = api.add_pod("shop", "web-2", &[]);
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry("shop", "partner", 1, global_quota(), None));
+    let addr = free_addr();
+    let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+
+    let mut a = Sidecar::start(addr, &certs, dir.path(), "shop", "web-1", &t1);
+    let share = a.next().await.integrations[0].quota_share.clone().unwrap();
+    assert_eq!((share.subscribers, share.fraction), (1, 1.0));
+
+    let mut b = Sidecar::start(addr, &certs, dir.path(), "shop", "web-2", &t2);
+    let share_b = b.next().await.integrations[0].quota_share.clone().unwrap();
+    assert_eq!((share_b.subscribers, share_b.fraction), (2, 0.5));
+    let snap = a.next().await;
+    let share_a = snap.integrations[0].quota_share.clone().unwrap();
+    assert_eq!((share_a.subscribers, share_a.fraction), (2, 0.5));
+    assert_eq!(share_a.scale(10), 5);
+    assert_eq!(snap.revision, 2);
+
+    // web-2 goes away: web-1 gets the whole band back.
+    drop(b);
+    let snap = a.next().await;
+    let share = snap.integrations[0].quota_share.clone().unwrap();
+    assert_eq!((share.subscribers, share.fraction), (1, 1.0));
+    assert_eq!(snap.revision, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        1,
+        stripe(false),
+        Some("sk_live_1"),
+    ));
+    let addr = free_addr();
+    let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+
+    let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &t1);
+    let first = s.next().await;
+    assert_eq!(first.revision, 1);
+    let state_file = dir.path().join("payments-checkout-1.snapshot.json");
+    wait_until(|| state_file.exists()).await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&state_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    // The operator stops; the sidecar notices and keeps what it has.
+    op.stop();
+    s.state_matches(|st| matches!(st, ConnectionState::Disconnected { .. }))
+        .await;
+
+    // The sidecar restarts while the operator is down: it enforces the persisted snapshot.
+    drop(s);
+    let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &t1);
+    let restored = s.next().await;
+    assert_eq!(restored, first);
+    assert_eq!(
+        restored.integrations[0]
+            .credential
+            .as_ref()
+            .map(|c| c.expose()),
+        Some("sk_live_1")
+    );
+    s.state_matches(|st| matches!(st, ConnectionState::Disconnected { .. }))
+        .await;
+
+    // The operator returns with the same catalog: the sidecar resumes, nothing to apply.
+    let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+    s.state_matches(|st| *st == ConnectionState::Connected { revision: 1 })
+        .await;
+    s.quiet(Duration::from_millis(300)).await;
+
+    // It changed meanwhile: the next revision follows the one the sidecar held.
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        2,
+        stripe(true),
+        Some("sk_live_2"),
+    ));
+    let next = s.next().await;
+    assert_eq!(next.revision, 2);
+    assert_eq!(
+        next.integrations[0].credential.as_ref().map(|c| c.expose()),
+        Some("sk_live_2")
+    );
+    op.stop();
+
+    // And a restart of the operator with a change already made resyncs on connect.
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        3,
+        stripe(false),
+        Some("sk_live_2"),
+    ));
+    let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+    let resynced = s.next().await;
+    assert_eq!(resynced.revision, 3);
+    assert!(
+        !resynced.integrations[0]
+            .spec
+            .kill_switch
+            .as_ref()
+            .unwrap()
+            .enabled
+    );
+}
