@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use tollgate_sidecar::admin::{self, Admin};
+use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig};
 use tollgate_sidecar::config::Store;
 use tollgate_sidecar::config::file::FileSource;
+use tollgate_sidecar::config::operator::OperatorSource;
 use tollgate_sidecar::config::secrets::SecretsDir;
 use tollgate_sidecar::layers::{self, StackContext};
 use tollgate_sidecar::proxy::handler::Proxy;
@@ -28,6 +30,41 @@ struct Args {
     /// Standalone mode: a YAML stream of PartnerIntegration manifests, watched and reloaded.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Cluster mode: the operator's distribution endpoint (`https://host:port`).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["config", "secrets_dir"])]
+    operator: Option<String>,
+    /// Cluster mode: the pod's projected ServiceAccount token (audience `tollgate`), re-read on
+    /// every connect.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/run/secrets/tollgate/token"
+    )]
+    token_file: PathBuf,
+    /// Cluster mode: the CA bundle (PEM) that signs the operator's certificate.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/run/secrets/tollgate/ca.crt"
+    )]
+    operator_ca: PathBuf,
+    /// Cluster mode: TLS name to verify on the operator's certificate, if not the URL's host.
+    #[arg(long, value_name = "NAME")]
+    operator_server_name: Option<String>,
+    /// Cluster mode: this pod's name (the downward API sets it).
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pod_name: String,
+    /// Cluster mode: this pod's namespace (the downward API sets it).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pod_namespace: String,
+    /// Cluster mode: where the last good revision is kept (mode 0600), enforced at start and
+    /// while the operator is unreachable.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/lib/tollgate/snapshot.json"
+    )]
+    state_file: PathBuf,
     /// Where `secretRef`s resolve in standalone mode: DIR/<secret name>/<key>.
     #[arg(long, value_name = "DIR")]
     secrets_dir: Option<PathBuf>,
@@ -95,9 +132,6 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut telemetry = telemetry::init(args.log_format, "info")?;
-    let Some(config_path) = args.config.clone() else {
-        anyhow::bail!("no policy source: give --config FILE (standalone mode)");
-    };
     let ca = match &args.ca_bundle {
         Some(p) => Some(
             std::fs::read(p).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", p.display()))?,
@@ -109,17 +143,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = Arc::new(Store::default());
     let ctx = StateContext::new(tls.clone());
 
-    let source = FileSource {
-        path: config_path.clone(),
-        secrets: SecretsDir::new(args.secrets_dir.clone()),
-        store: store.clone(),
-        ctx: ctx.clone(),
-        metrics: metrics.clone(),
-    };
-    // The first load must succeed: there is no previous revision to keep.
-    let id = source.reload().map_err(|e| anyhow::anyhow!("{e}"))?;
-    tracing::info!(revision = %id, path = %config_path.display(), integrations = store.load().integrations.len(), "config loaded");
-    tokio::spawn(source.watch(args.reload_interval));
+    match (&args.config, &args.operator) {
+        (Some(config_path), None) => {
+            let source = FileSource {
+                path: config_path.clone(),
+                secrets: SecretsDir::new(args.secrets_dir.clone()),
+                store: store.clone(),
+                ctx: ctx.clone(),
+                metrics: metrics.clone(),
+            };
+            // The first load must succeed: there is no previous revision to keep.
+            let id = source.reload().map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(revision = %id, path = %config_path.display(), integrations = store.load().integrations.len(), "config loaded");
+            tokio::spawn(source.watch(args.reload_interval));
+        }
+        (None, Some(url)) => {
+            if args.pod_name.is_empty() || args.pod_namespace.is_empty() {
+                anyhow::bail!(
+                    "cluster mode needs --pod-name and --pod-namespace (or POD_NAME and POD_NAMESPACE)"
+                );
+            }
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--operator {url:?}: {e}"))?;
+            if uri.scheme_str() != Some("https") {
+                anyhow::bail!("--operator {url:?}: must be an https:// URL");
+            }
+            let source = Arc::new(OperatorSource::new(
+                url.clone(),
+                store.clone(),
+                ctx.clone(),
+                metrics.clone(),
+            ));
+            let mut config = ClusterConfig::new(
+                uri,
+                &args.token_file,
+                &args.operator_ca,
+                &args.pod_name,
+                &args.pod_namespace,
+                &args.state_file,
+            );
+            config.server_name = args.operator_server_name.clone();
+            let (apply, report) = (source.clone(), source.clone());
+            let client = ClusterClient::new(
+                config,
+                Arc::new(move |s| apply.apply(s)),
+                Arc::new(move || report.report()),
+            );
+            tracing::info!(operator = %url, pod = %args.pod_name, namespace = %args.pod_namespace, "subscribing to the operator");
+            tokio::spawn(client.run());
+        }
+        _ => anyhow::bail!(
+            "no policy source: give --config FILE (standalone) or --operator URL (cluster mode)"
+        ),
+    }
 
     let listener = TcpListener::bind(args.listen)
         .await

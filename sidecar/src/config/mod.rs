@@ -6,6 +6,7 @@
 //! it without locks.
 
 pub mod file;
+pub mod operator;
 pub mod secrets;
 
 use std::collections::HashMap;
