@@ -4,7 +4,8 @@
 //! `engine` holds the policy state machines (token buckets, breakers, backoff, budgets, the
 //! stale cache), free of I/O; `layers` wraps each in a tower layer, in the order a request meets
 //! them; `proxy` accepts the app's connections and runs requests through the stack; `config`
-//! builds and swaps revisions of policy.
+//! builds and swaps revisions of policy. `transparent` accepts the connections that iptables
+//! rules redirect.
 
 pub mod admin;
 pub mod answer;
@@ -17,6 +18,7 @@ pub mod proxy;
 pub mod state;
 pub mod telemetry;
 pub mod trace;
+pub mod transparent;
 
 /// Parses a Go-form duration flag (`500ms`, `15s`).
 pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {

@@ -19,7 +19,7 @@ use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
 use tollgate_sidecar::state::StateContext;
 use tollgate_sidecar::telemetry::metrics::Metrics;
 use tollgate_sidecar::telemetry::tracing::{self as telemetry, LogFormat};
-use tollgate_sidecar::{client, duration_arg};
+use tollgate_sidecar::{client, duration_arg, transparent};
 
 /// Governs this pod's outbound calls to partner APIs.
 #[derive(Debug, Parser)]
@@ -70,6 +70,8 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    transparent: transparent::Flags,
 }
 
 fn main() -> std::process::ExitCode {
@@ -127,6 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(args.admin)
         .await
         .map_err(|e| anyhow::anyhow!("--admin {}: {e}", args.admin))?;
+    let transparent = transparent::Listeners::bind(&args.transparent).await?;
     let listen = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let options = ProxyOptions {
@@ -154,8 +157,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_listener,
         Arc::new(Admin { store, metrics }),
     ));
+    let transparent = transparent.spawn(proxy.clone(), shutdown_signal, args.drain_timeout);
     tracing::info!(listen = %listen, admin = %admin_addr, otlp = telemetry.exporting(), "tollgate-sidecar ready");
     server::serve(listener, proxy, shutdown_signal(), args.drain_timeout).await;
+    transparent.finish().await;
     telemetry.shutdown();
     Ok(())
 }
