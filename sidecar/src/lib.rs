@@ -5,7 +5,7 @@
 //! stale cache), free of I/O; `layers` wraps each in a tower layer, in the order a request meets
 //! them; `proxy` accepts the app's connections and runs requests through the stack; `config`
 //! builds and swaps revisions of policy. `transparent` accepts the connections that iptables
-//! rules redirect.
+//! rules redirect, rules that `setup` (the `setup-iptables` sub-command) installs.
 
 pub mod admin;
 pub mod answer;
@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod layers;
 pub mod proxy;
+pub mod setup;
 pub mod state;
 pub mod telemetry;
 pub mod trace;

@@ -19,12 +19,15 @@ use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
 use tollgate_sidecar::state::StateContext;
 use tollgate_sidecar::telemetry::metrics::Metrics;
 use tollgate_sidecar::telemetry::tracing::{self as telemetry, LogFormat};
-use tollgate_sidecar::{client, duration_arg, transparent};
+use tollgate_sidecar::{client, duration_arg, setup, transparent};
 
 /// Governs this pod's outbound calls to partner APIs.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate-sidecar", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<setup::Command>,
     /// Standalone mode: a YAML stream of PartnerIntegration manifests, watched and reloaded.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -75,7 +78,10 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return command.run();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
