@@ -5,6 +5,8 @@
 //! stale cache), free of I/O; `layers` wraps each in a tower layer, in the order a request meets
 //! them; `proxy` accepts the app's connections and runs requests through the stack; `config`
 //! builds and swaps revisions of policy; `cluster` subscribes to the operator for them.
+//! `transparent` accepts the connections that iptables rules redirect, rules that `setup` (the
+//! `setup-iptables` sub-command) installs.
 
 pub mod admin;
 pub mod answer;
@@ -15,9 +17,11 @@ pub mod config;
 pub mod engine;
 pub mod layers;
 pub mod proxy;
+pub mod setup;
 pub mod state;
 pub mod telemetry;
 pub mod trace;
+pub mod transparent;
 
 /// Parses a Go-form duration flag (`500ms`, `15s`).
 pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {

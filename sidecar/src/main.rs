@@ -21,12 +21,15 @@ use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
 use tollgate_sidecar::state::StateContext;
 use tollgate_sidecar::telemetry::metrics::Metrics;
 use tollgate_sidecar::telemetry::tracing::{self as telemetry, LogFormat};
-use tollgate_sidecar::{client, duration_arg};
+use tollgate_sidecar::{client, duration_arg, setup, transparent};
 
 /// Governs this pod's outbound calls to partner APIs.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate-sidecar", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<setup::Command>,
     /// Standalone mode: a YAML stream of PartnerIntegration manifests, watched and reloaded.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -107,10 +110,15 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    transparent: transparent::Flags,
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return command.run();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,6 +212,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(args.admin)
         .await
         .map_err(|e| anyhow::anyhow!("--admin {}: {e}", args.admin))?;
+    let transparent = transparent::Listeners::bind(&args.transparent).await?;
     let listen = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let options = ProxyOptions {
@@ -231,8 +240,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_listener,
         Arc::new(Admin { store, metrics }),
     ));
+    let transparent = transparent.spawn(proxy.clone(), shutdown_signal, args.drain_timeout);
     tracing::info!(listen = %listen, admin = %admin_addr, otlp = telemetry.exporting(), "tollgate-sidecar ready");
     server::serve(listener, proxy, shutdown_signal(), args.drain_timeout).await;
+    transparent.finish().await;
     telemetry.shutdown();
     Ok(())
 }

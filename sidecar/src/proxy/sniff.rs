@@ -37,6 +37,11 @@ impl Verdicts {
             .unwrap_or(Verdict::Ok)
     }
 
+    /// Drops the verdicts nobody will take (a spliced connection has no request handler).
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn push(&self, v: Verdict) {
         self.0
             .lock()
@@ -70,12 +75,23 @@ enum Chunk {
     TrailerLf(bool),
 }
 
+/// Sees every complete request head, in order (the transparent listener watches the requests
+/// of the connections it splices through one).
+pub struct HeadHook(Box<dyn FnMut(&httparse::Request<'_, '_>) + Send>);
+
+impl std::fmt::Debug for HeadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeadHook")
+    }
+}
+
 /// Follows the framing of a stream of requests.
 #[derive(Debug)]
 pub struct Framer {
     state: State,
     max_head: usize,
     verdicts: Verdicts,
+    hook: Option<HeadHook>,
 }
 
 impl Framer {
@@ -84,7 +100,17 @@ impl Framer {
             state: State::Head(Vec::new()),
             max_head,
             verdicts,
+            hook: None,
         }
+    }
+
+    /// Also calls `hook` with every complete request head.
+    pub fn with_hook(
+        mut self,
+        hook: impl FnMut(&httparse::Request<'_, '_>) + Send + 'static,
+    ) -> Self {
+        self.hook = Some(HeadHook(Box::new(hook)));
+        self
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {
@@ -193,6 +219,9 @@ impl Framer {
         match req.parse(head) {
             Ok(httparse::Status::Complete(_)) => {}
             _ => return State::Off,
+        }
+        if let Some(hook) = &mut self.hook {
+            (hook.0)(&req);
         }
         let mut content_length: Option<u64> = None;
         let mut te = false;

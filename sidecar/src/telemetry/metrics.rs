@@ -46,6 +46,17 @@ pub struct TunnelLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptLabels {
+    /// What the first bytes were: `http`, `tls`, `opaque`, or `none` (not classified: not
+    /// redirected, silent past the head timeout, or failed first).
+    pub protocol: String,
+    /// What the transparent listener did: `proxy` (served as on `--listen`, at L7), `tunnel` (a
+    /// partner's TLS at L4, detailed in `tollgate_tunnels_total`), `splice` (to the original
+    /// destination, untouched), `denied` (`--unknown-hosts deny`) or `closed`.
+    pub outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<CallLabels, Counter>,
@@ -59,6 +70,7 @@ pub struct Metrics {
     pub tunnels: Family<TunnelLabels, Counter>,
     pub open_connections: Gauge,
     pub rejected_connections: Counter,
+    pub intercepted: Family<InterceptLabels, Counter>,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -91,6 +103,7 @@ impl Default for Metrics {
         let tunnels = Family::<TunnelLabels, Counter>::default();
         let open_connections = Gauge::default();
         let rejected_connections = Counter::default();
+        let intercepted = Family::<InterceptLabels, Counter>::default();
         // prometheus-client appends `_total` to counters.
         registry.register(
             "tollgate_requests",
@@ -147,6 +160,11 @@ impl Default for Metrics {
             "App connections refused because the connection limit was reached",
             rejected_connections.clone(),
         );
+        registry.register(
+            "tollgate_intercepted_connections",
+            "Connections redirected to the transparent listener, by protocol and outcome",
+            intercepted.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -160,6 +178,7 @@ impl Default for Metrics {
             tunnels,
             open_connections,
             rejected_connections,
+            intercepted,
             refresh: Mutex::new(()),
         }
     }

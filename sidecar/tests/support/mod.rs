@@ -86,7 +86,12 @@ impl Partner {
     }
 
     async fn start_inner(tls: Option<Arc<rustls::ServerConfig>>) -> Partner {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tls)
+    }
+
+    /// Serves on `listener` (bound wherever the test needs, e.g. in a network namespace), over
+    /// TLS when `tls` is given.
+    pub fn start_on(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> Partner {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let script: Arc<Mutex<Script>> = Arc::new(Mutex::new(Box::new(|_, _| Reply::ok("ok"))));
