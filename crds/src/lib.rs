@@ -23,3 +23,7 @@ pub fn crd_yaml() -> String {
 
 /// Where the generated CRD lives, relative to the workspace root.
 pub const CRD_PATH: &str = "crds/partnerintegrations.tollgate.dev.yaml";
+
+/// The Helm chart's copy of the CRD, relative to the workspace root: byte for byte the same
+/// file as [`CRD_PATH`], written by `crdgen` and never edited by hand.
+pub const CHART_CRD_PATH: &str = "charts/tollgate/crds/partnerintegrations.tollgate.dev.yaml";

@@ -19,6 +19,24 @@ fn committed_crd_matches_the_types() {
     );
 }
 
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/tollgate/crds/partnerintegrations.tollgate.dev.yaml"
+    );
+    assert!(
+        path.ends_with(tollgate_crds::CHART_CRD_PATH),
+        "{path} is not CHART_CRD_PATH"
+    );
+    let chart = std::fs::read_to_string(path).expect("the chart carries the CRD");
+    assert!(
+        chart == tollgate_crds::crd_yaml(),
+        "{} is stale or was edited by hand: run `cargo run -p tollgate-crds --bin crdgen` and commit the result",
+        tollgate_crds::CHART_CRD_PATH
+    );
+}
+
 fn schema() -> Value {
     let crd: Value = serde_yaml::from_str(&committed()).unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()

@@ -1,7 +1,7 @@
 //! Writes the PartnerIntegration CRD generated from the Rust types.
 //!
 //! `cargo run -p tollgate-crds --bin crdgen` rewrites `crds/partnerintegrations.tollgate.dev.yaml`
-//! (and the chart's copy); `--stdout` prints it instead.
+//! and the chart's copy (`charts/tollgate/crds/`); `--stdout` prints it instead.
 
 use std::path::PathBuf;
 
@@ -12,8 +12,13 @@ fn main() -> std::io::Result<()> {
         return Ok(());
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let path = root.join(tollgate_crds::CRD_PATH);
-    std::fs::write(&path, &yaml)?;
-    eprintln!("wrote {}", path.display());
+    for relative in [tollgate_crds::CRD_PATH, tollgate_crds::CHART_CRD_PATH] {
+        let path = root.join(relative);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, &yaml)?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
