@@ -1,0 +1,1142 @@
+//! The Helm chart (`charts/tollgate`) against the real API server: it lints (and its schema
+//! refuses bad values), its rendering applies with server-side dry run, it installs and
+//! upgrades, its RBAC grants what operator/README.md lists and nothing more, and the operator
+//! and a sidecar actually run on that RBAC and the chart's serving certificate.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tollgate_e2e::tools::{target_dir, workspace_root};
+use tollgate_e2e::{ControlPlane, helm_bin};
+
+use crate::crd::install_crd;
+
+fn chart() -> PathBuf {
+    workspace_root().join("charts/tollgate")
+}
+
+fn chart_arg() -> String {
+    chart().to_string_lossy().into_owned()
+}
+
+/// Runs `helm ARGS` against `cp`; (success, stdout + stderr). Helm prints lint findings on
+/// stdout and the verdict on stderr, so a failure's reason needs both.
+fn helm_outcome(cp: &ControlPlane, args: &[&str]) -> (bool, String) {
+    let out = Command::new(helm_bin())
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(args)
+        .output()
+        .expect("helm runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `helm template` of the chart with `--set` values, as release `release` in `ns`.
+fn template(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> String {
+    let chart = chart_arg();
+    let mut args = vec!["template", release, &chart, "--namespace", ns];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    cp.helm(&args)
+        .unwrap_or_else(|e| panic!("helm template {sets:?}: {e}"))
+}
+
+/// `helm install` (no `--wait`: nothing runs pods here) of the chart with `--set` values.
+fn install(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) {
+    let chart = chart_arg();
+    let mut args = vec!["install", release, &chart, "--namespace", ns];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    cp.helm(&args)
+        .unwrap_or_else(|e| panic!("helm install {sets:?}: {e}"));
+}
+
+fn get_json(cp: &ControlPlane, args: &[&str]) -> Value {
+    let mut full = vec!["get"];
+    full.extend(args);
+    full.extend(["-o", "json"]);
+    let out = cp
+        .kubectl(&full)
+        .unwrap_or_else(|e| panic!("kubectl {full:?}: {e}"));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `kubectl auth can-i VERB RESOURCE --as SA [-n NS | -A]`: the API server's answer (a
+/// SubjectAccessReview under impersonation, with the ServiceAccount's groups).
+fn can_i(cp: &ControlPlane, sa: &str, verb: &str, resource: &str, ns: Option<&str>) -> bool {
+    let mut cmd = Command::new(std::env::var_os("KUBECTL").unwrap_or("kubectl".into()));
+    cmd.arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["auth", "can-i", verb, resource, "--as", sa]);
+    match ns {
+        Some("*") => cmd.arg("--all-namespaces"),
+        Some(ns) => cmd.args(["--namespace", ns]),
+        None => &mut cmd,
+    };
+    let out = cmd.output().expect("kubectl runs");
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!(
+            "kubectl auth can-i {verb} {resource}: {other:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// RBAC rules flattened to (apiGroup, resource, verb) triples.
+type Grants = BTreeSet<(String, String, String)>;
+
+/// A rule set as [`Grants`]; the chart uses no resourceNames or nonResourceURLs.
+fn triples(rules: &Value) -> Grants {
+    let mut out = BTreeSet::new();
+    for rule in rules.as_array().into_iter().flatten() {
+        assert!(
+            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            "{rule}"
+        );
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    let s = |x: &Value| x.as_str().unwrap().to_owned();
+                    out.insert((s(g), s(r), s(v)));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn expect(list: &[(&str, &str, &[&str])]) -> Grants {
+    list.iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// What operator/README.md says it needs where it watches.
+const WATCH_RULES: &[(&str, &str, &[&str])] = &[
+    (
+        "tollgate.dev",
+        "partnerintegrations",
+        &["get", "list", "watch", "patch"],
+    ),
+    ("tollgate.dev", "partnerintegrations/status", &["patch"]),
+    ("", "secrets", &["get", "list", "watch"]),
+    ("", "pods", &["get"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+const TOKENREVIEW_RULES: &[(&str, &str, &[&str])] =
+    &[("authentication.k8s.io", "tokenreviews", &["create"])];
+const LEASE_RULES: &[(&str, &str, &[&str])] = &[(
+    "coordination.k8s.io",
+    "leases",
+    &["get", "list", "watch", "create", "update", "patch"],
+)];
+
+/// Every Role/ClusterRole bound to `ns/sa` anywhere, as (binding namespace or "", rules).
+fn bound_rules(cp: &ControlPlane, ns: &str, sa: &str) -> Vec<(String, Grants)> {
+    let subject_is_sa = |b: &Value| {
+        b["subjects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["kind"] == "ServiceAccount" && s["name"] == sa && s["namespace"] == ns)
+    };
+    let mut out = Vec::new();
+    for b in get_json(cp, &["clusterrolebindings"])["items"]
+        .as_array()
+        .unwrap()
+    {
+        if subject_is_sa(b) {
+            let role = get_json(cp, &["clusterrole", b["roleRef"]["name"].as_str().unwrap()]);
+            out.push((String::new(), triples(&role["rules"])));
+        }
+    }
+    for b in get_json(cp, &["rolebindings", "--all-namespaces"])["items"]
+        .as_array()
+        .unwrap()
+    {
+        if subject_is_sa(b) {
+            let bns = b["metadata"]["namespace"].as_str().unwrap();
+            let kind = b["roleRef"]["kind"].as_str().unwrap().to_lowercase();
+            let role = get_json(
+                cp,
+                &[&kind, b["roleRef"]["name"].as_str().unwrap(), "-n", bns],
+            );
+            out.push((bns.to_owned(), triples(&role["rules"])));
+        }
+    }
+    out.sort();
+    out
+}
+
+// === chart files ===
+
+#[test]
+fn chart_version_follows_the_workspace() {
+    let cargo = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+    let workspace_version = cargo
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("version = ")))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("workspace version");
+    let chart_yaml = std::fs::read_to_string(chart().join("Chart.yaml")).unwrap();
+    let field = |key: &str| {
+        chart_yaml
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("Chart.yaml has no {key}"))
+    };
+    assert_eq!(field("version:"), workspace_version);
+    assert_eq!(field("appVersion:"), workspace_version);
+    assert_eq!(field("apiVersion:"), "v2");
+    assert_eq!(field("kubeVersion:"), ">= 1.30.0-0");
+}
+
+/// Every value the schema knows is documented in the chart README's table.
+#[test]
+fn every_value_is_in_the_readme() {
+    fn leaves(schema: &Value, defs: &Value, path: &str, out: &mut Vec<String>) {
+        let resolved = match schema.get("$ref").and_then(Value::as_str) {
+            Some(r) => &defs[r.trim_start_matches("#/definitions/")],
+            None => schema,
+        };
+        let resolved = match resolved.get("allOf").and_then(|a| a.get(0)) {
+            Some(inner) if inner.get("$ref").is_some() => {
+                &defs[inner["$ref"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("#/definitions/")]
+            }
+            _ => resolved,
+        };
+        let props = resolved.get("properties").and_then(Value::as_object);
+        // Objects whose own keys are values (image, probes); free-form Kubernetes objects
+        // (resources, securityContext, affinity) are documented whole.
+        let closed = resolved.get("additionalProperties") == Some(&Value::Bool(false));
+        match props {
+            Some(props) if closed => {
+                for (k, v) in props {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    leaves(v, defs, &p, out);
+                }
+            }
+            _ => out.push(path.to_owned()),
+        }
+    }
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .unwrap();
+    let mut paths = Vec::new();
+    leaves(&schema, &schema["definitions"], "", &mut paths);
+    let readme = std::fs::read_to_string(chart().join("README.md")).unwrap();
+    let missing: Vec<_> = paths
+        .iter()
+        .filter(|p| !readme.contains(&format!("| `{p}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "charts/tollgate/README.md's values table lacks {missing:?}"
+    );
+    assert!(paths.len() > 60, "{paths:?}");
+}
+
+// === lint ===
+
+#[test]
+fn helm_lint_passes_and_the_schema_refuses_bad_values() {
+    let cp = ControlPlane::shared();
+    let chart = chart_arg();
+    for strict in [false, true] {
+        let mut args = vec!["lint", chart.as_str()];
+        if strict {
+            args.push("--strict");
+        }
+        let (ok, out) = helm_outcome(cp, &args);
+        assert!(ok, "helm {args:?}:\n{out}");
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+    }
+    // The optional parts render and lint too.
+    for sets in [
+        &["certManager.enabled=true"][..],
+        &[
+            "certManager.enabled=true",
+            "certManager.issuerRef.name=corp-ca",
+            "certManager.issuerRef.kind=ClusterIssuer",
+        ],
+        &["networkPolicy.enabled=true", "serviceMonitor.enabled=true"],
+        &["watchNamespaces={payments,logistics}"],
+        &["replicaCount=1", "leaderElection.enabled=false"],
+        &["tls.create=false", "tls.secretName=my-tls"],
+        &["image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"],
+    ] {
+        let mut args = vec!["lint", chart.as_str(), "--strict"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let (ok, out) = helm_outcome(cp, &args);
+        assert!(ok, "helm {args:?}:\n{out}");
+    }
+
+    // values.schema.json: each bad value is refused, naming it.
+    for (set, says) in [
+        (
+            "replicaCount=two",
+            "at '/replicaCount': got string, want integer",
+        ),
+        ("replicaCount=0", "at '/replicaCount'"),
+        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
+        ("image.tag=not a tag", "at '/image/tag'"),
+        ("operator.heartbeat=fast", "at '/operator/heartbeat'"),
+        ("operator.logFormat=xml", "at '/operator/logFormat'"),
+        (
+            "leaderElection.leaseDuration=15",
+            "at '/leaderElection/leaseDuration'",
+        ),
+        ("watchNamespaces={Payments}", "at '/watchNamespaces/0'"),
+        ("service.port=70000", "at '/service/port'"),
+        (
+            "securityContext.readOnlyRootFilesystem=false",
+            "at '/securityContext/readOnlyRootFilesystem'",
+        ),
+        (
+            "securityContext.allowPrivilegeEscalation=true",
+            "at '/securityContext/allowPrivilegeEscalation'",
+        ),
+        (
+            "podSecurityContext.runAsNonRoot=false",
+            "at '/podSecurityContext/runAsNonRoot'",
+        ),
+        (
+            "resources.requests.cpu=lots",
+            "at '/resources/requests/cpu'",
+        ),
+        ("webhook.timeoutSeconds=60", "at '/webhook/timeoutSeconds'"),
+        ("webhook.failurePolicy=Maybe", "at '/webhook/failurePolicy'"),
+        ("replicas=2", "additional properties 'replicas' not allowed"),
+        (
+            "operator.loglevel=debug",
+            "additional properties 'loglevel' not allowed",
+        ),
+    ] {
+        let (ok, out) = helm_outcome(cp, &["lint", &chart, "--set", set]);
+        assert!(!ok, "helm lint --set {set} passed:\n{out}");
+        assert!(
+            out.contains(says),
+            "helm lint --set {set}: expected {says:?} in:\n{out}"
+        );
+    }
+
+    // What the schema cannot say, the templates refuse.
+    for (sets, says) in [
+        (
+            &["leaderElection.enabled=false"][..],
+            "replicaCount > 1 needs leaderElection.enabled",
+        ),
+        (
+            &["webhook.enabled=true"],
+            "does not serve the sidecar injection webhook yet",
+        ),
+        (
+            &["tls.create=false"],
+            "tls.create false needs tls.secretName",
+        ),
+    ] {
+        let mut args = vec!["template", "t", chart.as_str()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let (ok, out) = helm_outcome(cp, &args);
+        assert!(!ok && out.contains(says), "helm {args:?}:\n{out}");
+    }
+    let (ok, out) = helm_outcome(cp, &["template", "t", &chart, "--kube-version", "1.29.0"]);
+    assert!(
+        !ok && out.contains("incompatible with Kubernetes v1.29.0"),
+        "kubeVersion >= 1.30 is not enforced:\n{out}"
+    );
+}
+
+// === the API server accepts what the chart renders ===
+
+#[test]
+fn rendered_chart_applies_with_server_side_dry_run() {
+    let cp = ControlPlane::shared();
+    let ns = cp.create_namespace("chart-dry").unwrap();
+    let watched = cp.create_namespace("chart-dry-app").unwrap();
+    let watch = format!("watchNamespaces={{{watched}}}");
+    let chart = chart_arg();
+    for sets in [
+        &[][..],
+        &[watch.as_str()],
+        &[
+            "networkPolicy.enabled=true",
+            "networkPolicy.adminFrom[0].namespaceSelector.matchLabels.team=observability",
+        ],
+        &[
+            "replicaCount=1",
+            "leaderElection.enabled=false",
+            "podDisruptionBudget.enabled=false",
+            "serviceAccount.create=false",
+            "serviceAccount.name=existing",
+        ],
+    ] {
+        // With --include-crds the CRD goes first in the stream, as `helm install` puts it.
+        let mut args = vec![
+            "template",
+            "dry",
+            chart.as_str(),
+            "--namespace",
+            &ns,
+            "--include-crds",
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let manifests = cp.helm(&args).unwrap_or_else(|e| panic!("{e}"));
+        let out = cp
+            .kubectl_with_stdin(["apply", "--dry-run=server", "-f", "-"], &manifests)
+            .unwrap_or_else(|e| {
+                panic!("the API server refuses the chart rendered with {sets:?}: {e}")
+            });
+        for kind in [
+            "customresourcedefinition",
+            "deployment.apps",
+            "service/",
+            "clusterrole.",
+            "secret/",
+        ] {
+            assert!(out.contains(kind), "{sets:?}: no {kind} in:\n{out}");
+        }
+        assert!(
+            out.lines().all(|l| l.ends_with("(server dry run)")),
+            "{out}"
+        );
+    }
+    // The optional objects of other operators' APIs render with the fields those APIs expect.
+    let cm = template(cp, "dry", &ns, &["certManager.enabled=true"]);
+    for needle in [
+        "kind: Certificate",
+        "kind: Issuer",
+        "selfSigned: {}",
+        "isCA: true",
+        "encoding: PKCS8",
+        &format!("- dry-tollgate-operator.{ns}.svc"),
+    ] {
+        assert!(
+            cm.contains(needle),
+            "cert-manager rendering lacks {needle:?}"
+        );
+    }
+    assert!(
+        !cm.contains("kind: Secret\n"),
+        "cert-manager mode must not render the Secret"
+    );
+    let sm = template(cp, "dry", &ns, &["serviceMonitor.enabled=true"]);
+    assert!(sm.contains("kind: ServiceMonitor") && sm.contains("port: admin"));
+}
+
+// === install ===
+
+#[test]
+fn helm_install_creates_the_operator_and_upgrade_keeps_its_certificate() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace("chart-install").unwrap();
+    install(cp, "tollgate", &ns, &[]);
+    let name = "tollgate-operator";
+
+    let releases: Value =
+        serde_json::from_str(&cp.helm(["list", "-n", &ns, "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(releases[0]["status"], "deployed", "{releases}");
+
+    let deploy = get_json(cp, &["deployment", name, "-n", &ns]);
+    let spec = &deploy["spec"];
+    assert_eq!(spec["replicas"], 2);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], name);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/tollgate-dev/tollgate-operator:0.1.0");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    assert_eq!(
+        c["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "admin", "scheme": "HTTP"})
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "admin", "scheme": "HTTP"})
+    );
+    let env: Vec<(String, String)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let path = e["valueFrom"]["fieldRef"]["fieldPath"].as_str()?;
+            Some((e["name"].as_str()?.to_owned(), path.to_owned()))
+        })
+        .collect();
+    assert!(
+        env.contains(&("POD_NAME".into(), "metadata.name".into())),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&("POD_NAMESPACE".into(), "metadata.namespace".into())),
+        "{env:?}"
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for arg in [
+        "--leader-election=true",
+        "--lease-name=tollgate-operator",
+        "--tls-cert=/var/run/tollgate/tls/tls.crt",
+    ] {
+        assert!(args.contains(&arg), "{arg} not in {args:?}");
+    }
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "tollgate-operator-tls"
+    );
+
+    let svc = get_json(cp, &["service", name, "-n", &ns]);
+    let ports: Vec<(&str, i64)> = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["port"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(ports, [("sidecars", 8443), ("admin", 8080)]);
+    let pdb = get_json(cp, &["pdb", name, "-n", &ns]);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    get_json(cp, &["serviceaccount", name, "-n", &ns]);
+    for absent in ["networkpolicies", "mutatingwebhookconfigurations"] {
+        let items = get_json(
+            cp,
+            &[absent, "-A", "-l", "app.kubernetes.io/instance=tollgate"],
+        );
+        assert_eq!(items["items"], json!([]), "{absent} rendered by default");
+    }
+
+    let tls = get_json(cp, &["secret", "tollgate-operator-tls", "-n", &ns]);
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    let keys: BTreeSet<&str> = tls["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["ca.crt", "tls.crt", "tls.key"]));
+
+    // An upgrade finds the Secret and keeps the pair: sidecars trusting ca.crt keep trusting it.
+    cp.helm([
+        "upgrade",
+        "tollgate",
+        &chart_arg(),
+        "-n",
+        &ns,
+        "--set",
+        "operator.logLevel=debug",
+    ])
+    .unwrap();
+    let after = get_json(cp, &["secret", "tollgate-operator-tls", "-n", &ns]);
+    assert_eq!(
+        after["data"], tls["data"],
+        "helm upgrade replaced the certificate"
+    );
+    let deploy = get_json(cp, &["deployment", name, "-n", &ns]);
+    assert_eq!(deploy["metadata"]["generation"], 2);
+
+    // Uninstall removes what the chart made, cluster-scoped RBAC included, and never the CRD
+    // (with it every PartnerIntegration in the cluster).
+    cp.helm(["uninstall", "tollgate", "-n", &ns]).unwrap();
+    assert!(cp.kubectl(["get", "clusterrole", name]).is_err());
+    assert!(cp.kubectl(["get", "deployment", name, "-n", &ns]).is_err());
+    cp.kubectl(["get", "crd", "partnerintegrations.tollgate.dev"])
+        .expect("the CRD outlives the release");
+}
+
+// === RBAC ===
+
+#[test]
+fn cluster_wide_rbac_is_exactly_what_the_operator_needs() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace("chart-rbac").unwrap();
+    let app = cp.create_namespace("chart-rbac-app").unwrap();
+    install(cp, "rbac", &ns, &[]);
+    let sa_name = "rbac-tollgate-operator";
+    let sa = format!("system:serviceaccount:{ns}:{sa_name}");
+
+    let mut cluster = expect(TOKENREVIEW_RULES);
+    cluster.extend(expect(WATCH_RULES));
+    assert_eq!(
+        bound_rules(cp, &ns, sa_name),
+        vec![(String::new(), cluster), (ns.clone(), expect(LEASE_RULES))],
+        "the ServiceAccount is bound to more or less than operator/README.md lists"
+    );
+
+    let pi = "partnerintegrations.tollgate.dev";
+    let lease = "leases.coordination.k8s.io";
+    let event = "events.events.k8s.io";
+    let yes: &[(&str, &str, Option<&str>)] = &[
+        ("get", pi, Some(&app)),
+        ("list", pi, Some("*")),
+        ("watch", pi, Some("*")),
+        ("patch", pi, Some(&app)),
+        (
+            "patch",
+            "partnerintegrations.tollgate.dev/status",
+            Some(&app),
+        ),
+        ("get", "secrets", Some(&app)),
+        ("list", "secrets", Some("*")),
+        ("watch", "secrets", Some("*")),
+        ("get", "pods", Some(&app)),
+        ("create", "tokenreviews.authentication.k8s.io", None),
+        ("create", event, Some(&app)),
+        ("patch", event, Some(&app)),
+        ("get", lease, Some(&ns)),
+        ("list", lease, Some(&ns)),
+        ("watch", lease, Some(&ns)),
+        ("create", lease, Some(&ns)),
+        ("update", lease, Some(&ns)),
+        ("patch", lease, Some(&ns)),
+    ];
+    let no: &[(&str, &str, Option<&str>)] = &[
+        ("delete", "pods", Some(&app)),
+        ("list", "pods", Some(&app)),
+        ("create", "pods", Some(&app)),
+        ("create", "pods/exec", Some(&app)),
+        ("create", "secrets", Some(&app)),
+        ("update", "secrets", Some(&app)),
+        ("patch", "secrets", Some(&app)),
+        ("delete", "secrets", Some(&app)),
+        ("create", pi, Some(&app)),
+        ("update", pi, Some(&app)),
+        ("delete", pi, Some(&app)),
+        (
+            "update",
+            "partnerintegrations.tollgate.dev/status",
+            Some(&app),
+        ),
+        ("create", lease, Some(&app)),
+        ("get", lease, Some("kube-system")),
+        ("delete", lease, Some(&ns)),
+        ("delete", event, Some(&app)),
+        ("create", "events", Some(&app)),
+        ("get", "configmaps", Some(&app)),
+        ("create", "serviceaccounts/token", Some(&ns)),
+        ("impersonate", "serviceaccounts", Some(&app)),
+        ("create", "clusterroles.rbac.authorization.k8s.io", None),
+        (
+            "create",
+            "clusterrolebindings.rbac.authorization.k8s.io",
+            None,
+        ),
+        (
+            "create",
+            "rolebindings.rbac.authorization.k8s.io",
+            Some(&ns),
+        ),
+        ("escalate", "roles.rbac.authorization.k8s.io", Some(&ns)),
+        (
+            "update",
+            "customresourcedefinitions.apiextensions.k8s.io",
+            None,
+        ),
+        (
+            "create",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+        ),
+        ("*", "*", Some("*")),
+    ];
+    for &(verb, resource, where_) in yes {
+        assert!(
+            can_i(cp, &sa, verb, resource, where_),
+            "the operator cannot {verb} {resource} in {where_:?}"
+        );
+    }
+    for &(verb, resource, where_) in no {
+        assert!(
+            !can_i(cp, &sa, verb, resource, where_),
+            "the operator may {verb} {resource} in {where_:?}"
+        );
+    }
+}
+
+#[test]
+fn watch_namespaces_confine_secrets_to_those_namespaces() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace("chart-scoped").unwrap();
+    let app = cp.create_namespace("chart-scoped-app").unwrap();
+    let other = cp.create_namespace("chart-scoped-other").unwrap();
+    install(cp, "scoped", &ns, &[&format!("watchNamespaces={{{app}}}")]);
+    let sa_name = "scoped-tollgate-operator";
+    let sa = format!("system:serviceaccount:{ns}:{sa_name}");
+
+    let mut expected = vec![
+        (String::new(), expect(TOKENREVIEW_RULES)),
+        (app.clone(), expect(WATCH_RULES)),
+        (ns.clone(), expect(LEASE_RULES)),
+    ];
+    expected.sort();
+    assert_eq!(bound_rules(cp, &ns, sa_name), expected);
+
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            can_i(cp, &sa, verb, "secrets", Some(&app)),
+            "{verb} secrets in {app}"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some(&other)),
+            "{verb} secrets in {other}"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some(&ns)),
+            "{verb} secrets in its own namespace"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some("kube-system")),
+            "{verb} secrets in kube-system"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some("*")),
+            "{verb} secrets cluster-wide"
+        );
+        assert!(!can_i(
+            cp,
+            &sa,
+            verb,
+            "partnerintegrations.tollgate.dev",
+            Some(&other)
+        ));
+    }
+    assert!(!can_i(cp, &sa, "get", "pods", Some(&other)));
+    assert!(can_i(cp, &sa, "get", "pods", Some(&app)));
+    assert!(can_i(
+        cp,
+        &sa,
+        "create",
+        "tokenreviews.authentication.k8s.io",
+        None
+    ));
+
+    let deploy = get_json(cp, &["deployment", "scoped-tollgate-operator", "-n", &ns]);
+    let args = deploy["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains(&format!("--namespace={app}")), "{args}");
+}
+
+// === the operator and a sidecar on the chart's RBAC and certificate ===
+
+/// A child process killed (and reaped) on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A binary of this workspace, built with the profile of this test binary. Under
+/// `cargo test --workspace` it is already built and this is a no-op check.
+fn workspace_bin(package: &'static str, bin: &'static str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(b, _)| *b == bin) {
+        return path.clone();
+    }
+    // <target>/<profile>/deps/e2e-<hash>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", target_dir())
+        .args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if profile != "debug" {
+        cmd.args([
+            "--profile",
+            if profile == "release" {
+                "release"
+            } else {
+                &profile
+            },
+        ]);
+    }
+    let status = cmd.status().expect("cargo runs");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin}: {status}"
+    );
+    let path = profile_dir.join(bin);
+    assert!(path.is_file(), "{} missing after the build", path.display());
+    built.push((bin, path.clone()));
+    path
+}
+
+/// A port free on 127.0.0.1 now (the OS does not hand it out again at once).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over plain HTTP/1.0; (status, body), or None when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Writes a kubeconfig that authenticates as `ns/sa` with a token from the TokenRequest API.
+fn service_account_kubeconfig(cp: &ControlPlane, ns: &str, sa: &str, path: &Path) {
+    let token = cp
+        .kubectl(["create", "token", sa, "-n", ns, "--duration", "2h"])
+        .unwrap();
+    let ca = cp
+        .kubectl([
+            "config",
+            "view",
+            "--raw",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+        ])
+        .unwrap();
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cp", "cluster": {"server": cp.server(), "certificate-authority-data": ca.trim()}}],
+        "users": [{"name": sa, "user": {"token": token.trim()}}],
+        "contexts": [{"name": sa, "context": {"cluster": "cp", "user": sa}}],
+        "current-context": sa,
+    });
+    std::fs::write(path, config.to_string()).unwrap();
+}
+
+fn secret_file(cp: &ControlPlane, ns: &str, name: &str, key: &str, dir: &Path) -> PathBuf {
+    let template = format!("go-template={{{{index .data \"{key}\" | base64decode}}}}");
+    let pem = cp
+        .kubectl(["get", "secret", name, "-n", ns, "-o", &template])
+        .unwrap();
+    let path = dir.join(key);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// `can-i` says what RBAC allows; this shows it is enough. The operator binary runs with the
+/// arguments the chart gives its Deployment, authenticated as the chart's ServiceAccount (a
+/// real token, no admin rights) and serving the chart's certificate; it elects itself leader,
+/// adds its finalizer, reads the Secret, writes status and events, and a sidecar authenticated
+/// with a Pod-bound token subscribes over TLS, verifying the chart's CA and Service DNS name.
+#[test]
+fn the_operator_runs_on_the_charts_rbac_and_certificate() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let operator_bin = workspace_bin("tollgate-operator", "tollgate-operator");
+    let sidecar_bin = workspace_bin("tollgate-sidecar", "tollgate-sidecar");
+    let ns = cp.create_namespace("chart-run").unwrap();
+    let app = cp.create_namespace("chart-run-app").unwrap();
+    install(
+        cp,
+        "run",
+        &ns,
+        &[
+            &format!("watchNamespaces={{{app}}}"),
+            "operator.statusInterval=1s",
+            "operator.reportInterval=1s",
+            "operator.logFormat=text",
+        ],
+    );
+    let release = "run-tollgate-operator";
+    let dir = target_dir().join("e2e-logs").join(format!("chart-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The operator, as the Deployment would run it, bar the addresses and file paths.
+    let deploy = get_json(cp, &["deployment", release, "-n", &ns]);
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    let (listen, admin) = (free_port(), free_port());
+    let cert = secret_file(cp, &ns, &format!("{release}-tls"), "tls.crt", &dir);
+    let key = secret_file(cp, &ns, &format!("{release}-tls"), "tls.key", &dir);
+    let ca = secret_file(cp, &ns, &format!("{release}-tls"), "ca.crt", &dir);
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a.split_once('=') {
+                Some(("--listen", _)) => format!("--listen=127.0.0.1:{listen}"),
+                Some(("--admin", _)) => format!("--admin=127.0.0.1:{admin}"),
+                Some(("--tls-cert", _)) => format!("--tls-cert={}", cert.display()),
+                Some(("--tls-key", _)) => format!("--tls-key={}", key.display()),
+                _ => a.to_owned(),
+            }
+        })
+        .collect();
+    let kubeconfig = dir.join("operator.kubeconfig");
+    service_account_kubeconfig(cp, &ns, release, &kubeconfig);
+    let operator_log = dir.join("operator.log");
+    let identity = "run-tollgate-operator-0";
+    let log_file = File::create(&operator_log).unwrap();
+    let _operator = Running(
+        Command::new(&operator_bin)
+            .args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", identity)
+            .env("POD_NAMESPACE", &ns)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            // It logs to stdout; both streams go to one file.
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&operator_log).unwrap_or_default();
+
+    wait_for("the operator's /readyz", Duration::from_secs(30), || {
+        (http_get(admin, "/readyz")?.0 == 200).then_some(())
+    });
+    let holder = wait_for("the leader Lease", Duration::from_secs(30), || {
+        let lease = cp
+            .kubectl([
+                "get",
+                "lease",
+                release,
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .ok()?;
+        (!lease.is_empty()).then_some(lease)
+    });
+    assert_eq!(holder, identity);
+    wait_for("the replica's peer Lease", Duration::from_secs(30), || {
+        let name = format!("tollgate-peer-{identity}");
+        cp.kubectl(["get", "lease", &name, "-n", &ns]).ok()
+    });
+
+    // A partner with a credential, in the watched namespace.
+    let manifests = format!(
+        r#"{{"apiVersion":"v1","kind":"List","items":[
+  {{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"partner-api","namespace":"{app}"}},"stringData":{{"apiKey":"k-123"}}}},
+  {{"apiVersion":"tollgate.dev/v1alpha1","kind":"PartnerIntegration","metadata":{{"name":"partner","namespace":"{app}"}},
+    "spec":{{"upstream":{{"url":"http://127.0.0.1:9"}},"credentials":{{"secretRef":{{"name":"partner-api","key":"apiKey"}},"header":"Authorization","format":"Bearer {{value}}"}}}}}},
+  {{"apiVersion":"v1","kind":"ServiceAccount","metadata":{{"name":"app","namespace":"{app}"}}}}
+]}}"#
+    );
+    cp.kubectl_with_stdin(["apply", "-f", "-"], &manifests)
+        .unwrap();
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app-0", "namespace": app, "labels": {"app": "checkout"}},
+        "spec": {"serviceAccountName": "app", "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+    });
+    cp.kubectl_with_stdin(["apply", "-f", "-"], &pod.to_string())
+        .unwrap();
+
+    let ready = |pi: &Value| {
+        pi["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    };
+    let pi = wait_for(
+        "status Ready=True written by the operator",
+        Duration::from_secs(30),
+        || {
+            let pi = get_json(cp, &["pi", "partner", "-n", &app]);
+            ready(&pi).then_some(pi)
+        },
+    );
+    assert_eq!(
+        pi["metadata"]["finalizers"],
+        json!(["tollgate.dev/cleanup"])
+    );
+
+    // The sidecar, as an injected one would run: Pod-bound token, the chart's CA, the
+    // Service's DNS name checked on the operator's certificate.
+    let uid = cp
+        .kubectl([
+            "get",
+            "pod",
+            "app-0",
+            "-n",
+            &app,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .unwrap();
+    let token = cp
+        .kubectl([
+            "create",
+            "token",
+            "app",
+            "-n",
+            &app,
+            "--audience",
+            "tollgate",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            "app-0",
+            "--bound-object-uid",
+            &uid,
+        ])
+        .unwrap();
+    let token_file = dir.join("sidecar.token");
+    std::fs::write(&token_file, token.trim()).unwrap();
+    let (proxy, sidecar_admin) = (free_port(), free_port());
+    let _sidecar = Running(
+        Command::new(&sidecar_bin)
+            .args([
+                "--operator".to_owned(),
+                format!("https://127.0.0.1:{listen}"),
+                "--operator-server-name".to_owned(),
+                format!("{release}.{ns}.svc"),
+                "--operator-ca".to_owned(),
+                ca.display().to_string(),
+                "--token-file".to_owned(),
+                token_file.display().to_string(),
+                "--state-file".to_owned(),
+                dir.join("sidecar-state.json").display().to_string(),
+                "--listen".to_owned(),
+                format!("127.0.0.1:{proxy}"),
+                "--admin".to_owned(),
+                format!("127.0.0.1:{sidecar_admin}"),
+            ])
+            .env("POD_NAME", "app-0")
+            .env("POD_NAMESPACE", &app)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("sidecar.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let config = wait_for(
+        "the sidecar's revision from the operator",
+        Duration::from_secs(30),
+        || {
+            let (status, body) = http_get(sidecar_admin, "/config")?;
+            let config: Value = serde_json::from_str(&body).ok()?;
+            (status == 200
+                && config["integrations"]
+                    .as_array()
+                    .is_some_and(|i| !i.is_empty()))
+            .then_some(config)
+        },
+    );
+    let integration = &config["integrations"][0];
+    assert_eq!(integration["credentials"]["loaded"], true, "{config}");
+    wait_for(
+        "status.sidecars.desired = 1",
+        Duration::from_secs(30),
+        || {
+            (get_json(cp, &["pi", "partner", "-n", &app])["status"]["sidecars"]["desired"] == 1)
+                .then_some(())
+        },
+    );
+
+    // Events through events.k8s.io.
+    cp.kubectl([
+        "patch",
+        "pi",
+        "partner",
+        "-n",
+        &app,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"killSwitch":{"enabled":true,"reason":"chart test"}}}"#,
+    ])
+    .unwrap();
+    wait_for("a KillSwitchEnabled event", Duration::from_secs(30), || {
+        let events = get_json(cp, &["events.events.k8s.io", "-n", &app]);
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "KillSwitchEnabled")
+            .then_some(())
+    });
+
+    let log = log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the operator was refused something its chart RBAC should allow:\n{log}"
+    );
+    assert!(log.contains("tollgate-operator started"), "{log}");
+}
