@@ -265,6 +265,69 @@ fn every_value_is_in_the_readme() {
     assert!(paths.len() > 60, "{paths:?}");
 }
 
+/// The images' users are the ones the chart and interception count on.
+#[test]
+fn dockerfiles_build_static_non_root_images_with_the_charts_uids() {
+    let values = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    // The first `runAsUser:` after a top-level key, in values.yaml's own order.
+    let uid_under = |key: &str| -> String {
+        let block = values
+            .split(&format!("\n{key}:\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("values.yaml has no {key}"));
+        block
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("runAsUser: "))
+            .unwrap_or_else(|| panic!("no {key}.runAsUser"))
+            .to_owned()
+    };
+    for (dockerfile, uid, package) in [
+        (
+            "operator/Dockerfile",
+            uid_under("podSecurityContext"),
+            "tollgate-operator",
+        ),
+        (
+            "sidecar/Dockerfile",
+            uid_under("sidecar"),
+            "tollgate-sidecar",
+        ),
+    ] {
+        let text = std::fs::read_to_string(workspace_root().join(dockerfile)).unwrap();
+        let last_stage = text.rsplit("\nFROM ").next().unwrap();
+        assert!(
+            last_stage.starts_with("gcr.io/distroless/static"),
+            "{dockerfile}: the runtime image is not distroless/static"
+        );
+        let user = last_stage
+            .lines()
+            .find_map(|l| l.strip_prefix("USER "))
+            .unwrap_or_else(|| panic!("{dockerfile}: no USER in the runtime stage"));
+        assert_eq!(user, format!("{uid}:{uid}"), "{dockerfile}");
+        assert_ne!(uid, "0");
+        assert!(
+            text.contains(&format!(
+                "cargo build --release --locked -p {package} --bin {package}"
+            )),
+            "{dockerfile} does not build {package}"
+        );
+    }
+    assert_eq!(uid_under("sidecar"), "1337");
+    // setup-iptables drives the iptables tools: its stage has them.
+    let sidecar = std::fs::read_to_string(workspace_root().join("sidecar/Dockerfile")).unwrap();
+    let init = sidecar
+        .split("\nFROM ")
+        .find(|stage| {
+            stage
+                .lines()
+                .next()
+                .is_some_and(|l| l.ends_with(" AS init"))
+        })
+        .expect("sidecar/Dockerfile has a stage `init`");
+    assert!(init.contains("apk add --no-cache iptables"), "{init}");
+    assert!(init.contains(r#"ENTRYPOINT ["/usr/local/bin/tollgate-sidecar", "setup-iptables"]"#));
+}
+
 // === lint ===
 
 #[test]
