@@ -841,46 +841,55 @@ impl Drop for Running {
     }
 }
 
-/// A binary of this workspace, built with the profile of this test binary. Under
-/// `cargo test --workspace` it is already built and this is a no-op check.
-fn workspace_bin(package: &'static str, bin: &'static str) -> PathBuf {
-    static BUILT: OnceLock<std::sync::Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, path)) = built.iter().find(|(b, _)| *b == bin) {
-        return path.clone();
-    }
-    // <target>/<profile>/deps/e2e-<hash>
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", target_dir())
-        .args(["build", "--quiet", "-p", package, "--bin", bin]);
-    if profile != "debug" {
-        cmd.args([
-            "--profile",
-            if profile == "release" {
-                "release"
-            } else {
-                &profile
-            },
-        ]);
-    }
-    let status = cmd.status().expect("cargo runs");
-    assert!(
-        status.success(),
-        "cargo build -p {package} --bin {bin}: {status}"
-    );
-    let path = profile_dir.join(bin);
+/// A binary of this workspace (`tollgate-operator`, `tollgate-sidecar`), as `cargo test
+/// --workspace` builds it: that exact command runs first (`--no-run`), so under CI's
+/// `cargo test --workspace` it is a no-op check, and a plain `cargo build` cannot swap in a
+/// binary built with other features (the dev-dependencies turn on tokio's `test-util`).
+fn workspace_bin(bin: &str) -> PathBuf {
+    static PROFILE_DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = PROFILE_DIR.get_or_init(|| {
+        // <target>/<profile>/deps/e2e-<hash>
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        // Cargo runs this test with the variables of the package under test; build scripts
+        // that track them (ring: CARGO_MANIFEST_DIR) would see a change and rebuild half the
+        // workspace, here and again in the next ordinary build.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
+        cmd.current_dir(workspace_root())
+            .env("CARGO_TARGET_DIR", target_dir())
+            .args(["test", "--workspace", "--locked", "--no-run", "--quiet"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(
+            status.success(),
+            "cargo test --workspace --no-run: {status}"
+        );
+        dir
+    });
+    let path = dir.join(bin);
     assert!(path.is_file(), "{} missing after the build", path.display());
-    built.push((bin, path.clone()));
     path
 }
 
@@ -967,8 +976,8 @@ fn secret_file(cp: &ControlPlane, ns: &str, name: &str, key: &str, dir: &Path) -
 fn the_operator_runs_on_the_charts_rbac_and_certificate() {
     let cp = ControlPlane::shared();
     install_crd(cp);
-    let operator_bin = workspace_bin("tollgate-operator", "tollgate-operator");
-    let sidecar_bin = workspace_bin("tollgate-sidecar", "tollgate-sidecar");
+    let operator_bin = workspace_bin("tollgate-operator");
+    let sidecar_bin = workspace_bin("tollgate-sidecar");
     let ns = cp.create_namespace("chart-run").unwrap();
     let app = cp.create_namespace("chart-run-app").unwrap();
     install(
