@@ -22,6 +22,7 @@ use crate::engine::breaker::Breaker;
 use crate::engine::budget::RetryBudget;
 use crate::engine::limiter::Limiter;
 use crate::engine::stale_cache::StaleCache;
+use crate::layers::client::Upstream;
 use crate::telemetry::metrics::RouteMetrics;
 
 /// What building state needs from the process.
@@ -77,6 +78,8 @@ struct KeyedBreaker {
 /// default route).
 pub struct IntegrationState {
     pub client: HttpClient,
+    /// Where attempts go, parsed once.
+    pub upstream: Upstream,
     client_key: Duration,
     /// The integration's account-wide quota.
     pub quota: Option<Quota>,
@@ -158,6 +161,7 @@ impl IntegrationState {
         });
         IntegrationState {
             client,
+            upstream: Upstream::new(&policy.upstream),
             client_key: connect_timeout,
             quota,
             route_quotas,
