@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use rustls::ClientConfig;
@@ -22,6 +22,8 @@ use crate::engine::breaker::Breaker;
 use crate::engine::budget::RetryBudget;
 use crate::engine::limiter::Limiter;
 use crate::engine::stale_cache::StaleCache;
+use crate::layers::client::Upstream;
+use crate::telemetry::metrics::RouteMetrics;
 
 /// What building state needs from the process.
 #[derive(Clone)]
@@ -76,6 +78,8 @@ struct KeyedBreaker {
 /// default route).
 pub struct IntegrationState {
     pub client: HttpClient,
+    /// Where attempts go, parsed once.
+    pub upstream: Upstream,
     client_key: Duration,
     /// The integration's account-wide quota.
     pub quota: Option<Quota>,
@@ -88,6 +92,8 @@ pub struct IntegrationState {
     pub traffic: Arc<Traffic>,
     /// Route names by index; state is matched by name across revisions, not by position.
     route_names: Vec<String>,
+    /// Per route: its call metrics, resolved on the route's first call in this revision.
+    pub route_metrics: Vec<OnceLock<RouteMetrics>>,
 }
 
 impl IntegrationState {
@@ -155,6 +161,7 @@ impl IntegrationState {
         });
         IntegrationState {
             client,
+            upstream: Upstream::new(&policy.upstream),
             client_key: connect_timeout,
             quota,
             route_quotas,
@@ -164,6 +171,7 @@ impl IntegrationState {
             cache,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
             route_names: (0..routes).map(|i| route(i).name.clone()).collect(),
+            route_metrics: (0..routes).map(|_| OnceLock::new()).collect(),
         }
     }
 

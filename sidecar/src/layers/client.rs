@@ -21,20 +21,7 @@ pub fn upstream_uri(
     up: &UpstreamPolicy,
     path_and_query: Option<&PathAndQuery>,
 ) -> Result<Uri, http::Error> {
-    let pq = path_and_query.map_or("/", PathAndQuery::as_str);
-    let path = if up.base_path.is_empty() {
-        pq.to_string()
-    } else {
-        format!("{}{}", up.base_path, pq)
-    };
-    Uri::builder()
-        .scheme(match up.scheme {
-            Scheme::Http => UriScheme::HTTP,
-            Scheme::Https => UriScheme::HTTPS,
-        })
-        .authority(authority(up).as_str())
-        .path_and_query(path)
-        .build()
+    Upstream::new(up).uri(path_and_query)
 }
 
 /// `host` or `host:port` (port omitted when it is the scheme's default), IPv6 bracketed.
@@ -57,6 +44,51 @@ pub fn authority(up: &UpstreamPolicy) -> Authority {
         .expect("host and port from a parsed URL form an authority")
 }
 
+/// An integration's upstream in the form every attempt needs, parsed once per revision: the
+/// per-attempt cost is then a few reference-count bumps instead of formatting and re-parsing the
+/// URL and the `Host` value.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    scheme: UriScheme,
+    authority: Authority,
+    base_path: String,
+    /// The `Host` header the partner gets.
+    pub host: Option<HeaderValue>,
+}
+
+impl Upstream {
+    pub fn new(up: &UpstreamPolicy) -> Self {
+        let authority = authority(up);
+        Upstream {
+            scheme: match up.scheme {
+                Scheme::Http => UriScheme::HTTP,
+                Scheme::Https => UriScheme::HTTPS,
+            },
+            host: HeaderValue::from_str(authority.as_str()).ok(),
+            authority,
+            base_path: up.base_path.clone(),
+        }
+    }
+
+    /// The partner's URL for a request's path and query.
+    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let path = if self.base_path.is_empty() {
+            match path_and_query {
+                Some(pq) => pq.clone(),
+                None => PathAndQuery::from_static("/"),
+            }
+        } else {
+            let pq = path_and_query.map_or("/", PathAndQuery::as_str);
+            PathAndQuery::try_from(format!("{}{}", self.base_path, pq))?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+    }
+}
+
 impl Service<Request<ReqBody>> for Client {
     type Response = Response<RespBody>;
     type Error = CallError;
@@ -68,8 +100,8 @@ impl Service<Request<ReqBody>> for Client {
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let up = &call.integration.policy.upstream;
-        let uri = match upstream_uri(up, req.uri().path_and_query()) {
+        let up = &call.integration.state.upstream;
+        let uri = match up.uri(req.uri().path_and_query()) {
             Ok(u) => u,
             Err(e) => {
                 let err = CallError::Answer(call.answer(
@@ -79,8 +111,8 @@ impl Service<Request<ReqBody>> for Client {
                 return Box::pin(std::future::ready(Err(err)));
             }
         };
-        if let Ok(host) = HeaderValue::from_str(authority(up).as_str()) {
-            req.headers_mut().insert(HOST, host);
+        if let Some(host) = &up.host {
+            req.headers_mut().insert(HOST, host.clone());
         }
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;

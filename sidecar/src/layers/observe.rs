@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
 use crate::body::{ReqBody, RespBody};
-use crate::telemetry::metrics::{CallLabels, Metrics, RouteLabels};
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
@@ -82,9 +82,9 @@ where
                 let (resp, outcome, reason) = match result {
                     Ok(resp) => {
                         let (outcome, reason) = match resp.extensions().get::<ServedFallback>() {
-                            Some(f) => (format!("fallback-{}", f.kind), f.reason),
-                            None if resp.status().as_u16() < 400 => ("success".to_string(), None),
-                            None => ("partner-error".to_string(), None),
+                            Some(f) => (fallback_outcome(f.kind), f.reason),
+                            None if resp.status().as_u16() < 400 => ("success", None),
+                            None => ("partner-error", None),
                         };
                         if let Some(f) = resp.extensions().get::<ServedFallback>() {
                             tracing::Span::current().record("tollgate.fallback", f.kind);
@@ -94,50 +94,42 @@ where
                     Err(e) => {
                         let answer = e.into_answer(&call);
                         let reason = answer.reason;
-                        (
-                            answer.into_response(),
-                            reason.as_str().to_string(),
-                            Some(reason),
-                        )
+                        (answer.into_response(), reason.as_str(), Some(reason))
                     }
                 };
                 let status = resp.status().as_u16();
                 let span = tracing::Span::current();
-                span.record("http.response.status_code", status);
-                span.record("tollgate.attempts", call.attempts());
-                if let Some(r) = reason {
-                    span.record("tollgate.reason", r.as_str());
+                if !span.is_disabled() {
+                    span.record("http.response.status_code", status);
+                    span.record("tollgate.attempts", call.attempts());
+                    if let Some(r) = reason {
+                        span.record("tollgate.reason", r.as_str());
+                    }
+                    if status >= 500 || reason.is_some() {
+                        span.record("otel.status_code", "ERROR");
+                    }
                 }
-                if status >= 500 || reason.is_some() {
-                    span.record("otel.status_code", "ERROR");
-                }
-                let integration = call.integration.label.to_string();
-                let route = call.route_name().to_string();
-                metrics
-                    .duration
-                    .get_or_create(&RouteLabels {
-                        integration: integration.clone(),
-                        route: route.clone(),
+                let elapsed = call.started.elapsed();
+                call.integration.state.route_metrics[call.route]
+                    .get_or_init(|| {
+                        RouteMetrics::new(&metrics, &call.integration.label, call.route_name())
                     })
-                    .observe(call.started.elapsed().as_secs_f64());
-                metrics
-                    .requests
-                    .get_or_create(&CallLabels {
-                        integration,
-                        route,
-                        outcome,
-                        code: status.to_string(),
-                    })
-                    .inc();
-                call.integration.state.record_call(
-                    call.route,
-                    status,
-                    reason,
-                    call.started.elapsed(),
-                );
+                    .record(&metrics, outcome, status, elapsed.as_secs_f64());
+                call.integration
+                    .state
+                    .record_call(call.route, status, reason, elapsed);
                 Ok(resp)
             }
             .instrument(span),
         )
+    }
+}
+
+/// The `outcome` label of a call served from fallback.
+fn fallback_outcome(kind: &str) -> &'static str {
+    match kind {
+        "stale" => "fallback-stale",
+        "static" => "fallback-static",
+        _ => "fallback",
     }
 }

@@ -136,6 +136,13 @@ impl Framer {
                         if data.is_empty() {
                             return;
                         }
+                        // The common case: the whole head came in this read. Parse it where it
+                        // lies instead of copying it into the buffer first.
+                        if let Some(end) = find_head_end(data) {
+                            self.state = self.on_head(&data[..end]);
+                            data = &data[end..];
+                            continue;
+                        }
                     }
                     let before = buf.len();
                     buf.extend_from_slice(data);
@@ -214,9 +221,10 @@ impl Framer {
     }
 
     fn on_head(&mut self, head: &[u8]) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
+        // Uninitialised slots: zeroing 128 headers (4 KiB) per request showed in the profile.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, &mut headers) {
             Ok(httparse::Status::Complete(_)) => {}
             _ => return State::Off,
         }

@@ -1,6 +1,6 @@
 //! The sidecar's metrics, named as api.md section 4 binds them.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -231,5 +231,72 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+// === impl RouteMetrics ===
+
+/// One route's call metrics, resolved once per revision: a call then records its outcome
+/// without building label strings or hashing them into the families (which was the larger part
+/// of the observe layer's cost). The handles share their series with the families, so counts
+/// carry on across revisions.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    integration: String,
+    route: String,
+    duration: Histogram,
+    /// `(outcome, status code)` -> its `tollgate_requests_total` series; a handful per route.
+    requests: RwLock<Vec<(&'static str, u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Metrics, integration: &str, route: &str) -> Self {
+        let duration = metrics
+            .duration
+            .get_or_create(&RouteLabels {
+                integration: integration.to_string(),
+                route: route.to_string(),
+            })
+            .clone();
+        RouteMetrics {
+            integration: integration.to_string(),
+            route: route.to_string(),
+            duration,
+            requests: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Records one finished call.
+    pub fn record(&self, metrics: &Metrics, outcome: &'static str, code: u16, seconds: f64) {
+        self.duration.observe(seconds);
+        let found = self
+            .requests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(o, c, _)| *c == code && *o == outcome)
+            .map(|(_, _, counter)| counter.inc());
+        if found.is_some() {
+            return;
+        }
+        let mut requests = self.requests.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, counter)) = requests
+            .iter()
+            .find(|(o, c, _)| *c == code && *o == outcome)
+        {
+            counter.inc();
+            return;
+        }
+        let counter = metrics
+            .requests
+            .get_or_create(&CallLabels {
+                integration: self.integration.clone(),
+                route: self.route.clone(),
+                outcome: outcome.to_string(),
+                code: code.to_string(),
+            })
+            .clone();
+        counter.inc();
+        requests.push((outcome, code, counter));
     }
 }
