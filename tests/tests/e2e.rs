@@ -4,6 +4,7 @@
 //! area is a module beside this file, and all of them share the control plane
 //! of `ControlPlane::shared()`. Run with `cargo test -p tollgate-e2e`.
 
+mod cluster;
 mod crd;
 mod helm;
 mod tokens;
