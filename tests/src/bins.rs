@@ -50,14 +50,10 @@ fn resolve(env_var: &str, name: &str) -> PathBuf {
 fn profile_dir() -> PathBuf {
     let exe = env::current_exe().unwrap_or_default();
     // <target>/<profile>/deps/<test> or <target>/<profile>/examples/<example>
-    match exe.parent().and_then(Path::parent) {
-        Some(dir)
-            if dir
-                .parent()
-                .is_some_and(|t| t.join("CACHEDIR.TAG").is_file()) =>
-        {
-            dir.to_path_buf()
-        }
+    match exe.parent() {
+        Some(dir) if dir.ends_with("deps") || dir.ends_with("examples") => dir
+            .parent()
+            .map_or_else(|| target_dir().join("debug"), Path::to_path_buf),
         _ => target_dir().join("debug"),
     }
 }
