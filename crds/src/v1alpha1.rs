@@ -73,7 +73,10 @@ pub struct PartnerIntegrationSpec {
     /// Where the sidecar sends traffic and which hosts it recognises as this partner.
     pub upstream: Upstream,
     /// Stops all traffic to the partner at once. Absent: off.
+    // Defaulted by the API server to `{enabled: false}`, so the KILL column reads `false`
+    // rather than blank for an integration whose switch was never touched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = {}))]
     pub kill_switch: Option<KillSwitch>,
     /// Per-attempt and whole-call deadlines. Always in force (defaults 10s and 30s).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -231,3 +231,12 @@ fn crd_carries_the_contract() {
         tollgate_crds::v1alpha1::DURATION_PATTERN
     );
 }
+
+#[test]
+fn kill_column_is_never_blank() {
+    // The KILL column reads .spec.killSwitch.enabled: the API server must default the whole
+    // path, or an integration whose switch was never touched shows an empty cell.
+    let kill = &schema()["properties"]["spec"]["properties"]["killSwitch"];
+    assert_eq!(kill["default"], serde_json::json!({}), "{kill}");
+    assert_eq!(kill["properties"]["enabled"]["default"], false, "{kill}");
+}

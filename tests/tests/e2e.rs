@@ -5,6 +5,7 @@
 //! of `ControlPlane::shared()`. Run with `cargo test -p tollgate-e2e`.
 
 mod chart;
+mod cluster;
 mod crd;
 mod helm;
 mod tokens;

@@ -1,0 +1,212 @@
+//! The real `tollgate-operator` binary as a child process, against a [`ControlPlane`]: its own
+//! serving certificate for 127.0.0.1 (rcgen), fixed ports so a restart comes back where the
+//! sidecars look for it, and the control plane's admin kubeconfig.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::ControlPlane;
+use crate::bins::operator_bin;
+use crate::net;
+use crate::process::{Process, Spec};
+use crate::tools::target_dir;
+
+/// How long the operator may take to report ready (kube client, CRD check, listeners).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A CA and a serving certificate signed by it for `127.0.0.1` and `localhost`, as PEM files.
+#[derive(Debug, Clone)]
+pub struct ServingCert {
+    /// The CA bundle sidecars trust (`--operator-ca`).
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl ServingCert {
+    /// Generates the pair into `dir`.
+    pub fn generate(dir: &Path) -> anyhow::Result<ServingCert> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "tollgate e2e CA");
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+        leaf.subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "tollgate-operator");
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let out = ServingCert {
+            ca_file: dir.join("ca.crt"),
+            cert_file: dir.join("tls.crt"),
+            key_file: dir.join("tls.key"),
+        };
+        std::fs::write(&out.ca_file, ca_cert.pem())?;
+        std::fs::write(&out.cert_file, cert.pem())?;
+        std::fs::write(&out.key_file, key.serialize_pem())?;
+        Ok(out)
+    }
+}
+
+/// How to run an operator.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Names it in logs, its log file and its Lease identity.
+    pub name: String,
+    /// `--namespace` flags: the namespaces it watches (empty: all).
+    pub namespaces: Vec<String>,
+    /// Where its leader and peer Leases live (leader election stays on, as in production).
+    pub lease_namespace: String,
+    /// Appended to the defaults below (a later flag wins).
+    pub extra_args: Vec<String>,
+}
+
+impl OperatorConfig {
+    /// Watches `namespace` only and keeps its Leases there.
+    pub fn for_namespace(name: &str, namespace: &str) -> OperatorConfig {
+        OperatorConfig {
+            name: name.to_string(),
+            namespaces: vec![namespace.to_string()],
+            lease_namespace: namespace.to_string(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running (or killed, until restarted) operator process.
+pub struct Operator {
+    name: String,
+    spec: Spec,
+    process: Option<Process>,
+    log_path: PathBuf,
+    /// `https://127.0.0.1:PORT`: what sidecars subscribe to.
+    pub url: String,
+    /// The plain-HTTP admin listener (`/metrics`, `/readyz`).
+    pub admin: SocketAddr,
+    pub cert: ServingCert,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts the operator and waits until it reports ready.
+    ///
+    /// Timings are shortened so a test sees status and reports within a second or two:
+    /// status every 1s, reports every 1s, Lease renewal every 2s.
+    pub fn start(cp: &ControlPlane, config: OperatorConfig) -> anyhow::Result<Operator> {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-operator-")
+            .tempdir()?;
+        let cert = ServingCert::generate(dir.path())?;
+        let listen = free_port()?;
+        let admin = free_port()?;
+        let mut spec = Spec::new(operator_bin());
+        spec.arg("--tls-cert")
+            .arg(&cert.cert_file)
+            .arg("--tls-key")
+            .arg(&cert.key_file)
+            .args(["--listen", &listen.to_string()])
+            .args(["--admin", &admin.to_string()])
+            .args(["--leader-election", "true"])
+            .args(["--lease-namespace", &config.lease_namespace])
+            .args(["--identity", &config.name])
+            .args(["--lease-renew", "2s", "--peer-interval", "2s"])
+            .args(["--status-interval", "1s", "--report-interval", "1s"])
+            .args(["--heartbeat", "5s"]);
+        for ns in &config.namespaces {
+            spec.args(["--namespace", ns]);
+        }
+        spec.args(&config.extra_args)
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn");
+        let log_path = target_dir()
+            .join("e2e-logs")
+            .join(format!("{}.log", config.name));
+        let _ = std::fs::remove_file(&log_path);
+        let mut op = Operator {
+            name: config.name,
+            spec,
+            process: None,
+            log_path,
+            url: format!("https://{listen}"),
+            admin,
+            cert,
+            _dir: dir,
+        };
+        op.launch()?;
+        Ok(op)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let mut process = Process::spawn(&self.name, &self.spec, &self.log_path)?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = process.exited() {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!("{} exited ({status}); {}", self.name, process.tail());
+            }
+            if let Ok(r) = net::get(self.admin, "/readyz")
+                && r.status == 200
+            {
+                break;
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "{} not ready within {READY_TIMEOUT:?}; {}",
+                    self.name,
+                    process.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// SIGKILL: the process dies with every stream open, as in a node failure.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again with the same flags, certificate and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.launch()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|p| p.exited().is_none())
+    }
+
+    /// Its `/metrics` text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let r = net::get(self.admin, "/metrics").context("operator /metrics")?;
+        Ok(r.body)
+    }
+
+    /// The end of its log, for failure messages.
+    pub fn tail(&self) -> String {
+        match &self.process {
+            Some(p) => p.tail(),
+            None => format!(
+                "{} is not running (log: {})",
+                self.name,
+                self.log_path.display()
+            ),
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}

@@ -1,0 +1,850 @@
+//! Tollgate in a cluster, every part real: the `tollgate-operator` process against the real
+//! API server, two `tollgate-sidecar` processes in cluster mode, one per Pod, authenticating
+//! with pod-bound ServiceAccount tokens from the TokenRequest API (verified by the operator
+//! with TokenReview), and a partner HTTP server on loopback. Each test has a namespace, an
+//! operator (watching that namespace, its Leases there) and sidecars of its own.
+//!
+//! Pods stay Pending (no kubelet runs) but exist with their labels and uid, which is all the
+//! operator reads. Every wait is a poll with a deadline ([`eventually`]); nothing sleeps for
+//! timing.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::Method;
+use serde_json::{Value, json};
+use tollgate_e2e::net::{Resp, metric};
+use tollgate_e2e::objects::{self, AUDIENCE};
+use tollgate_e2e::{
+    ControlPlane, Operator, OperatorConfig, Partner, Sidecar, SidecarConfig, eventually,
+    eventually_every,
+};
+
+use crate::crd::install_crd;
+
+/// The partner as the app addresses it; the sidecar sends it to the partner server's real
+/// address (`spec.upstream.url`).
+const PARTNER_HOST: &str = "api.partner.test";
+/// The credential the sidecars inject, from the Secret.
+const FIRST_KEY: &str = "sk_test_first";
+/// Longest time any change may take to show where no tighter bound is the point.
+const SETTLE: Duration = Duration::from_secs(20);
+/// A kill switch must be enforced by every sidecar within this.
+const KILL_SWITCH_BOUND: Duration = Duration::from_secs(1);
+
+/// Held around the parts that measure time or rate, so the other tests' bursts of process
+/// starts and traffic on this small machine do not skew them.
+static MEASURING: Mutex<()> = Mutex::new(());
+
+fn measuring() -> std::sync::MutexGuard<'static, ()> {
+    MEASURING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn url(path: &str) -> String {
+    format!("http://{PARTNER_HOST}{path}")
+}
+
+/// The policy under test: pods labelled `app=checkout` get it; a pinned version header; the
+/// partner's key injected from the Secret `partner-key`; no retries, so counts are exact.
+fn base_spec(partner: &Partner) -> Value {
+    json!({
+        "workloadSelector": {"matchLabels": {"app": "checkout"}},
+        "upstream": {"url": partner.url(), "hosts": [PARTNER_HOST], "connectTimeout": "1s"},
+        "versioning": {"pinHeaders": {"X-Api-Version": "2024-06-20"}},
+        "credentials": {
+            "secretRef": {"name": "partner-key", "key": "apiKey"},
+            "header": "Authorization",
+            "format": "Bearer {value}",
+        },
+        "retries": {"maxAttempts": 1},
+    })
+}
+
+/// One pod: its name, uid and a projected-style token for it.
+struct Pod {
+    name: String,
+    uid: String,
+    token: String,
+}
+
+fn make_pod(cp: &ControlPlane, ns: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
+    let uid = objects::pod(cp, ns, name, "app", labels).unwrap();
+    let token = objects::pod_token(cp, ns, "app", name, &uid).unwrap();
+    Pod {
+        name: name.to_string(),
+        uid,
+        token,
+    }
+}
+
+/// A namespace with the PartnerIntegration `partner`, its Secret, two `app=checkout` pods,
+/// an operator, a sidecar per pod and the partner server.
+struct Cluster {
+    cp: &'static ControlPlane,
+    ns: String,
+    partner: Partner,
+    operator: Operator,
+    a: Sidecar,
+    b: Sidecar,
+}
+
+impl Cluster {
+    fn start(prefix: &str, spec: impl Fn(&Partner) -> Value) -> Cluster {
+        Cluster::start_watching(prefix, spec, &[])
+    }
+
+    /// Like [`Cluster::start`], the operator also watching `other_namespaces`.
+    fn start_watching(
+        prefix: &str,
+        spec: impl Fn(&Partner) -> Value,
+        other_namespaces: &[&str],
+    ) -> Cluster {
+        let cp = ControlPlane::shared();
+        install_crd(cp);
+        let ns = cp.create_namespace(prefix).unwrap();
+        let partner = Partner::start().unwrap();
+        objects::service_account(cp, &ns, "app").unwrap();
+        objects::secret(cp, &ns, "partner-key", "apiKey", FIRST_KEY).unwrap();
+        objects::apply(
+            cp,
+            &objects::partner_integration(&ns, "partner", spec(&partner)),
+        )
+        .unwrap();
+        let pods = ["checkout-a", "checkout-b"]
+            .map(|name| make_pod(cp, &ns, name, &[("app", "checkout")]));
+
+        let mut config = OperatorConfig::for_namespace(&format!("{ns}-operator"), &ns);
+        config
+            .namespaces
+            .extend(other_namespaces.iter().map(|s| s.to_string()));
+        let operator = Operator::start(cp, config).unwrap();
+        let [a, b] = pods.map(|pod| {
+            let name = format!("{ns}-{}-sidecar", pod.name);
+            start_sidecar(&operator, name, &ns, &pod.name, &pod.token)
+        });
+        let cluster = Cluster {
+            cp,
+            ns,
+            partner,
+            operator,
+            a,
+            b,
+        };
+        let want = vec![cluster.key()];
+        for s in cluster.sidecars() {
+            eventually(&format!("{} to hold {want:?}", s.name()), SETTLE, || {
+                let held = s.integrations()?;
+                anyhow::ensure!(held == want, "holds {held:?}; {}", s.tail());
+                Ok(())
+            });
+        }
+        cluster
+    }
+
+    fn sidecars(&self) -> [&Sidecar; 2] {
+        [&self.a, &self.b]
+    }
+
+    /// `namespace/partner`, as sidecars and error bodies name it.
+    fn key(&self) -> String {
+        format!("{}/partner", self.ns)
+    }
+
+    fn patch(&self, patch: Value) {
+        objects::patch_pi(self.cp, &self.ns, "partner", &patch).unwrap();
+    }
+
+    fn pi(&self) -> Value {
+        objects::get_json(self.cp, &self.ns, "pi", "partner").unwrap()
+    }
+
+    /// Logs of every process, for a failure message.
+    fn logs(&self) -> String {
+        format!(
+            "{}\n{}\n{}",
+            self.operator.tail(),
+            self.a.tail(),
+            self.b.tail()
+        )
+    }
+}
+
+/// A sidecar named `name` (in messages and its log file) that subscribes to `operator` as
+/// the pod `claimed_ns/claimed_pod` with `token`.
+fn start_sidecar(
+    operator: &Operator,
+    name: String,
+    claimed_ns: &str,
+    claimed_pod: &str,
+    token: &str,
+) -> Sidecar {
+    Sidecar::start(SidecarConfig {
+        name,
+        operator_url: operator.url.clone(),
+        operator_ca: operator.cert.ca_file.clone(),
+        pod_namespace: claimed_ns.to_string(),
+        pod_name: claimed_pod.to_string(),
+        token: token.to_string(),
+        unknown_hosts: "deny",
+    })
+    .unwrap()
+}
+
+/// Ok when the sidecar itself answered with `reason` and `status`, naming the integration.
+fn expect_decision(r: &Resp, status: u16, reason: &str, integration: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        r.status == status && r.reason() == Some(reason),
+        "got {} {:?}: {}",
+        r.status,
+        r.reason(),
+        r.body
+    );
+    let body = r.json()?;
+    anyhow::ensure!(
+        body["error"]["reason"] == reason && body["error"]["integration"] == integration,
+        "body {body}"
+    );
+    Ok(())
+}
+
+/// Ok when the partner answered 200 (the echo of what it received).
+fn expect_partner_ok(r: &Resp) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        r.status == 200 && r.reason().is_none(),
+        "got {} {:?}: {}",
+        r.status,
+        r.reason(),
+        r.body
+    );
+    r.json()
+}
+
+/// The condition `type_` of a PartnerIntegration's status, if present.
+fn condition<'a>(pi: &'a Value, type_: &str) -> Option<&'a Value> {
+    pi["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+// === 1. traffic under the policy ===
+
+#[test]
+fn traffic_flows_through_both_sidecars_under_the_policy() {
+    let c = Cluster::start("traffic", base_spec);
+
+    for (i, s) in c.sidecars().into_iter().enumerate() {
+        // The app sends a made-up key: the sidecar must replace it with the Secret's.
+        let r = s
+            .send(
+                Method::GET,
+                &url(&format!("/v1/charges?n={i}")),
+                &[("authorization", "Bearer made-up-by-the-app")],
+            )
+            .unwrap();
+        let echo = expect_partner_ok(&r).unwrap_or_else(|e| panic!("{}: {e:#}", s.name()));
+        assert_eq!(echo["path"], format!("/v1/charges?n={i}"));
+        assert_eq!(echo["headers"]["x-api-version"], "2024-06-20", "{echo}");
+        assert_eq!(
+            echo["headers"]["authorization"],
+            format!("Bearer {FIRST_KEY}"),
+            "{echo}"
+        );
+        // /config says a credential is loaded, never what it is.
+        let config = s.config().unwrap();
+        assert_eq!(
+            config["integrations"][0]["credentials"]["loaded"], true,
+            "{config}"
+        );
+        assert!(!config.to_string().contains(FIRST_KEY), "{config}");
+        // The persisted revision holds the credential, so it is the pod's alone.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(s.state_file()).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", s.state_file().display());
+    }
+    assert_eq!(c.partner.count(), 2);
+
+    // The operator counts both sidecars as subscribed and running the revision in force.
+    eventually("status.sidecars to count both sidecars", SETTLE, || {
+        let pi = c.pi();
+        let s = &pi["status"]["sidecars"];
+        anyhow::ensure!(
+            s["desired"] == 2 && s["upToDate"] == 2,
+            "status {}",
+            pi["status"]
+        );
+        Ok(())
+    });
+}
+
+// === 2. the kill switch ===
+
+#[test]
+fn kill_switch_reaches_both_sidecars_within_a_second_and_lifts() {
+    let c = Cluster::start("killswitch", base_spec);
+    for s in c.sidecars() {
+        expect_partner_ok(&s.get(&url("/v1/charges")).unwrap()).unwrap();
+    }
+    let key = c.key();
+    let _quiet = measuring();
+
+    let start = Instant::now();
+    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "INC-123 e2e"}}}));
+    let committed = Instant::now();
+    eventually_every(
+        "both sidecars to answer kill-switch",
+        KILL_SWITCH_BOUND,
+        Duration::from_millis(5),
+        || {
+            for s in c.sidecars() {
+                let r = s.get(&url("/v1/charges"))?;
+                expect_decision(&r, 503, "kill-switch", &key)
+                    .map_err(|e| e.context(s.name().to_string()))?;
+            }
+            Ok(())
+        },
+    );
+    eprintln!(
+        "kill switch on: enforced by both sidecars {:?} after kubectl patch returned ({:?} after it started)",
+        committed.elapsed(),
+        start.elapsed()
+    );
+
+    // Nothing reaches the partner while it is on.
+    let before = c.partner.count();
+    for s in c.sidecars() {
+        for _ in 0..5 {
+            let r = s.send(Method::POST, &url("/v1/charges"), &[]).unwrap();
+            expect_decision(&r, 503, "kill-switch", &key).unwrap();
+        }
+    }
+    assert_eq!(c.partner.count(), before, "requests reached the partner");
+
+    let start = Instant::now();
+    c.patch(json!({"spec": {"killSwitch": {"enabled": false}}}));
+    let committed = Instant::now();
+    eventually_every(
+        "traffic to flow through both sidecars again",
+        KILL_SWITCH_BOUND,
+        Duration::from_millis(5),
+        || {
+            for s in c.sidecars() {
+                expect_partner_ok(&s.get(&url("/v1/charges"))?)
+                    .map_err(|e| e.context(s.name().to_string()))?;
+            }
+            Ok(())
+        },
+    );
+    eprintln!(
+        "kill switch off: both sidecars pass traffic {:?} after kubectl patch returned ({:?} after it started)",
+        committed.elapsed(),
+        start.elapsed()
+    );
+}
+
+// === 3. edits, Secret rotation, deletion ===
+
+#[test]
+fn limit_edit_secret_rotation_and_deletion_reach_both_sidecars() {
+    let c = Cluster::start("edits", |p| {
+        let mut spec = base_spec(p);
+        spec["rateLimit"] = json!({
+            "scope": "perPod",
+            "limits": [{"name": "minute", "requests": 1000, "per": "1m"}],
+        });
+        spec
+    });
+    let key = c.key();
+
+    // Rotating the Secret: the new key is what both sidecars inject.
+    objects::secret(c.cp, &c.ns, "partner-key", "apiKey", "sk_test_rotated").unwrap();
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to inject the rotated key", s.name()),
+            SETTLE,
+            || {
+                let echo = expect_partner_ok(&s.get(&url("/v1/charges"))?)?;
+                let auth = &echo["headers"]["authorization"];
+                anyhow::ensure!(auth == "Bearer sk_test_rotated", "partner got {auth}");
+                Ok(())
+            },
+        );
+    }
+
+    // Editing a limit: 2 a minute per pod, so each sidecar admits two and refuses the third.
+    c.patch(json!({"spec": {"rateLimit": {"limits": [{"name": "minute", "requests": 2, "per": "1m"}]}}}));
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to run the edited limit", s.name()),
+            SETTLE,
+            || {
+                let config = s.config()?;
+                let bands = &config["integrations"][0]["rateLimit"]["bands"];
+                anyhow::ensure!(bands[0]["requests"] == 2, "bands {bands}");
+                Ok(())
+            },
+        );
+    }
+    for s in c.sidecars() {
+        for n in 0..2 {
+            let r = s.get(&url(&format!("/v1/limited/{n}"))).unwrap();
+            expect_partner_ok(&r).unwrap_or_else(|e| panic!("{} call {n}: {e:#}", s.name()));
+        }
+        let r = s.get(&url("/v1/limited/2")).unwrap();
+        expect_decision(&r, 429, "rate-limited", &key)
+            .unwrap_or_else(|e| panic!("{}: third call: {e:#}", s.name()));
+        assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    }
+
+    // Deleting the integration: both sidecars drop it; its host is unknown to them again.
+    c.cp.kubectl(["-n", &c.ns, "delete", "pi", "partner", "--timeout=60s"])
+        .unwrap();
+    let before = c.partner.count();
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to drop the integration", s.name()),
+            SETTLE,
+            || {
+                let held = s.integrations()?;
+                anyhow::ensure!(held.is_empty(), "still holds {held:?}");
+                let r = s.get(&url("/v1/charges"))?;
+                anyhow::ensure!(
+                    r.status == 403 && r.reason() == Some("unknown-host"),
+                    "got {} {:?}",
+                    r.status,
+                    r.reason()
+                );
+                Ok(())
+            },
+        );
+    }
+    assert_eq!(c.partner.count(), before, "requests reached the partner");
+}
+
+// === 4. who gets nothing ===
+
+#[test]
+fn sidecars_the_operator_cannot_verify_or_select_get_nothing() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    // Another namespace with an integration of its own and a pod that matches the labels.
+    let other = cp.create_namespace("isolation-other").unwrap();
+    objects::service_account(cp, &other, "app").unwrap();
+    let outsider_pod = make_pod(cp, &other, "checkout-x", &[("app", "checkout")]);
+
+    let c = Cluster::start_watching("isolation", base_spec, &[&other]);
+    objects::apply(
+        cp,
+        &objects::partner_integration(
+            &other,
+            "other",
+            json!({"upstream": {"url": c.partner.url(), "hosts": ["api.other.test"]}}),
+        ),
+    )
+    .unwrap();
+    let ns = c.ns.clone();
+
+    // Authenticated, in the other namespace: it gets that namespace's integration only.
+    let outsider = start_sidecar(
+        &c.operator,
+        format!("{ns}-outsider"),
+        &other,
+        "checkout-x",
+        &outsider_pod.token,
+    );
+    // The other namespace's token, claiming to be one of our pods.
+    let impostor = start_sidecar(
+        &c.operator,
+        format!("{ns}-impostor"),
+        &ns,
+        "checkout-a",
+        &outsider_pod.token,
+    );
+    // A pod of ours whose token was issued for another audience: TokenReview rejects it.
+    let pod_c = make_pod(cp, &ns, "checkout-c", &[("app", "checkout")]);
+    let token = objects::token(
+        cp,
+        &ns,
+        "app",
+        "not-tollgate",
+        Some((&pod_c.name, &pod_c.uid)),
+    )
+    .unwrap();
+    let wrong_audience = start_sidecar(
+        &c.operator,
+        format!("{ns}-wrong-audience"),
+        &ns,
+        "checkout-c",
+        &token,
+    );
+    // A valid token for our ServiceAccount, but bound to no pod.
+    let token = objects::token(cp, &ns, "app", AUDIENCE, None).unwrap();
+    let _ = make_pod(cp, &ns, "checkout-d", &[("app", "checkout")]);
+    let unbound = start_sidecar(
+        &c.operator,
+        format!("{ns}-unbound"),
+        &ns,
+        "checkout-d",
+        &token,
+    );
+    // A verified pod of ours whose labels the workloadSelector does not match.
+    let batch = make_pod(cp, &ns, "batch-1", &[("app", "batch")]);
+    let unselected = start_sidecar(
+        &c.operator,
+        format!("{ns}-unselected"),
+        &ns,
+        "batch-1",
+        &batch.token,
+    );
+
+    // Wait until every one of them has been answered by the operator, for the right reason.
+    eventually(
+        "the operator to refuse each bad subscription",
+        SETTLE,
+        || {
+            let m = c.operator.metrics()?;
+            for reason in ["identity_mismatch", "rejected", "not_bound_to_pod"] {
+                let n = metric(
+                    &m,
+                    "tollgate_operator_auth_rejections_total",
+                    &[("reason", reason)],
+                );
+                anyhow::ensure!(n >= 1.0, "no rejection for {reason} yet");
+            }
+            Ok(())
+        },
+    );
+    eventually(
+        "the verified sidecars to load their snapshots",
+        SETTLE,
+        || {
+            let held = outsider.integrations()?;
+            anyhow::ensure!(
+                held == [format!("{other}/other")],
+                "outsider holds {held:?}"
+            );
+            anyhow::ensure!(
+                unselected.readyz()? == 200,
+                "unselected has no snapshot yet"
+            );
+            Ok(())
+        },
+    );
+
+    let before = c.partner.count();
+    for s in [&impostor, &wrong_audience, &unbound] {
+        assert_eq!(
+            s.integrations().unwrap(),
+            Vec::<String>::new(),
+            "{}",
+            s.name()
+        );
+        assert_eq!(s.readyz().unwrap(), 503, "{} loaded a revision", s.name());
+        assert!(
+            s.persisted().unwrap().is_none(),
+            "{} persisted a snapshot",
+            s.name()
+        );
+        assert!(
+            s.count_log("disconnected from the operator; the snapshot in force stays") >= 1,
+            "{}",
+            s.tail()
+        );
+    }
+    assert_eq!(unselected.integrations().unwrap(), Vec::<String>::new());
+    for s in [&impostor, &wrong_audience, &unbound, &unselected, &outsider] {
+        let r = s.get(&url("/v1/charges")).unwrap();
+        assert_eq!(
+            (r.status, r.reason()),
+            (403, Some("unknown-host")),
+            "{} reached the partner through {}: {}",
+            s.name(),
+            c.key(),
+            r.body
+        );
+    }
+    assert_eq!(c.partner.count(), before);
+    // The outsider does hold its own namespace's integration, without any credential of ours.
+    let echo = expect_partner_ok(&outsider.get("http://api.other.test/x").unwrap()).unwrap();
+    assert!(echo["headers"].get("authorization").is_none(), "{echo}");
+    // And the pods the policy selects still hold it.
+    for s in c.sidecars() {
+        assert_eq!(s.integrations().unwrap(), [c.key()], "{}", c.logs());
+    }
+}
+
+// === 5. the operator goes away and comes back ===
+
+#[test]
+fn sidecars_keep_enforcing_without_the_operator_and_resync_when_it_returns() {
+    let mut c = Cluster::start("failstatic", base_spec);
+    let key = c.key();
+    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "INC-9 e2e"}}}));
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to enforce the kill switch", s.name()),
+            SETTLE,
+            || expect_decision(&s.get(&url("/v1/charges"))?, 503, "kill-switch", &key),
+        );
+    }
+    eventually("the status to show the kill switch", SETTLE, || {
+        let pi = c.pi();
+        let k = condition(&pi, "KillSwitchActive");
+        anyhow::ensure!(
+            k.is_some_and(|k| k["status"] == "True"),
+            "status {}",
+            pi["status"]
+        );
+        Ok(())
+    });
+
+    c.operator.kill();
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to notice the operator is gone", s.name()),
+            SETTLE,
+            || {
+                let n = s.count_log("disconnected from the operator; the snapshot in force stays");
+                anyhow::ensure!(n >= 1, "{}", s.tail());
+                Ok(())
+            },
+        );
+        expect_decision(
+            &s.get(&url("/v1/charges")).unwrap(),
+            503,
+            "kill-switch",
+            &key,
+        )
+        .unwrap_or_else(|e| panic!("{} stopped enforcing: {e:#}", s.name()));
+    }
+    // A sidecar that restarts while the operator is down enforces what it persisted, from its
+    // first request on: an app keeps calling while it restarts, and no call gets through.
+    let answers = during_restart(&mut c.b);
+    assert!(answers.len() > 10, "only {} calls answered", answers.len());
+    for (n, r) in answers.iter().enumerate() {
+        expect_decision(r, 503, "kill-switch", &key)
+            .unwrap_or_else(|e| panic!("call {n} around the restart: {e:#}\n{}", c.b.tail()));
+    }
+
+    // A change made while the operator is down reaches nobody yet.
+    c.patch(json!({"spec": {"killSwitch": {"enabled": false}}}));
+    let generation = c.pi()["metadata"]["generation"].as_i64().unwrap();
+    for s in c.sidecars() {
+        expect_decision(
+            &s.get(&url("/v1/charges")).unwrap(),
+            503,
+            "kill-switch",
+            &key,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e:#}", s.name()));
+    }
+    let stale = c.pi();
+    assert!(
+        stale["status"]["observedGeneration"].as_i64() < Some(generation),
+        "status {}",
+        stale["status"]
+    );
+
+    // Back: both resync (their reconnect backoff grew while it was down) and the status
+    // catches up with the spec and with what the sidecars run.
+    c.operator.restart().unwrap();
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to resync after the restart", s.name()),
+            Duration::from_secs(60),
+            || {
+                expect_partner_ok(&s.get(&url("/v1/charges"))?)?;
+                Ok(())
+            },
+        );
+    }
+    eventually("the status to catch up", SETTLE, || {
+        let pi = c.pi();
+        let st = &pi["status"];
+        anyhow::ensure!(st["observedGeneration"] == generation, "status {st}");
+        let k = condition(&pi, "KillSwitchActive");
+        anyhow::ensure!(k.is_some_and(|k| k["status"] == "False"), "status {st}");
+        anyhow::ensure!(
+            st["sidecars"]["desired"] == 2 && st["sidecars"]["upToDate"] == 2,
+            "status {st}"
+        );
+        Ok(())
+    });
+}
+
+/// Restarts `sidecar` while an app thread calls it back to back (a call refused while nothing
+/// listens is retried at once), and returns every answer the app got, from the old process
+/// and the new, until 200 ms after the new one reported ready.
+fn during_restart(sidecar: &mut Sidecar) -> Vec<Resp> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listen = sidecar.listen;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let app = scope.spawn(|| {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let call = tollgate_e2e::net::request_within(
+                    listen,
+                    Method::GET,
+                    &url("/v1/charges"),
+                    &[],
+                    "",
+                    Duration::from_secs(5),
+                );
+                match call {
+                    Ok(r) => answers.push(r),
+                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+            answers
+        });
+        sidecar.restart().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        app.join().unwrap()
+    })
+}
+
+// === 6. a global band over two sidecars ===
+
+#[test]
+fn a_global_band_is_divided_between_the_sidecars() {
+    const RATE: u64 = 10;
+    const DRIVE: Duration = Duration::from_secs(4);
+    let c = Cluster::start("globalband", |p| {
+        let mut spec = base_spec(p);
+        spec["rateLimit"] = json!({
+            "scope": "global",
+            "onLimit": "reject",
+            "limits": [{"name": "second", "requests": RATE, "per": "1s"}],
+        });
+        spec
+    });
+
+    // Each sidecar runs half the band once the operator knows of both.
+    for s in c.sidecars() {
+        eventually(&format!("{} to run a half share", s.name()), SETTLE, || {
+            let snapshot = s.persisted()?.unwrap_or_default();
+            let share = &snapshot["integrations"][0]["quotaShare"];
+            anyhow::ensure!(share["subscribers"] == 2, "share {share}");
+            Ok(())
+        });
+    }
+
+    // Both sidecars, two app threads each, as fast as they can for DRIVE.
+    let _quiet = measuring();
+    let start = Instant::now();
+    let counts: Vec<(u64, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = c
+            .sidecars()
+            .into_iter()
+            .flat_map(|s| [s, s])
+            .map(|s| {
+                let key = c.key();
+                scope.spawn(move || {
+                    let (mut admitted, mut limited) = (0u64, 0u64);
+                    while start.elapsed() < DRIVE {
+                        let r = s.get(&url("/v1/quota")).unwrap();
+                        if r.status == 200 {
+                            admitted += 1;
+                        } else {
+                            expect_decision(&r, 429, "rate-limited", &key).unwrap();
+                            limited += 1;
+                        }
+                    }
+                    (admitted, limited)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let per_sidecar = [counts[0].0 + counts[1].0, counts[2].0 + counts[3].0];
+    let admitted: u64 = per_sidecar.iter().sum();
+    let limited: u64 = counts.iter().map(|c| c.1).sum();
+    eprintln!(
+        "global band {RATE}/s over {elapsed:.2}s: admitted {admitted} ({per_sidecar:?} per sidecar), refused {limited}"
+    );
+
+    // GCRA is exact within a process. Each sidecar's half band (5/s, burst 5) starts full and
+    // admits at most its burst plus its rate over the drive, plus one for a call landing on
+    // the last instant: together RATE + RATE * elapsed + 2. One undivided band would admit
+    // about twice that. At least RATE * DRIVE: each sidecar stays saturated (it refused
+    // calls), so it admits its whole rate; calls a few ms apart lose at most a slot or two.
+    let most = RATE as f64 * (1.0 + elapsed) + 2.0;
+    let least = RATE as f64 * DRIVE.as_secs_f64();
+    assert!(
+        (least..=most).contains(&(admitted as f64)),
+        "admitted {admitted}, expected {least}..={most:.0} ({per_sidecar:?} per sidecar)"
+    );
+    let half_most = (RATE / 2) as f64 * (1.0 + elapsed) + 1.0;
+    for (s, n) in c.sidecars().iter().zip(per_sidecar) {
+        assert!(
+            n as f64 <= half_most,
+            "{} admitted {n}, more than its half ({half_most:.0})",
+            s.name()
+        );
+    }
+    assert!(limited > 0, "the drive never hit the limit");
+    assert_eq!(c.partner.count() as u64, admitted);
+}
+
+// === 7. kubectl get pi ===
+
+#[test]
+fn kubectl_get_pi_shows_live_numbers_from_the_sidecars() {
+    let c = Cluster::start("columns", base_spec);
+
+    // Per sidecar 12 good calls and 4 partner errors, each taking at least 120 ms.
+    std::thread::scope(|scope| {
+        for s in c.sidecars() {
+            scope.spawn(move || {
+                for n in 0..16 {
+                    let path = if n % 4 == 3 { "/fail" } else { "/v1/ok" };
+                    let r = s.get(&url(&format!("{path}?delay=120"))).unwrap();
+                    let want = if n % 4 == 3 { 500 } else { 200 };
+                    assert_eq!((r.status, r.reason()), (want, None), "{}", r.body);
+                }
+            });
+        }
+    });
+
+    let row = eventually("kubectl get pi to show the traffic", SETTLE, || {
+        let out = c.cp.kubectl(["-n", &c.ns, "get", "pi"])?;
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let values: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .and_then(|i| values.get(i).copied())
+                .unwrap_or("")
+        };
+        let rpm: f64 = col("RPM").parse().unwrap_or(0.0);
+        let err: f64 = col("ERR%").parse().unwrap_or(-1.0);
+        let p95: f64 = col("P95")
+            .strip_suffix("ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        anyhow::ensure!(
+            col("READY") == "True" && col("KILL") == "false" && col("CIRCUIT") == "closed",
+            "{out}"
+        );
+        // Every call reported: exactly a quarter failed.
+        anyhow::ensure!(rpm > 0.0 && err == 25.0, "{out}");
+        // A p95 is a latency bucket's upper bound: at least the partner's 120 ms.
+        anyhow::ensure!((120.0..5000.0).contains(&p95), "{out}");
+        Ok(out)
+    });
+    eprintln!("{row}");
+}
