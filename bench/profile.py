@@ -3,8 +3,6 @@
 
   profile.py perf [--config passthrough|full] [--rate N] [--seconds S]
       perf record (cpu-clock, call graphs) on the pinned sidecar; prints the top of the report.
-  profile.py heaptrack [...]
-      runs the sidecar under heaptrack; prints allocations per request and the top call sites.
   profile.py callgrind [...]
       runs the sidecar under valgrind's callgrind; instructions per request, counted only over
       the measured requests: deterministic, so before/after holds on a noisy shared machine.
@@ -27,7 +25,7 @@ import bench  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("tool", choices=["perf", "heaptrack", "callgrind", "strace", "count"])
+    ap.add_argument("tool", choices=["perf", "callgrind", "strace", "count"])
     ap.add_argument("--config", default="passthrough", choices=["passthrough", "full"])
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=int, default=10)
@@ -54,9 +52,6 @@ def main():
     cfg = bench.render(f"tollgate-{args.config}.yaml", os.path.join(rd, "sidecar.yaml"))
     argv = [bench.SIDECAR, "--config", cfg, "--secrets-dir", os.path.join(rd, "secrets"),
             "--listen", f"127.0.0.1:{bench.PORTS['tollgate']}", "--admin", f"127.0.0.1:{bench.PORTS['tollgate_admin']}"]
-    heap_file = os.path.join(args.out, "heaptrack")
-    if args.tool == "heaptrack":
-        argv = ["heaptrack", "-o", heap_file] + argv
     cg_file = os.path.join(args.out, "callgrind.out")
     if args.tool == "callgrind":
         for f in os.listdir(args.out):
@@ -92,8 +87,8 @@ def main():
             perf.send_signal(2)
             perf.wait(timeout=120)
     finally:
-        if args.tool in ("heaptrack", "callgrind"):
-            # heaptrack's wrapper does not forward SIGTERM: stop the sidecar itself, let it flush.
+        if args.tool == "callgrind":
+            # Stop the sidecar itself (not the valgrind wrapper) and let it write its profile.
             os.kill(sidecar_pid(b.procs["tollgate"]), 15)
             b.procs["tollgate"].p.wait(timeout=60)
         b.stop_all()
@@ -121,13 +116,6 @@ def main():
         print(f"callgrind: {count_calls(path, ALLOCATORS) / res['requests']:.1f} heap allocations per request (malloc, calloc, realloc, memalign)")
         rep = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", path], capture_output=True, text=True)
         print("\n".join(rep.stdout.splitlines()[:70]))
-    if args.tool == "heaptrack":
-        files = sorted(f for f in os.listdir(args.out) if f.startswith("heaptrack"))
-        path = os.path.join(args.out, files[-1])
-        rep = subprocess.run(["heaptrack_print", "-f", path, "-a", "1", "-p", "0", "-T", "0", "-l", "0", "-n", "25", "-s", "0"],
-                             capture_output=True, text=True)
-        print(rep.stdout[:15000])
-        print(f"(heaptrack file {path}; divide the calls by the requests above, plus the warm-up)")
 
 
 ALLOCATORS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign"}
@@ -158,7 +146,7 @@ def count_calls(path, names):
 
 
 def sidecar_pid(proc):
-    """The sidecar's own pid (under heaptrack it is a child of the wrapper)."""
+    """The sidecar's own pid (found by its binary and port, whatever wraps it)."""
     deadline = time.time() + 10
     while time.time() < deadline:
         for pid in os.listdir("/proc"):
