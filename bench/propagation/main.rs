@@ -194,7 +194,7 @@ fn main() -> anyhow::Result<()> {
         let token = objects::pod_token(&cp, &ns, "app", pod, &uid)?;
         sidecars.push(Sidecar::start(SidecarConfig {
             name: format!("propagation-{pod}-sidecar"),
-            operator_url: operator.url.clone(),
+            operator_url: operator.url(),
             operator_ca: operator.cert.ca_file.clone(),
             pod_namespace: ns.clone(),
             pod_name: pod.to_string(),

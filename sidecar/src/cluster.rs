@@ -203,6 +203,8 @@ pub struct ClusterClient {
     apply: ApplyFn,
     report: ReportFn,
     state: watch::Sender<ConnectionState>,
+    /// What [`ClusterClient::restore`] applied; `None` until it ran.
+    restored: Option<Option<Held>>,
 }
 
 /// What the client holds: the revision and digest to resume from.
@@ -220,6 +222,7 @@ impl ClusterClient {
             apply,
             report,
             state,
+            restored: None,
         }
     }
 
@@ -228,10 +231,18 @@ impl ClusterClient {
         self.state.subscribe()
     }
 
-    /// Applies the persisted snapshot, then subscribes and reconnects forever. Stop it by
-    /// aborting its task.
-    pub async fn run(self) {
-        let mut held = None;
+    /// Applies the persisted snapshot, if there is one, before returning: call it before the
+    /// sidecar serves, so its first request already meets the last good revision (a task
+    /// spawned with [`ClusterClient::run`] would race the listener). Returns whether a snapshot
+    /// is in force. [`ClusterClient::run`] does it itself when this was not called.
+    pub fn restore(&mut self) -> bool {
+        let held = self.load_persisted();
+        let applied = held.is_some();
+        self.restored = Some(held);
+        applied
+    }
+
+    fn load_persisted(&self) -> Option<Held> {
         match load_snapshot(&self.config.state_file) {
             Ok(Some(s)) => match (self.apply)(&s) {
                 Ok(()) => {
@@ -240,16 +251,31 @@ impl ClusterClient {
                         integrations = s.integrations.len(),
                         "enforcing the persisted snapshot"
                     );
-                    held = Some(Held {
+                    Some(Held {
                         revision: s.revision,
                         digest: s.digest.clone(),
-                    });
+                    })
                 }
-                Err(e) => tracing::warn!(error = %e, "persisted snapshot refused"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "persisted snapshot refused");
+                    None
+                }
             },
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "ignoring the state file"),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the state file");
+                None
+            }
         }
+    }
+
+    /// Applies the persisted snapshot (unless [`ClusterClient::restore`] did), then subscribes
+    /// and reconnects forever. Stop it by aborting its task.
+    pub async fn run(mut self) {
+        let mut held = match self.restored.take() {
+            Some(held) => held,
+            None => self.load_persisted(),
+        };
         let mut failures: u32 = 0;
         loop {
             self.state.send_replace(ConnectionState::Connecting);
@@ -576,6 +602,46 @@ mod tests {
             load_snapshot(&path),
             Err(ClusterError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn restore_applies_the_persisted_snapshot_before_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.json");
+        let mut s = Snapshot::empty();
+        s.revision = 7;
+        save_snapshot(&path, &s).unwrap();
+        let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = applied.clone();
+        let mut c = ClusterClient::new(
+            ClusterConfig::new(
+                "https://op:8443".parse().unwrap(),
+                "/t",
+                "/c",
+                "p",
+                "ns",
+                &path,
+            ),
+            Arc::new(move |s| {
+                seen.lock().unwrap().push(s.revision);
+                Ok(())
+            }),
+            Arc::new(Vec::new),
+        );
+        assert!(c.restore());
+        assert_eq!(
+            *applied.lock().unwrap(),
+            [7],
+            "applied at once, not in run()"
+        );
+        assert_eq!(
+            c.restored
+                .as_ref()
+                .and_then(|h| h.as_ref())
+                .map(|h| h.revision),
+            Some(7),
+            "run() resumes from it without applying it again"
+        );
     }
 
     #[test]

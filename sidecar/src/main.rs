@@ -193,11 +193,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
             config.server_name = args.operator_server_name.clone();
             let (apply, report) = (source.clone(), source.clone());
-            let client = ClusterClient::new(
+            let mut client = ClusterClient::new(
                 config,
                 Arc::new(move |s| apply.apply(s)),
                 Arc::new(move || report.report()),
             );
+            // Before the listener exists: the first request meets the last good revision.
+            client.restore();
             tracing::info!(operator = %url, pod = %args.pod_name, namespace = %args.pod_namespace, "subscribing to the operator");
             tokio::spawn(client.run());
         }

@@ -86,8 +86,8 @@ pub struct Operator {
     spec: Spec,
     process: Option<Process>,
     log_path: PathBuf,
-    /// `https://127.0.0.1:PORT`: what sidecars subscribe to.
-    pub url: String,
+    /// The distribution endpoint (see [`Operator::url`]); kept across restarts.
+    pub listen: SocketAddr,
     /// The plain-HTTP admin listener (`/metrics`, `/readyz`).
     pub admin: SocketAddr,
     pub cert: ServingCert,
@@ -104,15 +104,11 @@ impl Operator {
             .prefix("tollgate-operator-")
             .tempdir()?;
         let cert = ServingCert::generate(dir.path())?;
-        let listen = free_port()?;
-        let admin = free_port()?;
         let mut spec = Spec::new(operator_bin());
         spec.arg("--tls-cert")
             .arg(&cert.cert_file)
             .arg("--tls-key")
             .arg(&cert.key_file)
-            .args(["--listen", &listen.to_string()])
-            .args(["--admin", &admin.to_string()])
             .args(["--leader-election", "true"])
             .args(["--lease-namespace", &config.lease_namespace])
             .args(["--identity", &config.name])
@@ -124,7 +120,8 @@ impl Operator {
         }
         spec.args(&config.extra_args)
             .env("KUBECONFIG", cp.kubeconfig())
-            .env("RUST_LOG", "info,kube=warn");
+            .env("RUST_LOG", "info,kube=warn")
+            .env("NO_COLOR", "1");
         let log_path = target_dir()
             .join("e2e-logs")
             .join(format!("{}.log", config.name));
@@ -134,17 +131,34 @@ impl Operator {
             spec,
             process: None,
             log_path,
-            url: format!("https://{listen}"),
-            admin,
+            listen: free_port()?,
+            admin: free_port()?,
             cert,
             _dir: dir,
         };
-        op.launch()?;
-        Ok(op)
+        // A port found free may be taken before the operator binds it (any connect() on the
+        // machine draws from the same range): then try others.
+        for attempt in 1.. {
+            match op.launch() {
+                Err(e) if attempt < 5 && in_use(&e) => {
+                    (op.listen, op.admin) = (free_port()?, free_port()?);
+                }
+                other => return other.map(|()| op),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// `https://127.0.0.1:PORT`: what sidecars subscribe to.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.listen)
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {
-        let mut process = Process::spawn(&self.name, &self.spec, &self.log_path)?;
+        let mut spec = self.spec.clone();
+        spec.args(["--listen", &self.listen.to_string()])
+            .args(["--admin", &self.admin.to_string()]);
+        let mut process = Process::spawn(&self.name, &spec, &self.log_path)?;
         let start = Instant::now();
         loop {
             if let Some(status) = process.exited() {
@@ -176,10 +190,19 @@ impl Operator {
         }
     }
 
-    /// Starts it again with the same flags, certificate and ports.
+    /// Starts it again with the same flags, certificate and ports (waiting, if need be, for
+    /// a connection that happened to take one of them to go away).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.launch()
+        let start = Instant::now();
+        loop {
+            match self.launch() {
+                Err(e) if in_use(&e) && start.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -203,6 +226,11 @@ impl Operator {
             ),
         }
     }
+}
+
+/// Whether the operator exited because a port was taken.
+fn in_use(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("Address already in use")
 }
 
 /// A loopback port that was free a moment ago.

@@ -120,10 +120,22 @@ impl Sidecar {
         }
     }
 
-    /// Starts it again with the same flags, ports and state file.
+    /// Starts it again with the same flags, ports and state file (waiting, if need be, for a
+    /// connection that happened to take one of its ports to go away).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.launch()
+        let start = std::time::Instant::now();
+        loop {
+            match self.launch() {
+                Err(e)
+                    if format!("{e:#}").contains("Address already in use")
+                        && start.elapsed() < Duration::from_secs(30) =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Where it persists the last good snapshot.

@@ -180,7 +180,7 @@ fn start_sidecar(
 ) -> Sidecar {
     Sidecar::start(SidecarConfig {
         name,
-        operator_url: operator.url.clone(),
+        operator_url: operator.url(),
         operator_ca: operator.cert.ca_file.clone(),
         pod_namespace: claimed_ns.to_string(),
         pod_name: claimed_pod.to_string(),

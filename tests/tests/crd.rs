@@ -14,13 +14,19 @@ pub fn install_crd(cp: &ControlPlane) {
             .join("../crds/partnerintegrations.tollgate.dev.yaml");
         cp.kubectl(["apply", "--server-side", "-f", crd.to_str().unwrap()])
             .expect("the API server accepts the generated CRD");
-        cp.kubectl([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/partnerintegrations.tollgate.dev",
-        ])
-        .expect("the CRD becomes established");
+        // `kubectl wait` fails at once, rather than waits, while a new CRD has no conditions.
+        tollgate_e2e::eventually(
+            "the CRD to become established",
+            std::time::Duration::from_secs(60),
+            || {
+                cp.kubectl([
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=10s",
+                    "crd/partnerintegrations.tollgate.dev",
+                ])
+            },
+        );
     });
 }
 
