@@ -7,3 +7,4 @@
 mod crd;
 mod helm;
 mod tokens;
+mod webhook;
