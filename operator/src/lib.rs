@@ -7,6 +7,7 @@
 //! - [`traffic`]: reports aggregated into `status.sidecars` and `status.traffic`.
 //! - [`leader`]: the coordination.k8s.io Lease that picks the one replica that writes.
 //! - [`metrics`]: Prometheus metrics and the admin listener.
+//! - [`webhook`]: the sidecar injection webhook, its certificate and the sidecars' CA.
 
 pub mod catalog;
 pub mod controller;
@@ -19,5 +20,6 @@ pub mod metrics;
 pub mod peers;
 pub mod status;
 pub mod traffic;
+pub mod webhook;
 
 pub use error::{Error, Result};

@@ -97,6 +97,9 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+
+    #[command(flatten)]
+    webhook: tollgate_operator::webhook::Flags,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -193,6 +196,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.admin))?;
     tokio::spawn(metrics::serve_admin(admin, metrics.clone(), ready.clone()));
+    // The webhook's namespace is the operator's own: where its Secret lives, never injected.
+    tollgate_operator::webhook::start(
+        &args.webhook,
+        &args.lease_namespace,
+        client.clone(),
+        leadership.clone(),
+        metrics.clone(),
+    )
+    .await?;
     tracing::info!(listen = %args.listen, admin = %args.admin, %identity, namespaces = ?args.namespaces, "tollgate-operator started");
 
     let ctx = Arc::new(Context::new(

@@ -25,6 +25,15 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Labels of `webhook_admissions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `injected`, `skipped`, `denied` or `error`.
+    pub outcome: String,
+    /// The mode injected, or why not.
+    pub reason: String,
+}
+
 /// Every metric the operator exports. Cheap to clone-by-Arc; the registry is only for encoding.
 pub struct Metrics {
     registry: Registry,
@@ -41,6 +50,13 @@ pub struct Metrics {
     pub reports: Counter,
     /// 1 while this replica holds the lease.
     pub leader: Gauge,
+    /// Pod admissions the injection webhook answered, by outcome and reason.
+    pub webhook_admissions: Family<AdmissionLabels, Counter>,
+    /// Webhook failures that are not an answer to a pod: bad requests, certificate, Secret,
+    /// caBundle and CA ConfigMap trouble, by reason.
+    pub webhook_errors: Family<ReasonLabel, Counter>,
+    /// `notAfter` of the webhook certificate being served, unix seconds (0: none yet).
+    pub webhook_cert_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -92,6 +108,24 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let webhook_admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "webhook_admissions",
+            "Pod admissions answered by the injection webhook, by outcome and reason",
+            webhook_admissions.clone(),
+        );
+        let webhook_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "webhook_errors",
+            "Injection webhook failures (requests, certificates, caBundle, CA ConfigMaps), by reason",
+            webhook_errors.clone(),
+        );
+        let webhook_cert_expiry = Gauge::default();
+        registry.register(
+            "webhook_cert_expiry_timestamp_seconds",
+            "notAfter of the webhook serving certificate in use",
+            webhook_cert_expiry.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -102,7 +136,27 @@ impl Metrics {
             push_latency,
             reports,
             leader,
+            webhook_admissions,
+            webhook_errors,
+            webhook_cert_expiry,
         }
+    }
+
+    pub fn admission(&self, outcome: &str, reason: &str) {
+        self.webhook_admissions
+            .get_or_create(&AdmissionLabels {
+                outcome: outcome.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn webhook_error(&self, reason: &str) {
+        self.webhook_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn reconcile_failed(&self, label: &str) {

@@ -9,3 +9,4 @@ mod cluster;
 mod crd;
 mod helm;
 mod tokens;
+mod webhook;

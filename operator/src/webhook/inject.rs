@@ -1,0 +1,843 @@
+//! Which pods get the sidecar, and the JSON patch that adds it. Pure: no I/O, no clock.
+//!
+//! [`decide`] reads the pod, its namespace and which webhook called ([`Scope`]); [`patch`]
+//! builds the RFC 6902 operations. What an injected pod gets:
+//!
+//! - `tollgate-init` (iptables mode only), first of the init containers: root with NET_ADMIN
+//!   and NET_RAW, and only those, running `tollgate-sidecar setup-iptables`.
+//! - `tollgate-sidecar`, a native sidecar (an init container with `restartPolicy: Always`, so it
+//!   starts before the app's init containers and containers and stops after them), as UID 1337
+//!   with a read-only root filesystem and no capabilities.
+//! - Volumes: `tollgate-identity` (projected: the ServiceAccount token for audience `tollgate`
+//!   and the operator's CA from the ConfigMap the operator keeps in every namespace),
+//!   `tollgate-state` (emptyDir: the last good revision), `tollgate-xtables` (emptyDir: `/run`
+//!   of the init container, for the legacy iptables lock).
+//! - proxy-env mode: `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (both cases) in every app container
+//!   and app init container, unless a container sets the variable itself.
+//! - Annotation `tollgate.dev/injected: <mode>`.
+//!
+//! A pod that already has `tollgate-sidecar` among its init containers is left as it is, so
+//! injecting is idempotent (a re-submitted or copied injected pod passes unchanged).
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+/// Pod annotation: `"true"` opts a pod in (in any namespace), `"false"` opts it out.
+pub const INJECT_ANNOTATION: &str = "tollgate.dev/inject";
+/// Namespace label (value [`NAMESPACE_ENABLED`]): every pod in the namespace is injected.
+pub const NAMESPACE_LABEL: &str = "tollgate.dev/inject";
+pub const NAMESPACE_ENABLED: &str = "enabled";
+/// Pod annotation choosing the [`Mode`].
+pub const INTERCEPTION_ANNOTATION: &str = "tollgate.dev/interception";
+/// Set on injected pods, to the mode.
+pub const INJECTED_ANNOTATION: &str = "tollgate.dev/injected";
+
+pub const SIDECAR_CONTAINER: &str = "tollgate-sidecar";
+pub const INIT_CONTAINER: &str = "tollgate-init";
+pub const IDENTITY_VOLUME: &str = "tollgate-identity";
+pub const STATE_VOLUME: &str = "tollgate-state";
+pub const XTABLES_VOLUME: &str = "tollgate-xtables";
+/// Where the token and CA are mounted (the sidecar's default `--token-file`/`--operator-ca`).
+pub const IDENTITY_DIR: &str = "/var/run/secrets/tollgate";
+pub const STATE_DIR: &str = "/var/lib/tollgate";
+/// Audience of the projected token (what the operator's TokenReview asks for).
+pub const TOKEN_AUDIENCE: &str = "tollgate";
+/// Key of the CA in the ConfigMap and file name in [`IDENTITY_DIR`].
+pub const CA_KEY: &str = "ca.crt";
+const ADMIN_PORT_NAME: &str = "tollgate-admin";
+
+/// The namespaces never injected, whatever their labels or the pods' annotations.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// How the app's traffic reaches the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Transparent: iptables rules redirect the app's outbound TCP to the sidecar.
+    Iptables,
+    /// `HTTP_PROXY`/`HTTPS_PROXY` in the app's environment.
+    ProxyEnv,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::ProxyEnv => "proxy-env",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "iptables" => Some(Mode::Iptables),
+            "proxy-env" => Some(Mode::ProxyEnv),
+            _ => None,
+        }
+    }
+}
+
+/// Which webhook of the configuration called: the API server routes pods of namespaces
+/// labelled `tollgate.dev/inject=enabled` to [`Scope::Namespace`] and every other pod (not in
+/// an excluded namespace) to [`Scope::Pod`], where only the annotation opts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Namespace,
+    Pod,
+}
+
+/// Everything the injected containers are made of (from the operator's flags).
+#[derive(Clone, Debug)]
+pub struct InjectConfig {
+    pub sidecar_image: String,
+    pub init_image: String,
+    pub image_pull_policy: Option<String>,
+    /// `https://…` the sidecar subscribes to.
+    pub operator_url: String,
+    /// ConfigMap (in the pod's namespace) holding the operator's CA under `ca.crt`.
+    pub ca_configmap: String,
+    pub uid: i64,
+    pub proxy_port: u16,
+    pub transparent_port: u16,
+    pub admin_port: u16,
+    /// Destination ports redirected in iptables mode.
+    pub intercept_ports: Vec<u16>,
+    /// Destinations never redirected (besides the operator's own addresses).
+    pub exclude_cidrs: Vec<String>,
+    pub default_mode: Mode,
+    pub no_proxy: String,
+    pub sidecar_resources: ResourceRequirements,
+    pub init_resources: ResourceRequirements,
+    pub token_expiration_seconds: i64,
+    /// Extra arguments for the sidecar (e.g. `--unknown-hosts=deny`).
+    pub sidecar_args: Vec<String>,
+    /// Namespaces never injected: the system ones, the operator's, and any added by flag.
+    pub excluded_namespaces: BTreeSet<String>,
+}
+
+/// Why a pod is not injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    ExcludedNamespace,
+    OptedOut,
+    NotOptedIn,
+    AlreadyInjected,
+    HostNetwork,
+}
+
+impl Skip {
+    /// Label value in `tollgate_operator_webhook_admissions_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::ExcludedNamespace => "excluded-namespace",
+            Skip::OptedOut => "opted-out",
+            Skip::NotOptedIn => "not-opted-in",
+            Skip::AlreadyInjected => "already-injected",
+            Skip::HostNetwork => "host-network",
+        }
+    }
+}
+
+/// What to do with a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Inject(Mode),
+    Skip(Skip),
+    /// Refuse the pod: it asks for something that cannot be done (the message says what).
+    Deny(String),
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// Whether `pod` already carries the sidecar.
+pub fn is_injected(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|ics| ics.iter().any(|c| c.name == SIDECAR_CONTAINER))
+}
+
+/// Decides for `pod`, created in `namespace`, reaching the webhook of `scope`.
+pub fn decide(cfg: &InjectConfig, scope: Scope, namespace: &str, pod: &Pod) -> Decision {
+    // Defence in depth: the webhook configuration's namespaceSelector excludes these too.
+    if cfg.excluded_namespaces.contains(namespace) {
+        return Decision::Skip(Skip::ExcludedNamespace);
+    }
+    if is_injected(pod) {
+        return Decision::Skip(Skip::AlreadyInjected);
+    }
+    match annotation(pod, INJECT_ANNOTATION) {
+        Some("false") => return Decision::Skip(Skip::OptedOut),
+        Some("true") => {}
+        None if scope == Scope::Namespace => {}
+        None => return Decision::Skip(Skip::NotOptedIn),
+        Some(other) => {
+            return Decision::Deny(format!(
+                "annotation {INJECT_ANNOTATION}: {other:?} is neither \"true\" nor \"false\""
+            ));
+        }
+    }
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Decision::Skip(Skip::HostNetwork);
+    }
+    match annotation(pod, INTERCEPTION_ANNOTATION) {
+        None => Decision::Inject(cfg.default_mode),
+        Some(m) => match Mode::parse(m) {
+            Some(mode) => Decision::Inject(mode),
+            None => Decision::Deny(format!(
+                "annotation {INTERCEPTION_ANNOTATION}: {m:?} is not a mode (iptables or proxy-env)"
+            )),
+        },
+    }
+}
+
+/// The injection as JSON patch operations, and warnings for the user (variables a container
+/// sets itself). `operator_cidrs` are the operator's current addresses, exempted from
+/// interception like `cfg.exclude_cidrs`.
+pub fn patch(
+    cfg: &InjectConfig,
+    pod: &Pod,
+    mode: Mode,
+    operator_cidrs: &[String],
+) -> (Vec<Value>, Vec<String>) {
+    let mut ops = Vec::new();
+    let mut warnings = Vec::new();
+    let spec = pod.spec.clone().unwrap_or_default();
+
+    // Annotation.
+    if pod.metadata.annotations.is_none() {
+        ops.push(add(
+            "/metadata/annotations",
+            json!({ INJECTED_ANNOTATION: mode.as_str() }),
+        ));
+    } else {
+        ops.push(add(
+            &format!("/metadata/annotations/{}", escape(INJECTED_ANNOTATION)),
+            json!(mode.as_str()),
+        ));
+    }
+
+    // Proxy variables, before our init containers shift the app's init containers' indices.
+    if mode == Mode::ProxyEnv {
+        let vars = proxy_env(cfg);
+        let groups = [
+            (
+                "initContainers",
+                spec.init_containers.as_deref().unwrap_or(&[]),
+            ),
+            ("containers", spec.containers.as_slice()),
+        ];
+        for (field, containers) in groups {
+            for (i, c) in containers.iter().enumerate() {
+                let own: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+                let missing: Vec<&EnvVar> = vars
+                    .iter()
+                    .filter(|v| !own.contains(v.name.as_str()))
+                    .collect();
+                for v in vars.iter().filter(|v| own.contains(v.name.as_str())) {
+                    warnings.push(format!(
+                        "tollgate: container {:?} sets {} itself; left unchanged",
+                        c.name, v.name
+                    ));
+                }
+                if missing.is_empty() {
+                    continue;
+                }
+                let base = format!("/spec/{field}/{i}/env");
+                if c.env.is_none() {
+                    ops.push(add(&base, to_value(&missing)));
+                } else {
+                    for v in missing {
+                        ops.push(add(&format!("{base}/-"), to_value(v)));
+                    }
+                }
+            }
+        }
+    }
+
+    // Volumes.
+    let volumes = volumes(cfg, mode);
+    if spec.volumes.is_none() {
+        ops.push(add("/spec/volumes", to_value(&volumes)));
+    } else {
+        for v in &volumes {
+            ops.push(add("/spec/volumes/-", to_value(v)));
+        }
+    }
+
+    // Our init containers go first: the rules before anything runs, the sidecar before the
+    // app's own init containers so they are proxied too.
+    let mut ours = Vec::new();
+    if mode == Mode::Iptables {
+        ours.push(init_container(cfg, operator_cidrs));
+    }
+    ours.push(sidecar_container(cfg, mode));
+    if spec.init_containers.is_none() {
+        ops.push(add("/spec/initContainers", to_value(&ours)));
+    } else {
+        for c in ours.iter().rev() {
+            ops.push(add("/spec/initContainers/0", to_value(c)));
+        }
+    }
+    (ops, warnings)
+}
+
+fn add(path: &str, value: Value) -> Value {
+    json!({ "op": "add", "path": path, "value": value })
+}
+
+/// RFC 6901: `~` → `~0`, `/` → `~1`.
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    // k8s-openapi types and plain vectors of them always serialize.
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn proxy_env(cfg: &InjectConfig) -> Vec<EnvVar> {
+    let url = format!("http://127.0.0.1:{}", cfg.proxy_port);
+    [
+        ("HTTP_PROXY", &url),
+        ("http_proxy", &url),
+        ("HTTPS_PROXY", &url),
+        ("https_proxy", &url),
+        ("NO_PROXY", &cfg.no_proxy),
+        ("no_proxy", &cfg.no_proxy),
+    ]
+    .into_iter()
+    .map(|(name, value)| EnvVar {
+        name: name.to_string(),
+        value: Some(value.clone()),
+        value_from: None,
+    })
+    .collect()
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_string(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn sidecar_container(cfg: &InjectConfig, mode: Mode) -> Container {
+    let mut args = vec![
+        format!("--operator={}", cfg.operator_url),
+        format!("--token-file={IDENTITY_DIR}/token"),
+        format!("--operator-ca={IDENTITY_DIR}/{CA_KEY}"),
+        format!("--state-file={STATE_DIR}/snapshot.json"),
+        format!("--listen=127.0.0.1:{}", cfg.proxy_port),
+        // On the pod IP: the kubelet's startup probe and metrics scrapers reach it there.
+        format!("--admin=0.0.0.0:{}", cfg.admin_port),
+    ];
+    if mode == Mode::Iptables {
+        args.push(format!("--transparent=127.0.0.1:{}", cfg.transparent_port));
+    }
+    args.extend(cfg.sidecar_args.iter().cloned());
+    Container {
+        name: SIDECAR_CONTAINER.to_string(),
+        image: Some(cfg.sidecar_image.clone()),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        command: Some(vec!["tollgate-sidecar".to_string()]),
+        args: Some(args),
+        restart_policy: Some("Always".to_string()),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some(ADMIN_PORT_NAME.to_string()),
+            container_port: i32::from(cfg.admin_port),
+            protocol: Some("TCP".to_string()),
+            ..Default::default()
+        }]),
+        resources: Some(cfg.sidecar_resources.clone()),
+        // The app starts once the sidecar listens (its listeners are bound before /healthz).
+        startup_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".to_string()),
+                port: IntOrString::Int(i32::from(cfg.admin_port)),
+                ..Default::default()
+            }),
+            period_seconds: Some(1),
+            timeout_seconds: Some(1),
+            failure_threshold: Some(60),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(cfg.uid),
+            run_as_group: Some(cfg.uid),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: None,
+                drop: Some(vec!["ALL".to_string()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: IDENTITY_VOLUME.to_string(),
+                mount_path: IDENTITY_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: STATE_VOLUME.to_string(),
+                mount_path: STATE_DIR.to_string(),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+fn init_container(cfg: &InjectConfig, operator_cidrs: &[String]) -> Container {
+    let mut args = vec![
+        "setup-iptables".to_string(),
+        format!("--proxy-uid={}", cfg.uid),
+        format!("--listener-port={}", cfg.transparent_port),
+        format!(
+            "--ports={}",
+            cfg.intercept_ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    ];
+    let mut exclude: Vec<&str> = Vec::new();
+    for c in operator_cidrs.iter().chain(&cfg.exclude_cidrs) {
+        if !exclude.contains(&c.as_str()) {
+            exclude.push(c);
+        }
+    }
+    if !exclude.is_empty() {
+        args.push(format!("--exclude-cidrs={}", exclude.join(",")));
+    }
+    Container {
+        name: INIT_CONTAINER.to_string(),
+        image: Some(cfg.init_image.clone()),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        command: Some(vec!["tollgate-sidecar".to_string()]),
+        args: Some(args),
+        resources: Some(cfg.init_resources.clone()),
+        // Root in the pod's network namespace, with only what iptables needs: NET_ADMIN, and
+        // NET_RAW for the legacy backend (docs/interception.md).
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_string(), "NET_RAW".to_string()]),
+                drop: Some(vec!["ALL".to_string()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        // The legacy backend's lock file lives in /run.
+        volume_mounts: Some(vec![VolumeMount {
+            name: XTABLES_VOLUME.to_string(),
+            mount_path: "/run".to_string(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn volumes(cfg: &InjectConfig, mode: Mode) -> Vec<Volume> {
+    let mut v = vec![
+        Volume {
+            name: IDENTITY_VOLUME.to_string(),
+            projected: Some(ProjectedVolumeSource {
+                // Only the sidecar mounts it; its UID is not root.
+                default_mode: Some(0o444),
+                sources: Some(vec![
+                    VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(TOKEN_AUDIENCE.to_string()),
+                            expiration_seconds: Some(cfg.token_expiration_seconds),
+                            path: "token".to_string(),
+                        }),
+                        ..Default::default()
+                    },
+                    VolumeProjection {
+                        config_map: Some(ConfigMapProjection {
+                            name: cfg.ca_configmap.clone(),
+                            items: Some(vec![KeyToPath {
+                                key: CA_KEY.to_string(),
+                                path: CA_KEY.to_string(),
+                                mode: None,
+                            }]),
+                            optional: Some(false),
+                        }),
+                        ..Default::default()
+                    },
+                ]),
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: STATE_VOLUME.to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ];
+    if mode == Mode::Iptables {
+        v.push(Volume {
+            name: XTABLES_VOLUME.to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    pub(crate) fn config() -> InjectConfig {
+        InjectConfig {
+            sidecar_image: "ghcr.io/tollgate-dev/tollgate-sidecar:1".into(),
+            init_image: "ghcr.io/tollgate-dev/tollgate-sidecar:1".into(),
+            image_pull_policy: Some("IfNotPresent".into()),
+            operator_url: "https://tollgate-operator.tollgate-system.svc:8443".into(),
+            ca_configmap: "tollgate-operator-ca".into(),
+            uid: 1337,
+            proxy_port: 15080,
+            transparent_port: 15001,
+            admin_port: 15090,
+            intercept_ports: vec![80, 443],
+            exclude_cidrs: vec!["169.254.169.254/32".into()],
+            default_mode: Mode::Iptables,
+            no_proxy: "localhost,127.0.0.1,.svc".into(),
+            sidecar_resources: serde_json::from_value(
+                json!({"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}),
+            )
+            .unwrap(),
+            init_resources: serde_json::from_value(json!({"requests": {"cpu": "10m"}})).unwrap(),
+            token_expiration_seconds: 3600,
+            sidecar_args: vec!["--unknown-hosts=deny".into()],
+            excluded_namespaces: ["kube-system", "kube-public", "kube-node-lease", "tollgate-system"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        }
+    }
+
+    fn pod(v: Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn app() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app", "namespace": "payments"},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        })
+    }
+
+    /// The pod after the patch, as the API server would apply it.
+    fn injected(cfg: &InjectConfig, original: &Value, mode: Mode) -> (Value, Vec<String>) {
+        let (ops, warnings) = patch(cfg, &pod(original.clone()), mode, &["10.96.0.10/32".into()]);
+        let p: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+        let mut doc = original.clone();
+        json_patch::patch(&mut doc, &p).unwrap();
+        (doc, warnings)
+    }
+
+    fn with_annotations(mut v: Value, a: Value) -> Value {
+        v["metadata"]["annotations"] = a;
+        v
+    }
+
+    #[test]
+    fn decisions() {
+        let cfg = config();
+        let d = |scope, ns: &str, v: Value| decide(&cfg, scope, ns, &pod(v));
+        use Decision::*;
+        assert_eq!(
+            d(Scope::Namespace, "payments", app()),
+            Inject(Mode::Iptables)
+        );
+        assert_eq!(
+            d(Scope::Pod, "payments", app()),
+            Skip(self::Skip::NotOptedIn)
+        );
+        let opted_in = with_annotations(app(), json!({INJECT_ANNOTATION: "true"}));
+        assert_eq!(
+            d(Scope::Pod, "payments", opted_in.clone()),
+            Inject(Mode::Iptables)
+        );
+        let opted_out = with_annotations(app(), json!({INJECT_ANNOTATION: "false"}));
+        assert_eq!(
+            d(Scope::Namespace, "payments", opted_out),
+            Skip(self::Skip::OptedOut)
+        );
+        for ns in [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            "tollgate-system",
+        ] {
+            assert_eq!(
+                d(Scope::Namespace, ns, opted_in.clone()),
+                Skip(self::Skip::ExcludedNamespace),
+                "{ns}"
+            );
+        }
+        let proxy_env = with_annotations(app(), json!({INTERCEPTION_ANNOTATION: "proxy-env"}));
+        assert_eq!(
+            d(Scope::Namespace, "payments", proxy_env),
+            Inject(Mode::ProxyEnv)
+        );
+        let bad_mode = with_annotations(app(), json!({INTERCEPTION_ANNOTATION: "ebpf"}));
+        assert!(
+            matches!(d(Scope::Namespace, "payments", bad_mode), Deny(m) if m.contains(INTERCEPTION_ANNOTATION))
+        );
+        let bad_inject = with_annotations(app(), json!({INJECT_ANNOTATION: "yes"}));
+        assert!(matches!(d(Scope::Pod, "payments", bad_inject), Deny(m) if m.contains("\"yes\"")));
+        let mut host = app();
+        host["spec"]["hostNetwork"] = json!(true);
+        assert_eq!(
+            d(Scope::Namespace, "payments", host),
+            Skip(self::Skip::HostNetwork)
+        );
+        let (done, _) = injected(&cfg, &app(), Mode::Iptables);
+        assert_eq!(
+            d(Scope::Namespace, "payments", done),
+            Skip(self::Skip::AlreadyInjected)
+        );
+    }
+
+    #[test]
+    fn iptables_mode_adds_the_rules_container_then_the_native_sidecar() {
+        let cfg = config();
+        let (p, warnings) = injected(&cfg, &app(), Mode::Iptables);
+        assert!(warnings.is_empty());
+        assert_eq!(
+            p["metadata"]["annotations"][INJECTED_ANNOTATION],
+            "iptables"
+        );
+        let inits = p["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(inits.len(), 2);
+
+        let init = &inits[0];
+        assert_eq!(init["name"], INIT_CONTAINER);
+        assert_eq!(init["command"], json!(["tollgate-sidecar"]));
+        assert_eq!(
+            init["args"],
+            json!([
+                "setup-iptables",
+                "--proxy-uid=1337",
+                "--listener-port=15001",
+                "--ports=80,443",
+                "--exclude-cidrs=10.96.0.10/32,169.254.169.254/32"
+            ])
+        );
+        let sc = &init["securityContext"];
+        assert_eq!(sc["runAsUser"], 0);
+        assert_eq!(sc["runAsNonRoot"], false);
+        assert_eq!(sc["capabilities"]["add"], json!(["NET_ADMIN", "NET_RAW"]));
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert!(
+            init.get("restartPolicy").is_none(),
+            "a plain init container"
+        );
+
+        let side = &inits[1];
+        assert_eq!(side["name"], SIDECAR_CONTAINER);
+        assert_eq!(side["restartPolicy"], "Always");
+        assert_eq!(side["image"], "ghcr.io/tollgate-dev/tollgate-sidecar:1");
+        assert_eq!(
+            side["args"],
+            json!([
+                "--operator=https://tollgate-operator.tollgate-system.svc:8443",
+                "--token-file=/var/run/secrets/tollgate/token",
+                "--operator-ca=/var/run/secrets/tollgate/ca.crt",
+                "--state-file=/var/lib/tollgate/snapshot.json",
+                "--listen=127.0.0.1:15080",
+                "--admin=0.0.0.0:15090",
+                "--transparent=127.0.0.1:15001",
+                "--unknown-hosts=deny"
+            ])
+        );
+        let sc = &side["securityContext"];
+        assert_eq!(sc["runAsUser"], 1337);
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}));
+        assert_eq!(
+            side["resources"]["requests"],
+            json!({"cpu": "20m", "memory": "32Mi"})
+        );
+        assert_eq!(
+            side["env"],
+            json!([
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+            ])
+        );
+        assert_eq!(side["startupProbe"]["httpGet"]["port"], 15090);
+
+        let vols = p["spec"]["volumes"].as_array().unwrap();
+        let names: Vec<&str> = vols.iter().map(|v| v["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [IDENTITY_VOLUME, STATE_VOLUME, XTABLES_VOLUME]);
+        assert_eq!(
+            vols[0]["projected"]["sources"],
+            json!([
+                {"serviceAccountToken": {"audience": "tollgate", "expirationSeconds": 3600, "path": "token"}},
+                {"configMap": {"name": "tollgate-operator-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}], "optional": false}}
+            ])
+        );
+        assert_eq!(vols[1]["emptyDir"], json!({}));
+        // The app container is untouched in this mode.
+        assert_eq!(p["spec"]["containers"], app()["spec"]["containers"]);
+    }
+
+    #[test]
+    fn proxy_env_mode_sets_the_proxy_for_app_containers_and_keeps_their_own_values() {
+        let cfg = config();
+        let original = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app", "annotations": {"team": "pay"}},
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "m:1"}],
+                "containers": [
+                    {"name": "app", "image": "app:1", "env": [{"name": "NO_PROXY", "value": "internal.example"}]},
+                    {"name": "worker", "image": "w:1"}
+                ],
+                "volumes": [{"name": "data", "emptyDir": {}}]
+            }
+        });
+        let (p, warnings) = injected(&cfg, &original, Mode::ProxyEnv);
+        assert_eq!(
+            p["metadata"]["annotations"],
+            json!({"team": "pay", INJECTED_ANNOTATION: "proxy-env"})
+        );
+        let inits = p["spec"]["initContainers"].as_array().unwrap();
+        let names: Vec<&str> = inits.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [SIDECAR_CONTAINER, "migrate"],
+            "no rules container; the sidecar first"
+        );
+        assert!(
+            !inits[0]["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_str().unwrap().starts_with("--transparent"))
+        );
+        let env = |c: &Value, name: &str| {
+            c["env"]
+                .as_array()
+                .and_then(|e| e.iter().find(|v| v["name"] == name))
+                .map(|v| v["value"].clone())
+        };
+        for c in [
+            &inits[1],
+            &p["spec"]["containers"][0],
+            &p["spec"]["containers"][1],
+        ] {
+            for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
+                assert_eq!(
+                    env(c, var),
+                    Some(json!("http://127.0.0.1:15080")),
+                    "{var} in {}",
+                    c["name"]
+                );
+            }
+        }
+        assert_eq!(
+            env(&p["spec"]["containers"][0], "NO_PROXY"),
+            Some(json!("internal.example"))
+        );
+        assert_eq!(
+            env(&p["spec"]["containers"][1], "NO_PROXY"),
+            Some(json!("localhost,127.0.0.1,.svc"))
+        );
+        assert_eq!(
+            warnings,
+            vec!["tollgate: container \"app\" sets NO_PROXY itself; left unchanged"]
+        );
+        let vols: Vec<&str> = p["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(vols, ["data", IDENTITY_VOLUME, STATE_VOLUME]);
+    }
+
+    #[test]
+    fn app_init_containers_come_after_ours_in_order() {
+        let cfg = config();
+        let mut original = app();
+        original["spec"]["initContainers"] =
+            json!([{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]);
+        let (p, _) = injected(&cfg, &original, Mode::Iptables);
+        let names: Vec<&str> = p["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [INIT_CONTAINER, SIDECAR_CONTAINER, "a", "b"]);
+    }
+
+    #[test]
+    fn annotation_keys_are_escaped_in_paths() {
+        let (ops, _) = patch(
+            &config(),
+            &pod(with_annotations(app(), json!({"a": "b"}))),
+            Mode::Iptables,
+            &[],
+        );
+        assert_eq!(
+            ops[0],
+            json!({"op": "add", "path": "/metadata/annotations/tollgate.dev~1injected", "value": "iptables"})
+        );
+    }
+}
