@@ -49,7 +49,11 @@ impl ControlPlane {
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
         let started = SHARED.get_or_init(|| {
             let log = target_dir().join("e2e-logs").join("controlplane.log");
-            ControlPlane::start(&log, &[]).map_err(|e| format!("{e:#}"))
+            // Aggregator routing: the API server calls a webhook's Service at an endpoint of
+            // its EndpointSlices, as there is no kube-proxy to route its cluster IP. Tests
+            // that serve a chart's webhook publish the slice themselves.
+            ControlPlane::start(&log, &["--enable-aggregator-routing=true"])
+                .map_err(|e| format!("{e:#}"))
         });
         match started {
             Ok(cp) => cp,
@@ -69,7 +73,12 @@ impl ControlPlane {
         // and it survives the test process for post-mortems.
         let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let start = Instant::now();
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // The API server calls webhooks on this machine directly, never through a proxy.
+        for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
             .arg("--")
             .args(apiserver_args)
             .stdin(Stdio::piped())

@@ -54,15 +54,38 @@ fn template(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> String
         .unwrap_or_else(|e| panic!("helm template {sets:?}: {e}"))
 }
 
-/// `helm install` (no `--wait`: nothing runs pods here) of the chart with `--set` values.
+/// Releases installed by these tests call their injection webhooks only for namespaces with
+/// this label set to the release's namespace, so they never touch another test's pods (the
+/// labelled-namespace webhook fails closed, and no operator serves most of them).
+const RELEASE_LABEL: &str = "e2e.tollgate.dev/chart-release";
+
+/// `--set-json` of the namespaceSelector that confines a release in `ns` to its own test.
+fn isolation(ns: &str) -> String {
+    format!(r#"webhook.namespaceSelector={{"matchLabels":{{"{RELEASE_LABEL}":"{ns}"}}}}"#)
+}
+
+/// `helm install` (no `--wait`: nothing runs pods here) of the chart with `--set` values,
+/// confined to this test (see [`isolation`]).
 fn install(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) {
+    helm_release(cp, "install", release, ns, sets);
+}
+
+/// `helm upgrade` with `--set` values (and the [`isolation`] again: an upgrade starts from the
+/// chart's defaults).
+fn upgrade(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) {
+    helm_release(cp, "upgrade", release, ns, sets);
+}
+
+fn helm_release(cp: &ControlPlane, verb: &str, release: &str, ns: &str, sets: &[&str]) {
     let chart = chart_arg();
-    let mut args = vec!["install", release, &chart, "--namespace", ns];
+    let isolation = isolation(ns);
+    let mut args = vec![verb, release, &chart, "--namespace", ns];
+    args.extend(["--set-json", &isolation]);
     for s in sets {
         args.extend(["--set", s]);
     }
     cp.helm(&args)
-        .unwrap_or_else(|e| panic!("helm install {sets:?}: {e}"));
+        .unwrap_or_else(|e| panic!("helm {verb} {sets:?}: {e}"));
 }
 
 fn get_json(cp: &ControlPlane, args: &[&str]) -> Value {
@@ -98,22 +121,26 @@ fn can_i(cp: &ControlPlane, sa: &str, verb: &str, resource: &str, ns: Option<&st
     }
 }
 
-/// RBAC rules flattened to (apiGroup, resource, verb) triples.
-type Grants = BTreeSet<(String, String, String)>;
+/// RBAC rules flattened to (apiGroup, resource, verb, resourceName) grants; the name is ""
+/// for a rule without resourceNames (any object).
+type Grants = BTreeSet<(String, String, String, String)>;
 
-/// A rule set as [`Grants`]; the chart uses no resourceNames or nonResourceURLs.
+/// A rule set as [`Grants`]; the chart uses no nonResourceURLs.
 fn triples(rules: &Value) -> Grants {
     let mut out = BTreeSet::new();
+    let s = |x: &Value| x.as_str().unwrap().to_owned();
     for rule in rules.as_array().into_iter().flatten() {
-        assert!(
-            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
-            "{rule}"
-        );
+        assert!(rule.get("nonResourceURLs").is_none(), "{rule}");
+        let names: Vec<String> = match rule.get("resourceNames") {
+            Some(names) => names.as_array().unwrap().iter().map(s).collect(),
+            None => vec![String::new()],
+        };
         for g in rule["apiGroups"].as_array().unwrap() {
             for r in rule["resources"].as_array().unwrap() {
                 for v in rule["verbs"].as_array().unwrap() {
-                    let s = |x: &Value| x.as_str().unwrap().to_owned();
-                    out.insert((s(g), s(r), s(v)));
+                    for n in &names {
+                        out.insert((s(g), s(r), s(v), n.clone()));
+                    }
                 }
             }
         }
@@ -121,12 +148,18 @@ fn triples(rules: &Value) -> Grants {
     out
 }
 
+/// `list` granted on any object.
 fn expect(list: &[(&str, &str, &[&str])]) -> Grants {
+    expect_named(list, "")
+}
+
+/// `list` granted on the object `name` only.
+fn expect_named(list: &[(&str, &str, &[&str])], name: &str) -> Grants {
     list.iter()
         .flat_map(|(g, r, verbs)| {
             verbs
                 .iter()
-                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string(), name.to_owned()))
         })
         .collect()
 }
@@ -150,6 +183,35 @@ const LEASE_RULES: &[(&str, &str, &[&str])] = &[(
     "leases",
     &["get", "list", "watch", "create", "update", "patch"],
 )];
+
+/// What docs/injection.md says the injection webhook adds, for release `release`: cluster-wide
+/// (the CA ConfigMap in every namespace, the configuration's caBundle) and in the release
+/// namespace (the webhook's Secret).
+fn webhook_cluster_rules(release: &str) -> Grants {
+    let mut g = expect(&[("", "namespaces", &["list", "watch"])]);
+    g.extend(expect_named(
+        &[("", "configmaps", &["create", "patch"])],
+        &format!("{release}-tollgate-operator-ca"),
+    ));
+    g.extend(expect_named(
+        &[(
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            &["get", "list", "watch", "patch"],
+        )],
+        &format!("{release}-tollgate-sidecar-injector"),
+    ));
+    g
+}
+
+fn webhook_secret_rules(release: &str) -> Grants {
+    let mut g = expect_named(
+        &[("", "secrets", &["get", "list", "watch", "update"])],
+        &format!("{release}-tollgate-operator-webhook-tls"),
+    );
+    g.extend(expect(&[("", "secrets", &["create"])]));
+    g
+}
 
 /// Every Role/ClusterRole bound to `ns/sa` anywhere, as (binding namespace or "", rules).
 fn bound_rules(cp: &ControlPlane, ns: &str, sa: &str) -> Vec<(String, Grants)> {
@@ -356,6 +418,16 @@ fn helm_lint_passes_and_the_schema_refuses_bad_values() {
         &["replicaCount=1", "leaderElection.enabled=false"],
         &["tls.create=false", "tls.secretName=my-tls"],
         &["image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"],
+        &["webhook.enabled=false"],
+        &[
+            "sidecar.interceptionDefault=proxy-env",
+            "sidecar.interceptPorts={80,443,8080}",
+            "sidecar.interceptExcludeCidrs={10.96.0.0/12}",
+            "sidecar.extraArgs={--unknown-hosts=deny}",
+            "webhook.podFailurePolicy=Fail",
+            "webhook.namespaceSelector.matchExpressions[0].key=team",
+            "webhook.namespaceSelector.matchExpressions[0].operator=Exists",
+        ],
     ] {
         let mut args = vec!["lint", chart.as_str(), "--strict"];
         for s in sets {
@@ -400,6 +472,29 @@ fn helm_lint_passes_and_the_schema_refuses_bad_values() {
         ),
         ("webhook.timeoutSeconds=60", "at '/webhook/timeoutSeconds'"),
         ("webhook.failurePolicy=Maybe", "at '/webhook/failurePolicy'"),
+        (
+            "webhook.podFailurePolicy=Never",
+            "at '/webhook/podFailurePolicy'",
+        ),
+        ("webhook.certValidity=90d", "at '/webhook/certValidity'"),
+        (
+            "webhook.namespaceSelector.matchExpressions[0].operator=Like",
+            "at '/webhook/namespaceSelector/matchExpressions/0'",
+        ),
+        (
+            "sidecar.interceptionDefault=nat",
+            "at '/sidecar/interceptionDefault'",
+        ),
+        (
+            "sidecar.interceptPorts={0}",
+            "at '/sidecar/interceptPorts/0'",
+        ),
+        (
+            "sidecar.interceptExcludeCidrs={10.0.0.1}",
+            "at '/sidecar/interceptExcludeCidrs/0'",
+        ),
+        ("sidecar.extraArgs={deny}", "at '/sidecar/extraArgs/0'"),
+        ("sidecar.runAsUser=0", "at '/sidecar/runAsUser'"),
         ("replicas=2", "additional properties 'replicas' not allowed"),
         (
             "operator.loglevel=debug",
@@ -421,8 +516,8 @@ fn helm_lint_passes_and_the_schema_refuses_bad_values() {
             "replicaCount > 1 needs leaderElection.enabled",
         ),
         (
-            &["webhook.enabled=true"],
-            "does not serve the sidecar injection webhook yet",
+            &["webhook.port=8443"],
+            "webhook.port must differ from ports.sidecars",
         ),
         (
             &["tls.create=false"],
@@ -466,6 +561,7 @@ fn rendered_chart_applies_with_server_side_dry_run() {
             "serviceAccount.create=false",
             "serviceAccount.name=existing",
         ],
+        &["webhook.enabled=false"],
     ] {
         // With --include-crds the CRD goes first in the stream, as `helm install` puts it.
         let mut args = vec![
@@ -498,6 +594,12 @@ fn rendered_chart_applies_with_server_side_dry_run() {
             out.lines().all(|l| l.ends_with("(server dry run)")),
             "{out}"
         );
+        let webhook = out.contains("mutatingwebhookconfiguration.admissionregistration.k8s.io/");
+        assert_eq!(
+            webhook,
+            !sets.contains(&"webhook.enabled=false"),
+            "{sets:?}: the injection webhook's configuration:\n{out}"
+        );
     }
     // The optional objects of other operators' APIs render with the fields those APIs expect.
     let cm = template(cp, "dry", &ns, &["certManager.enabled=true"]);
@@ -518,6 +620,33 @@ fn rendered_chart_applies_with_server_side_dry_run() {
         !cm.contains("kind: Secret\n"),
         "cert-manager mode must not render the Secret"
     );
+    // The webhook's certificate comes from cert-manager too: its own Certificate, mounted, the
+    // CA injected by cert-manager, and none of the operator's own-CA machinery or its RBAC.
+    for needle in [
+        "name: dry-tollgate-operator-webhook\n",
+        "secretName: dry-tollgate-operator-webhook-tls",
+        &format!("cert-manager.io/inject-ca-from: {ns}/dry-tollgate-operator-webhook"),
+        "--webhook-tls-cert=/var/run/tollgate/webhook/tls.crt",
+        "--webhook-tls-key=/var/run/tollgate/webhook/tls.key",
+        "mountPath: /var/run/tollgate/webhook",
+    ] {
+        assert!(
+            cm.contains(needle),
+            "cert-manager rendering lacks {needle:?}"
+        );
+    }
+    for absent in [
+        "--webhook-configuration=",
+        "--webhook-secret=",
+        "mutatingwebhookconfigurations",
+        "resourceNames: [\"dry-tollgate-operator-webhook-tls\"]",
+        "caBundle",
+    ] {
+        assert!(
+            !cm.contains(absent),
+            "cert-manager rendering has {absent:?}"
+        );
+    }
     let sm = template(cp, "dry", &ns, &["serviceMonitor.enabled=true"]);
     assert!(sm.contains("kind: ServiceMonitor") && sm.contains("port: admin"));
 }
@@ -606,16 +735,87 @@ fn helm_install_creates_the_operator_and_upgrade_keeps_its_certificate() {
         .iter()
         .map(|p| (p["name"].as_str().unwrap(), p["port"].as_i64().unwrap()))
         .collect();
-    assert_eq!(ports, [("sidecars", 8443), ("admin", 8080)]);
+    assert_eq!(
+        ports,
+        [("sidecars", 8443), ("admin", 8080), ("webhook", 443)]
+    );
+    let container_ports: Vec<(&str, i64)> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["containerPort"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        container_ports,
+        [("sidecars", 8443), ("admin", 8080), ("webhook", 9443)]
+    );
     let pdb = get_json(cp, &["pdb", name, "-n", &ns]);
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     get_json(cp, &["serviceaccount", name, "-n", &ns]);
-    for absent in ["networkpolicies", "mutatingwebhookconfigurations"] {
-        let items = get_json(
-            cp,
-            &[absent, "-A", "-l", "app.kubernetes.io/instance=tollgate"],
+    let items = get_json(
+        cp,
+        &[
+            "networkpolicies",
+            "-A",
+            "-l",
+            "app.kubernetes.io/instance=tollgate",
+        ],
+    );
+    assert_eq!(items["items"], json!([]), "a NetworkPolicy by default");
+
+    // The injection webhook, on by default: two webhooks (docs/injection.md) that call the
+    // operator's Service, never the system namespaces or the release's own, and no caBundle
+    // (the operator writes it).
+    let cfg = get_json(
+        cp,
+        &["mutatingwebhookconfiguration", "tollgate-sidecar-injector"],
+    );
+    let webhooks = cfg["webhooks"].as_array().unwrap();
+    let summary: Vec<(&str, &str, &str)> = webhooks
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap(),
+                w["failurePolicy"].as_str().unwrap(),
+                w["clientConfig"]["service"]["path"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("namespace.inject.tollgate.dev", "Fail", "/inject/namespace"),
+            ("pod.inject.tollgate.dev", "Ignore", "/inject/pod"),
+        ]
+    );
+    for (w, opt_in) in webhooks.iter().zip(["In", "NotIn"]) {
+        assert_eq!(
+            w["clientConfig"]["service"],
+            json!({"name": name, "namespace": ns, "port": 443, "path": w["clientConfig"]["service"]["path"]})
         );
-        assert_eq!(items["items"], json!([]), "{absent} rendered by default");
+        assert!(w["clientConfig"]["caBundle"].is_null(), "{w}");
+        assert_eq!(w["timeoutSeconds"], 5);
+        assert_eq!(w["sideEffects"], "None");
+        assert_eq!(
+            w["rules"],
+            json!([{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                    "resources": ["pods"], "scope": "Namespaced"}])
+        );
+        let exprs = &w["namespaceSelector"]["matchExpressions"];
+        assert_eq!(
+            exprs[0],
+            json!({"key": "tollgate.dev/inject", "operator": opt_in, "values": ["enabled"]})
+        );
+        assert_eq!(
+            exprs[1],
+            json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                   "values": ["kube-system", "kube-public", "kube-node-lease", ns]})
+        );
     }
 
     let tls = get_json(cp, &["secret", "tollgate-operator-tls", "-n", &ns]);
@@ -629,16 +829,7 @@ fn helm_install_creates_the_operator_and_upgrade_keeps_its_certificate() {
     assert_eq!(keys, BTreeSet::from(["ca.crt", "tls.crt", "tls.key"]));
 
     // An upgrade finds the Secret and keeps the pair: sidecars trusting ca.crt keep trusting it.
-    cp.helm([
-        "upgrade",
-        "tollgate",
-        &chart_arg(),
-        "-n",
-        &ns,
-        "--set",
-        "operator.logLevel=debug",
-    ])
-    .unwrap();
+    upgrade(cp, "tollgate", &ns, &["operator.logLevel=debug"]);
     let after = get_json(cp, &["secret", "tollgate-operator-tls", "-n", &ns]);
     assert_eq!(
         after["data"], tls["data"],
@@ -651,6 +842,14 @@ fn helm_install_creates_the_operator_and_upgrade_keeps_its_certificate() {
     // (with it every PartnerIntegration in the cluster).
     cp.helm(["uninstall", "tollgate", "-n", &ns]).unwrap();
     assert!(cp.kubectl(["get", "clusterrole", name]).is_err());
+    assert!(
+        cp.kubectl([
+            "get",
+            "mutatingwebhookconfiguration",
+            "tollgate-sidecar-injector"
+        ])
+        .is_err()
+    );
     assert!(cp.kubectl(["get", "deployment", name, "-n", &ns]).is_err());
     cp.kubectl(["get", "crd", "partnerintegrations.tollgate.dev"])
         .expect("the CRD outlives the release");
@@ -670,11 +869,22 @@ fn cluster_wide_rbac_is_exactly_what_the_operator_needs() {
 
     let mut cluster = expect(TOKENREVIEW_RULES);
     cluster.extend(expect(WATCH_RULES));
+    cluster.extend(webhook_cluster_rules("rbac"));
+    let mut expected = vec![
+        (String::new(), cluster),
+        (ns.clone(), expect(LEASE_RULES)),
+        (ns.clone(), webhook_secret_rules("rbac")),
+    ];
+    expected.sort();
     assert_eq!(
         bound_rules(cp, &ns, sa_name),
-        vec![(String::new(), cluster), (ns.clone(), expect(LEASE_RULES))],
-        "the ServiceAccount is bound to more or less than operator/README.md lists"
+        expected,
+        "the ServiceAccount is bound to more or less than operator/README.md and docs/injection.md list"
     );
+    let ca_map = "configmaps/rbac-tollgate-operator-ca";
+    let injector =
+        "mutatingwebhookconfigurations.admissionregistration.k8s.io/rbac-tollgate-sidecar-injector";
+    let webhook_secret = "secrets/rbac-tollgate-operator-webhook-tls";
 
     let pi = "partnerintegrations.tollgate.dev";
     let lease = "leases.coordination.k8s.io";
@@ -702,6 +912,16 @@ fn cluster_wide_rbac_is_exactly_what_the_operator_needs() {
         ("create", lease, Some(&ns)),
         ("update", lease, Some(&ns)),
         ("patch", lease, Some(&ns)),
+        ("list", "namespaces", None),
+        ("watch", "namespaces", None),
+        ("create", ca_map, Some(&app)),
+        ("patch", ca_map, Some("default")),
+        ("get", injector, None),
+        ("watch", injector, None),
+        ("patch", injector, None),
+        ("get", webhook_secret, Some(&ns)),
+        ("update", webhook_secret, Some(&ns)),
+        ("create", "secrets", Some(&ns)),
     ];
     let no: &[(&str, &str, Option<&str>)] = &[
         ("delete", "pods", Some(&app)),
@@ -750,6 +970,30 @@ fn cluster_wide_rbac_is_exactly_what_the_operator_needs() {
             "mutatingwebhookconfigurations.admissionregistration.k8s.io",
             None,
         ),
+        ("patch", "configmaps/coredns", Some("kube-system")),
+        ("create", "configmaps/app-settings", Some(&app)),
+        ("update", ca_map, Some(&app)),
+        ("delete", ca_map, Some(&app)),
+        ("get", "namespaces", None),
+        ("delete", "namespaces", None),
+        (
+            "patch",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io/another-injector",
+            None,
+        ),
+        (
+            "list",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+        ),
+        ("delete", injector, None),
+        (
+            "patch",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+        ),
+        ("update", "secrets/another", Some(&ns)),
+        ("delete", webhook_secret, Some(&ns)),
         ("*", "*", Some("*")),
     ];
     for &(verb, resource, where_) in yes {
@@ -777,10 +1021,13 @@ fn watch_namespaces_confine_secrets_to_those_namespaces() {
     let sa_name = "scoped-tollgate-operator";
     let sa = format!("system:serviceaccount:{ns}:{sa_name}");
 
+    let mut cluster = expect(TOKENREVIEW_RULES);
+    cluster.extend(webhook_cluster_rules("scoped"));
     let mut expected = vec![
-        (String::new(), expect(TOKENREVIEW_RULES)),
+        (String::new(), cluster),
         (app.clone(), expect(WATCH_RULES)),
         (ns.clone(), expect(LEASE_RULES)),
+        (ns.clone(), webhook_secret_rules("scoped")),
     ];
     expected.sort();
     assert_eq!(bound_rules(cp, &ns, sa_name), expected);
@@ -797,6 +1044,17 @@ fn watch_namespaces_confine_secrets_to_those_namespaces() {
         assert!(
             !can_i(cp, &sa, verb, "secrets", Some(&ns)),
             "{verb} secrets in its own namespace"
+        );
+        // Bar the one Secret of its webhook's certificate.
+        assert!(
+            can_i(
+                cp,
+                &sa,
+                verb,
+                "secrets/scoped-tollgate-operator-webhook-tls",
+                Some(&ns)
+            ),
+            "{verb} its webhook Secret"
         );
         assert!(
             !can_i(cp, &sa, verb, "secrets", Some("kube-system")),
@@ -931,6 +1189,104 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
     }
 }
 
+/// The operator binary as the chart's Deployment runs it (its arguments, bar the addresses and
+/// file paths), authenticated as the chart's ServiceAccount with a real token (no admin
+/// rights), serving the chart's certificate. Killed on drop.
+struct ChartOperator {
+    _process: Running,
+    /// Ports of the sidecar channel and the admin listener, on 127.0.0.1.
+    listen: u16,
+    admin: u16,
+    /// The sidecar channel's CA (the chart Secret's ca.crt).
+    ca: PathBuf,
+    log: PathBuf,
+    identity: &'static str,
+}
+
+impl ChartOperator {
+    /// Starts the operator of release `<release>` (the Deployment's name) in `ns`, its
+    /// webhook on `webhook`, and waits until it is ready.
+    fn start(
+        cp: &ControlPlane,
+        ns: &str,
+        release: &str,
+        dir: &Path,
+        webhook: std::net::SocketAddr,
+    ) -> ChartOperator {
+        let deploy = get_json(cp, &["deployment", release, "-n", ns]);
+        let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+        let (listen, admin) = (free_port(), free_port());
+        let secret = format!("{release}-tls");
+        let cert = secret_file(cp, ns, &secret, "tls.crt", dir);
+        let key = secret_file(cp, ns, &secret, "tls.key", dir);
+        let ca = secret_file(cp, ns, &secret, "ca.crt", dir);
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let a = a.as_str().unwrap();
+                match a.split_once('=') {
+                    Some(("--listen", _)) => format!("--listen=127.0.0.1:{listen}"),
+                    Some(("--admin", _)) => format!("--admin=127.0.0.1:{admin}"),
+                    Some(("--tls-cert", _)) => format!("--tls-cert={}", cert.display()),
+                    Some(("--tls-key", _)) => format!("--tls-key={}", key.display()),
+                    Some(("--webhook-listen", _)) => format!("--webhook-listen={webhook}"),
+                    Some(("--sidecar-ca-file", _)) => {
+                        format!("--sidecar-ca-file={}", ca.display())
+                    }
+                    _ => a.to_owned(),
+                }
+            })
+            .collect();
+        let kubeconfig = dir.join("operator.kubeconfig");
+        service_account_kubeconfig(cp, ns, release, &kubeconfig);
+        let log = dir.join("operator.log");
+        let identity = "chart-operator-0";
+        let log_file = File::create(&log).unwrap();
+        let process = Running(
+            Command::new(workspace_bin("tollgate-operator"))
+                .args(&args)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("POD_NAME", identity)
+                .env("POD_NAMESPACE", ns)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                // It logs to stdout; both streams go to one file.
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .unwrap(),
+        );
+        let operator = ChartOperator {
+            _process: process,
+            listen,
+            admin,
+            ca,
+            log,
+            identity,
+        };
+        wait_for("the operator's /readyz", Duration::from_secs(60), || {
+            (http_get(admin, "/readyz")?.0 == 200).then_some(())
+        });
+        operator
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The chart's RBAC was enough for everything the operator did.
+    fn assert_never_forbidden(&self) {
+        let log = self.log();
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "the operator was refused something its chart RBAC should allow:\n{log}"
+        );
+        assert!(log.contains("tollgate-operator started"), "{log}");
+    }
+}
+
 /// Writes a kubeconfig that authenticates as `ns/sa` with a token from the TokenRequest API.
 fn service_account_kubeconfig(cp: &ControlPlane, ns: &str, sa: &str, path: &Path) {
     let token = cp
@@ -976,7 +1332,6 @@ fn secret_file(cp: &ControlPlane, ns: &str, name: &str, key: &str, dir: &Path) -
 fn the_operator_runs_on_the_charts_rbac_and_certificate() {
     let cp = ControlPlane::shared();
     install_crd(cp);
-    let operator_bin = workspace_bin("tollgate-operator");
     let sidecar_bin = workspace_bin("tollgate-sidecar");
     let ns = cp.create_namespace("chart-run").unwrap();
     let app = cp.create_namespace("chart-run-app").unwrap();
@@ -995,52 +1350,9 @@ fn the_operator_runs_on_the_charts_rbac_and_certificate() {
     let dir = target_dir().join("e2e-logs").join(format!("chart-{ns}"));
     std::fs::create_dir_all(&dir).unwrap();
 
-    // The operator, as the Deployment would run it, bar the addresses and file paths.
-    let deploy = get_json(cp, &["deployment", release, "-n", &ns]);
-    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
-    let (listen, admin) = (free_port(), free_port());
-    let cert = secret_file(cp, &ns, &format!("{release}-tls"), "tls.crt", &dir);
-    let key = secret_file(cp, &ns, &format!("{release}-tls"), "tls.key", &dir);
-    let ca = secret_file(cp, &ns, &format!("{release}-tls"), "ca.crt", &dir);
-    let args: Vec<String> = container["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            let a = a.as_str().unwrap();
-            match a.split_once('=') {
-                Some(("--listen", _)) => format!("--listen=127.0.0.1:{listen}"),
-                Some(("--admin", _)) => format!("--admin=127.0.0.1:{admin}"),
-                Some(("--tls-cert", _)) => format!("--tls-cert={}", cert.display()),
-                Some(("--tls-key", _)) => format!("--tls-key={}", key.display()),
-                _ => a.to_owned(),
-            }
-        })
-        .collect();
-    let kubeconfig = dir.join("operator.kubeconfig");
-    service_account_kubeconfig(cp, &ns, release, &kubeconfig);
-    let operator_log = dir.join("operator.log");
-    let identity = "run-tollgate-operator-0";
-    let log_file = File::create(&operator_log).unwrap();
-    let _operator = Running(
-        Command::new(&operator_bin)
-            .args(&args)
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAME", identity)
-            .env("POD_NAMESPACE", &ns)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            // It logs to stdout; both streams go to one file.
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap(),
-    );
-    let log = || std::fs::read_to_string(&operator_log).unwrap_or_default();
-
-    wait_for("the operator's /readyz", Duration::from_secs(30), || {
-        (http_get(admin, "/readyz")?.0 == 200).then_some(())
-    });
+    let webhook = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let operator = ChartOperator::start(cp, &ns, release, &dir, webhook);
+    let (listen, ca, identity) = (operator.listen, operator.ca.clone(), operator.identity);
     let holder = wait_for("the leader Lease", Duration::from_secs(30), || {
         let lease = cp
             .kubectl([
@@ -1205,10 +1517,309 @@ fn the_operator_runs_on_the_charts_rbac_and_certificate() {
             .then_some(())
     });
 
-    let log = log();
-    assert!(
-        !log.to_lowercase().contains("forbidden"),
-        "the operator was refused something its chart RBAC should allow:\n{log}"
+    operator.assert_never_forbidden();
+}
+
+// === the injection webhook, as the chart wires it ===
+
+/// This machine's first global IPv4 address. The API server reaches a webhook Service at an
+/// endpoint of its EndpointSlices (aggregator routing), and a slice may not hold a loopback
+/// address.
+fn host_address() -> std::net::Ipv4Addr {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("`ip` (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no global IPv4 address on this machine (`ip -4 addr`):\n{text}"))
+}
+
+/// A namespace for pods: with the `default` ServiceAccount (no controller-manager makes it) and
+/// `labels`, which select it for the webhooks of the release in `release_ns`.
+fn pod_namespace(cp: &ControlPlane, prefix: &str, labels: &[String]) -> String {
+    let ns = cp.create_namespace(prefix).unwrap();
+    cp.kubectl(["create", "serviceaccount", "default", "-n", &ns])
+        .unwrap();
+    let mut args = vec!["label".to_owned(), "namespace".to_owned(), ns.clone()];
+    args.extend(labels.iter().cloned());
+    cp.kubectl(&args).unwrap();
+    ns
+}
+
+/// `kubectl create -o json` of `object`: what the API server stored, after admission.
+fn create(cp: &ControlPlane, object: &Value) -> anyhow::Result<Value> {
+    let out = cp.kubectl_with_stdin(["create", "-o", "json", "-f", "-"], &object.to_string())?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn pod(ns: &str, name: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    })
+}
+
+/// Creates pods `<prefix>-1`, `<prefix>-2`, … until one is stored with the
+/// `tollgate.dev/injected` annotation: the API server picks up a namespace's labels and the
+/// configuration's caBundle from its informers, a moment after they change.
+fn create_until_injected(cp: &ControlPlane, ns: &str, prefix: &str, annotations: Value) -> Value {
+    let mut attempt = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        attempt += 1;
+        let stored = create(
+            cp,
+            &pod(ns, &format!("{prefix}-{attempt}"), annotations.clone()),
+        );
+        let last = match stored {
+            Ok(p) if !p["metadata"]["annotations"]["tollgate.dev/injected"].is_null() => {
+                return p;
+            }
+            Ok(p) => format!("created uninjected:\n{p:#}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "no pod in {ns} injected after 60s; the last attempt: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {list:#}"))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
+/// The chart's webhook end to end: the operator, run with the Deployment's arguments on the
+/// chart's RBAC, serves the webhook behind the chart's Service, writes its CA into the chart's
+/// MutatingWebhookConfiguration and publishes the sidecar channel's CA; the API server calls it
+/// through the Service and trusts it through that caBundle; pods get the sidecar the chart's
+/// values describe; and `helm upgrade` leaves the caBundle the operator wrote.
+#[test]
+fn the_charts_webhook_injects_pods_through_its_service() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace("chart-inject").unwrap();
+    // An empty watched namespace: this operator must not reconcile other tests' integrations.
+    let watched = cp.create_namespace("chart-inject-pis").unwrap();
+    let sets = [
+        format!("watchNamespaces={{{watched}}}"),
+        "operator.logFormat=text".to_owned(),
+        "sidecar.image.tag=e2e".to_owned(),
+        "sidecar.initImage.tag=e2e-init".to_owned(),
+        "sidecar.interceptPorts={80,443,8080}".to_owned(),
+        "sidecar.interceptExcludeCidrs={10.96.0.0/12}".to_owned(),
+        "sidecar.extraArgs={--unknown-hosts=deny}".to_owned(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    install(cp, "inj", &ns, &sets);
+    let release = "inj-tollgate-operator";
+    let injector = "inj-tollgate-sidecar-injector";
+    let dir = target_dir().join("e2e-logs").join(format!("chart-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The Service's endpoint is this machine, where the operator listens (no kubelet runs the
+    // Deployment's pods, so no controller fills the slice).
+    let host = host_address();
+    let port = TcpListener::bind((host, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cp.kubectl_with_stdin(
+        ["apply", "-f", "-"],
+        &json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{release}-e2e"), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": release}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [host.to_string()], "conditions": {"ready": true}}],
+            "ports": [{"name": "webhook", "port": port, "protocol": "TCP"}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let operator = ChartOperator::start(cp, &ns, release, &dir, (host, port).into());
+
+    // The leader's CA, in the chart's configuration, for both webhooks.
+    let bundle = wait_for(
+        "the operator's caBundle in the chart's configuration",
+        Duration::from_secs(60),
+        || {
+            let cfg = get_json(cp, &["mutatingwebhookconfiguration", injector]);
+            let bundles: Vec<&str> = cfg["webhooks"]
+                .as_array()?
+                .iter()
+                .map(|w| w["clientConfig"]["caBundle"].as_str().unwrap_or(""))
+                .collect();
+            (bundles.len() == 2 && !bundles[0].is_empty() && bundles[0] == bundles[1])
+                .then(|| bundles[0].to_owned())
+        },
     );
-    assert!(log.contains("tollgate-operator started"), "{log}");
+    let secret = get_json(
+        cp,
+        &["secret", &format!("{release}-webhook-tls"), "-n", &ns],
+    );
+    assert_eq!(
+        secret["data"]["ca.crt"], bundle,
+        "caBundle is not the operator's CA"
+    );
+
+    // A namespace labelled for injection (the chart's namespace.inject webhook, Fail).
+    let selected = format!("{RELEASE_LABEL}={ns}");
+    let labelled = pod_namespace(
+        cp,
+        "chart-inject-app",
+        &["tollgate.dev/inject=enabled".to_owned(), selected.clone()],
+    );
+    let injected = create_until_injected(cp, &labelled, "checkout", json!({}));
+    assert_eq!(
+        injected["metadata"]["annotations"]["tollgate.dev/injected"], "iptables",
+        "{injected:#}"
+    );
+    let inits = &injected["spec"]["initContainers"];
+    let names: Vec<&str> = inits
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tollgate-init", "tollgate-sidecar"]);
+    // What the chart's values said.
+    let init = named(inits, "tollgate-init");
+    assert_eq!(
+        init["image"],
+        "ghcr.io/tollgate-dev/tollgate-sidecar-init:e2e-init"
+    );
+    assert_eq!(init["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(
+        init["resources"],
+        json!({"limits": {"memory": "64Mi"}, "requests": {"cpu": "10m", "memory": "16Mi"}})
+    );
+    let init_args = strings(&init["args"]);
+    assert!(init_args.contains(&"--ports=80,443,8080"), "{init_args:?}");
+    assert!(init_args.contains(&"--proxy-uid=1337"), "{init_args:?}");
+    assert!(
+        init_args
+            .iter()
+            .any(|a| a.starts_with("--exclude-cidrs=") && a.contains("10.96.0.0/12")),
+        "{init_args:?}"
+    );
+    let sidecar = named(inits, "tollgate-sidecar");
+    assert_eq!(
+        sidecar["image"],
+        "ghcr.io/tollgate-dev/tollgate-sidecar:e2e"
+    );
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["securityContext"]["runAsUser"], 1337);
+    assert_eq!(
+        sidecar["resources"],
+        json!({"limits": {"memory": "128Mi"}, "requests": {"cpu": "20m", "memory": "32Mi"}})
+    );
+    let args = strings(&sidecar["args"]);
+    let operator_url = format!("--operator=https://{release}.{ns}.svc:8443");
+    for a in [operator_url.as_str(), "--unknown-hosts=deny"] {
+        assert!(args.contains(&a), "{a} not in {args:?}");
+    }
+    let identity = named(&injected["spec"]["volumes"], "tollgate-identity");
+    let sources = identity["projected"]["sources"].to_string();
+    assert!(
+        sources.contains(r#""name":"inj-tollgate-operator-ca""#)
+            && sources.contains(r#""audience":"tollgate""#)
+            && sources.contains(r#""expirationSeconds":3600"#),
+        "{sources}"
+    );
+
+    // The sidecars' CA, published where that volume reads it: the chart's ca.crt.
+    let want_ca = std::fs::read_to_string(&operator.ca).unwrap();
+    wait_for(
+        "the CA ConfigMap in the labelled namespace",
+        Duration::from_secs(30),
+        || {
+            let cm = cp
+                .kubectl([
+                    "get",
+                    "configmap",
+                    "inj-tollgate-operator-ca",
+                    "-n",
+                    &labelled,
+                    "-o",
+                    "json",
+                ])
+                .ok()?;
+            let cm: Value = serde_json::from_str(&cm).ok()?;
+            (cm["data"]["ca.crt"].as_str()? == want_ca).then_some(())
+        },
+    );
+
+    // Another namespace (the chart's pod.inject webhook, Ignore): only an annotated pod.
+    let other = pod_namespace(cp, "chart-inject-other", &[selected]);
+    let annotated = create_until_injected(
+        cp,
+        &other,
+        "annotated",
+        json!({"tollgate.dev/inject": "true", "tollgate.dev/interception": "proxy-env"}),
+    );
+    assert_eq!(
+        annotated["metadata"]["annotations"]["tollgate.dev/injected"],
+        "proxy-env"
+    );
+    let app = named(&annotated["spec"]["containers"], "app");
+    assert_eq!(
+        named(&app["env"], "HTTP_PROXY")["value"],
+        "http://127.0.0.1:15080"
+    );
+    let plain = create(cp, &pod(&other, "plain", json!({}))).unwrap();
+    assert!(
+        plain["spec"]["initContainers"].is_null()
+            && plain["metadata"]["annotations"]["tollgate.dev/injected"].is_null(),
+        "a pod that did not opt in was injected:\n{plain:#}"
+    );
+    // Both went through this operator's webhook.
+    let (_, metrics) = http_get(operator.admin, "/metrics").unwrap();
+    for (outcome, reason) in [("injected", "iptables"), ("injected", "proxy-env")] {
+        let line = format!(
+            "tollgate_operator_webhook_admissions_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} "
+        );
+        let count: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(count >= 1.0, "no {line} in:\n{metrics}");
+    }
+    operator.assert_never_forbidden();
+
+    // Helm's three-way merge leaves the caBundle the operator wrote (the operator is stopped,
+    // so nothing could put it back).
+    drop(operator);
+    let mut upgraded = sets.clone();
+    upgraded.push("operator.logLevel=debug");
+    upgrade(cp, "inj", &ns, &upgraded);
+    let cfg = get_json(cp, &["mutatingwebhookconfiguration", injector]);
+    for w in cfg["webhooks"].as_array().unwrap() {
+        assert_eq!(
+            w["clientConfig"]["caBundle"], bundle,
+            "helm upgrade reset it: {w}"
+        );
+    }
+    cp.helm(["uninstall", "inj", "-n", &ns]).unwrap();
+    assert!(
+        cp.kubectl(["get", "mutatingwebhookconfiguration", injector])
+            .is_err()
+    );
 }

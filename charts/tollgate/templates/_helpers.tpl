@@ -81,10 +81,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) | toJson }}
 {{- end }}
 
+{{/* The sidecar injection webhook's MutatingWebhookConfiguration. */}}
+{{- define "tollgate.webhookConfiguration" -}}
+{{- printf "%s-sidecar-injector" (include "tollgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret of the webhook's serving certificate: the operator's own CA and certificate, or cert-manager's. */}}
+{{- define "tollgate.webhookSecretName" -}}
+{{- printf "%s-webhook-tls" (include "tollgate.operator" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The ConfigMap carrying the sidecar channel's CA in every namespace. */}}
+{{- define "tollgate.caConfigMap" -}}
+{{- printf "%s-ca" (include "tollgate.operator" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Namespaces never injected, as a JSON list: the system ones, webhook.excludedNamespaces, the release's. */}}
+{{- define "tollgate.excludedNamespaces" -}}
+{{- concat (list "kube-system" "kube-public" "kube-node-lease") .Values.webhook.excludedNamespaces (list .Release.Namespace) | uniq | toJson }}
+{{- end }}
+
 {{/* Checks across values that the schema cannot express. */}}
 {{- define "tollgate.validate" -}}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicaCount > 1 needs leaderElection.enabled: without it every replica would write status" }}
+{{- end }}
+{{- if and .Values.webhook.enabled (eq (int .Values.webhook.port) (int .Values.ports.sidecars)) }}
+{{- fail "webhook.port must differ from ports.sidecars" }}
+{{- end }}
+{{- if and .Values.webhook.enabled (eq (int .Values.webhook.port) (int .Values.ports.admin)) }}
+{{- fail "webhook.port must differ from ports.admin" }}
 {{- end }}
 {{- if and (not .Values.tls.create) (not .Values.certManager.enabled) (not .Values.tls.secretName) }}
 {{- fail "tls.create false needs tls.secretName: the Secret (tls.crt, tls.key, ca.crt) you provide" }}
