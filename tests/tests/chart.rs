@@ -1235,6 +1235,15 @@ impl ChartOperator {
                     Some(("--sidecar-ca-file", _)) => {
                         format!("--sidecar-ca-file={}", ca.display())
                     }
+                    // cert-manager's webhook certificate, from its Secret.
+                    Some((flag @ ("--webhook-tls-cert" | "--webhook-tls-key"), path)) => {
+                        let key = path.rsplit('/').next().unwrap();
+                        let dir = dir.join("webhook");
+                        std::fs::create_dir_all(&dir).unwrap();
+                        let secret = format!("{release}-webhook-tls");
+                        let file = secret_file(cp, ns, &secret, key, &dir);
+                        format!("{flag}={}", file.display())
+                    }
                     _ => a.to_owned(),
                 }
             })
@@ -1550,6 +1559,32 @@ fn pod_namespace(cp: &ControlPlane, prefix: &str, labels: &[String]) -> String {
     ns
 }
 
+/// An address on this machine for the operator's webhook, published as the endpoint of the
+/// Service `service` in `ns` (no kubelet runs the Deployment's pods, so no controller fills
+/// the slice).
+fn webhook_endpoint(cp: &ControlPlane, ns: &str, service: &str) -> std::net::SocketAddr {
+    let host = host_address();
+    let port = TcpListener::bind((host, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cp.kubectl_with_stdin(
+        ["apply", "-f", "-"],
+        &json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{service}-e2e"), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [host.to_string()], "conditions": {"ready": true}}],
+            "ports": [{"name": "webhook", "port": port, "protocol": "TCP"}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    (host, port).into()
+}
+
 /// `kubectl create -o json` of `object`: what the API server stored, after admission.
 fn create(cp: &ControlPlane, object: &Value) -> anyhow::Result<Value> {
     let out = cp.kubectl_with_stdin(["create", "-o", "json", "-f", "-"], &object.to_string())?;
@@ -1633,28 +1668,8 @@ fn the_charts_webhook_injects_pods_through_its_service() {
     let dir = target_dir().join("e2e-logs").join(format!("chart-{ns}"));
     std::fs::create_dir_all(&dir).unwrap();
 
-    // The Service's endpoint is this machine, where the operator listens (no kubelet runs the
-    // Deployment's pods, so no controller fills the slice).
-    let host = host_address();
-    let port = TcpListener::bind((host, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    cp.kubectl_with_stdin(
-        ["apply", "-f", "-"],
-        &json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{release}-e2e"), "namespace": ns,
-                         "labels": {"kubernetes.io/service-name": release}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [host.to_string()], "conditions": {"ready": true}}],
-            "ports": [{"name": "webhook", "port": port, "protocol": "TCP"}],
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let operator = ChartOperator::start(cp, &ns, release, &dir, (host, port).into());
+    let webhook = webhook_endpoint(cp, &ns, release);
+    let operator = ChartOperator::start(cp, &ns, release, &dir, webhook);
 
     // The leader's CA, in the chart's configuration, for both webhooks.
     let bundle = wait_for(
@@ -1822,4 +1837,186 @@ fn the_charts_webhook_injects_pods_through_its_service() {
         cp.kubectl(["get", "mutatingwebhookconfiguration", injector])
             .is_err()
     );
+}
+
+/// cert-manager's part, played by the test: the two kinds the chart renders, as CRDs whose
+/// schema is left open, so a release with `certManager.enabled` installs.
+fn cert_manager_crds(cp: &ControlPlane) {
+    for (kind, plural) in [("Certificate", "certificates"), ("Issuer", "issuers")] {
+        let crd = json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.cert-manager.io")},
+            "spec": {"group": "cert-manager.io", "scope": "Namespaced",
+                     "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+                     "versions": [{"name": "v1", "served": true, "storage": true,
+                                   "schema": {"openAPIV3Schema": {"type": "object",
+                                              "x-kubernetes-preserve-unknown-fields": true}}}]}
+        });
+        cp.kubectl_with_stdin(["apply", "-f", "-"], &crd.to_string())
+            .unwrap();
+        cp.kubectl([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            &format!("crd/{plural}.cert-manager.io"),
+        ])
+        .unwrap();
+    }
+}
+
+/// What cert-manager would do for the release in `ns`: issue every non-CA Certificate into its
+/// Secret (tls.crt, tls.key, ca.crt; signed by one CA, for the Certificate's dnsNames), then, as
+/// its CA injector, copy the CA named by each MutatingWebhookConfiguration's
+/// `cert-manager.io/inject-ca-from` into its caBundle. Returns that caBundle.
+fn issue_like_cert_manager(cp: &ControlPlane, ns: &str, configuration: &str) -> String {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "e2e cert-manager CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let certificates = get_json(cp, &["certificates.cert-manager.io", "-n", ns]);
+    let mut issued = 0;
+    for c in certificates["items"].as_array().unwrap() {
+        if c["spec"]["isCA"] == true {
+            continue;
+        }
+        let names: Vec<String> = c["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": c["spec"]["secretName"], "namespace": ns},
+            "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem(), "ca.crt": ca_pem},
+        });
+        cp.kubectl_with_stdin(["apply", "-f", "-"], &secret.to_string())
+            .unwrap();
+        issued += 1;
+    }
+    assert_eq!(issued, 2, "the channel's and the webhook's certificates");
+
+    let cfg = get_json(cp, &["mutatingwebhookconfiguration", configuration]);
+    let from = cfg["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        .as_str()
+        .expect("the configuration names its Certificate for cert-manager's CA injector");
+    let (cert_ns, cert_name) = from.split_once('/').unwrap();
+    let certificate = get_json(
+        cp,
+        &["certificates.cert-manager.io", cert_name, "-n", cert_ns],
+    );
+    let secret_name = certificate["spec"]["secretName"].as_str().unwrap();
+    let secret = get_json(cp, &["secret", secret_name, "-n", cert_ns]);
+    let bundle = secret["data"]["ca.crt"].as_str().unwrap().to_owned();
+    let ops: Vec<Value> = (0..cfg["webhooks"].as_array().unwrap().len())
+        .map(|i| json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": bundle}))
+        .collect();
+    cp.kubectl([
+        "patch",
+        "mutatingwebhookconfiguration",
+        configuration,
+        "--type",
+        "json",
+        "-p",
+        &Value::from(ops).to_string(),
+    ])
+    .unwrap();
+    bundle
+}
+
+/// With `certManager.enabled` the operator serves the webhook certificate cert-manager issued,
+/// read from the mounted Secret, on the narrower RBAC (no webhook Secret, no configuration
+/// rights): the API server trusts it through the caBundle cert-manager's injector wrote, pods
+/// are injected, and the operator neither writes a CA of its own nor touches the caBundle.
+#[test]
+fn with_cert_manager_the_webhook_serves_its_certificate_on_narrower_rbac() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    cert_manager_crds(cp);
+    let ns = cp.create_namespace("chart-cm").unwrap();
+    let watched = cp.create_namespace("chart-cm-pis").unwrap();
+    install(
+        cp,
+        "cm",
+        &ns,
+        &[
+            "certManager.enabled=true",
+            &format!("watchNamespaces={{{watched}}}"),
+            "operator.logFormat=text",
+        ],
+    );
+    let release = "cm-tollgate-operator";
+    let injector = "cm-tollgate-sidecar-injector";
+
+    let mut cluster = expect(TOKENREVIEW_RULES);
+    cluster.extend(
+        webhook_cluster_rules("cm")
+            .into_iter()
+            .filter(|(_, resource, _, _)| resource != "mutatingwebhookconfigurations"),
+    );
+    let mut expected = vec![
+        (String::new(), cluster),
+        (watched.clone(), expect(WATCH_RULES)),
+        (ns.clone(), expect(LEASE_RULES)),
+    ];
+    expected.sort();
+    assert_eq!(
+        bound_rules(cp, &ns, release),
+        expected,
+        "cert-manager mode needs no webhook Secret or configuration rights"
+    );
+
+    let bundle = issue_like_cert_manager(cp, &ns, injector);
+    let dir = target_dir().join("e2e-logs").join(format!("chart-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let webhook = webhook_endpoint(cp, &ns, release);
+    let operator = ChartOperator::start(cp, &ns, release, &dir, webhook);
+
+    let labelled = pod_namespace(
+        cp,
+        "chart-cm-app",
+        &[
+            "tollgate.dev/inject=enabled".to_owned(),
+            format!("{RELEASE_LABEL}={ns}"),
+        ],
+    );
+    let injected = create_until_injected(cp, &labelled, "checkout", json!({}));
+    assert_eq!(
+        injected["metadata"]["annotations"]["tollgate.dev/injected"],
+        "iptables"
+    );
+    let sidecar = named(&injected["spec"]["initContainers"], "tollgate-sidecar");
+    let operator_url = format!("--operator=https://{release}.{ns}.svc:8443");
+    assert!(
+        strings(&sidecar["args"]).contains(&operator_url.as_str()),
+        "{sidecar:#}"
+    );
+
+    // cert-manager's caBundle and Secret, untouched: the operator keeps no CA of its own.
+    let cfg = get_json(cp, &["mutatingwebhookconfiguration", injector]);
+    for w in cfg["webhooks"].as_array().unwrap() {
+        assert_eq!(w["clientConfig"]["caBundle"], bundle.as_str(), "{w}");
+    }
+    let secret = get_json(
+        cp,
+        &["secret", &format!("{release}-webhook-tls"), "-n", &ns],
+    );
+    let keys: BTreeSet<&str> = secret["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["ca.crt", "tls.crt", "tls.key"]));
+    operator.assert_never_forbidden();
+    drop(operator);
+    cp.helm(["uninstall", "cm", "-n", &ns]).unwrap();
 }
