@@ -66,17 +66,18 @@ fn isolation(ns: &str) -> String {
 
 /// `helm install` (no `--wait`: nothing runs pods here) of the chart with `--set` values,
 /// confined to this test (see [`isolation`]).
-fn install(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) {
-    helm_release(cp, "install", release, ns, sets);
+fn install(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> String {
+    helm_release(cp, "install", release, ns, sets)
 }
 
 /// `helm upgrade` with `--set` values (and the [`isolation`] again: an upgrade starts from the
 /// chart's defaults).
-fn upgrade(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) {
-    helm_release(cp, "upgrade", release, ns, sets);
+fn upgrade(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> String {
+    helm_release(cp, "upgrade", release, ns, sets)
 }
 
-fn helm_release(cp: &ControlPlane, verb: &str, release: &str, ns: &str, sets: &[&str]) {
+/// Its output: the release summary and NOTES.txt.
+fn helm_release(cp: &ControlPlane, verb: &str, release: &str, ns: &str, sets: &[&str]) -> String {
     let chart = chart_arg();
     let isolation = isolation(ns);
     let mut args = vec![verb, release, &chart, "--namespace", ns];
@@ -85,7 +86,7 @@ fn helm_release(cp: &ControlPlane, verb: &str, release: &str, ns: &str, sets: &[
         args.extend(["--set", s]);
     }
     cp.helm(&args)
-        .unwrap_or_else(|e| panic!("helm {verb} {sets:?}: {e}"));
+        .unwrap_or_else(|e| panic!("helm {verb} {sets:?}: {e}"))
 }
 
 fn get_json(cp: &ControlPlane, args: &[&str]) -> Value {
@@ -658,7 +659,14 @@ fn helm_install_creates_the_operator_and_upgrade_keeps_its_certificate() {
     let cp = ControlPlane::shared();
     install_crd(cp);
     let ns = cp.create_namespace("chart-install").unwrap();
-    install(cp, "tollgate", &ns, &[]);
+    let notes = install(cp, "tollgate", &ns, &[]);
+    for line in [
+        "Injection:       MutatingWebhookConfiguration tollgate-sidecar-injector (default mode iptables)",
+        "kubectl label namespace <namespace> tollgate.dev/inject=enabled",
+        "iptables mode needs the privileged Pod Security level",
+    ] {
+        assert!(notes.contains(line), "NOTES.txt lacks {line:?}:\n{notes}");
+    }
     let name = "tollgate-operator";
 
     let releases: Value =
