@@ -233,6 +233,34 @@ impl BreakerState {
     }
 }
 
+/// Upper bounds (milliseconds) of the call-duration buckets a sidecar counts in
+/// ([`IntegrationReport::latency_buckets`]), followed by one overflow bucket. Part of protocol v1.
+pub const LATENCY_BUCKETS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000,
+];
+
+/// What the overflow bucket reads as, milliseconds.
+const OVERFLOW_MS: u64 = 60_000;
+
+/// The `q` quantile (0 < q <= 1) of counts per [`LATENCY_BUCKETS_MS`] bucket, milliseconds: the
+/// upper bound of the bucket holding it (the overflow bucket reads as 60 s). `None` without
+/// counts.
+pub fn bucket_quantile(buckets: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64 * q).ceil() as u64).max(1);
+    let mut seen = 0u64;
+    for (k, n) in buckets.iter().enumerate() {
+        seen = seen.saturating_add(*n);
+        if seen >= rank {
+            return Some(LATENCY_BUCKETS_MS.get(k).copied().unwrap_or(OVERFLOW_MS) as f64);
+        }
+    }
+    None
+}
+
 /// What one sidecar saw of one integration during `intervalMillis` (counts are deltas since
 /// its previous report).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -254,12 +282,32 @@ pub struct IntegrationReport {
     /// 95th percentile of call duration in the interval, milliseconds; `None` without calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p95_millis: Option<f64>,
+    /// Calls of the interval by duration: a count per [`LATENCY_BUCKETS_MS`] bucket, then the
+    /// overflow bucket. The operator adds these up over sidecars and the status window, so the
+    /// status shows one true p95 rather than an average of p95s. Empty from sidecars that
+    /// predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_buckets: Vec<u64>,
     pub breaker: BreakerState,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_quantile_is_the_bound_of_the_bucket_holding_the_rank() {
+        let mut b = vec![0u64; LATENCY_BUCKETS_MS.len() + 1];
+        assert_eq!(bucket_quantile(&b, 0.95), None);
+        b[2] = 95; // <= 5ms
+        b[6] = 5; // <= 100ms
+        assert_eq!(bucket_quantile(&b, 0.95), Some(5.0));
+        b[6] = 6;
+        assert_eq!(bucket_quantile(&b, 0.95), Some(100.0));
+        b[LATENCY_BUCKETS_MS.len()] = 100; // over 30 s
+        assert_eq!(bucket_quantile(&b, 0.95), Some(60_000.0));
+        assert_eq!(bucket_quantile(&b, 0.01), Some(5.0));
+    }
 
     #[test]
     fn secret_value_never_prints() {

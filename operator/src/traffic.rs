@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use tollgate_crds::distribution::{BreakerState, IntegrationReport};
+use tollgate_crds::distribution::{
+    BreakerState, IntegrationReport, LATENCY_BUCKETS_MS, bucket_quantile,
+};
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
 
 use crate::catalog::Key;
@@ -27,6 +29,8 @@ struct Sample {
     errors: u64,
     rate_limited: u64,
     p95_ms: Option<f64>,
+    /// Calls by duration bucket; empty from a sidecar that does not send them.
+    buckets: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -68,7 +72,12 @@ pub struct Partial {
     /// Calls and failed calls in the window.
     pub requests: u64,
     pub errors: u64,
-    /// Sum of p95 × calls, and of calls, over samples with a p95 (a call-weighted mean).
+    /// Calls in the window by duration bucket (the protocol's `LATENCY_BUCKETS_MS`, then
+    /// overflow), summed over pods: the p95 is read from these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_buckets: Vec<u64>,
+    /// For samples without buckets (sidecars that predate them): the sum of p95 × calls, and
+    /// of calls (a call-weighted mean, used only when no sample has buckets).
     pub p95_weighted_millis: f64,
     pub p95_weight: u64,
     /// Some pod reported in the window.
@@ -87,6 +96,7 @@ impl Partial {
         self.rate_limited_per_second += o.rate_limited_per_second;
         self.requests += o.requests;
         self.errors += o.errors;
+        add_buckets(&mut self.latency_buckets, &o.latency_buckets);
         self.p95_weighted_millis += o.p95_weighted_millis;
         self.p95_weight += o.p95_weight;
         self.reported |= o.reported;
@@ -94,9 +104,12 @@ impl Partial {
 
     /// What the status shows, against the revision in force.
     pub fn finish(&self, current_revision: &str) -> Observed {
-        let latency_p95 = (self.p95_weight > 0).then(|| {
-            Duration::from_secs_f64(self.p95_weighted_millis / self.p95_weight as f64 / 1000.0)
-        });
+        let latency_p95 = match bucket_quantile(&self.latency_buckets, 0.95) {
+            Some(ms) => Some(Duration::from_secs_f64(ms / 1000.0)),
+            None => (self.p95_weight > 0).then(|| {
+                Duration::from_secs_f64(self.p95_weighted_millis / self.p95_weight as f64 / 1000.0)
+            }),
+        };
         let error_rate = if self.requests > 0 {
             self.errors as f64 * 100.0 / self.requests as f64
         } else {
@@ -162,6 +175,12 @@ impl TrafficStore {
             errors: r.errors.min(r.requests),
             rate_limited: r.rate_limited,
             p95_ms: r.latency_p95_millis.filter(|v| v.is_finite() && *v >= 0.0),
+            // Another bucket layout cannot be added up with ours: ignored.
+            buckets: if r.latency_buckets.len() == LATENCY_BUCKETS_MS.len() + 1 {
+                r.latency_buckets.clone()
+            } else {
+                Vec::new()
+            },
         });
         t.config_revision = r.config_revision.clone();
         t.breaker = r.breaker;
@@ -250,7 +269,9 @@ impl TrafficStore {
             p.requests += req;
             p.errors += in_window.iter().map(|s| s.errors).sum::<u64>();
             for s in &in_window {
-                if let Some(v) = s.p95_ms
+                if !s.buckets.is_empty() {
+                    add_buckets(&mut p.latency_buckets, &s.buckets);
+                } else if let Some(v) = s.p95_ms
                     && s.requests > 0
                 {
                     p.p95_weighted_millis += v * s.requests as f64;
@@ -267,6 +288,16 @@ impl TrafficStore {
         let mut keys: Vec<Key> = inner.keys().cloned().collect();
         keys.sort();
         keys
+    }
+}
+
+/// Adds `more` into `sum` bucket by bucket.
+fn add_buckets(sum: &mut Vec<u64>, more: &[u64]) {
+    if sum.len() < more.len() {
+        sum.resize(more.len(), 0);
+    }
+    for (s, m) in sum.iter_mut().zip(more) {
+        *s = s.saturating_add(*m);
     }
 }
 
@@ -294,8 +325,58 @@ mod tests {
             errors,
             rate_limited: 1,
             latency_p95_millis: Some(p95),
+            latency_buckets: Vec::new(),
             breaker,
         }
+    }
+
+    /// `requests` calls, `fast` of them within 5 ms and the rest between 800 ms and 1 s.
+    fn bucketed(requests: u64, fast: u64) -> IntegrationReport {
+        let mut buckets = vec![0; LATENCY_BUCKETS_MS.len() + 1];
+        buckets[2] = fast;
+        buckets[11] = requests - fast;
+        let mut r = report(requests, 0, 0.0, BreakerState::Closed);
+        r.latency_p95_millis = bucket_quantile(&buckets, 0.95);
+        r.latency_buckets = buckets;
+        r
+    }
+
+    /// A p95 over every call of every pod, not an average of the pods' p95s: one slow pod
+    /// among fast ones shows, as it does to the app's users.
+    #[tokio::test(start_paused = true)]
+    async fn p95_is_read_from_the_buckets_of_every_pod_together() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        let key = ("ns".to_string(), "a".to_string());
+        let now = Instant::now();
+        // p1: 100 calls within 5 ms (its own p95: 5 ms). p2: 10 calls, all near 1 s.
+        store.record("ns/p1", &bucketed(100, 100), now);
+        store.record("ns/p2", &bucketed(10, 0), now);
+        let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];
+        let o = store.observe(&key, &pods, "1-x", now);
+        // 110 calls: the 105th slowest is one of p2's. (Weighted, the p95s would say 95 ms.)
+        assert_eq!(o.latency_p95, Some(Duration::from_secs(1)));
+        assert_eq!(o.traffic.unwrap().latency_p95.as_deref(), Some("1000ms"));
+
+        // The same through the replicas' exchange: each replica holds one pod.
+        let first = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        first.record("ns/p1", &bucketed(100, 100), now);
+        let second = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        second.record("ns/p2", &bucketed(10, 0), now);
+        let mut merged = first.partial(&key, &pods[..1], now);
+        let sent = serde_json::to_string(&second.partial(&key, &pods[1..], now)).unwrap();
+        merged.merge(&serde_json::from_str::<Partial>(&sent).unwrap());
+        assert_eq!(
+            merged.finish("1-x").latency_p95,
+            Some(Duration::from_secs(1))
+        );
+
+        // A sidecar without buckets still counts, by the old average, when nobody sends them.
+        let old = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        old.record("ns/p1", &report(10, 0, 40.0, BreakerState::Closed), now);
+        assert_eq!(
+            old.observe(&key, &pods[..1], "1-x", now).latency_p95,
+            Some(Duration::from_millis(40))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -242,6 +242,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             errors: 1,
             rate_limited: 2,
             latency_p95_millis: Some(120.0),
+            latency_buckets: Vec::new(),
             breaker: BreakerState::Closed,
         }];
     }

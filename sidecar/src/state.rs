@@ -263,10 +263,8 @@ pub struct Traffic {
     pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
 }
 
-/// Upper bounds (milliseconds) of the latency buckets used for p95.
-pub const LATENCY_BUCKETS_MS: [u64; 16] = [
-    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000,
-];
+/// Upper bounds (milliseconds) of the latency buckets, as the operator reads them.
+pub use tollgate_crds::distribution::LATENCY_BUCKETS_MS;
 
 impl Traffic {
     pub fn record(&self, status: u16, reason: Option<Reason>, elapsed: Duration) {

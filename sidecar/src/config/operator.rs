@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
-use tollgate_crds::distribution::{BreakerState, IntegrationReport, Snapshot};
+use tollgate_crds::distribution::{BreakerState, IntegrationReport, Snapshot, bucket_quantile};
 use tollgate_crds::policy::IntegrationId;
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
 use super::{SecretSource, Source, Store, build_revision};
-use crate::state::{LATENCY_BUCKETS_MS, StateContext};
+use crate::state::StateContext;
 use crate::telemetry::metrics::Metrics;
 
 /// Credentials carried by a snapshot, by integration.
@@ -162,45 +162,12 @@ impl OperatorSource {
                 requests: current.requests.saturating_sub(last.requests),
                 errors: current.errors.saturating_sub(last.errors),
                 rate_limited: current.rate_limited.saturating_sub(last.rate_limited),
-                latency_p95_millis: p95(&delta),
+                latency_p95_millis: bucket_quantile(&delta, 0.95),
+                latency_buckets: delta,
                 breaker,
             });
             reported.insert(i.policy.id.clone(), current);
         }
         out
-    }
-}
-
-/// The 95th percentile from bucket counts: the upper bound of the bucket holding it.
-pub fn p95(buckets: &[u64]) -> Option<f64> {
-    let total: u64 = buckets.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = (total as f64 * 0.95).ceil() as u64;
-    let mut seen = 0;
-    for (k, n) in buckets.iter().enumerate() {
-        seen += n;
-        if seen >= rank {
-            let bound = LATENCY_BUCKETS_MS.get(k).copied().unwrap_or(60_000);
-            return Some(bound as f64);
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn p95_is_the_bucket_bound_holding_the_95th_call() {
-        let mut b = vec![0u64; LATENCY_BUCKETS_MS.len() + 1];
-        assert_eq!(p95(&b), None);
-        b[2] = 95; // <= 5ms
-        b[6] = 5; // <= 100ms
-        assert_eq!(p95(&b), Some(5.0));
-        b[6] = 6;
-        assert_eq!(p95(&b), Some(100.0));
     }
 }
