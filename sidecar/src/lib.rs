@@ -15,6 +15,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+mod io;
 pub mod layers;
 pub mod proxy;
 pub mod setup;
