@@ -200,6 +200,7 @@ fn main() -> anyhow::Result<()> {
             pod_name: pod.to_string(),
             token,
             unknown_hosts: "deny",
+            labels: vec![("app".into(), "bench".into())],
         })?);
     }
     for s in &sidecars {

@@ -74,6 +74,12 @@ pub struct ClusterConfig {
     pub state_file: PathBuf,
     /// TLS name to verify, when it differs from the URL's host.
     pub server_name: Option<String>,
+    /// The pod's labels as the kubelet projects them (downward API, `metadata.labels`). When
+    /// the file changes the sidecar subscribes again, and the operator selects integrations by
+    /// the labels the pod has then.
+    pub labels_file: Option<PathBuf>,
+    /// How often `labels_file` is compared with what it held at subscription.
+    pub labels_check: Duration,
     pub connect_timeout: Duration,
     /// First reconnect delay; doubles per failure up to `backoff_max`, half of it jittered.
     pub backoff_base: Duration,
@@ -98,6 +104,8 @@ impl ClusterConfig {
             pod_namespace: pod_namespace.into(),
             state_file: state_file.into(),
             server_name: None,
+            labels_file: None,
+            labels_check: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
@@ -149,6 +157,8 @@ pub enum ClusterError {
     Stream(String),
     #[error("operator speaks protocol {0}, this sidecar {PROTOCOL_VERSION}")]
     Protocol(u32),
+    #[error("the pod's labels changed: subscribing again to be selected by them")]
+    LabelsChanged,
 }
 
 /// Reads the persisted snapshot; `Ok(None)` when there is none yet.
@@ -284,6 +294,11 @@ impl ClusterClient {
             if subscribed {
                 failures = 0;
             }
+            if let Err(e @ ClusterError::LabelsChanged) = &result {
+                // Not a failure: the snapshot in force stays until the new one arrives.
+                tracing::info!("{e}");
+                continue;
+            }
             let error = match result {
                 Ok(()) => "operator closed the stream".to_string(),
                 Err(e) => e.to_string(),
@@ -355,6 +370,11 @@ impl ClusterClient {
                 source,
             })?;
         let token = token_raw.trim().to_string();
+        // The labels the operator will see when it reads the pod (the kubelet updates the file
+        // after the API server has the change).
+        let labels_at_subscribe = c.labels_file.as_deref().map(read_labels);
+        let mut labels_check = tokio::time::interval(c.labels_check);
+        labels_check.reset();
         let connector = self.tls()?;
         let name = ServerName::try_from(c.server_name.clone().unwrap_or_else(|| host.clone()))
             .map_err(|_| ClusterError::Url(url.clone(), "host is not a valid TLS name"))?;
@@ -474,6 +494,12 @@ impl ClusterClient {
                         }
                     }
                 }
+                _ = labels_check.tick(), if labels_at_subscribe.is_some() => {
+                    let now = c.labels_file.as_deref().map(read_labels);
+                    if now != labels_at_subscribe {
+                        return Err(ClusterError::LabelsChanged);
+                    }
+                }
                 _ = report_every.tick(), if session.is_some() => {
                     let report = Report {
                         revision: held.as_ref().map_or(0, |h| h.revision),
@@ -534,6 +560,12 @@ impl ClusterClient {
 
 /// Fire-and-forget POST on the stream's connection; failures are logged only (the next
 /// report or reconnect makes up for them).
+/// The labels file's content; a file that cannot be read reads as empty (it is compared, not
+/// parsed: any change means subscribing again).
+fn read_labels(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 fn post<T: serde::Serialize>(
     mut sender: http2::SendRequest<Full<Bytes>>,
     uri: String,

@@ -54,6 +54,11 @@ struct Args {
     /// Cluster mode: TLS name to verify on the operator's certificate, if not the URL's host.
     #[arg(long, value_name = "NAME")]
     operator_server_name: Option<String>,
+    /// Cluster mode: the pod's labels as the downward API projects them (`metadata.labels`);
+    /// when they change the sidecar subscribes again, so the operator selects integrations by
+    /// the new labels. Without it a relabelled pod keeps its integrations until it reconnects.
+    #[arg(long, value_name = "PATH")]
+    labels_file: Option<PathBuf>,
     /// Cluster mode: this pod's name (the downward API sets it).
     #[arg(long, env = "POD_NAME", default_value = "")]
     pod_name: String,
@@ -192,6 +197,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &args.state_file,
             );
             config.server_name = args.operator_server_name.clone();
+            config.labels_file = args.labels_file.clone();
             let (apply, report) = (source.clone(), source.clone());
             let mut client = ClusterClient::new(
                 config,

@@ -33,6 +33,8 @@ pub struct SidecarConfig {
     pub token: String,
     /// `--unknown-hosts`: `deny` makes "holds no policy for this host" visible as a 403.
     pub unknown_hosts: &'static str,
+    /// The pod's labels, written to its `--labels-file` as the kubelet's downward API would.
+    pub labels: Vec<(String, String)>,
 }
 
 /// A running (or stopped, until restarted) sidecar.
@@ -56,6 +58,8 @@ impl Sidecar {
             .tempdir()?;
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, &config.token)?;
+        let labels_file = dir.path().join("labels");
+        std::fs::write(&labels_file, downward_api_labels(&config.labels))?;
         let mut spec = Spec::new(sidecar_bin());
         spec.arg("--operator")
             .arg(&config.operator_url)
@@ -63,6 +67,8 @@ impl Sidecar {
             .arg(&config.operator_ca)
             .arg("--token-file")
             .arg(&token_file)
+            .arg("--labels-file")
+            .arg(&labels_file)
             .args(["--pod-namespace", &config.pod_namespace])
             .args(["--pod-name", &config.pod_name])
             .arg("--state-file")
@@ -136,6 +142,16 @@ impl Sidecar {
                 other => return other,
             }
         }
+    }
+
+    /// Rewrites its labels file, as the kubelet does when the pod's labels change.
+    pub fn set_labels(&self, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        std::fs::write(self.dir.path().join("labels"), downward_api_labels(&labels))?;
+        Ok(())
     }
 
     /// Where it persists the last good snapshot.
@@ -226,4 +242,11 @@ fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// `metadata.labels` as the downward API writes it: `key="value"` lines, sorted by key.
+fn downward_api_labels(labels: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> = labels.iter().collect();
+    sorted.sort();
+    sorted.iter().map(|(k, v)| format!("{k}={v:?}\n")).collect()
 }

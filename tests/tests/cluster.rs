@@ -186,6 +186,7 @@ fn start_sidecar(
         pod_name: claimed_pod.to_string(),
         token: token.to_string(),
         unknown_hosts: "deny",
+        labels: Vec::new(),
     })
     .unwrap()
 }
@@ -847,4 +848,71 @@ fn kubectl_get_pi_shows_live_numbers_from_the_sidecars() {
         Ok(out)
     });
     eprintln!("{row}");
+}
+
+/// A relabelled pod's sidecar follows its labels: the kubelet rewrites the downward-API labels
+/// file (here the test does, as no kubelet runs), the sidecar subscribes again, and the
+/// operator selects integrations by the labels the pod has now.
+#[test]
+fn a_relabelled_pod_gets_the_integrations_its_new_labels_select() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace("relabel").unwrap();
+    objects::service_account(cp, &ns, "app").unwrap();
+    for app in ["checkout", "billing"] {
+        let spec = json!({
+            "workloadSelector": {"matchLabels": {"app": app}},
+            "upstream": {"url": "http://127.0.0.1:9", "hosts": [format!("api.{app}.test")]},
+        });
+        objects::apply(
+            cp,
+            &objects::partner_integration(&ns, &format!("{app}-partner"), spec),
+        )
+        .unwrap();
+    }
+    let pod = make_pod(cp, &ns, "worker", &[("app", "checkout")]);
+    let operator = Operator::start(
+        cp,
+        OperatorConfig::for_namespace(&format!("{ns}-operator"), &ns),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start(SidecarConfig {
+        name: format!("{ns}-worker-sidecar"),
+        operator_url: operator.url(),
+        operator_ca: operator.cert.ca_file.clone(),
+        pod_namespace: ns.clone(),
+        pod_name: pod.name.clone(),
+        token: pod.token.clone(),
+        unknown_hosts: "deny",
+        labels: vec![("app".into(), "checkout".into())],
+    })
+    .unwrap();
+    let holds = |want: &str| {
+        let want = vec![format!("{ns}/{want}")];
+        eventually(&format!("the sidecar to hold {want:?}"), SETTLE, || {
+            let held = sidecar.integrations()?;
+            anyhow::ensure!(held == want, "holds {held:?}; {}", sidecar.tail());
+            Ok(())
+        });
+    };
+    holds("checkout-partner");
+
+    cp.kubectl([
+        "label",
+        "pod",
+        "worker",
+        "-n",
+        &ns,
+        "app=billing",
+        "--overwrite",
+    ])
+    .unwrap();
+    sidecar.set_labels(&[("app", "billing")]).unwrap();
+    holds("billing-partner");
+    assert_eq!(
+        sidecar.count_log("the pod's labels changed: subscribing again to be selected by them"),
+        1,
+        "{}",
+        sidecar.tail()
+    );
 }

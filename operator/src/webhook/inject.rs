@@ -8,8 +8,9 @@
 //! - `tollgate-sidecar`, a native sidecar (an init container with `restartPolicy: Always`, so it
 //!   starts before the app's init containers and containers and stops after them), as UID 1337
 //!   with a read-only root filesystem and no capabilities.
-//! - Volumes: `tollgate-identity` (projected: the ServiceAccount token for audience `tollgate`
-//!   and the operator's CA from the ConfigMap the operator keeps in every namespace),
+//! - Volumes: `tollgate-identity` (projected: the ServiceAccount token for audience `tollgate`,
+//!   the operator's CA from the ConfigMap the operator keeps in every namespace, and the pod's
+//!   labels, which the kubelet keeps current so the sidecar notices a relabelling),
 //!   `tollgate-state` (emptyDir: the last good revision), `tollgate-xtables` (emptyDir: `/run`
 //!   of the init container, for the legacy iptables lock).
 //! - proxy-env mode: `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (both cases) in every app container
@@ -22,10 +23,10 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
+    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
@@ -52,6 +53,8 @@ pub const STATE_DIR: &str = "/var/lib/tollgate";
 pub const TOKEN_AUDIENCE: &str = "tollgate";
 /// Key of the CA in the ConfigMap and file name in [`IDENTITY_DIR`].
 pub const CA_KEY: &str = "ca.crt";
+/// The pod's labels (downward API) in [`IDENTITY_DIR`].
+pub const LABELS_FILE: &str = "labels";
 const ADMIN_PORT_NAME: &str = "tollgate-admin";
 
 /// The namespaces never injected, whatever their labels or the pods' annotations.
@@ -351,6 +354,7 @@ fn sidecar_container(cfg: &InjectConfig, mode: Mode) -> Container {
         format!("--operator={}", cfg.operator_url),
         format!("--token-file={IDENTITY_DIR}/token"),
         format!("--operator-ca={IDENTITY_DIR}/{CA_KEY}"),
+        format!("--labels-file={IDENTITY_DIR}/{LABELS_FILE}"),
         format!("--state-file={STATE_DIR}/snapshot.json"),
         format!("--listen=127.0.0.1:{}", cfg.proxy_port),
         // On the pod IP: the kubelet's startup probe and metrics scrapers reach it there.
@@ -508,6 +512,19 @@ fn volumes(cfg: &InjectConfig, mode: Mode) -> Vec<Volume> {
                                 mode: None,
                             }]),
                             optional: Some(false),
+                        }),
+                        ..Default::default()
+                    },
+                    VolumeProjection {
+                        downward_api: Some(DownwardAPIProjection {
+                            items: Some(vec![DownwardAPIVolumeFile {
+                                path: LABELS_FILE.to_string(),
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "metadata.labels".to_string(),
+                                    api_version: None,
+                                }),
+                                ..Default::default()
+                            }]),
                         }),
                         ..Default::default()
                     },
@@ -695,6 +712,7 @@ pub(crate) mod tests {
                 "--operator=https://tollgate-operator.tollgate-system.svc:8443",
                 "--token-file=/var/run/secrets/tollgate/token",
                 "--operator-ca=/var/run/secrets/tollgate/ca.crt",
+                "--labels-file=/var/run/secrets/tollgate/labels",
                 "--state-file=/var/lib/tollgate/snapshot.json",
                 "--listen=127.0.0.1:15080",
                 "--admin=0.0.0.0:15090",
@@ -728,7 +746,8 @@ pub(crate) mod tests {
             vols[0]["projected"]["sources"],
             json!([
                 {"serviceAccountToken": {"audience": "tollgate", "expirationSeconds": 3600, "path": "token"}},
-                {"configMap": {"name": "tollgate-operator-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}], "optional": false}}
+                {"configMap": {"name": "tollgate-operator-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}], "optional": false}},
+                {"downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
             ])
         );
         assert_eq!(vols[1]["emptyDir"], json!({}));
