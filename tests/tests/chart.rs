@@ -9,7 +9,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -1107,58 +1106,6 @@ impl Drop for Running {
     }
 }
 
-/// A binary of this workspace (`tollgate-operator`, `tollgate-sidecar`), as `cargo test
-/// --workspace` builds it: that exact command runs first (`--no-run`), so under CI's
-/// `cargo test --workspace` it is a no-op check, and a plain `cargo build` cannot swap in a
-/// binary built with other features (the dev-dependencies turn on tokio's `test-util`).
-fn workspace_bin(bin: &str) -> PathBuf {
-    static PROFILE_DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = PROFILE_DIR.get_or_init(|| {
-        // <target>/<profile>/deps/e2e-<hash>
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // Cargo runs this test with the variables of the package under test; build scripts
-        // that track them (ring: CARGO_MANIFEST_DIR) would see a change and rebuild half the
-        // workspace, here and again in the next ordinary build.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("CARGO_PKG_")
-                || key.starts_with("CARGO_BIN_EXE_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&key.as_ref())
-            {
-                cmd.env_remove(key.as_ref());
-            }
-        }
-        cmd.current_dir(workspace_root())
-            .env("CARGO_TARGET_DIR", target_dir())
-            .args(["test", "--workspace", "--locked", "--no-run", "--quiet"]);
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(
-            status.success(),
-            "cargo test --workspace --no-run: {status}"
-        );
-        dir
-    });
-    let path = dir.join(bin);
-    assert!(path.is_file(), "{} missing after the build", path.display());
-    path
-}
-
 /// A port free on 127.0.0.1 now (the OS does not hand it out again at once).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -1262,7 +1209,7 @@ impl ChartOperator {
         let identity = "chart-operator-0";
         let log_file = File::create(&log).unwrap();
         let process = Running(
-            Command::new(workspace_bin("tollgate-operator"))
+            Command::new(tollgate_e2e::bins::operator_bin())
                 .args(&args)
                 .env("KUBECONFIG", &kubeconfig)
                 .env("POD_NAME", identity)
@@ -1349,7 +1296,7 @@ fn secret_file(cp: &ControlPlane, ns: &str, name: &str, key: &str, dir: &Path) -
 fn the_operator_runs_on_the_charts_rbac_and_certificate() {
     let cp = ControlPlane::shared();
     install_crd(cp);
-    let sidecar_bin = workspace_bin("tollgate-sidecar");
+    let sidecar_bin = tollgate_e2e::bins::sidecar_bin();
     let ns = cp.create_namespace("chart-run").unwrap();
     let app = cp.create_namespace("chart-run-app").unwrap();
     install(
@@ -1463,7 +1410,7 @@ fn the_operator_runs_on_the_charts_rbac_and_certificate() {
     std::fs::write(&token_file, token.trim()).unwrap();
     let (proxy, sidecar_admin) = (free_port(), free_port());
     let _sidecar = Running(
-        Command::new(&sidecar_bin)
+        Command::new(sidecar_bin)
             .args([
                 "--operator".to_owned(),
                 format!("https://127.0.0.1:{listen}"),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_e2e::ControlPlane;
-use tollgate_e2e::tools::{target_dir, workspace_root};
+use tollgate_e2e::tools::target_dir;
 
 const SIDECAR_IMAGE: &str = "registry.example/tollgate-sidecar:e2e";
 const SECRET: &str = "tollgate-webhook-tls";
@@ -775,63 +775,6 @@ fn the_operator_publishes_its_ca_where_injected_pods_mount_it() {
 
 /// The operator binary: `$TOLLGATE_OPERATOR_BIN`, else built with cargo into the target
 /// directory and profile of this test.
-fn operator_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("TOLLGATE_OPERATOR_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    // <target>/<profile>/deps/<test binary>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| target_dir().join("debug"));
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_string(),
-        Some(p) => p.to_string(),
-    };
-    let target = profile_dir
-        .parent()
-        .map_or_else(target_dir, Path::to_path_buf);
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    // What cargo set for this test would make the build differ from a plain `cargo build`
-    // (ring tracks CARGO_MANIFEST_DIR) and rebuild half the tree both ways.
-    for (key, _) in std::env::vars_os() {
-        let k = key.to_string_lossy();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_PRIMARY_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-            || k == "CARGO_TARGET_TMPDIR"
-        {
-            cargo.env_remove(&key);
-        }
-    }
-    let status = cargo
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "-p",
-            "tollgate-operator",
-            "--bin",
-            "tollgate-operator",
-        ])
-        .args(["--profile", &profile])
-        .arg("--target-dir")
-        .arg(&target)
-        .status()?;
-    anyhow::ensure!(
-        status.success(),
-        "cargo build of the operator failed ({status})"
-    );
-    Ok(profile_dir.join("tollgate-operator"))
-}
-
 /// The operator under a small shell that kills it when this process's end of its stdin pipe
 /// closes, so it never outlives the tests (the handle lives in a static).
 struct Operator {
@@ -841,7 +784,7 @@ struct Operator {
 
 impl Operator {
     fn start(cp: &ControlPlane, args: &[String]) -> anyhow::Result<Operator> {
-        let bin = operator_bin()?;
+        let bin = tollgate_e2e::bins::operator_bin();
         let log = target_dir().join("e2e-logs").join("webhook-operator.log");
         std::fs::create_dir_all(log.parent().unwrap())?;
         let out = std::fs::File::create(&log)?;
@@ -849,7 +792,7 @@ impl Operator {
             .arg("-c")
             .arg(r#""$@" </dev/null & op=$!; read -r _; kill "$op"; wait "$op""#)
             .arg("tollgate-operator")
-            .arg(&bin)
+            .arg(bin)
             .args(args)
             .env("KUBECONFIG", cp.kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
