@@ -108,29 +108,7 @@ impl Answer {
     }
 
     pub fn into_response(self) -> Response<RespBody> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: Inner<'a>,
-        }
-        #[derive(Serialize)]
-        struct Inner<'a> {
-            reason: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            integration: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            route: Option<&'a str>,
-            message: &'a str,
-        }
-        let json = serde_json::to_vec(&Body {
-            error: Inner {
-                reason: self.reason.as_str(),
-                integration: self.integration.as_deref(),
-                route: self.route.as_deref(),
-                message: &self.message,
-            },
-        })
-        .unwrap_or_default();
-        let mut resp = Response::new(body::full(json));
+        let mut resp = Response::new(body::full(self.json()));
         *resp.status_mut() = self.reason.status();
         let h = resp.headers_mut();
         h.insert(
@@ -146,6 +124,50 @@ impl Answer {
             h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(d)));
         }
         resp
+    }
+
+    /// The same answer as raw HTTP/1.1 bytes, closing the connection: for where the sidecar
+    /// must answer below hyper (a request head over the limit, which hyper would otherwise
+    /// answer itself, without the contract's header and body).
+    pub fn to_http1_closing(&self) -> Vec<u8> {
+        let status = self.reason.status();
+        let json = self.json();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\n{REASON_HEADER}: {}\r\ncontent-type: application/json\r\n\
+             cache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.reason.as_str(),
+            json.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&json);
+        out
+    }
+
+    fn json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            reason: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            integration: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            route: Option<&'a str>,
+            message: &'a str,
+        }
+        serde_json::to_vec(&Body {
+            error: Inner {
+                reason: self.reason.as_str(),
+                integration: self.integration.as_deref(),
+                route: self.route.as_deref(),
+                message: &self.message,
+            },
+        })
+        .unwrap_or_default()
     }
 }
 

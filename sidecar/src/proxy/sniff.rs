@@ -6,6 +6,10 @@
 //! service sees the request, so this wrapper watches the bytes the app sends, follows the
 //! HTTP/1.1 framing (heads, fixed-length and chunked bodies), and queues one verdict per request
 //! head, in order; the service takes the verdict for each request it handles.
+//!
+//! It also answers a request head over the size limit itself (400 `bad-request`, with the
+//! contract's header and JSON body) and closes the connection; left to hyper, that would be a
+//! bare 431 an app could not tell from the partner's.
 
 use std::collections::VecDeque;
 use std::io;
@@ -13,7 +17,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::answer::{Answer, Reason};
 
 /// What the guard saw in one request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +61,10 @@ enum State {
     Head(Vec<u8>),
     Fixed(u64),
     Chunk(Chunk),
-    /// CONNECT, upgrades, or a head too large or unparsable: hyper decides from here.
+    /// CONNECT, upgrades, or a head unparsable: hyper decides from here.
     Off,
+    /// A head grew past the limit without ending: nothing more is followed.
+    TooLarge,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,7 +124,7 @@ impl Framer {
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match &mut self.state {
-                State::Off => return,
+                State::Off | State::TooLarge => return,
                 State::Fixed(n) => {
                     let take = (*n).min(data.len() as u64) as usize;
                     *n -= take as u64;
@@ -157,7 +165,7 @@ impl Framer {
                         }
                         None => {
                             if buf.len() > self.max_head {
-                                self.state = State::Off;
+                                self.state = State::TooLarge;
                             }
                             return;
                         }
@@ -220,7 +228,23 @@ impl Framer {
         }
     }
 
+    /// A request head passed the limit without ending.
+    pub fn head_too_large(&self) -> bool {
+        matches!(self.state, State::TooLarge)
+    }
+
+    /// A complete head: shown to the hook and judged; then, if it is over the limit, nothing
+    /// more is followed.
     fn on_head(&mut self, head: &[u8]) -> State {
+        let next = self.judge_head(head);
+        if head.len() > self.max_head {
+            State::TooLarge
+        } else {
+            next
+        }
+    }
+
+    fn judge_head(&mut self, head: &[u8]) -> State {
         // Uninitialised slots: zeroing 128 headers (4 KiB) per request showed in the profile.
         let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
         let mut req = httparse::Request::new(&mut []);
@@ -290,13 +314,29 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 pub struct SniffIo<T> {
     inner: T,
     framer: Framer,
+    /// The answer to a head over the limit, once one was.
+    refusal: Option<Refusal>,
 }
+
+/// Answering a head over the limit below hyper: write the answer, end our side, then read and
+/// drop what the app still sends (closing with unread bytes would reset the connection and
+/// could destroy the answer before the app reads it), and only then end the stream for hyper.
+struct Refusal {
+    answer: Vec<u8>,
+    written: usize,
+    shut: bool,
+    drained: usize,
+}
+
+/// How much the app may still send after the answer before the connection is dropped anyway.
+const REFUSAL_DRAIN_LIMIT: usize = 1 << 20;
 
 impl<T> SniffIo<T> {
     pub fn new(inner: T, max_head: usize, verdicts: Verdicts) -> Self {
         SniffIo {
             inner,
             framer: Framer::new(max_head, verdicts),
+            refusal: None,
         }
     }
 
@@ -305,23 +345,76 @@ impl<T> SniffIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for SniffIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for SniffIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.refusal.is_some() {
+            return this.poll_refusal(cx);
+        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
-                // Split borrow: copy out is avoided by feeding from the filled slice directly.
-                let this = &mut *self;
                 this.framer.feed(new);
+                if this.framer.head_too_large() {
+                    // hyper never sees the head: it gets our answer's end of stream instead.
+                    buf.set_filled(before);
+                    let answer = Answer::new(
+                        Reason::BadRequest,
+                        format!(
+                            "request head over {} bytes (--max-header-bytes); nothing was sent to the partner",
+                            this.framer.max_head
+                        ),
+                    );
+                    this.refusal = Some(Refusal {
+                        answer: answer.to_http1_closing(),
+                        written: 0,
+                        shut: false,
+                        drained: 0,
+                    });
+                    return this.poll_refusal(cx);
+                }
             }
         }
         r
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> SniffIo<T> {
+    /// Drives the [`Refusal`]; ready (with nothing read: the end of the stream, after which
+    /// hyper closes the connection without answering the head it never got) once it is done.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(r) = &mut self.refusal else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut inner = Pin::new(&mut self.inner);
+        while r.written < r.answer.len() {
+            match inner.as_mut().poll_write(cx, &r.answer[r.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => r.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !r.shut {
+            std::task::ready!(inner.as_mut().poll_shutdown(cx))?;
+            r.shut = true;
+        }
+        let mut scratch = [0u8; 4096];
+        while r.drained < REFUSAL_DRAIN_LIMIT {
+            let mut sink = ReadBuf::new(&mut scratch);
+            std::task::ready!(inner.as_mut().poll_read(cx, &mut sink))?;
+            if sink.filled().is_empty() {
+                break;
+            }
+            r.drained += sink.filled().len();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -330,6 +423,47 @@ crate::io::write_through!(SniffIo);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_over_the_limit_stops_the_framer_whether_it_ends_or_not() {
+        let head = |n: usize| format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(n));
+        for split in [1, 100, 100_000] {
+            let fits = Verdicts::default();
+            let mut f = Framer::new(1024, fits.clone());
+            for piece in head(900).as_bytes().chunks(split) {
+                f.feed(piece);
+            }
+            assert!(!f.head_too_large(), "split {split}");
+            assert_eq!(fits.next(), Verdict::Ok);
+
+            // Over the limit and complete: nothing more is followed; a head that arrived whole
+            // in one read is still shown to the hook first (the splice guard's partner check).
+            let seen = Arc::new(Mutex::new(0));
+            let s = seen.clone();
+            let mut f = Framer::new(1024, Verdicts::default()).with_hook(move |_| {
+                *s.lock().unwrap() += 1;
+            });
+            for piece in head(2000).as_bytes().chunks(split) {
+                f.feed(piece);
+            }
+            assert!(f.head_too_large(), "split {split}");
+            if split > 2000 {
+                assert_eq!(*seen.lock().unwrap(), 1);
+            }
+
+            // Over the limit and not ended.
+            let mut f = Framer::new(1024, Verdicts::default());
+            for piece in "GET / HTTP/1.1\r\nX: "
+                .bytes()
+                .chain(std::iter::repeat_n(b'a', 2000))
+                .collect::<Vec<u8>>()
+                .chunks(split)
+            {
+                f.feed(piece);
+            }
+            assert!(f.head_too_large(), "split {split}");
+        }
+    }
 
     fn verdicts_of(stream: &[u8], split: usize) -> Vec<Verdict> {
         let v = Verdicts::default();
