@@ -218,6 +218,89 @@ async fn tls_to_a_partner_is_refused_at_connect_by_the_kill_switch_and_spliced_w
     assert_eq!(intercepted(&m, "tls", "tunnel"), 2.0, "{m}");
 }
 
+/// The other L4 policies on a partner's TLS: a partner that does not answer the SYN is given
+/// up after the integration's connect timeout, and past `--max-tunnels` a connection is closed
+/// at once; each is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_partner_meets_the_connect_timeout_and_the_tunnel_limit() {
+    let w = World::new().await;
+    let spec = manifest(
+        "partner",
+        "upstream: {url: 'http://partner.test', connectTimeout: 300ms}\nretries: {maxAttempts: 1}",
+    );
+    let sidecar = NsSidecar::start(&w.pair.app, &spec, SECRET, &["--max-tunnels", "1"]).await;
+    let ca = w.ca();
+    let tunnels = |m: &str, outcome: &str| {
+        metric(
+            m,
+            "tollgate_tunnels_total",
+            &[("integration", "test/partner"), ("outcome", outcome)],
+        )
+    };
+
+    // The partner drops every SYN to 443: the sidecar stops waiting after 300 ms.
+    let drop_syn = ["INPUT", "-p", "tcp", "--dport", "443", "-j", "DROP"];
+    let add: Vec<&str> = ["-A"].iter().chain(&drop_syn).copied().collect();
+    let out = w.pair.partner.exec("iptables", &add);
+    assert!(out.status.success(), "{out:?}");
+    // curl would give up after 2 s (exit 28); the sidecar's 300 ms, not its 3 s default,
+    // closes the connection first.
+    let r = curl(
+        &w.pair.app,
+        &[
+            "--max-time",
+            "2",
+            "--cacert",
+            &ca,
+            "https://partner.test/v1/charges",
+        ],
+    )
+    .await;
+    assert!(r.exit != 0 && r.exit != 28, "{r:?}");
+    let m = sidecar.metrics().await;
+    assert_eq!(tunnels(&m, "timeout"), 1.0, "{m}\n{}", sidecar.log_text());
+    let del: Vec<&str> = ["-D"].iter().chain(&drop_syn).copied().collect();
+    let out = w.pair.partner.exec("iptables", &del);
+    assert!(out.status.success(), "{out:?}");
+
+    // One tunnel held open (a full TLS handshake with the partner through it) ...
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&w.pki.ca_file).unwrap();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = w.pair.app.connect(addr(PARTNER_IP, 443)).await;
+    let _held = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(
+            rustls::pki_types::ServerName::try_from("partner.test").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the TLS handshake with the partner through the tunnel");
+    // ... so the next one is over the limit and closed.
+    let r = curl(
+        &w.pair.app,
+        &["--cacert", &ca, "https://partner.test/v1/charges"],
+    )
+    .await;
+    assert_ne!(r.exit, 0, "{r:?}");
+    let m = sidecar.metrics().await;
+    assert_eq!(tunnels(&m, "established"), 1.0, "{m}");
+    assert_eq!(tunnels(&m, "limited"), 1.0, "{m}");
+    assert_eq!(
+        w.partner_tls.count(),
+        0,
+        "no request went through either tunnel"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_traffic_reaches_its_original_destination_untouched() {
     let w = World::new().await;
