@@ -11,6 +11,7 @@ mod support;
 use std::net::SocketAddr;
 
 use netns::*;
+use support::otlp::Receiver;
 use support::{Partner, manifest, metric};
 
 const SECRET: &[(&str, &str, &str)] = &[("partner-api", "apiKey", "sk_test_123")];
@@ -220,7 +221,8 @@ async fn tls_to_a_partner_is_refused_at_connect_by_the_kill_switch_and_spliced_w
 
 /// The other L4 policies on a partner's TLS: a partner that does not answer the SYN is given
 /// up after the integration's connect timeout, and past `--max-tunnels` a connection is closed
-/// at once; each is counted.
+/// at once; each is counted, and each connection is a `tollgate.tunnel` span at a real OTLP
+/// receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_partner_meets_the_connect_timeout_and_the_tunnel_limit() {
     let w = World::new().await;
@@ -228,7 +230,20 @@ async fn tls_to_a_partner_meets_the_connect_timeout_and_the_tunnel_limit() {
         "partner",
         "upstream: {url: 'http://partner.test', connectTimeout: 300ms}\nretries: {maxAttempts: 1}",
     );
-    let sidecar = NsSidecar::start(&w.pair.app, &spec, SECRET, &["--max-tunnels", "1"]).await;
+    // The receiver listens in the app's namespace, where the sidecar runs.
+    let receiver = Receiver::start_on(w.pair.app.listen("127.0.0.1:0").await);
+    let endpoint = receiver.endpoint();
+    let sidecar = NsSidecar::start_with_env(
+        &w.pair.app,
+        &spec,
+        SECRET,
+        &["--max-tunnels", "1"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    )
+    .await;
     let ca = w.ca();
     let tunnels = |m: &str, outcome: &str| {
         metric(
@@ -299,6 +314,29 @@ async fn tls_to_a_partner_meets_the_connect_timeout_and_the_tunnel_limit() {
         0,
         "no request went through either tunnel"
     );
+
+    // A span per connection, closed with it.
+    drop(_held);
+    let spans = receiver.wait_for("tollgate.tunnel", 3).await;
+    let mut reasons: Vec<&str> = spans
+        .iter()
+        .map(|s| {
+            assert_eq!(
+                s.attributes["tollgate.interception"], "transparent",
+                "{s:?}"
+            );
+            assert_eq!(
+                s.attributes["tollgate.integration"], "test/partner",
+                "{s:?}"
+            );
+            assert_eq!(s.attributes["server.address"], "partner.test", "{s:?}");
+            s.attributes
+                .get("tollgate.reason")
+                .map_or("", String::as_str)
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["", "rate-limited", "timeout"], "{spans:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

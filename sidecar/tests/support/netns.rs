@@ -511,6 +511,17 @@ impl NsSidecar {
         secrets: &[(&str, &str, &str)],
         args: &[&str],
     ) -> NsSidecar {
+        Self::start_with_env(app, config, secrets, args, &[]).await
+    }
+
+    /// [`NsSidecar::start`] with environment variables (`OTEL_*`, say).
+    pub async fn start_with_env(
+        app: &Netns,
+        config: &str,
+        secrets: &[(&str, &str, &str)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> NsSidecar {
         let dir = world_readable_tempdir();
         // The proxy UID cannot reach the build directory (often under /root): run a copy.
         let bin = dir.path().join("tollgate-sidecar");
@@ -547,6 +558,7 @@ impl NsSidecar {
             .args(["--log-format", "json", "--reload-interval", "50ms"])
             .args(args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,tollgate_sidecar=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -58,7 +58,11 @@ fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String 
 
 impl Receiver {
     pub async fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// A receiver on `listener` (one bound in a test network namespace, say).
+    pub fn start_on(listener: TcpListener) -> Receiver {
         let addr = listener.local_addr().unwrap();
         let spans: Arc<Mutex<Vec<SpanRecord>>> = Arc::default();
         let raw: Arc<Mutex<Vec<u8>>> = Arc::default();
