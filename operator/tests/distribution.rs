@@ -216,14 +216,21 @@ async fn a_revision_change_reaches_both_sidecars() {
         );
         assert_eq!(snap.integrations[0].generation, 2);
     }
-    // Both acknowledged both revisions: four push-latency observations.
+    // The acks reach the operator and are timed. Each is its own request on the connection, so
+    // an ack of revision 2 may overtake the ack of revision 1 and settle both with one
+    // observation: two to four observations in all.
     wait_until(|| {
         metric(
             &op.metrics.encode(),
             "tollgate_operator_push_latency_seconds_count",
-        ) >= 4.0
+        ) >= 2.0
     })
     .await;
+    let observed = metric(
+        &op.metrics.encode(),
+        "tollgate_operator_push_latency_seconds_count",
+    );
+    assert!((2.0..=4.0).contains(&observed), "{observed}");
     assert_eq!(op.metrics.connected_sidecars.get(), 2);
 
     // Reports come back on the same connection and land in the integration's traffic.
