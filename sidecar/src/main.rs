@@ -197,6 +197,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &args.state_file,
             );
             config.server_name = args.operator_server_name.clone();
+            // The kubelet writes the file before the container starts: a path that does not
+            // read is a mistake, and would never report a change.
+            if let Some(path) = &args.labels_file {
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("--labels-file {}: {e}", path.display()))?;
+            }
             config.labels_file = args.labels_file.clone();
             let (apply, report) = (source.clone(), source.clone());
             let mut client = ClusterClient::new(

@@ -139,3 +139,30 @@ async fn the_first_config_must_be_valid() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spec.upstream.url"), "{err}");
 }
+
+#[tokio::test]
+async fn a_labels_file_that_does_not_read_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("labels");
+    // A sidecar that accepted the flag would run on: give it a bound and kill it after.
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate-sidecar"))
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--operator", "https://127.0.0.1:1"])
+        .args(["--pod-name", "app-0", "--pod-namespace", "payments"])
+        .arg("--state-file")
+        .arg(dir.path().join("snapshot.json"))
+        .arg("--labels-file")
+        .arg(&missing)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the sidecar exits at once")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--labels-file") && err.contains(&missing.display().to_string()),
+        "{err}"
+    );
+}
