@@ -440,3 +440,127 @@ async fn admin_endpoints_answer() {
     assert!(m.contains("tollgate_config_revision_info{"), "{m}");
     assert_eq!(sidecar.admin_get("/nope").await.status, 404);
 }
+
+// === framing parity and self-loops ===
+
+/// Heads with bare-LF line endings (which the parser accepts) meet the same smuggling guard as
+/// CRLF heads: Content-Length with Transfer-Encoding is refused and nothing is forwarded.
+#[tokio::test]
+async fn bare_lf_heads_meet_the_smuggling_guard_too() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
+    let host = partner.addr;
+    let smuggle = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n";
+    for (name, head) in [
+        (
+            "bare LF",
+            format!(
+                "POST /x HTTP/1.1\nHost: {host}\nContent-Length: 4\nTransfer-Encoding: chunked\n\n"
+            ),
+        ),
+        (
+            "mixed",
+            format!(
+                "POST /x HTTP/1.1\r\nHost: {host}\nTransfer-Encoding: chunked\r\nContent-Length: 4\n\r\n"
+            ),
+        ),
+    ] {
+        let out = raw(
+            sidecar.listen,
+            format!("{head}{}", smuggle.replace("{host}", &host.to_string())).as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{name}: {out}");
+        assert!(
+            out.contains("x-tollgate-reason: bad-request"),
+            "{name}: {out}"
+        );
+        assert!(out.contains("smuggling"), "{name}: {out}");
+    }
+    assert_eq!(partner.count(), 0, "{:?}", partner.seen());
+
+    // A bare-LF request first, then a CRLF one with both headers on the same connection: the
+    // guard must still know where the first ended.
+    let out = raw(
+        sidecar.listen,
+        format!(
+            "GET /first HTTP/1.1\nHost: {host}\n\nPOST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+            smuggle.replace("{host}", &host.to_string())
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("HTTP/1.1 400"), "{out}");
+    let paths: Vec<String> = partner.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/first"], "only the first request is forwarded");
+    partner.clear();
+
+    // A plain bare-LF request is still served.
+    let out = raw(
+        sidecar.listen,
+        format!("GET /plain HTTP/1.1\nHost: {host}\nConnection: close\n\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(partner.count(), 1);
+}
+
+/// Bounded: a loop would otherwise run until the sidecar's connection slots are gone.
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 10s"))
+}
+
+/// A request to the sidecar's own listener through any address of the machine is refused at
+/// once with 400 `bad-request` naming the loop, and the listener keeps serving.
+#[tokio::test]
+async fn requests_to_the_sidecar_itself_are_refused_as_a_loop() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
+    let port = sidecar.listen.port();
+    for host in [
+        format!("0.0.0.0:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.2:{port}"),
+        format!("[::]:{port}"),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        format!("localhost:{port}"),
+    ] {
+        let resp = within(&host, sidecar.get(&format!("http://{host}/v1/x"))).await;
+        assert_eq!(resp.status, 400, "{host}: {}", resp.body);
+        assert_eq!(resp.reason(), Some("bad-request"), "{host}");
+        let message = resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("loop"), "{host}: {message}");
+
+        // Routed by Host, as transparent interception delivers it.
+        let resp = within(
+            &host,
+            request(sidecar.listen, Method::GET, "/v1/x", &[("host", &host)], ""),
+        )
+        .await;
+        assert_eq!(resp.status, 400, "Host {host}: {}", resp.body);
+
+        let (head, _) = within(&host, connect(&sidecar, &host)).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "CONNECT {host}: {head}");
+    }
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "tollgate_rejected_connections_total", &[]),
+        0.0,
+        "{m}"
+    );
+    // The listener still serves real traffic.
+    assert_eq!(
+        sidecar.get(&format!("{}/ok", partner.url())).await.status,
+        200
+    );
+}

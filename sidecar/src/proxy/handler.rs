@@ -1,7 +1,9 @@
 //! Turns an app request into a call through the policy stack, a pass-through, or a tunnel.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::time::Duration;
 
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery};
@@ -54,6 +56,22 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The port the request goes to, the scheme's default when none is given.
+    pub fn effective_port(&self) -> u16 {
+        self.port.unwrap_or(if self.https { 443 } else { 80 })
+    }
+}
+
+/// Whether `ip` is an address of this machine: loopback, unspecified (which reaches this
+/// machine), or one a socket can be bound to.
+fn is_local(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// The request's target, or why it has none.
 pub fn target(req: &Request<Incoming>) -> Result<Target, String> {
     if let Some(a) = req.uri().authority() {
@@ -101,10 +119,15 @@ impl Proxy {
             Ok(t) => t,
             Err(e) => return Answer::new(Reason::BadRequest, e).into_response(),
         };
-        if self.is_self(&target) {
+        if self.is_self(&target).await {
             return Answer::new(
                 Reason::BadRequest,
-                "request is addressed to the sidecar itself",
+                format!(
+                    "request loop: {}:{} is this sidecar's own listener (port {}); refused",
+                    target.host,
+                    target.effective_port(),
+                    self.options.listen.port()
+                ),
             )
             .into_response();
         }
@@ -190,11 +213,32 @@ impl Proxy {
         }
     }
 
-    fn is_self(&self, t: &Target) -> bool {
-        let listen = self.options.listen;
-        t.port == Some(listen.port())
-            && (t.host == listen.ip().to_string()
-                || (listen.ip().is_loopback() && t.host == "localhost"))
+    /// Whether `t` is this sidecar's listener, whatever address names it: the listener's port
+    /// on a loopback or unspecified address, on any address of this machine (the pod IP), or on
+    /// a name for one of those. Sending it on would loop until the connection slots ran out.
+    async fn is_self(&self, t: &Target) -> bool {
+        let port = t.effective_port();
+        if port != self.options.listen.port() {
+            return false;
+        }
+        let host = t.host.trim_end_matches('.').to_ascii_lowercase();
+        if host == "localhost" || host.ends_with(".localhost") {
+            return true;
+        }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return is_local(ip);
+        }
+        // A name on the listener's port: where it resolves decides. Bounded, and only paid by
+        // requests to this one port.
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::lookup_host((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(mut addrs)) => addrs.any(|a| is_local(a.ip())),
+            _ => false,
+        }
     }
 
     async fn passthrough(&self, req: Request<Incoming>, target: Target) -> Response<RespBody> {

@@ -29,6 +29,11 @@ pub enum Verdict {
     LengthAndChunked,
 }
 
+/// Verdicts waiting for their request at most. hyper reads at most its buffer ahead of the
+/// request it serves, and a head is at least 16 bytes, so a connection that hyper still serves
+/// never has this many.
+pub const MAX_PENDING_VERDICTS: usize = 16 * 1024;
+
 /// Verdicts shared between the connection's reader and its request handler.
 #[derive(Debug, Clone, Default)]
 pub struct Verdicts(Arc<Mutex<VecDeque<Verdict>>>);
@@ -48,11 +53,14 @@ impl Verdicts {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    fn push(&self, v: Verdict) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(v);
+    /// Queues `v`; false (and nothing queued) when [`MAX_PENDING_VERDICTS`] are waiting.
+    fn push(&self, v: Verdict) -> bool {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_PENDING_VERDICTS {
+            return false;
+        }
+        q.push_back(v);
+        true
     }
 }
 
@@ -61,7 +69,8 @@ enum State {
     Head(Vec<u8>),
     Fixed(u64),
     Chunk(Chunk),
-    /// CONNECT, upgrades, or a head unparsable: hyper decides from here.
+    /// CONNECT, an upgrade (unless followed), a head unparsable or a length hyper refuses:
+    /// hyper decides from here.
     Off,
     /// A head grew past the limit without ending: nothing more is followed.
     TooLarge,
@@ -100,6 +109,9 @@ pub struct Framer {
     max_head: usize,
     verdicts: Verdicts,
     hook: Option<HeadHook>,
+    /// Whether an `Upgrade` request is framed like any other (hyper's view, where the next
+    /// request follows unless the answer is 101) rather than ending what is followed.
+    follow_upgrades: bool,
 }
 
 impl Framer {
@@ -109,7 +121,15 @@ impl Framer {
             max_head,
             verdicts,
             hook: None,
+            follow_upgrades: false,
         }
+    }
+
+    /// Frames `Upgrade` requests like any other, as hyper's server does until it answers 101
+    /// (after which it calls no handler again and the verdicts are never taken).
+    pub fn following_upgrades(mut self) -> Self {
+        self.follow_upgrades = true;
+        self
     }
 
     /// Also calls `hook` with every complete request head.
@@ -256,15 +276,19 @@ impl Framer {
             (hook.0)(&req);
         }
         let mut content_length: Option<u64> = None;
+        // A Content-Length hyper refuses (not digits, or two that differ): hyper answers 400
+        // and closes; nothing after it is a request.
+        let mut bad_length = false;
         let mut te = false;
         let mut chunked = false;
         let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .or(Some(0));
+                match (digits(h.value), content_length) {
+                    (Some(n), None) => content_length = Some(n),
+                    (Some(n), Some(prev)) if n == prev => {}
+                    _ => bad_length = true,
+                }
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 te = true;
                 chunked = std::str::from_utf8(h.value)
@@ -278,13 +302,17 @@ impl Framer {
                 upgrade = true;
             }
         }
-        let verdict = if te && content_length.is_some() {
+        let verdict = if te && (content_length.is_some() || bad_length) {
             Verdict::LengthAndChunked
         } else {
             Verdict::Ok
         };
-        self.verdicts.push(verdict);
-        if req.method == Some("CONNECT") || upgrade {
+        if !self.verdicts.push(verdict) {
+            // Nobody takes verdicts this far ahead (hyper reads a bounded buffer ahead of the
+            // request it serves): the connection was upgraded; stop following it.
+            return State::Off;
+        }
+        if req.method == Some("CONNECT") || (upgrade && !self.follow_upgrades) {
             return State::Off;
         }
         if te {
@@ -293,6 +321,8 @@ impl Framer {
             } else {
                 State::Off
             }
+        } else if bad_length {
+            State::Off
         } else {
             match content_length {
                 Some(0) | None => State::Head(Vec::new()),
@@ -302,12 +332,35 @@ impl Framer {
     }
 }
 
+/// A Content-Length value as hyper reads it: ASCII digits only, no sign, no overflow.
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
+}
+
 fn hex(b: u8) -> Option<u64> {
     (b as char).to_digit(16).map(u64::from)
 }
 
+/// Where the head in `buf` ends: after its first empty line, with the line endings the parser
+/// accepts (CRLF or a bare LF, mixed as they come). The request line is never empty: leading
+/// empty lines are skipped before.
 fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
+        let lf = from + i;
+        match buf.get(lf + 1) {
+            Some(b'\n') => return Some(lf + 2),
+            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return Some(lf + 3),
+            _ => from = lf + 1,
+        }
+    }
+    None
 }
 
 /// An app connection whose incoming bytes pass through a [`Framer`].
@@ -335,7 +388,7 @@ impl<T> SniffIo<T> {
     pub fn new(inner: T, max_head: usize, verdicts: Verdicts) -> Self {
         SniffIo {
             inner,
-            framer: Framer::new(max_head, verdicts),
+            framer: Framer::new(max_head, verdicts).following_upgrades(),
             refusal: None,
         }
     }
@@ -507,5 +560,161 @@ GET /e HTTP/1.1\r\nHost: x\r\n\r\n";
     fn connect_stops_following() {
         let s = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n\x16\x03\x01GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(verdicts_of(s, 4), vec![Verdict::Ok]);
+    }
+
+    #[test]
+    fn bare_lf_heads_are_framed_like_crlf_heads() {
+        use Verdict::*;
+        // PIPELINE with bare-LF heads (chunked framing stays CRLF, as hyper's decoder requires).
+        let lf: &[u8] = b"POST /a HTTP/1.1\nHost: x\nContent-Length: 5\n\nhello\
+GET /b HTTP/1.1\nHost: x\n\n\
+POST /c HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\r\n5;ext=1\r\nGET /\r\n0\r\nX-Trailer: 1\r\n\r\n\
+POST /d HTTP/1.1\nHost: x\r\nContent-Length: 3\nTransfer-Encoding: chunked\n\n3\r\nabc\r\n0\r\n\r\n\
+GET /e HTTP/1.1\nHost: x\n\n";
+        for split in [1, 2, 3, 7, 16, 1000] {
+            assert_eq!(
+                verdicts_of(lf, split),
+                vec![Ok, Ok, Ok, LengthAndChunked, Ok],
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn head_ends_where_the_parser_sees_an_empty_line() {
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\nrest"), Some(16));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\n\r\n"), Some(23));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r"), None);
+    }
+
+    #[test]
+    fn content_lengths_are_read_as_hyper_reads_them() {
+        assert_eq!(digits(b"42"), Some(42));
+        for bad in [
+            &b""[..],
+            b"+4",
+            b"-1",
+            b"4, 4",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(digits(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Refused by hyper (and the connection closed): its body is not a request.
+        let s = b"POST / HTTP/1.1\r\nContent-Length: 4, 4\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(verdicts_of(s, 3), vec![Verdict::Ok]);
+        let s = b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde";
+        assert_eq!(verdicts_of(s, 3), vec![Verdict::Ok]);
+        // The same length twice is one length.
+        let s = b"POST / HTTP/1.1\r\nContent-Length: 4\r\ncontent-length: 4\r\n\r\nabcdGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(verdicts_of(s, 3), vec![Verdict::Ok, Verdict::Ok]);
+        // An invalid length beside Transfer-Encoding is still both.
+        let s = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n";
+        assert_eq!(verdicts_of(s, 3), vec![Verdict::LengthAndChunked]);
+    }
+
+    #[test]
+    fn an_upgrade_request_is_framed_like_any_other_on_the_listener() {
+        let s = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let v = Verdicts::default();
+        let mut f = Framer::new(1024, v.clone()).following_upgrades();
+        f.feed(s);
+        assert_eq!(
+            (v.next(), v.next()),
+            (Verdict::Ok, Verdict::LengthAndChunked)
+        );
+    }
+
+    #[test]
+    fn verdicts_nobody_takes_are_bounded() {
+        let v = Verdicts::default();
+        let mut f = Framer::new(1024, v.clone());
+        let head = b"GET / HTTP/1.1\n\n";
+        for _ in 0..MAX_PENDING_VERDICTS + 100 {
+            f.feed(head);
+        }
+        assert_eq!(v.0.lock().unwrap().len(), MAX_PENDING_VERDICTS);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAMES: &[&str] = &[
+            "Content-Length",
+            "content-length",
+            "Transfer-Encoding",
+            "transfer-encoding",
+            "Host",
+            "Upgrade",
+            "X-Other",
+        ];
+        const VALUES: &[&str] = &["4", "0", "chunked", "gzip, chunked", "x", "4, 4", "+4", ""];
+
+        fn header() -> impl Strategy<Value = (usize, usize, bool)> {
+            (0..NAMES.len(), 0..VALUES.len(), any::<bool>())
+        }
+
+        /// A request whose head has `headers` with the given line endings (`true`: bare LF),
+        /// then the same body and a second request whatever the endings.
+        fn stream(headers: &[(usize, usize, bool)], lf_start: bool, lf_end: bool) -> Vec<u8> {
+            let eol = |lf: bool| if lf { "\n" } else { "\r\n" };
+            let mut s = format!("POST /a HTTP/1.1{}", eol(lf_start));
+            for (n, v, lf) in headers {
+                s.push_str(&format!("{}: {}{}", NAMES[*n], VALUES[*v], eol(*lf)));
+            }
+            s.push_str(eol(lf_end));
+            s.push_str("0\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n");
+            s.into_bytes()
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+                split in 1usize..64,
+                max_head in 0usize..512,
+            ) {
+                let v = Verdicts::default();
+                let mut f = Framer::new(max_head, v.clone()).following_upgrades();
+                for piece in bytes.chunks(split) {
+                    f.feed(piece);
+                }
+                while v.0.lock().unwrap().pop_front().is_some() {}
+            }
+
+            #[test]
+            fn arbitrary_heads_never_panic(
+                headers in proptest::collection::vec(header(), 0..12),
+                junk in proptest::collection::vec(any::<u8>(), 0..64),
+                split in 1usize..32,
+            ) {
+                let mut s = stream(&headers, false, false);
+                s.splice(10..10, junk);
+                verdicts_of(&s, split);
+            }
+
+            #[test]
+            fn crlf_and_bare_lf_heads_are_classified_alike(
+                headers in proptest::collection::vec(header(), 0..8),
+                lf_start in any::<bool>(),
+                lf_end in any::<bool>(),
+                split in 1usize..32,
+            ) {
+                let crlf: Vec<_> = headers.iter().map(|(n, v, _)| (*n, *v, false)).collect();
+                let expected = verdicts_of(&stream(&crlf, false, false), 1000);
+                let mixed = verdicts_of(&stream(&headers, lf_start, lf_end), split);
+                prop_assert_eq!(&mixed, &expected);
+                // And the first verdict is the guard's rule: a length beside a transfer coding.
+                let has = |name: &str| headers.iter().any(|(n, _, _)| NAMES[*n].eq_ignore_ascii_case(name));
+                let both = has("content-length") && has("transfer-encoding");
+                prop_assert_eq!(
+                    expected.first() == Some(&Verdict::LengthAndChunked),
+                    both
+                );
+            }
+        }
     }
 }
