@@ -3,6 +3,7 @@
 //! A request body small enough to replay is buffered ([`ReqBody::Full`]) so the retry layer can
 //! send it again; a larger one streams ([`ReqBody::Stream`]) and is never retried.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -180,4 +181,140 @@ pub enum BodyError {
     TooLarge { limit: u64 },
     #[error("reading the request body failed: {0}")]
     Read(hyper::Error),
+}
+
+// === response bodies under the call's deadline ===
+
+/// A response body was still streaming when `timeouts.total` passed; it was cut there.
+#[derive(Debug, thiserror::Error)]
+#[error("response body still streaming at the total deadline (timeouts.total); cut")]
+pub struct BodyTimeout;
+
+/// Whether a response body error is the total deadline cutting it.
+pub fn is_body_timeout(e: &BoxError) -> bool {
+    e.is::<BodyTimeout>()
+}
+
+/// Cuts `body` at `deadline`: from then on it yields [`BodyTimeout`] and ends. The app's
+/// connection then closes (the status line is already sent), which is how the app learns the
+/// response is incomplete.
+pub fn with_deadline(body: RespBody, deadline: tokio::time::Instant) -> RespBody {
+    if body.is_end_stream() {
+        return body;
+    }
+    Deadline {
+        inner: body,
+        sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        cut: false,
+    }
+    .boxed_unsync()
+}
+
+struct Deadline {
+    inner: RespBody,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    cut: bool,
+}
+
+impl Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.cut {
+            return Poll::Ready(None);
+        }
+        // The deadline first: a partner that keeps sending must not outrun it.
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.cut = true;
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.cut || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Every byte was delivered, or the app stopped reading (the body was dropped).
+    Done,
+    /// Cut at the total deadline.
+    Timeout,
+    /// The partner's stream broke.
+    Failed,
+}
+
+/// Calls `on_end` once, when `body` ends, fails or is dropped: what happens after the response
+/// head (the breaker and the call's metrics) is recorded only then.
+pub fn on_end(body: RespBody, on_end: impl FnOnce(BodyEnd) + Send + 'static) -> RespBody {
+    OnEnd {
+        inner: body,
+        on_end: Some(Box::new(on_end)),
+    }
+    .boxed_unsync()
+}
+
+type EndHook = Box<dyn FnOnce(BodyEnd) + Send>;
+
+struct OnEnd {
+    inner: RespBody,
+    on_end: Option<EndHook>,
+}
+
+impl OnEnd {
+    fn fire(&mut self, end: BodyEnd) {
+        if let Some(f) = self.on_end.take() {
+            f(end);
+        }
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        self.fire(BodyEnd::Done);
+    }
+}
+
+impl Body for OnEnd {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.fire(BodyEnd::Done),
+            Poll::Ready(Some(Err(e))) => {
+                let end = if is_body_timeout(e) {
+                    BodyEnd::Timeout
+                } else {
+                    BodyEnd::Failed
+                };
+                self.fire(end);
+            }
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

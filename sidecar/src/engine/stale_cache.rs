@@ -1,10 +1,26 @@
 //! Stale-if-error cache: the last good response to a GET, served when the partner fails.
+//!
+//! It follows HTTP caching (RFC 9111) where that decides who may see a stored response:
+//!
+//! - nothing is stored for a request with `Cache-Control: no-store`, nor from a response with
+//!   `Cache-Control` `no-store`, `private`, `no-cache`, `must-revalidate` or `proxy-revalidate`
+//!   (the last three forbid serving it stale), nor with `Vary: *`;
+//! - the key is the path and query plus a keyed fingerprint of the request's credentials
+//!   (`Authorization`, `Proxy-Authorization`, `Cookie`): a response is served only to a request
+//!   carrying the same credentials, never across users;
+//! - a response with `Vary` is served only to a request whose varying headers have the values
+//!   of the request that fetched it;
+//! - `Set-Cookie` is never stored, so never replayed.
+//!
+//! Neither the credentials nor the varying values are kept: only 128-bit keyed fingerprints.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{self, HeaderName};
 use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
@@ -16,6 +32,87 @@ pub struct CachedResponse {
     pub body: Bytes,
     /// When the partner sent it; its age is measured from here.
     pub stored_at: Instant,
+    /// The request headers the response varies on, and a fingerprint of their values then.
+    pub vary: Vary,
+}
+
+/// Which request headers a stored response was selected by (its `Vary`), and a keyed
+/// fingerprint of the values they had.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vary {
+    names: Vec<HeaderName>,
+    fingerprint: u128,
+}
+
+/// Request headers that carry who is asking.
+const CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+];
+
+/// Why a response is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    /// The request or the response says `no-store`, or the response is `private`.
+    Forbidden(&'static str),
+    /// `Vary: *`: no later request can be known to match.
+    VaryStar,
+    /// Larger than the cache's bound.
+    TooLarge,
+}
+
+/// Whether `headers` carry a `Cache-Control` directive named `name` (case-insensitive,
+/// with or without an argument).
+fn has_directive(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| {
+            d.split('=')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case(name))
+        })
+}
+
+/// The request-side and response-side reasons not to store, in RFC 9111 terms.
+pub fn storable(request: &HeaderMap, response: &HeaderMap) -> Result<(), NotStored> {
+    if has_directive(request, "no-store") {
+        return Err(NotStored::Forbidden("request Cache-Control: no-store"));
+    }
+    for d in [
+        "no-store",
+        "private",
+        "no-cache",
+        "must-revalidate",
+        "proxy-revalidate",
+    ] {
+        if has_directive(response, d) {
+            return Err(NotStored::Forbidden(d));
+        }
+    }
+    Ok(())
+}
+
+/// The header names a response's `Vary` lists; `None` for `Vary: *`.
+fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for v in response.get_all(header::VARY) {
+        // A value that is not text cannot be matched later: treat it as `*`.
+        let v = v.to_str().ok()?;
+        for n in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if n == "*" {
+                return None;
+            }
+            let n = HeaderName::from_bytes(n.as_bytes()).ok()?;
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    Some(names)
 }
 
 impl CachedResponse {
@@ -49,6 +146,8 @@ pub struct StaleCache {
     max_entries: usize,
     max_bytes: usize,
     inner: Mutex<Lru>,
+    /// Two independently keyed hashers: a 128-bit fingerprint no one outside can predict.
+    keys: (RandomState, RandomState),
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +174,95 @@ impl StaleCache {
             max_entries,
             max_bytes,
             inner: Mutex::new(Lru::default()),
+            keys: (RandomState::new(), RandomState::new()),
         }
+    }
+
+    /// A keyed 128-bit fingerprint of the values of `names` in `headers` (absent and empty
+    /// differ; every occurrence counts, in order).
+    fn fingerprint(&self, names: &[HeaderName], headers: &HeaderMap) -> u128 {
+        let mut a = self.keys.0.build_hasher();
+        let mut b = self.keys.1.build_hasher();
+        for n in names {
+            for h in [&mut a, &mut b] {
+                h.write(n.as_str().as_bytes());
+                h.write_u8(0);
+            }
+            for v in headers.get_all(n) {
+                for h in [&mut a, &mut b] {
+                    h.write_u8(1);
+                    h.write(v.as_bytes());
+                    h.write_u8(0);
+                }
+            }
+        }
+        (u128::from(a.finish()) << 64) | u128::from(b.finish())
+    }
+
+    /// The key a GET is stored and looked up under: its path and query and who asks (a
+    /// fingerprint of its credentials, none when it carries none).
+    pub fn key(&self, path_and_query: &str, request: &HeaderMap) -> String {
+        let anonymous = CREDENTIAL_HEADERS.iter().all(|n| !request.contains_key(n));
+        if anonymous {
+            format!("{path_and_query} anonymous")
+        } else {
+            let f = self.fingerprint(&CREDENTIAL_HEADERS, request);
+            format!("{path_and_query} {f:032x}")
+        }
+    }
+
+    /// Stores a good response to `request` under `key` when HTTP caching allows, without its
+    /// `Set-Cookie`. A response that may not be stored also drops what was stored under `key`:
+    /// the partner no longer wants it kept.
+    pub fn store(
+        &self,
+        key: &str,
+        request: &HeaderMap,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        now: Instant,
+    ) -> Result<(), NotStored> {
+        let verdict = storable(request, headers).and_then(|()| {
+            let names = vary_names(headers).ok_or(NotStored::VaryStar)?;
+            let fingerprint = self.fingerprint(&names, request);
+            Ok(Vary { names, fingerprint })
+        });
+        let vary = match verdict {
+            Ok(v) => v,
+            Err(e) => {
+                self.lock().remove(key);
+                return Err(e);
+            }
+        };
+        let mut headers = headers.clone();
+        headers.remove(header::SET_COOKIE);
+        let response = CachedResponse {
+            status,
+            headers,
+            body,
+            stored_at: now,
+            vary,
+        };
+        if self.insert(key, response) {
+            Ok(())
+        } else {
+            Err(NotStored::TooLarge)
+        }
+    }
+
+    /// The response stored under `key` for a request like `request` (same varying header
+    /// values), at most `max_age` old at `now`.
+    pub fn lookup(
+        &self,
+        key: &str,
+        request: &HeaderMap,
+        max_age: Duration,
+        now: Instant,
+    ) -> Option<Stale> {
+        let hit = self.get(key, max_age, now)?;
+        let vary = &hit.response.vary;
+        (self.fingerprint(&vary.names, request) == vary.fingerprint).then_some(hit)
     }
 
     /// Stores `response` under `key`, replacing what was there. Returns whether it was stored:
@@ -104,6 +291,7 @@ impl StaleCache {
     }
 
     /// The response under `key` if it is at most `max_age` old at `now`; a hit counts as a use.
+    /// (No `Vary` check: see [`StaleCache::lookup`].)
     pub fn get(&self, key: &str, max_age: Duration, now: Instant) -> Option<Stale> {
         let mut lru = self.lock();
         let lru = &mut *lru;
@@ -193,6 +381,7 @@ mod tests {
             headers,
             body: body.into(),
             stored_at: Instant::now(),
+            vary: Vary::default(),
         }
     }
 
@@ -289,6 +478,111 @@ mod tests {
         for c in [StaleCache::new(0, 1000), StaleCache::new(10, 0)] {
             assert!(!c.insert("k", response("v")));
             assert!(c.is_empty());
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn stored(c: &StaleCache, req: &HeaderMap, resp: &HeaderMap) -> Result<(), NotStored> {
+        let key = c.key("/v1/x", req);
+        c.store(
+            &key,
+            req,
+            StatusCode::OK,
+            resp,
+            "body".into(),
+            Instant::now(),
+        )
+    }
+
+    fn served(c: &StaleCache, req: &HeaderMap) -> Option<Stale> {
+        c.lookup(&c.key("/v1/x", req), req, MINUTE, Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credentials_partition_the_cache_and_set_cookie_is_dropped() {
+        let c = StaleCache::new(10, 10_000);
+        let alice = headers(&[("authorization", "Bearer alice")]);
+        stored(&c, &alice, &headers(&[("set-cookie", "s=1"), ("x-a", "1")])).unwrap();
+        let hit = served(&c, &alice).unwrap();
+        assert!(!hit.response.headers.contains_key(header::SET_COOKIE));
+        assert_eq!(hit.response.headers["x-a"], "1");
+        for other in [
+            headers(&[]),
+            headers(&[("authorization", "Bearer bob")]),
+            headers(&[("authorization", "Bearer alice"), ("cookie", "a=1")]),
+            headers(&[("proxy-authorization", "Bearer alice")]),
+        ] {
+            assert!(served(&c, &other).is_none(), "{other:?}");
+        }
+        // Keys hold no credential.
+        assert!(!c.key("/v1/x", &alice).contains("alice"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cache_control_and_vary_star_forbid_storing_and_drop_the_old_copy() {
+        let c = StaleCache::new(10, 10_000);
+        let anon = headers(&[]);
+        stored(&c, &anon, &headers(&[])).unwrap();
+        for cc in [
+            "no-store",
+            "Private",
+            "private=\"set-cookie\"",
+            "no-cache",
+            "max-age=0, must-revalidate",
+            "proxy-revalidate",
+        ] {
+            assert!(
+                matches!(
+                    stored(&c, &anon, &headers(&[("cache-control", cc)])),
+                    Err(NotStored::Forbidden(_))
+                ),
+                "{cc}"
+            );
+            assert!(served(&c, &anon).is_none(), "{cc}");
+        }
+        assert_eq!(
+            stored(&c, &anon, &headers(&[("vary", "accept, *")])),
+            Err(NotStored::VaryStar)
+        );
+        let no_store = headers(&[("cache-control", "no-store")]);
+        assert!(stored(&c, &no_store, &headers(&[])).is_err());
+        stored(
+            &c,
+            &anon,
+            &headers(&[("cache-control", "public, max-age=60")]),
+        )
+        .unwrap();
+        assert!(served(&c, &anon).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_varying_response_matches_only_the_same_values() {
+        let c = StaleCache::new(10, 10_000);
+        let fr = headers(&[("accept-language", "fr"), ("accept", "text/html")]);
+        stored(
+            &c,
+            &fr,
+            &headers(&[("vary", "Accept-Language"), ("vary", "accept")]),
+        )
+        .unwrap();
+        assert!(served(&c, &fr).is_some());
+        for other in [
+            headers(&[("accept-language", "de"), ("accept", "text/html")]),
+            headers(&[("accept-language", "fr")]),
+            headers(&[("accept", "text/html")]),
+        ] {
+            assert!(served(&c, &other).is_none(), "{other:?}");
         }
     }
 }

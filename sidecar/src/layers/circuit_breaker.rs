@@ -3,6 +3,9 @@
 //!
 //! Failures are the partner's 5xx, connect errors, resets and timeouts; 4xx (429 included)
 //! are the request's or the quota's fault and count as successes.
+//!
+//! A response counts when its body ends, not when its head arrives: a body cut at the total
+//! deadline is a timeout, and one the partner breaks off is a reset, both failures.
 
 use std::task::{Context, Poll};
 
@@ -12,7 +15,7 @@ use tower::{Layer, Service};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::answer::Reason;
-use crate::body::{ReqBody, RespBody};
+use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::engine::breaker::CallOutcome;
 
 pub fn layer() -> CircuitBreakerLayer {
@@ -80,11 +83,24 @@ where
                 let fut = self.inner.call(req);
                 futures::future::Either::Right(Box::pin(async move {
                     let result = fut.await;
-                    if let Some(o) = outcome(&result) {
-                        let now = Instant::now();
-                        permit.record(o, now - started, now);
+                    match (outcome(&result), result) {
+                        (Some(o), Ok(resp)) => Ok(resp.map(move |b| {
+                            body::on_end(b, move |end| {
+                                let o = match end {
+                                    BodyEnd::Done => o,
+                                    BodyEnd::Timeout | BodyEnd::Failed => CallOutcome::Failure,
+                                };
+                                let now = Instant::now();
+                                permit.record(o, now - started, now);
+                            })
+                        })),
+                        (Some(o), Err(e)) => {
+                            let now = Instant::now();
+                            permit.record(o, now - started, now);
+                            Err(e)
+                        }
+                        (None, result) => result,
                     }
-                    result
                 }))
             }
         }

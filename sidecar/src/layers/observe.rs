@@ -1,5 +1,6 @@
 //! Observe: the outermost layer. Runs the call inside its span, turns errors into the
-//! sidecar's answers, and records every call's outcome in metrics and span attributes.
+//! sidecar's answers, and records every call's outcome in metrics and span attributes once
+//! its response body has ended (the span stays open until then).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use tracing::Instrument;
 
 use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
-use crate::body::{ReqBody, RespBody};
+use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// Put on a response served from fallback, so the call is recorded as such.
@@ -97,32 +98,58 @@ where
                         (answer.into_response(), reason.as_str(), Some(reason))
                     }
                 };
-                let status = resp.status().as_u16();
+                // The call ends with its body: a body cut at the total deadline makes it a
+                // timeout, one the partner broke off an unreachable partner.
                 let span = tracing::Span::current();
-                if !span.is_disabled() {
-                    span.record("http.response.status_code", status);
-                    span.record("tollgate.attempts", call.attempts());
-                    if let Some(r) = reason {
-                        span.record("tollgate.reason", r.as_str());
-                    }
-                    if status >= 500 || reason.is_some() {
-                        span.record("otel.status_code", "ERROR");
-                    }
-                }
-                let elapsed = call.started.elapsed();
-                call.integration.state.route_metrics[call.route]
-                    .get_or_init(|| {
-                        RouteMetrics::new(&metrics, &call.integration.label, call.route_name())
+                let status = resp.status().as_u16();
+                Ok(resp.map(move |b| {
+                    body::on_end(b, move |end| {
+                        let (outcome, reason) = match end {
+                            BodyEnd::Done => (outcome, reason),
+                            BodyEnd::Timeout => {
+                                tracing::warn!(parent: &span, "response body cut at the total deadline");
+                                (Reason::Timeout.as_str(), Some(Reason::Timeout))
+                            }
+                            BodyEnd::Failed => (
+                                Reason::UpstreamUnreachable.as_str(),
+                                Some(Reason::UpstreamUnreachable),
+                            ),
+                        };
+                        record(&metrics, &call, &span, status, outcome, reason);
                     })
-                    .record(&metrics, outcome, status, elapsed.as_secs_f64());
-                call.integration
-                    .state
-                    .record_call(call.route, status, reason, elapsed);
-                Ok(resp)
+                }))
             }
             .instrument(span),
         )
     }
+}
+
+/// Records a finished call in its span, the metrics and the integration's traffic counters.
+fn record(
+    metrics: &Metrics,
+    call: &Call,
+    span: &tracing::Span,
+    status: u16,
+    outcome: &'static str,
+    reason: Option<Reason>,
+) {
+    if !span.is_disabled() {
+        span.record("http.response.status_code", status);
+        span.record("tollgate.attempts", call.attempts());
+        if let Some(r) = reason {
+            span.record("tollgate.reason", r.as_str());
+        }
+        if status >= 500 || reason.is_some() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    let elapsed = call.started.elapsed();
+    call.integration.state.route_metrics[call.route]
+        .get_or_init(|| RouteMetrics::new(metrics, &call.integration.label, call.route_name()))
+        .record(metrics, outcome, status, elapsed.as_secs_f64());
+    call.integration
+        .state
+        .record_call(call.route, status, reason, elapsed);
 }
 
 /// The `outcome` label of a call served from fallback.

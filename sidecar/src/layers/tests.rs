@@ -318,3 +318,25 @@ async fn an_open_breaker_answers_with_the_time_until_half_open() {
         "half-open: a probe goes through"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_response_body_is_cut_at_the_total_deadline_not_the_attempt_timeout() {
+    use http_body_util::BodyExt;
+    let i = integration("upstream: {url: 'http://a.example'}\ntimeouts: {request: 2s, total: 5s}");
+    let stalls = tower::service_fn(|_req: Request<ReqBody>| async {
+        let never = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, body::BoxError>,
+        >());
+        Ok::<_, CallError>(Response::new(never.boxed_unsync()))
+    });
+    let started = Instant::now();
+    let resp = timeout::layer()
+        .layer(stalls)
+        .oneshot(request(&i, http::Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO, "the head is on time");
+    let err = resp.into_body().collect().await.unwrap_err();
+    assert!(body::is_body_timeout(&err), "{err}");
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+}

@@ -1,4 +1,8 @@
 //! Per-attempt timeout: `timeouts.request`, cut short by what is left of the total deadline.
+//!
+//! The total deadline bounds the response body too: a body still streaming when
+//! `timeouts.total` passes is cut there ([`crate::body::BodyTimeout`]), and the layers above
+//! record the call as a timeout when they see that.
 
 use std::task::{Context, Poll};
 
@@ -7,7 +11,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::{BoxFuture, Call, CallError, CallResult};
-use crate::body::{ReqBody, RespBody};
+use crate::body::{self, ReqBody, RespBody};
 
 pub fn layer() -> TimeoutLayer {
     TimeoutLayer
@@ -45,10 +49,11 @@ where
         let call = Call::from_request(&req);
         let attempt_deadline = Instant::now() + call.route_policy().timeouts.request;
         let deadline = attempt_deadline.min(call.deadline);
+        let total = call.deadline;
         let fut = self.inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {
-                Ok(r) => r,
+                Ok(r) => r.map(|resp| resp.map(|b| body::with_deadline(b, total))),
                 Err(_) => Err(CallError::AttemptTimeout),
             }
         })
