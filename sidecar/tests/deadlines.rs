@@ -23,8 +23,19 @@ const BOUND: Duration = Duration::from_secs(10);
 
 // === a partner that stalls its response body ===
 
+/// What the partner does after writing its bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Serve the next request on the connection.
+    Next,
+    /// Keep the connection open, sending nothing more.
+    Stall,
+    /// Close the connection.
+    Close,
+}
+
 /// A partner on loopback that answers request `i` with `script(i)`: the bytes to write, and
-/// whether to stall after them (keep the connection open, send nothing more).
+/// what to do after them.
 struct Staller {
     addr: std::net::SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -38,7 +49,7 @@ impl Drop for Staller {
 }
 
 impl Staller {
-    async fn start(script: impl Fn(usize) -> (String, bool) + Send + Sync + 'static) -> Staller {
+    async fn start(script: impl Fn(usize) -> (String, Then) + Send + Sync + 'static) -> Staller {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -62,11 +73,11 @@ impl Staller {
                         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                         buf.drain(..end);
                         let i = r.fetch_add(1, Ordering::SeqCst);
-                        let (bytes, stall) = script(i);
-                        if s.write_all(bytes.as_bytes()).await.is_err() {
+                        let (bytes, then) = script(i);
+                        if s.write_all(bytes.as_bytes()).await.is_err() || then == Then::Close {
                             return;
                         }
-                        if stall {
+                        if then == Then::Stall {
                             // Hold the connection open, sending nothing, until the peer leaves.
                             while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
                             return;
@@ -98,8 +109,8 @@ fn response(len: usize, extra_headers: &str, body: &str) -> String {
     )
 }
 
-fn stalled(body_start: &str) -> (String, bool) {
-    (response(1000, "", body_start), true)
+fn stalled(body_start: &str) -> (String, Then) {
+    (response(1000, "", body_start), Then::Stall)
 }
 
 // === the app ===
@@ -194,7 +205,11 @@ async fn a_body_still_streaming_at_the_total_deadline_is_cut_and_counted_a_timeo
             metric(
                 m,
                 "tollgate_requests_total",
-                &[("integration", "test/partner"), ("outcome", "timeout")],
+                &[
+                    ("integration", "test/partner"),
+                    ("outcome", "timeout"),
+                    ("code", "200"),
+                ],
             ) == 1.0
         })
         .await;
@@ -216,13 +231,41 @@ async fn a_body_still_streaming_at_the_total_deadline_is_cut_and_counted_a_timeo
     assert_eq!(partner.count(), 1, "nothing sent through the open breaker");
 }
 
+/// A body the partner breaks off is a reset: the app's connection is cut, and the call is
+/// `upstream-unreachable` in the metrics and a failure to the breaker.
+#[tokio::test]
+async fn a_body_the_partner_breaks_off_is_counted_a_failure() {
+    let partner = Staller::start(|_| (response(1000, "", "the first bytes"), Then::Close)).await;
+    let sidecar = Sidecar::start(&spec(
+        &partner.url(),
+        "circuitBreaker: {consecutiveFailures: 1, openDuration: 1m}",
+    ))
+    .await;
+    let url = format!("{}/v1/report", partner.url());
+    let got = get(&sidecar, &url, &[]).await;
+    assert_eq!(got.status, 200);
+    assert!(got.body.is_err(), "{:?}", got.body);
+    sidecar
+        .wait_metrics("the call recorded as a failure", |m| {
+            metric(
+                m,
+                "tollgate_requests_total",
+                &[("outcome", "upstream-unreachable"), ("code", "200")],
+            ) == 1.0
+        })
+        .await;
+    let next = get(&sidecar, &url, &[]).await;
+    assert_eq!(next.header("x-tollgate-reason"), Some("circuit-open"));
+    assert_eq!(partner.count(), 1);
+}
+
 /// With `staleIfError`, a stalled body is replaced by the last good response, or else by the
 /// 504 `timeout` answer, within the deadline: the app always gets a status line.
 #[tokio::test]
 async fn with_stale_if_error_a_stalled_body_gets_the_stale_copy_or_504() {
     let partner = Staller::start(|i| {
         if i == 0 {
-            (response(10, "", "fresh data"), false)
+            (response(10, "", "fresh data"), Then::Next)
         } else {
             stalled("partial")
         }
