@@ -523,7 +523,31 @@ async fn requests_to_the_sidecar_itself_are_refused_as_a_loop() {
     let partner = Partner::start().await;
     let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
     let port = sidecar.listen.port();
-    for host in [
+    // The machine's own addresses (a pod's IP): the listener is not bound there, but a listener
+    // on 0.0.0.0 would be, and no partner lives at the sidecar's own port on this machine.
+    let own = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("iproute2's ip lists this machine's addresses");
+    let own: Vec<String> = String::from_utf8_lossy(&own.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .split('/')
+                .next()
+                .map(str::to_string)
+        })
+        .map(|ip| {
+            if ip.contains(':') {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            }
+        })
+        .collect();
+    assert!(!own.is_empty(), "this machine has a global address");
+    for host in own.into_iter().chain([
         format!("0.0.0.0:{port}"),
         format!("127.0.0.1:{port}"),
         format!("127.0.0.2:{port}"),
@@ -531,7 +555,8 @@ async fn requests_to_the_sidecar_itself_are_refused_as_a_loop() {
         format!("[::1]:{port}"),
         format!("[::ffff:127.0.0.1]:{port}"),
         format!("localhost:{port}"),
-    ] {
+        format!("localhost.:{port}"),
+    ]) {
         let resp = within(&host, sidecar.get(&format!("http://{host}/v1/x"))).await;
         assert_eq!(resp.status, 400, "{host}: {}", resp.body);
         assert_eq!(resp.reason(), Some("bad-request"), "{host}");
