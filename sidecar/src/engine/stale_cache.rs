@@ -117,14 +117,16 @@ fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
 
 impl CachedResponse {
     /// The bytes this response counts for against the cache's bound: body, header names and
-    /// values. (Allocation overhead is not counted; size the bound with some room.)
+    /// values, and the names it varies on. (Allocation overhead is not counted; size the bound
+    /// with some room.)
     pub fn size(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len())
             .sum();
-        self.body.len() + headers
+        let vary: usize = self.vary.names.iter().map(|n| n.as_str().len()).sum();
+        self.body.len() + headers + vary
     }
 }
 
