@@ -45,7 +45,6 @@ fn request(i: &Arc<crate::config::Integration>, method: http::Method) -> Request
         deadline: started + i.route(route).timeouts.total,
         started,
         attempts: AtomicU32::new(0),
-        partition: None,
     });
     let mut req = Request::builder()
         .method(method)
