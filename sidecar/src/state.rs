@@ -200,6 +200,27 @@ impl IntegrationState {
         out
     }
 
+    /// `(route label, quota kind, live partitions)` for every partitioned quota, evicting idle
+    /// partitions first; the integration's quota is labelled `*`.
+    pub fn partition_counts(&self, now: Instant) -> Vec<(String, &'static str, usize)> {
+        let partitioned = |q: &&Quota| q.policy.partition_by.is_some();
+        let mut out = Vec::new();
+        if let Some(q) = self.quota.as_ref().filter(partitioned) {
+            out.push((
+                "*".to_string(),
+                "integration",
+                q.limiter.live_partitions(now),
+            ));
+        }
+        for (i, q) in self.route_quotas.iter().enumerate() {
+            if let Some(q) = q.as_ref().filter(partitioned) {
+                let count = q.limiter.live_partitions(now);
+                out.push((self.route_names[i].clone(), "route", count));
+            }
+        }
+        out
+    }
+
     /// Counts a finished call for status reports.
     pub fn record_call(
         &self,

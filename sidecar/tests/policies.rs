@@ -646,3 +646,308 @@ async fn bodies_too_large_to_buffer_stream_once_and_are_never_retried() {
     assert_eq!(partner.count(), 3, "a buffered body is replayed");
     assert!(partner.seen().iter().all(|s| s.body.len() == 500));
 }
+
+// === every attempt spends the quota ===
+
+#[tokio::test]
+async fn every_retry_spends_a_token_of_the_quota() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {limits: [{name: sustained, requests: 4, per: 1m}]}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 5ms}}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    // Three attempts spend three tokens.
+    let first = sidecar.get(&url).await;
+    assert_eq!(
+        first.status, 503,
+        "the partner's own answer: {}",
+        first.body
+    );
+    assert_eq!(partner.count(), 3);
+    // One token left: the first attempt takes it, the retry finds none and the app gets the
+    // partner's last answer.
+    let second = sidecar.get(&url).await;
+    assert_eq!(second.status, 503);
+    assert_eq!(
+        second.reason(),
+        None,
+        "the partner's answer, not the sidecar's"
+    );
+    assert_eq!(partner.count(), 4);
+    // Nothing left for a first attempt: the contract's 429.
+    let third = sidecar.get(&url).await;
+    assert_eq!(third.status, 429);
+    assert_eq!(third.reason(), Some("rate-limited"));
+    assert_eq!(
+        partner.count(),
+        4,
+        "the partner received exactly its quota, retries included"
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_retries_skipped_total",
+            &[("integration", "test/partner"), ("reason", "rate-limited")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "tollgate_retries_total", &[]), 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn retries_spend_the_route_quota_and_the_account_quota() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {limits: [{name: account, requests: 5, per: 1m}]}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 5ms}}\nroutes:\n- name: tracking\n  match: {pathPrefix: /v1/tracking}\n  rateLimit: {limits: [{name: tracking, requests: 2, per: 1m}]}",
+    ))
+    .await;
+    let tracking = format!("{}/v1/tracking/1", partner.url());
+    let other = format!("{}/v1/labels", partner.url());
+    // The route allows two attempts in all.
+    assert_eq!(sidecar.get(&tracking).await.status, 503);
+    assert_eq!(partner.count(), 2);
+    let denied = sidecar.get(&tracking).await;
+    assert_eq!(denied.reason(), Some("rate-limited"));
+    assert_eq!(denied.json()["error"]["route"], "tracking");
+    // Both tracking attempts were charged to the account as well: three are left, one call's
+    // three attempts.
+    assert_eq!(sidecar.get(&other).await.status, 503);
+    assert_eq!(partner.count(), 5);
+    assert_eq!(sidecar.get(&other).await.reason(), Some("rate-limited"));
+    assert_eq!(partner.count(), 5);
+}
+
+#[tokio::test]
+async fn in_queue_mode_a_retry_waits_for_its_token() {
+    let partner = Partner::start().await;
+    partner.queue([Reply::Status(503)]);
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {onLimit: queue, maxQueueWait: 5s, limits: [{name: slow, requests: 1, per: 400ms}]}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 5ms}}",
+    ))
+    .await;
+    let started = Instant::now();
+    let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(partner.count(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "the retry went before a token came back: {:?}",
+        started.elapsed()
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_rate_limit_decisions_total",
+            &[("decision", "queued")]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+// === each quota has its own partition key ===
+
+#[tokio::test]
+async fn a_route_quota_is_partitioned_by_its_own_header() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {partitionBy: x-account, limits: [{name: account, requests: 100, per: 1m}]}\nroutes:\n- name: tracking\n  match: {pathPrefix: /v1/tracking}\n  rateLimit: {partitionBy: x-user, limits: [{name: per-user, requests: 1, per: 1m}]}",
+    ))
+    .await;
+    let url = format!("{}/v1/tracking/1", partner.url());
+    let get = |account: &'static str, user: &'static str| {
+        let url = url.clone();
+        let listen = sidecar.listen;
+        async move {
+            request(
+                listen,
+                Method::GET,
+                &url,
+                &[("x-account", account), ("x-user", user)],
+                "",
+            )
+            .await
+        }
+    };
+    assert_eq!(get("acme", "ann").await.status, 200);
+    let bob = get("acme", "bob").await;
+    assert_eq!(
+        bob.status, 200,
+        "another user of the same account has a bucket of their own: {}",
+        bob.body
+    );
+    let again = get("acme", "ann").await;
+    assert_eq!(again.status, 429);
+    let message = again.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("per-user"), "{message}");
+    assert!(
+        message.contains("x-user"),
+        "the message names the header: {message}"
+    );
+    assert_eq!(
+        get("globex", "ann").await.status,
+        429,
+        "ann is ann in any account"
+    );
+    assert_eq!(partner.count(), 2);
+}
+
+// === partitions are bounded ===
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// Sends `count` GETs, each with a distinct `x-user` value of `len` bytes, over a few
+/// keep-alive connections, and expects each to be answered 200.
+async fn spray_partitions(sidecar: &Sidecar, url: &str, from: usize, count: usize, len: usize) {
+    const CONNECTIONS: usize = 4;
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let (listen, url) = (sidecar.listen, url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let uri: http::Uri = url.parse().unwrap();
+            for i in (from + c..from + count).step_by(CONNECTIONS) {
+                let mut value = format!("user-{i:08}-");
+                value.extend(std::iter::repeat_n('v', len - value.len()));
+                let req = http::Request::get(uri.clone())
+                    .header("host", uri.authority().unwrap().as_str())
+                    .header("x-user", value)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                sender.ready().await.unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200, "request {i}");
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn thousands_of_large_partition_values_do_not_grow_the_sidecar() {
+    let partner = Partner::start().await;
+    // Record nothing of the requests: the test process is not what is measured.
+    partner.script(|_, _| Reply::Status(200));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {partitionBy: x-user, limits: [{name: per-user, requests: 5, per: 1h}]}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    const LEN: usize = 16 * 1024;
+    // Warm up buffers and pools, then measure what 4,000 more distinct users cost.
+    spray_partitions(&sidecar, &url, 0, 400, LEN).await;
+    partner.clear();
+    let before = rss_bytes(sidecar.pid());
+    spray_partitions(&sidecar, &url, 400, 4000, LEN).await;
+    partner.clear();
+    let after = rss_bytes(sidecar.pid());
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "sidecar RSS {} KiB -> {} KiB (+{} KiB) for 4000 distinct 16 KiB partition values",
+        before / 1024,
+        after / 1024,
+        grown / 1024
+    );
+    assert!(
+        grown < 16 * 1024 * 1024,
+        "4000 partitions of 16 KiB values grew the sidecar by {} KiB",
+        grown / 1024
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_rate_limit_partitions",
+            &[("integration", "test/partner")]
+        ),
+        4400.0,
+        "{m}"
+    );
+}
+
+// === counters ===
+
+#[tokio::test]
+async fn limiter_decisions_and_retry_budget_exhaustion_are_counted() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Status(503));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "rateLimit: {limits: [{name: sustained, requests: 17, per: 1m}]}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 2ms}, budget: {percent: 0, minPerSecond: 1}}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    // The budget allows 10 retries in its 10 s window: five calls make three attempts each,
+    // the next two one each; that spends the quota's 17 tokens, so the eighth call is refused.
+    for _ in 0..7 {
+        assert_eq!(sidecar.get(&url).await.status, 503);
+    }
+    assert_eq!(partner.count(), 17);
+    assert_eq!(sidecar.get(&url).await.status, 429);
+    let m = sidecar.metrics().await;
+    let labels = |extra: (&'static str, &'static str)| {
+        [("integration", "test/partner"), ("route", "default"), extra]
+    };
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_retries_skipped_total",
+            &labels(("reason", "budget"))
+        ),
+        2.0,
+        "{m}"
+    );
+    let decisions = "tollgate_rate_limit_decisions_total";
+    assert_eq!(
+        metric(&m, decisions, &labels(("decision", "admitted"))),
+        17.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, decisions, &labels(("decision", "queued"))),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, decisions, &labels(("decision", "denied"))),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, decisions, &[("quota", "integration")]),
+        18.0,
+        "every decision was the integration quota's: {m}"
+    );
+}

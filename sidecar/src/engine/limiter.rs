@@ -12,6 +12,10 @@
 //! - A band with `tat <= now` is full, indistinguishable from a fresh one, which is what makes
 //!   evicting idle partitions exact.
 //!
+//! Partition keys come from request headers, so from outside: a key is stored as a 128-bit
+//! keyed hash of its bytes (SipHash under two random keys per limiter), whatever its length,
+//! and the number of partitions is capped (see [`Limiter`]).
+//!
 //! A request that must wait for one band is charged in every band on arrival, not at the
 //! instant it is sent. One number per band cannot hold a token for a future instant without
 //! making the band look poorer now: charging at send time would push a band that had room
@@ -22,6 +26,7 @@
 //! momentary and bounded by the queue, never a higher sustained rate.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -55,13 +60,26 @@ pub struct LimiterCounters {
     pub queued: u64,
     /// Requests refused because this quota would have made them wait too long.
     pub denied: u64,
+    /// Admitted requests whose key was charged to the overflow partition.
+    pub overflowed: u64,
+}
+
+/// A request admitted by [`admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// How long the caller must wait before sending (zero: at once).
+    pub wait: Duration,
+    /// Whether some quota charged the request to its overflow partition (its key found no
+    /// partition of its own).
+    pub overflow: bool,
 }
 
 /// One quota: every band must admit a request.
 ///
 /// Invariants: each band's state is a theoretical arrival time (see the module docs); a
 /// partition's state exists only while some band is below full, or until it is evicted; there
-/// are at most `max_partitions` keyed partitions. Requests without a partition key (`None`)
+/// are at most `max_partitions` keyed partitions, each stored under a fixed-size hash of its key
+/// (so memory is bounded by the cap, not by what clients send). Requests without a partition key (`None`)
 /// share one partition that never counts against the cap. When the cap is reached and no
 /// partition is idle, requests with a new key share one overflow partition: they are limited
 /// together, so an attacker spraying keys cannot get more than one extra partition's quota.
@@ -76,6 +94,7 @@ pub struct Limiter {
     admitted: AtomicU64,
     queued: AtomicU64,
     denied: AtomicU64,
+    overflowed: AtomicU64,
 }
 
 /// A band as configured, before the share is applied.
@@ -99,6 +118,13 @@ struct Params {
 /// Theoretical arrival times, one per band (in band order).
 type Tats = Box<[Instant]>;
 
+/// A partition key as stored: a 128-bit keyed hash of its bytes.
+type KeyHash = u128;
+
+/// A request's partition key in one quota: `None` when the quota is not partitioned or the
+/// request lacks the header. Any bytes; arbitrary length.
+pub type Key<'a> = Option<&'a [u8]>;
+
 #[derive(Debug)]
 struct State {
     params: Box<[Params]>,
@@ -106,7 +132,9 @@ struct State {
     unkeyed: Option<Tats>,
     /// Keys that arrived while the map was full of busy partitions. `None`: full.
     overflow: Option<Tats>,
-    partitions: HashMap<Box<str>, Tats>,
+    partitions: HashMap<KeyHash, Tats>,
+    /// Hashes partition keys; random per limiter, so clients cannot aim keys at one partition.
+    hasher: (RandomState, RandomState),
     /// No partition in `partitions` is idle before this instant, so a sweep before it would find
     /// nothing. `None`: unknown, a sweep may find an idle one.
     sweep_after: Option<Instant>,
@@ -124,11 +152,20 @@ struct State {
 /// Otherwise `Err(Denied)` names the quota and band needing the longest wait, and nothing is
 /// consumed anywhere. List each limiter at most once: a repeated limiter is locked once and
 /// charged per entry, but its wait is computed as if for one token.
-pub fn acquire<'l>(
-    quotas: &[(&'l Limiter, Option<&str>)],
+pub fn acquire(
+    quotas: &[(&Limiter, Key<'_>)],
     now: Instant,
     max_wait: Duration,
 ) -> Result<Duration, Denied> {
+    admit(quotas, now, max_wait).map(|a| a.wait)
+}
+
+/// [`acquire`], also telling whether the request was charged to an overflow partition.
+pub fn admit<'l>(
+    quotas: &[(&'l Limiter, Key<'_>)],
+    now: Instant,
+    max_wait: Duration,
+) -> Result<Admitted, Denied> {
     // Guards live on the stack for the usual one or two quotas (route and account).
     const INLINE: usize = 4;
     if quotas.len() <= INLINE {
@@ -142,11 +179,11 @@ pub fn acquire<'l>(
 }
 
 fn acquire_locked<'l>(
-    quotas: &[(&'l Limiter, Option<&str>)],
+    quotas: &[(&'l Limiter, Key<'_>)],
     guards: &mut [Option<MutexGuard<'l, State>>],
     now: Instant,
     max_wait: Duration,
-) -> Result<Duration, Denied> {
+) -> Result<Admitted, Denied> {
     lock_in_address_order(quotas, guards);
 
     // Phase 1: the longest wait any band imposes. Nothing changes except idle evictions,
@@ -174,22 +211,26 @@ fn acquire_locked<'l>(
     }
 
     // Phase 2: every band takes its token (see the module docs on why on arrival).
+    let mut overflow = false;
     for (i, (limiter, key)) in quotas.iter().enumerate() {
         let state = guard_for(quotas, guards, i);
-        state.commit(*key, limiter.max_partitions, now);
+        if state.commit(*key, limiter.max_partitions, now) {
+            overflow = true;
+            limiter.overflowed.fetch_add(1, Ordering::Relaxed);
+        }
         limiter.admitted.fetch_add(1, Ordering::Relaxed);
         if !wait.is_zero() {
             limiter.queued.fetch_add(1, Ordering::Relaxed);
         }
     }
-    Ok(wait)
+    Ok(Admitted { wait, overflow })
 }
 
 /// Locks each distinct limiter once, lowest address first, so that two concurrent `acquire`s
 /// over the same limiters in different orders cannot deadlock. The guard of a limiter is stored
 /// at the index of its first entry.
 fn lock_in_address_order<'l>(
-    quotas: &[(&'l Limiter, Option<&str>)],
+    quotas: &[(&'l Limiter, Key<'_>)],
     guards: &mut [Option<MutexGuard<'l, State>>],
 ) {
     let addr = |l: &Limiter| std::ptr::from_ref(l) as usize;
@@ -210,7 +251,7 @@ fn lock_in_address_order<'l>(
 
 /// The locked state of entry `i`'s limiter.
 fn guard_for<'g>(
-    quotas: &[(&Limiter, Option<&str>)],
+    quotas: &[(&Limiter, Key<'_>)],
     guards: &'g mut [Option<MutexGuard<'_, State>>],
     i: usize,
 ) -> &'g mut State {
@@ -245,18 +286,20 @@ impl Limiter {
                 unkeyed: None,
                 overflow: None,
                 partitions: HashMap::new(),
+                hasher: (RandomState::new(), RandomState::new()),
                 sweep_after: None,
             }),
             admitted: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
         }
     }
 
     /// [`acquire`] against this quota alone.
     pub fn acquire(
         &self,
-        key: Option<&str>,
+        key: Key<'_>,
         now: Instant,
         max_wait: Duration,
     ) -> Result<Duration, Denied> {
@@ -288,6 +331,7 @@ impl Limiter {
             overflow,
             partitions,
             sweep_after,
+            hasher: _,
         } = &mut *state;
         let all = unkeyed
             .iter_mut()
@@ -310,12 +354,23 @@ impl Limiter {
             admitted: self.admitted.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
             denied: self.denied.load(Ordering::Relaxed),
+            overflowed: self.overflowed.load(Ordering::Relaxed),
         }
     }
 
     /// How many keyed partitions hold state (idle ones included until evicted).
     pub fn partition_count(&self) -> usize {
         self.lock().partitions.len()
+    }
+
+    /// Evicts the partitions idle at `now` (cheaply: only when one can be) and returns how
+    /// many remain.
+    pub fn live_partitions(&self, now: Instant) -> usize {
+        let mut state = self.lock();
+        if state.sweep_after.is_none_or(|t| now >= t) {
+            state.sweep(now);
+        }
+        state.partitions.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -364,16 +419,12 @@ impl Band {
 
 impl State {
     /// The longest wait among the bands `key` maps to, with that band's index.
-    fn wait(
-        &mut self,
-        key: Option<&str>,
-        max_partitions: usize,
-        now: Instant,
-    ) -> (Duration, usize) {
+    fn wait(&mut self, key: Key<'_>, max_partitions: usize, now: Instant) -> (Duration, usize) {
         let tats = match key {
             // A quota without bands admits everything; keep no partitions for it.
             Some(key) if !self.params.is_empty() => {
-                if let Some(tats) = self.partitions.get(key) {
+                let key = self.hash(key);
+                if let Some(tats) = self.partitions.get(&key) {
                     return longest_wait(tats, &self.params, now);
                 }
                 if self.has_room(max_partitions, now) {
@@ -387,31 +438,39 @@ impl State {
         tats.map_or((Duration::ZERO, 0), |t| longest_wait(t, &self.params, now))
     }
 
-    /// Takes one token from every band `key` maps to. Resolves `key` exactly as the
-    /// [`State::wait`] before it did, the lock having been held in between.
-    fn commit(&mut self, key: Option<&str>, max_partitions: usize, now: Instant) {
-        let tats = match key {
+    /// Takes one token from every band `key` maps to, and says whether that was the overflow
+    /// partition. Resolves `key` exactly as the [`State::wait`] before it did, the lock having
+    /// been held in between.
+    fn commit(&mut self, key: Key<'_>, max_partitions: usize, now: Instant) -> bool {
+        let (tats, overflow) = match key {
             Some(key) if !self.params.is_empty() => {
-                if let Some(tats) = self.partitions.get_mut(key) {
+                let key = self.hash(key);
+                if let Some(tats) = self.partitions.get_mut(&key) {
                     take(tats, &self.params, now);
-                    return;
+                    return false;
                 }
                 if self.has_room(max_partitions, now) {
                     let tats = fresh(&self.params, now);
                     if let Some(next) = &mut self.sweep_after {
                         *next = (*next).min(idle_at(&tats));
                     }
-                    self.partitions.insert(Box::from(key), tats);
-                    return;
+                    self.partitions.insert(key, tats);
+                    return false;
                 }
-                &mut self.overflow
+                (&mut self.overflow, true)
             }
-            _ => &mut self.unkeyed,
+            _ => (&mut self.unkeyed, false),
         };
         match tats {
             Some(tats) => take(tats, &self.params, now),
             None => *tats = Some(fresh(&self.params, now)),
         }
+        overflow
+    }
+
+    fn hash(&self, key: &[u8]) -> KeyHash {
+        let (a, b) = &self.hasher;
+        (u128::from(a.hash_one(key)) << 64) | u128::from(b.hash_one(key))
     }
 
     /// Whether a new key can have a partition of its own, evicting idle ones if needed.
@@ -434,6 +493,10 @@ impl State {
             next = Some(next.map_or(idle_at, |n| n.min(idle_at)));
             true
         });
+        // A burst of keys that has gone idle gives its table back.
+        if self.partitions.capacity() > 4 * self.partitions.len().max(64) {
+            self.partitions.shrink_to_fit();
+        }
         self.sweep_after = next;
     }
 }
@@ -494,12 +557,15 @@ mod tests {
     fn drain(l: &Limiter, key: Option<&str>, cap: usize) -> usize {
         let now = Instant::now();
         (0..cap)
-            .take_while(|_| l.acquire(key, now, Duration::ZERO).is_ok())
+            .take_while(|_| {
+                l.acquire(key.map(str::as_bytes), now, Duration::ZERO)
+                    .is_ok()
+            })
             .count()
     }
 
     fn denied(l: &Limiter, key: Option<&str>) -> Denied {
-        l.acquire(key, Instant::now(), Duration::ZERO)
+        l.acquire(key.map(str::as_bytes), Instant::now(), Duration::ZERO)
             .expect_err("should be denied")
     }
 
@@ -741,7 +807,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_limiter_listed_twice_is_locked_once_and_charged_per_entry() {
         let l = per_second(4);
-        let twice = [(&l, Some("a")), (&l, None)];
+        let twice = [(&l, Some(&b"a"[..])), (&l, None)];
         assert!(acquire(&twice, Instant::now(), Duration::ZERO).is_ok());
         assert_eq!(drain(&l, Some("a"), 100), 3);
         assert_eq!(drain(&l, None, 100), 3);
@@ -775,5 +841,102 @@ mod tests {
         assert_eq!(a.counters().admitted, 100);
         assert_eq!(b.counters().admitted, 100);
         assert_eq!(a.counters().denied + b.counters().denied, 300);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_keys_are_told_apart_by_every_byte() {
+        let l = per_second(1);
+        let a = "x".repeat(16 * 1024);
+        let b = format!("{}y", &a[1..]);
+        let c = format!("{a}z");
+        for key in [&a, &b, &c] {
+            assert_eq!(drain(&l, Some(key), 10), 1, "{} bytes", key.len());
+        }
+        assert_eq!(l.partition_count(), 3);
+        // Any bytes are a key, not only UTF-8.
+        let raw: &[u8] = &[0xff, 0x00, 0xfe];
+        assert!(l.acquire(Some(raw), Instant::now(), Duration::ZERO).is_ok());
+        assert!(
+            l.acquire(Some(raw), Instant::now(), Duration::ZERO)
+                .is_err()
+        );
+        assert_eq!(l.partition_count(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_partitions_are_evicted_when_counted() {
+        // 2 per second: an emptied partition is full again, idle, a second later.
+        let l = Limiter::new(&[band("b", 2, Duration::from_secs(1))], 100);
+        for k in 0..50 {
+            assert_eq!(drain(&l, Some(&format!("k{k}")), 10), 2);
+        }
+        advance(500 * MS).await;
+        assert_eq!(drain(&l, Some("late"), 10), 2);
+        assert_eq!(l.live_partitions(Instant::now()), 51);
+        advance(500 * MS).await;
+        // The first fifty are full again; "late" still owes half a second.
+        assert_eq!(l.live_partitions(Instant::now()), 1);
+        advance(500 * MS).await;
+        assert_eq!(l.live_partitions(Instant::now()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overflow_is_reported_and_counted() {
+        let l = Limiter::new(&[band("b", 5, Duration::from_secs(1))], 1);
+        let now = Instant::now();
+        let a = admit(&[(&l, Some(&b"a"[..]))], now, Duration::ZERO).unwrap();
+        assert!(!a.overflow);
+        let b = admit(&[(&l, Some(&b"b"[..]))], now, Duration::ZERO).unwrap();
+        assert!(b.overflow, "the cap is one partition and a is busy");
+        let none = admit(&[(&l, None)], now, Duration::ZERO).unwrap();
+        assert!(!none.overflow, "requests without a key are not overflow");
+        assert_eq!(l.counters().overflowed, 1);
+    }
+
+    mod bounds {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One request: which client (an index), how long its key is, and how long after the
+        /// previous request it arrives.
+        fn requests() -> impl Strategy<Value = Vec<(u16, usize, u64)>> {
+            proptest::collection::vec((0u16..200, 0usize..20_000, 0u64..1_500), 1..300)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Whatever keys arrive, and however long, the limiter holds at most its cap of
+            /// partitions; a key with a partition of its own never gets more than its burst at
+            /// once, and everything beyond the cap shares one overflow partition.
+            #[test]
+            fn partitions_stay_within_the_cap(reqs in requests()) {
+                const CAP: usize = 8;
+                // 3 per second: burst 3, a token every 333 ms.
+                let l = Limiter::new(&[band("b", 3, Duration::from_secs(1))], CAP);
+                let mut now = Instant::now();
+                let mut admitted_at_once = std::collections::HashMap::<Vec<u8>, (Instant, u32)>::new();
+                let mut overflow_at_once = (now, 0u32);
+                for (client, len, gap) in reqs {
+                    now += Duration::from_millis(gap);
+                    let mut key = format!("client-{client}-").into_bytes();
+                    key.resize(key.len() + len, b'v');
+                    if let Ok(a) = admit(&[(&l, Some(&key[..]))], now, Duration::ZERO) {
+                        let (at, n) = if a.overflow {
+                            &mut overflow_at_once
+                        } else {
+                            admitted_at_once.entry(key).or_insert((now, 0))
+                        };
+                        if *at != now {
+                            (*at, *n) = (now, 0);
+                        }
+                        *n += 1;
+                        prop_assert!(*n <= 3, "more than the burst at one instant");
+                    }
+                    prop_assert!(l.partition_count() <= CAP);
+                }
+                prop_assert!(l.live_partitions(now) <= CAP);
+            }
+        }
     }
 }

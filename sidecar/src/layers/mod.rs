@@ -53,8 +53,6 @@ pub struct Call {
     pub started: Instant,
     /// Attempts sent to the partner so far.
     pub attempts: AtomicU32,
-    /// The value of `rateLimit.partitionBy`, if the request carried it.
-    pub partition: Option<String>,
 }
 
 impl Call {

@@ -1,20 +1,29 @@
 //! Rate limit: the route's own quota and the integration's account quota must both admit a
 //! request. Over the limit: 429 at once (`reject`), or a first-come-first-served wait of up to
 //! `maxQueueWait` and never past the call's total deadline (`queue`).
+//!
+//! This layer charges a call's first attempt. Every further attempt is charged by the retry
+//! loop through [`charge`], the same code against the same quotas and keys, because the
+//! partner's quota counts every call it receives.
+//!
+//! Each quota is partitioned by its own `partitionBy` header: a route that sets one is keyed by
+//! it, whatever the integration's says.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Request;
+use http::{HeaderMap, Request};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::answer::Reason;
 use crate::body::{ReqBody, RespBody};
-use crate::engine::limiter::{self, Limiter};
-use crate::telemetry::metrics::{BandLabels, Metrics};
+use crate::engine::limiter::{self, Denied, Limiter};
+use crate::state::Quota;
+use crate::telemetry::metrics::{BandLabels, DecisionLabels, Metrics, RouteLabels};
+use tollgate_crds::policy::RateLimitPolicy;
 use tollgate_crds::v1alpha1::OnLimit;
 
 pub fn layer(metrics: Arc<Metrics>) -> RateLimitLayer {
@@ -42,6 +51,137 @@ pub struct RateLimit<S> {
     metrics: Arc<Metrics>,
 }
 
+/// Which of a call's quotas: the route's own (`spec.routes[].rateLimit`) or the integration's
+/// account quota (`spec.rateLimit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    Route,
+    Integration,
+}
+
+impl QuotaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaKind::Route => "route",
+            QuotaKind::Integration => "integration",
+        }
+    }
+}
+
+/// An attempt the quotas refused, with what the app is told about it.
+#[derive(Debug)]
+pub struct Refused {
+    pub denied: Denied,
+    /// The refusing quota's spec path and partition header, for the answer's message.
+    pub which: String,
+}
+
+/// The quotas `call` is under, route first, each with its policy and kind.
+fn quotas(call: &Call) -> impl Iterator<Item = (&Quota, QuotaKind)> {
+    let state = &call.integration.state;
+    let route = state.route_quotas.get(call.route).and_then(Option::as_ref);
+    let account = state.quota.as_ref();
+    route
+        .map(|q| (q, QuotaKind::Route))
+        .into_iter()
+        .chain(account.map(|q| (q, QuotaKind::Integration)))
+}
+
+/// The policy that decides how an attempt of `call` waits: the route's when it has a quota of
+/// its own, else the integration's. `None`: no quota applies.
+fn wait_policy(call: &Call) -> Option<&RateLimitPolicy> {
+    quotas(call).next().map(|(q, _)| &q.policy)
+}
+
+/// Spends one token of every quota `call` is under for one attempt carrying `headers`, all or
+/// nothing (a refusal by one quota costs the others nothing). Each quota is keyed by the value
+/// of its own `partitionBy` header.
+///
+/// `at_least` is a wait the attempt has anyway (a retry's backoff): a token that frees within it
+/// is taken in either mode. In queue mode the attempt may also wait up to `maxQueueWait`. No wait
+/// reaches past the call's deadline.
+///
+/// Returns how long to wait before sending (`None`: no quota applies), and counts the decision
+/// in `tollgate_rate_limit_decisions_total` and `tollgate_rate_limit_partition_overflow_total`.
+pub fn charge(
+    call: &Call,
+    headers: &HeaderMap,
+    metrics: &Metrics,
+    now: Instant,
+    at_least: Duration,
+) -> Option<Result<Duration, Refused>> {
+    let policy = wait_policy(call)?;
+    let max_wait = match policy.on_limit {
+        OnLimit::Reject => at_least,
+        OnLimit::Queue => at_least.max(policy.max_queue_wait),
+    }
+    .min(call.deadline.saturating_duration_since(now));
+    let mut entries: Vec<(&Limiter, limiter::Key<'_>)> = Vec::with_capacity(2);
+    let mut kinds = Vec::with_capacity(2);
+    for (q, kind) in quotas(call) {
+        let key = q
+            .policy
+            .partition_by
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .map(|v| v.as_bytes());
+        entries.push((&*q.limiter, key));
+        kinds.push((q, kind));
+    }
+    let decision = |kind: QuotaKind, decision: &str| {
+        metrics
+            .rate_limit_decisions
+            .get_or_create(&DecisionLabels {
+                integration: call.integration.label.to_string(),
+                route: call.route_name().to_string(),
+                quota: kind.as_str().to_string(),
+                decision: decision.to_string(),
+            })
+            .inc();
+    };
+    match limiter::admit(&entries, now, max_wait) {
+        Ok(admitted) => {
+            let outcome = if admitted.wait.is_zero() {
+                "admitted"
+            } else {
+                "queued"
+            };
+            for (_, kind) in &kinds {
+                decision(*kind, outcome);
+            }
+            if admitted.overflow {
+                metrics
+                    .partition_overflow
+                    .get_or_create(&RouteLabels {
+                        integration: call.integration.label.to_string(),
+                        route: call.route_name().to_string(),
+                    })
+                    .inc();
+            }
+            Some(Ok(admitted.wait))
+        }
+        Err(denied) => {
+            let (quota, kind) = kinds[denied.quota];
+            decision(kind, "denied");
+            let mut which = match kind {
+                QuotaKind::Route => format!("spec.routes[{}].rateLimit", call.route_name()),
+                QuotaKind::Integration => "spec.rateLimit".to_string(),
+            };
+            if let Some(h) = &quota.policy.partition_by {
+                // The header's value is the app's and may be anything (a token, a user id):
+                // name the header, never echo the value.
+                let state = if headers.contains_key(h) {
+                    "this value of"
+                } else {
+                    "requests without"
+                };
+                which.push_str(&format!(", partition: {state} header {h}"));
+            }
+            Some(Err(Refused { denied, which }))
+        }
+    }
+}
+
 impl<S> Service<Request<ReqBody>> for RateLimit<S>
 where
     S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>
@@ -60,39 +200,24 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let state = &call.integration.state;
-        let route_quota = state.route_quotas.get(call.route).and_then(Option::as_ref);
-        let account = state.quota.as_ref();
-        if route_quota.is_none() && account.is_none() {
-            return futures::future::Either::Left(self.inner.call(req));
-        }
-        // The route's settings decide how to wait when it has its own quota.
-        let policy = route_quota
-            .or(account)
-            .map(|q| &q.policy)
-            .expect("one quota is set");
-        let now = Instant::now();
-        let max_wait = match policy.on_limit {
-            OnLimit::Reject => Duration::ZERO,
-            OnLimit::Queue => policy
-                .max_queue_wait
-                .min(call.deadline.saturating_duration_since(now)),
-        };
-        let partition = call.partition.as_deref();
-        let mut quotas: Vec<(&Limiter, Option<&str>)> = Vec::with_capacity(2);
-        for q in [route_quota, account].into_iter().flatten() {
-            quotas.push((&q.limiter, q.policy.partition_by.as_ref().and(partition)));
-        }
-        match limiter::acquire(&quotas, now, max_wait) {
-            Ok(wait) if wait.is_zero() => futures::future::Either::Left(self.inner.call(req)),
-            Ok(wait) => {
+        let charged = charge(
+            &call,
+            req.headers(),
+            &self.metrics,
+            Instant::now(),
+            Duration::ZERO,
+        );
+        match charged {
+            None => futures::future::Either::Left(self.inner.call(req)),
+            Some(Ok(wait)) if wait.is_zero() => futures::future::Either::Left(self.inner.call(req)),
+            Some(Ok(wait)) => {
                 let mut inner = self.inner.clone();
                 futures::future::Either::Right(Box::pin(async move {
                     tokio::time::sleep(wait).await;
                     inner.call(req).await
                 }))
             }
-            Err(denied) => {
+            Some(Err(Refused { denied, which })) => {
                 self.metrics
                     .rate_limited
                     .get_or_create(&BandLabels {
@@ -101,17 +226,7 @@ where
                         band: denied.band.to_string(),
                     })
                     .inc();
-                let which = if route_quota
-                    .is_some_and(|q| q.policy.bands.iter().any(|b| *b.name == *denied.band))
-                {
-                    format!("spec.routes[{}].rateLimit", call.route_name())
-                } else {
-                    "spec.rateLimit".to_string()
-                };
-                let mut msg = format!("quota band {:?} ({which}) is exhausted", denied.band);
-                if let Some(p) = partition {
-                    msg.push_str(&format!(" for partition {p:?}"));
-                }
+                let msg = format!("quota band {:?} ({which}) is exhausted", denied.band);
                 let answer = call
                     .answer(Reason::RateLimited, msg)
                     .retry_after(denied.retry_after);

@@ -2,6 +2,12 @@
 //! full jitter, the partner's `Retry-After` honoured, a retry budget, and the call's total
 //! deadline over everything.
 //!
+//! Every retry spends a token of the call's quotas, as the first attempt did in the rate-limit
+//! layer, through the same [`rate_limit::charge`]. A retry that finds no token is not sent and
+//! the app gets the partner's last answer: that is what the partner said, while a 429 would
+//! blame the app for a quota its own call did not exceed. In queue mode the retry waits for a
+//! token (up to `maxQueueWait`, within the total deadline) before giving up the same way.
+//!
 //! A non-idempotent method (POST, PATCH, ...) is retried only when it carries the idempotency
 //! header; with `generate: true` the sidecar adds a fresh key to POST/PATCH before the first
 //! attempt and sends the same key on every retry. A request body too large to buffer is sent
@@ -17,11 +23,11 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::{BoxFuture, Call, CallError, CallResult};
+use super::{BoxFuture, Call, CallError, CallResult, rate_limit};
 use crate::body::{ReqBody, RespBody};
 use crate::client::TransportFailure;
 use crate::engine::{backoff, retry_after};
-use crate::telemetry::metrics::{Metrics, RouteLabels};
+use crate::telemetry::metrics::{Metrics, RouteLabels, SkipLabels};
 use tollgate_crds::policy::RetryPolicy;
 
 pub fn layer(metrics: Arc<Metrics>) -> RetryLayer {
@@ -182,15 +188,42 @@ where
                 {
                     delay = delay.max(asked);
                 }
+                let skipped = |reason: &str| {
+                    metrics
+                        .retries_skipped
+                        .get_or_create(&SkipLabels {
+                            integration: call.integration.label.to_string(),
+                            route: call.route_name().to_string(),
+                            reason: reason.to_string(),
+                        })
+                        .inc();
+                };
                 // A retry that cannot finish its wait before the deadline is not attempted.
                 if now + delay + Duration::from_millis(1) >= call.deadline {
+                    skipped("deadline");
                     return result;
                 }
                 if let Some(b) = &budget
                     && !b.try_retry(now)
                 {
                     tracing::debug!(integration = %call.integration.label, "retry budget exhausted");
+                    skipped("budget");
                     return result;
+                }
+                // The partner counts this attempt against its quota: so does the sidecar.
+                let charged = rate_limit::charge(&call, next.headers(), &metrics, now, delay);
+                match charged {
+                    None => {}
+                    Some(Ok(wait)) => delay = delay.max(wait),
+                    Some(Err(refused)) => {
+                        tracing::debug!(
+                            integration = %call.integration.label,
+                            band = %refused.denied.band,
+                            "no quota token for a retry"
+                        );
+                        skipped("rate-limited");
+                        return result;
+                    }
                 }
                 metrics
                     .retries

@@ -45,7 +45,6 @@ fn request(i: &Arc<crate::config::Integration>, method: http::Method) -> Request
         deadline: started + i.route(route).timeouts.total,
         started,
         attempts: AtomicU32::new(0),
-        partition: None,
     });
     let mut req = Request::builder()
         .method(method)
@@ -339,4 +338,48 @@ async fn a_response_body_is_cut_at_the_total_deadline_not_the_attempt_timeout() 
     let err = resp.into_body().collect().await.unwrap_err();
     assert!(body::is_body_timeout(&err), "{err}");
     assert_eq!(started.elapsed(), Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_retry_waits_exactly_for_its_token() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nrateLimit: {onLimit: queue, maxQueueWait: 5s, limits: [{name: b, requests: 1, per: 1s}]}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 1ms}}",
+    );
+    let m = metrics();
+    let inner = Scripted::new(vec![Reply::Status(503, None), Reply::Status(200, None)]);
+    let resp = rate_limit::layer(m.clone())
+        .layer(retry::layer(m.clone()).layer(inner.clone()))
+        .oneshot(request(&i, http::Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let at = inner.arrivals();
+    assert_eq!(at.len(), 2);
+    assert_eq!(at[1] - at[0], Duration::from_secs(1), "one token a second");
+    let text = m.encode();
+    assert!(
+        text.contains(r#"tollgate_rate_limit_decisions_total{integration="ns/p",route="default",quota="integration",decision="queued"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_that_would_end_past_the_deadline_is_counted_as_skipped() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\ntimeouts: {request: 1s, total: 5s}\nretries: {maxAttempts: 3}",
+    );
+    let m = metrics();
+    let inner = Scripted::new(vec![Reply::Status(503, Some("60"))]);
+    let resp = retry::layer(m.clone())
+        .layer(inner.clone())
+        .oneshot(request(&i, http::Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(inner.arrivals().len(), 1);
+    let text = m.encode();
+    assert!(
+        text.contains(r#"tollgate_retries_skipped_total{integration="ns/p",route="default",reason="deadline"} 1"#),
+        "{text}"
+    );
 }

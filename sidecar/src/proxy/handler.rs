@@ -182,20 +182,6 @@ impl Proxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(pq);
         strip_hop_by_hop(&mut parts.headers);
-        let partition = integration
-            .policy
-            .rate_limit
-            .as_ref()
-            .and_then(|r| r.partition_by.as_ref())
-            .or_else(|| {
-                route_policy
-                    .rate_limit
-                    .as_ref()
-                    .and_then(|r| r.partition_by.as_ref())
-            })
-            .and_then(|h| parts.headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let deadline = started + route_policy.timeouts.total;
         let call = Arc::new(Call {
             integration,
@@ -203,7 +189,6 @@ impl Proxy {
             deadline,
             started,
             attempts: AtomicU32::new(0),
-            partition,
         });
         parts.extensions.insert(call);
         let req = Request::from_parts(parts, body);

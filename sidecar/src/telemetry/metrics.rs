@@ -35,6 +35,35 @@ pub struct BandLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub integration: String,
+    /// The route of the call.
+    pub route: String,
+    /// `route` (the route's own quota) or `integration` (the account quota).
+    pub quota: String,
+    /// `admitted` (a token at once), `queued` (admitted after waiting for one) or `denied`.
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub integration: String,
+    /// The route whose own quota this is, or `*` for the integration's quota.
+    pub route: String,
+    /// `route` or `integration`.
+    pub quota: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    pub integration: String,
+    pub route: String,
+    /// `budget` (retry budget exhausted), `rate-limited` (no quota token for the retry) or
+    /// `deadline` (the backoff would end past `timeouts.total`).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevisionLabels {
     pub revision: String,
     pub source: String,
@@ -63,6 +92,10 @@ pub struct Metrics {
     pub duration: Family<RouteLabels, Histogram>,
     pub rate_limited: Family<BandLabels, Counter>,
     pub retries: Family<RouteLabels, Counter>,
+    pub retries_skipped: Family<SkipLabels, Counter>,
+    pub rate_limit_decisions: Family<DecisionLabels, Counter>,
+    pub partition_overflow: Family<RouteLabels, Counter>,
+    pub partitions: Family<PartitionLabels, Gauge>,
     pub circuit_state: Family<RouteLabels, Gauge>,
     pub kill_switch: Family<RouteLabels, Gauge>,
     pub revision_info: Family<RevisionLabels, Gauge>,
@@ -96,6 +129,10 @@ impl Default for Metrics {
         );
         let rate_limited = Family::<BandLabels, Counter>::default();
         let retries = Family::<RouteLabels, Counter>::default();
+        let retries_skipped = Family::<SkipLabels, Counter>::default();
+        let rate_limit_decisions = Family::<DecisionLabels, Counter>::default();
+        let partition_overflow = Family::<RouteLabels, Counter>::default();
+        let partitions = Family::<PartitionLabels, Gauge>::default();
         let circuit_state = Family::<RouteLabels, Gauge>::default();
         let kill_switch = Family::<RouteLabels, Gauge>::default();
         let revision_info = Family::<RevisionLabels, Gauge>::default();
@@ -124,6 +161,26 @@ impl Default for Metrics {
             "tollgate_retries",
             "Retry attempts sent to partners",
             retries.clone(),
+        );
+        registry.register(
+            "tollgate_retries_skipped",
+            "Retries the policy allowed but that were not sent, by reason: budget, rate-limited, deadline",
+            retries_skipped.clone(),
+        );
+        registry.register(
+            "tollgate_rate_limit_decisions",
+            "Quota decisions per attempt (retries included), by quota and decision: admitted, queued, denied",
+            rate_limit_decisions.clone(),
+        );
+        registry.register(
+            "tollgate_rate_limit_partition_overflow",
+            "Attempts charged to a quota's shared overflow partition because its partition cap was reached",
+            partition_overflow.clone(),
+        );
+        registry.register(
+            "tollgate_rate_limit_partitions",
+            "partitionBy values a quota tracks now (idle ones are evicted)",
+            partitions.clone(),
         );
         registry.register(
             "tollgate_circuit_state",
@@ -171,6 +228,10 @@ impl Default for Metrics {
             duration,
             rate_limited,
             retries,
+            retries_skipped,
+            rate_limit_decisions,
+            partition_overflow,
+            partitions,
             circuit_state,
             kill_switch,
             revision_info,
@@ -199,13 +260,24 @@ impl Metrics {
             .set(1);
     }
 
-    /// Sets the state gauges (breakers, kill switches) from the revision in force.
+    /// Sets the state gauges (breakers, kill switches, quota partitions) from the revision in
+    /// force.
     pub fn refresh(&self, revision: &Revision) {
         let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
         self.circuit_state.clear();
         self.kill_switch.clear();
+        self.partitions.clear();
         let now = tokio::time::Instant::now();
         for i in &revision.integrations {
+            for (route, quota, count) in i.state.partition_counts(now) {
+                self.partitions
+                    .get_or_create(&PartitionLabels {
+                        integration: i.label.to_string(),
+                        route,
+                        quota: quota.to_string(),
+                    })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
             for (route, state) in i.state.breaker_states(&i.policy, now) {
                 self.circuit_state
                     .get_or_create(&RouteLabels {
