@@ -126,7 +126,31 @@ pub struct Snapshot {
     pub integrations: Vec<DistributedIntegration>,
 }
 
+/// The highest revision a stream counts to (2^53: every JSON reader holds it exactly). A
+/// resume from a higher number is ignored, so counting on from it can never overflow.
+pub const MAX_REVISION: u64 = 1 << 53;
+
+/// The `revision=` a sidecar resumes from, if it is a number the stream can count on from.
+pub fn resume_revision(query_value: &str) -> Option<u64> {
+    query_value
+        .parse::<u64>()
+        .ok()
+        .filter(|r| *r < MAX_REVISION)
+}
+
+/// The revision after `revision`, never past [`MAX_REVISION`].
+pub fn next_revision(revision: u64) -> u64 {
+    revision.saturating_add(1).min(MAX_REVISION)
+}
+
 impl Snapshot {
+    /// `revision-digest`, the digest cut to 12 characters (whatever characters it holds): the
+    /// id a sidecar shows for the snapshot in force.
+    pub fn short_id(&self) -> String {
+        let digest: String = self.digest.chars().take(12).collect();
+        format!("{}-{digest}", self.revision)
+    }
+
     /// An empty snapshot, for a sidecar that holds nothing yet.
     pub fn empty() -> Self {
         Self {
@@ -341,6 +365,19 @@ mod tests {
             serde_json::to_string(&StreamMessage::Heartbeat).unwrap(),
             r#"{"type":"heartbeat"}"#
         );
+    }
+
+    #[test]
+    fn revisions_resume_and_count_without_overflow() {
+        assert_eq!(resume_revision("7"), Some(7));
+        assert_eq!(resume_revision("18446744073709551615"), None);
+        assert_eq!(resume_revision("99999999999999999999999"), None);
+        assert_eq!(resume_revision("-1"), None);
+        assert_eq!(next_revision(u64::MAX), MAX_REVISION);
+        let mut s = Snapshot::empty();
+        s.revision = 3;
+        s.digest = "aaaaaaaaaaa€€€".into();
+        assert_eq!(s.short_id(), "3-aaaaaaaaaaa€");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// The longest duration a spec may give (366 days). Longer values are refused at compile time:
+/// every duration ends up added to a clock reading, and a clock cannot count that far.
+pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Parses a non-negative Go duration. `0` alone is allowed, as in Go.
 ///
 /// Returns `None` for anything else (signs, missing units, unknown units, overflow), so the

@@ -182,9 +182,107 @@ pub struct HostMatch {
 }
 
 impl HostMatch {
+    /// `host` in any case, with or without one trailing dot.
     pub fn matches(&self, host: &str, port: Option<u16>) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
         self.host.eq_ignore_ascii_case(host) && (self.port.is_none() || self.port == port)
     }
+
+    /// Whether some request would match both.
+    pub fn overlaps(&self, other: &HostMatch) -> bool {
+        self.host == other.host
+            && (self.port.is_none() || other.port.is_none() || self.port == other.port)
+    }
+}
+
+impl fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// The form a host name is matched in: lower case, one trailing dot (the DNS root) removed.
+/// `None` when nothing or another dot remains.
+pub fn normalize_host(host: &str) -> Option<String> {
+    let h = host.strip_suffix('.').unwrap_or(host);
+    if h.is_empty() || h.ends_with('.') {
+        return None;
+    }
+    Some(h.to_ascii_lowercase())
+}
+
+/// Why a request path cannot be normalised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    #[error("'%' at byte {0} is not followed by two hex digits")]
+    BadPercent(usize),
+}
+
+/// The one form paths are matched (and forwarded) in, per RFC 3986 section 6.2.2:
+/// percent-encoded unreserved characters decoded (`%76` is `v`), other percent-encodings
+/// in upper case (`%2f` is `%2F`, never a separator), empty segments dropped (`//` is `/`),
+/// and dot segments resolved (`/v1/../v0` is `/v0`; `..` never climbs above the root).
+/// A trailing `/` stays. An empty path is `/`.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    if raw.is_empty() {
+        return Ok("/".to_string());
+    }
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            // Copy the whole character (the input is a str).
+            let len = raw[i..].chars().next().map_or(1, char::len_utf8);
+            decoded.push_str(&raw[i..i + len]);
+            i += len;
+            continue;
+        }
+        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
+        let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+            return Err(PathError::BadPercent(i));
+        };
+        let c = (hi * 16 + lo) as u8;
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+            decoded.push(c as char);
+        } else {
+            decoded.push_str(&format!("%{c:02X}"));
+        }
+        i += 3;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded[1..].split('/') {
+        match seg {
+            "" | "." => trailing = true,
+            ".." => {
+                out.pop();
+                trailing = true;
+            }
+            s => {
+                out.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if out.is_empty() || trailing {
+        path.push('/');
+    }
+    Ok(path)
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
@@ -216,6 +314,8 @@ pub struct CredentialPolicy {
     pub prefix: String,
     /// What follows `{value}` in `format`.
     pub suffix: String,
+    /// `spec.credentials.allowInsecure`: sent over `http://` to a host that is not loopback.
+    pub allow_insecure: bool,
 }
 
 impl CredentialPolicy {
@@ -400,6 +500,14 @@ pub struct SlaPolicy {
     pub latency_p95: Option<Duration>,
 }
 
+/// `localhost` or a loopback IP literal: traffic that never leaves the machine.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Segment-aware prefix test: `/v1/tracking` is a prefix of `/v1/tracking` and
 /// `/v1/tracking/9`, not of `/v1/trackings`. A prefix ending in `/` matches as plain text.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
@@ -451,6 +559,16 @@ impl Compiler {
     fn opt_duration(&mut self, path: &str, value: Option<&String>) -> Option<Duration> {
         let s = value?;
         match duration::parse(s) {
+            Some(d) if d > duration::MAX => {
+                self.err(
+                    path,
+                    format!(
+                        "{s:?} is longer than the maximum {}",
+                        duration::format(duration::MAX)
+                    ),
+                );
+                None
+            }
             Some(d) => Some(d),
             None => {
                 self.err(
@@ -530,7 +648,14 @@ impl Compiler {
             );
             return None;
         }
-        Some(s.to_string())
+        // Requests are matched in normal form, so prefixes are too.
+        match normalize_path(s) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.err(path, format!("{s:?}: {e}"));
+                None
+            }
+        }
     }
 
     fn integration(
@@ -549,6 +674,19 @@ impl Compiler {
         let hosts = self.hosts(spec, upstream.as_ref());
         let versioning = self.versioning(spec);
         let credentials = spec.credentials.as_ref().and_then(|c| self.credentials(c));
+        if let (Some(c), Some(up)) = (&credentials, &upstream)
+            && up.scheme == Scheme::Http
+            && !c.allow_insecure
+            && !is_loopback(&up.host)
+        {
+            self.err(
+                "spec.credentials",
+                format!(
+                    "the credential would cross the network in cleartext to {:?}: use an https:// upstream, or set spec.credentials.allowInsecure: true",
+                    up.url
+                ),
+            );
+        }
         let rate_limit = spec
             .rate_limit
             .as_ref()
@@ -787,35 +925,53 @@ impl Compiler {
                 .parse::<Uri>()
                 .ok()
                 .and_then(|u| u.port_u16());
+            let Some(host) = normalize_host(&up.host) else {
+                self.err(
+                    "spec.upstream.url",
+                    format!("{:?} is not a host name", up.host),
+                );
+                return Vec::new();
+            };
             return vec![HostMatch {
-                host: up.host.clone(),
+                host,
                 port: explicit_port,
             }];
         }
-        let mut out = Vec::new();
+        let mut out: Vec<(usize, HostMatch)> = Vec::new();
         for (i, h) in spec.upstream.hosts.iter().enumerate() {
             let path = format!("spec.upstream.hosts[{i}]");
             let parsed = h.parse::<http::uri::Authority>();
-            match parsed {
-                Ok(a) if !h.contains(['/', '@', '*']) && !a.host().is_empty() => {
-                    out.push(HostMatch {
-                        host: a
-                            .host()
-                            .trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .to_ascii_lowercase(),
-                        port: a.port_u16(),
-                    })
+            let host = match &parsed {
+                Ok(a) if !h.contains(['/', '@', '*']) => {
+                    normalize_host(a.host().trim_start_matches('[').trim_end_matches(']'))
                 }
-                _ => self.err(
+                _ => None,
+            };
+            let (Ok(a), Some(host)) = (parsed, host) else {
+                self.err(
                     path,
                     format!(
                         "{h:?} is not a host name (write api.example.com or api.example.com:8443)"
                     ),
-                ),
+                );
+                continue;
+            };
+            let m = HostMatch {
+                host,
+                port: a.port_u16(),
+            };
+            // A host listed twice (in any spelling, or once with and once without a port)
+            // would be claimed twice by the same integration.
+            if let Some((j, _)) = out.iter().find(|(_, o)| o.overlaps(&m)) {
+                self.err(
+                    path,
+                    format!("{h:?} overlaps spec.upstream.hosts[{j}]; list each host once"),
+                );
+                continue;
             }
+            out.push((i, m));
         }
-        out
+        out.into_iter().map(|(_, m)| m).collect()
     }
 
     fn versioning(&mut self, spec: &PartnerIntegrationSpec) -> VersioningPolicy {
@@ -877,6 +1033,7 @@ impl Compiler {
             header: header?,
             prefix: parts[0].to_string(),
             suffix: parts[1].to_string(),
+            allow_insecure: c.allow_insecure.unwrap_or(false),
         })
     }
 

@@ -427,6 +427,10 @@ pub struct Credentials {
     #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("self.contains('{value}')").message("credentials.format must contain {value}"))]
     pub format: Option<String>,
+    /// Send the credential over an `http://` upstream that is not a loopback address. Without
+    /// it such a spec is refused: the credential would cross the network in cleartext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_insecure: Option<bool>,
 }
 
 /// A key of a Secret in the integration's namespace.

@@ -55,7 +55,7 @@ upstream: {url: 'http://10.0.0.1:8080/base/'}
 retries: {}
 circuitBreaker: {}
 rateLimit: {limits: [{name: a, requests: 5, per: 1s}]}
-credentials: {secretRef: {name: s, key: k}}
+credentials: {secretRef: {name: s, key: k}, allowInsecure: true}
 fallback: {response: {}}
 ");
     assert_eq!(p.upstream.scheme, Scheme::Http);
@@ -581,4 +581,130 @@ fn manifest_stream_errors_name_the_document() {
 
     let ok = manifest::parse_stream("---\n---\n", "default").unwrap();
     assert!(ok.is_empty());
+}
+
+// === config safety ===
+
+/// Values that used to be accepted and crash or mislead later: each is refused by field.
+const UNSAFE: &[(&str, &str, &str)] = &[
+    (
+        "upstream: {url: https://a.example, hosts: [api.x, 'api.x:8443']}",
+        "spec.upstream.hosts[1]",
+        "overlaps spec.upstream.hosts[0]",
+    ),
+    (
+        "upstream: {url: https://a.example, hosts: [API.x., api.x]}",
+        "spec.upstream.hosts[1]",
+        "overlaps spec.upstream.hosts[0]",
+    ),
+    (
+        "upstream: {url: https://a.example}\ntimeouts: {request: 1s, total: 99999999999h}",
+        "spec.timeouts.total",
+        "longer than the maximum",
+    ),
+    (
+        "upstream: {url: https://a.example}\nfallback: {staleIfError: 9000h}",
+        "spec.fallback.staleIfError",
+        "longer than the maximum",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: [{name: a, requests: 1, per: 5000000h}]}",
+        "spec.rateLimit.limits[0].per",
+        "longer than the maximum",
+    ),
+    (
+        "upstream: {url: 'http://api.partner.example'}\ncredentials: {secretRef: {name: s, key: k}}",
+        "spec.credentials",
+        "allowInsecure",
+    ),
+    (
+        "upstream: {url: 'http://10.0.0.1:8080'}\ncredentials: {secretRef: {name: s, key: k}}",
+        "spec.credentials",
+        "cleartext",
+    ),
+];
+
+#[test]
+fn unsafe_values_are_refused_with_their_field_path() {
+    for (yaml, path, fragment) in UNSAFE {
+        let err = match compile("ns", "partner", &spec(yaml)) {
+            Ok(_) => panic!("accepted an unsafe spec (expected {path}):\n{yaml}"),
+            Err(e) => e,
+        };
+        assert!(
+            err.errors
+                .iter()
+                .any(|e| e.path == *path && e.message.contains(fragment)),
+            "spec:\n{yaml}\nexpected an error at {path} containing {fragment:?}, got: {err}"
+        );
+    }
+}
+
+#[test]
+fn credentials_over_http_are_allowed_to_loopback_or_when_said_explicitly() {
+    for url in [
+        "http://127.0.0.1:8080",
+        "http://127.9.9.9",
+        "http://[::1]:9000",
+        "http://localhost:8080",
+        "https://api.partner.example",
+    ] {
+        let p = ok(&format!(
+            "upstream: {{url: '{url}'}}\ncredentials: {{secretRef: {{name: s, key: k}}}}"
+        ));
+        assert!(p.credentials.is_some(), "{url}");
+    }
+    let p = ok(
+        "upstream: {url: 'http://vendor.internal'}\ncredentials: {secretRef: {name: s, key: k}, allowInsecure: true}",
+    );
+    assert!(p.credentials.is_some());
+}
+
+#[test]
+fn hosts_are_compiled_in_lower_case_without_a_trailing_dot() {
+    let p = ok(
+        "upstream: {url: 'https://API.Partner.Example./v1', hosts: ['Alt.Partner.Example.:8443', API.partner.example]}",
+    );
+    let hosts: Vec<_> = p.hosts.iter().map(|h| (h.host.as_str(), h.port)).collect();
+    assert_eq!(
+        hosts,
+        [
+            ("alt.partner.example", Some(8443)),
+            ("api.partner.example", None)
+        ]
+    );
+    let d = ok("upstream: {url: 'https://API.Partner.Example.'}");
+    assert_eq!(d.hosts[0].host, "api.partner.example");
+    assert!(d.matches_host("Api.Partner.Example.", Some(443)));
+}
+
+#[test]
+fn paths_normalise_once_and_prefixes_match_the_normal_form() {
+    use tollgate_crds::policy::normalize_path;
+    let cases = [
+        ("/", "/"),
+        ("", "/"),
+        ("//v0", "/v0"),
+        ("/v1/../v0/x", "/v0/x"),
+        ("/v1/./a//b/", "/v1/a/b/"),
+        ("/../../etc", "/etc"),
+        ("/%76%30/charges", "/v0/charges"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/a%2e%2E/b", "/a../b"),
+        ("/v1/%2E%2E/v0", "/v0"),
+        ("/caf%C3%A9", "/caf%C3%A9"),
+        ("/a/..", "/"),
+        ("/a/.", "/a/"),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw:?}");
+    }
+    for bad in ["/a%zz", "/a%", "/a%2", "/a%é"] {
+        assert!(normalize_path(bad).is_err(), "{bad:?}");
+    }
+    let p = ok(
+        "upstream: {url: https://a.example}\nversioning: {deniedPathPrefixes: ['//v0/./']}\nroutes: [{name: t, match: {pathPrefix: '/v1//tracking'}}]",
+    );
+    assert_eq!(p.versioning.denied_path_prefixes, ["/v0/"]);
+    assert_eq!(p.routes[0].path_prefix.as_deref(), Some("/v1/tracking"));
 }

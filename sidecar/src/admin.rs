@@ -141,7 +141,18 @@ pub fn config_json(rev: &Revision) -> Value {
         Source::File(p) => json!({"kind": "file", "path": p}),
         Source::Operator(u) => json!({"kind": "operator", "url": u}),
     };
-    json!({"revision": rev.id, "source": source, "loadedAt": loaded_at, "integrations": integrations})
+    let refused: Vec<Value> = rev
+        .refused
+        .iter()
+        .map(|r| {
+            json!({
+                "integration": r.integration.to_string(),
+                "error": r.error,
+                "keptPrevious": r.kept_previous,
+            })
+        })
+        .collect();
+    json!({"revision": rev.id, "source": source, "loadedAt": loaded_at, "integrations": integrations, "refused": refused})
 }
 
 /// Replaces the values of redacted header names in every header map of the policy JSON

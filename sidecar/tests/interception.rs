@@ -16,8 +16,8 @@ use support::{Partner, manifest, metric};
 
 const SECRET: &[(&str, &str, &str)] = &[("partner-api", "apiKey", "sk_test_123")];
 
-/// One partner, `partner.test`, reached over plain HTTP by the sidecar; its TLS side is the
-/// same host on 443.
+/// One partner, `partner.test`, reached over plain HTTP by the sidecar (another namespace, not
+/// loopback: the credential needs `allowInsecure`); its TLS side is the same host on 443.
 fn partner_spec(kill: bool) -> String {
     manifest(
         "partner",
@@ -25,7 +25,7 @@ fn partner_spec(kill: bool) -> String {
             "upstream: {{url: 'http://partner.test'}}
 killSwitch: {{enabled: {kill}, reason: drill}}
 retries: {{maxAttempts: 1}}
-credentials: {{secretRef: {{name: partner-api, key: apiKey}}, header: Authorization, format: 'Bearer {{value}}'}}"
+credentials: {{secretRef: {{name: partner-api, key: apiKey}}, header: Authorization, format: 'Bearer {{value}}', allowInsecure: true}}"
         ),
     )
 }

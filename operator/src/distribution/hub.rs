@@ -327,7 +327,7 @@ impl Hub {
             let view = views.borrow_and_update().clone();
             let (integrations, d) = view.snapshot_for(pod);
             let message = if d != digest {
-                revision += 1;
+                revision = tollgate_crds::distribution::next_revision(revision);
                 digest = d;
                 self.sent(session, revision, view.changed_at);
                 Some(StreamMessage::Snapshot(Snapshot {

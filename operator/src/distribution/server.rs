@@ -347,7 +347,9 @@ impl Distribution {
             });
         }
         let resume = match (query.get("revision"), query.get("digest")) {
-            (Some(r), Some(d)) => r.parse::<u64>().ok().map(|r| (r, d.to_string())),
+            (Some(r), Some(d)) => {
+                tollgate_crds::distribution::resume_revision(r).map(|r| (r, d.to_string()))
+            }
             _ => None,
         };
         tracing::info!(pod = %pod.key(), resume = ?resume.as_ref().map(|r| r.0), "sidecar subscribed");

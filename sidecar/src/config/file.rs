@@ -1,8 +1,11 @@
 //! Standalone mode: a YAML stream of PartnerIntegration manifests, watched and reloaded.
 //!
-//! A bad edit (unreadable file, YAML that does not parse, an invalid spec, two integrations
-//! claiming one host) is logged with the field path, counted in `tollgate_config_errors_total`,
-//! and the previous revision stays in force.
+//! A file that cannot be read or parsed is logged, counted in `tollgate_config_errors_total`,
+//! and the previous revision stays in force. Past that, each integration stands alone: one
+//! whose spec does not compile, or that claims a host another holds, is refused (logged with
+//! the field path, counted, shown in `/config` and `tollgate_config_refused`), its previous
+//! version stays in force if it had one, and the others apply. At start-up there is nothing to
+//! fall back on, so the first load must be valid as a whole.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use tollgate_crds::manifest;
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
 use super::secrets::SecretsDir;
-use super::{RevisionError, Source, Store, build_revision, fingerprint};
+use super::{Candidate, Source, Store, build_revision, fingerprint};
 use crate::state::StateContext;
 use crate::telemetry::metrics::Metrics;
 
@@ -41,11 +44,11 @@ pub enum ConfigError {
         #[source]
         source: tollgate_crds::CompileError,
     },
-    #[error("{path}: {source}")]
-    Revision {
+    #[error("{path}: {integration}: {error}")]
+    Refused {
         path: String,
-        #[source]
-        source: RevisionError,
+        integration: String,
+        error: String,
     },
 }
 
@@ -65,10 +68,11 @@ struct Seen {
 }
 
 impl FileSource {
-    /// Reads, compiles and publishes the file once; on error nothing is published.
+    /// Reads, compiles and publishes the file once; any error (an integration refused
+    /// included) publishes nothing. For start-up, when there is no previous revision to keep.
     pub fn reload(&self) -> Result<String, ConfigError> {
         let content = self.read()?;
-        self.apply(&content).map(|(id, _)| id)
+        self.apply(&content, true).map(|(id, _)| id)
     }
 
     fn read(&self) -> Result<Vec<u8>, ConfigError> {
@@ -78,7 +82,13 @@ impl FileSource {
         })
     }
 
-    fn apply(&self, content: &[u8]) -> Result<(String, Vec<SecretKeyRef>), ConfigError> {
+    /// Publishes what the file holds. `strict`: refuse the whole file when any integration is
+    /// refused; otherwise publish the others and report those.
+    fn apply(
+        &self,
+        content: &[u8],
+        strict: bool,
+    ) -> Result<(String, Vec<SecretKeyRef>), ConfigError> {
         let path = self.path.display().to_string();
         let text = String::from_utf8_lossy(content);
         let items = manifest::parse_stream(&text, DEFAULT_NAMESPACE).map_err(|source| {
@@ -87,7 +97,7 @@ impl FileSource {
                 source,
             }
         })?;
-        let mut policies = Vec::with_capacity(items.len());
+        let mut candidates = Vec::with_capacity(items.len());
         let mut refs = Vec::new();
         for pi in &items {
             let ns = pi
@@ -96,29 +106,49 @@ impl FileSource {
                 .as_deref()
                 .unwrap_or(DEFAULT_NAMESPACE);
             let name = pi.metadata.name.as_deref().unwrap_or_default();
-            let policy = tollgate_crds::compile(ns, name, &pi.spec).map_err(|source| {
-                ConfigError::Invalid {
-                    path: path.clone(),
-                    integration: format!("{ns}/{name}"),
-                    source,
-                }
-            })?;
-            if let Some(c) = &policy.credentials {
+            if let Some(c) = &pi.spec.credentials {
                 refs.push(c.secret_ref.clone());
             }
-            policies.push(policy);
+            match tollgate_crds::compile(ns, name, &pi.spec) {
+                Ok(policy) => candidates.push(Candidate::Compiled(Box::new(policy))),
+                Err(source) if strict => {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        integration: format!("{ns}/{name}"),
+                        source,
+                    });
+                }
+                Err(e) => candidates.push(Candidate::Invalid {
+                    id: tollgate_crds::policy::IntegrationId {
+                        namespace: ns.to_string(),
+                        name: name.to_string(),
+                    },
+                    error: e.to_string(),
+                }),
+            }
         }
         let id = fingerprint(content);
         let previous = self.store.load_full();
         let revision = build_revision(
             id.clone(),
             Source::File(path.clone()),
-            policies,
+            candidates,
             &self.secrets,
             &previous,
             &self.ctx,
-        )
-        .map_err(|source| ConfigError::Revision { path, source })?;
+        );
+        if strict && let Some(r) = revision.refused.first() {
+            return Err(ConfigError::Refused {
+                path,
+                integration: r.integration.to_string(),
+                error: r.error.clone(),
+            });
+        }
+        if !revision.refused.is_empty() {
+            self.metrics.config_error();
+        }
+        self.metrics
+            .set_refused(revision.refused.iter().map(|r| r.integration.to_string()));
         self.store.publish(revision);
         self.metrics.set_revision(&id, "file");
         Ok((id, refs))
@@ -165,7 +195,7 @@ impl FileSource {
                 let already_failed =
                     failed_content.as_ref() == Some(&now.content) && now.secrets == seen.secrets;
                 if changed && !already_failed {
-                    match self.apply(&now.content) {
+                    match self.apply(&now.content, false) {
                         Ok((id, new_refs)) => {
                             tracing::info!(revision = %id, path = %self.path.display(), "config applied");
                             refs = new_refs;

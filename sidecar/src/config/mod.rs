@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
-use tollgate_crds::policy::{IntegrationPolicy, path_has_prefix};
+use tollgate_crds::policy::{HostMatch, IntegrationId, IntegrationPolicy, path_has_prefix};
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
 use crate::state::{IntegrationState, StateContext};
@@ -41,6 +41,7 @@ impl std::fmt::Debug for Integration {
 
 impl Integration {
     /// Index of the route a request takes: a declared route, or `routes.len()` for the default.
+    /// `path` is in normal form ([`tollgate_crds::policy::normalize_path`]).
     pub fn route_index(&self, method: &http::Method, path: &str) -> usize {
         self.policy
             .routes
@@ -56,7 +57,7 @@ impl Integration {
             .unwrap_or(&self.policy.default_route)
     }
 
-    /// Whether `path` falls under a denied prefix.
+    /// Whether `path` (in normal form) falls under a denied prefix.
     pub fn denied_prefix(&self, path: &str) -> Option<&str> {
         self.policy
             .versioning
@@ -91,8 +92,36 @@ pub struct Revision {
     pub source: Source,
     pub loaded_at: SystemTime,
     pub integrations: Vec<Arc<Integration>>,
+    /// Integrations this revision left out or kept at their previous version, and why.
+    pub refused: Vec<Refused>,
     /// Lower-case host -> indexes into `integrations` (several when ports differ).
     by_host: HashMap<String, Vec<usize>>,
+}
+
+/// An integration a revision refused: its spec does not compile, or it claims a host another
+/// integration holds. When a previous version of it was in force, that version stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub integration: IntegrationId,
+    pub error: String,
+    /// Whether the previous version stays in force.
+    pub kept_previous: bool,
+}
+
+/// One integration offered to a revision: compiled, or refused by the compile step.
+#[derive(Debug)]
+pub enum Candidate {
+    Compiled(Box<IntegrationPolicy>),
+    Invalid { id: IntegrationId, error: String },
+}
+
+impl Candidate {
+    fn id(&self) -> &IntegrationId {
+        match self {
+            Candidate::Compiled(p) => &p.id,
+            Candidate::Invalid { id, .. } => id,
+        }
+    }
 }
 
 impl Revision {
@@ -102,15 +131,19 @@ impl Revision {
             source: Source::Empty,
             loaded_at: SystemTime::now(),
             integrations: Vec::new(),
+            refused: Vec::new(),
             by_host: HashMap::new(),
         }
     }
 
-    /// The integration that owns `host` (and `port`, when hosts name one).
+    /// The integration that owns `host` (and `port`, when hosts name one). `host` matches in
+    /// any case and with or without a trailing dot.
     pub fn find(&self, host: &str, port: Option<u16>) -> Option<&Arc<Integration>> {
         let candidates = match self.by_host.get(host) {
             Some(c) => c,
-            None => self.by_host.get(&host.to_ascii_lowercase())?,
+            None => self
+                .by_host
+                .get(&tollgate_crds::policy::normalize_host(host)?)?,
         };
         candidates
             .iter()
@@ -124,64 +157,107 @@ pub trait SecretSource {
     fn get(&self, namespace: &str, secret: &SecretKeyRef) -> Option<String>;
 }
 
-/// Why a set of policies cannot form a revision.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RevisionError(pub String);
-
 /// Builds a revision, carrying over shared state whose configuration is unchanged from
 /// `previous` (a kill-switch flip must not refill every bucket).
+///
+/// Each integration stands alone: one that does not compile, or that claims a host another
+/// integration already holds, is refused (listed in [`Revision::refused`]) and the others
+/// apply. A refused integration keeps its previous version when one was in force. When two
+/// claim a host, the one already in force keeps it; between two new ones, the earlier in
+/// `candidates` (file order, or namespace/name order in a snapshot).
 pub fn build_revision(
     id: String,
     source: Source,
-    policies: Vec<IntegrationPolicy>,
+    candidates: Vec<Candidate>,
     secrets: &dyn SecretSource,
     previous: &Revision,
     ctx: &StateContext,
-) -> Result<Revision, RevisionError> {
+) -> Revision {
+    let in_force = |id: &IntegrationId| previous.integrations.iter().find(|o| &o.policy.id == id);
+    // Integrations in force first: they keep the hosts they hold.
+    let mut order: Vec<Candidate> = Vec::with_capacity(candidates.len());
+    let (old, new): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .partition(|c| in_force(c.id()).is_some());
+    order.extend(old);
+    order.extend(new);
+
+    let mut claimed: Vec<(HostMatch, IntegrationId)> = Vec::new();
+    // Hosts held in force by integrations not yet visited stay theirs.
+    let mut reserved: Vec<(HostMatch, IntegrationId)> = order
+        .iter()
+        .filter_map(|c| in_force(c.id()))
+        .flat_map(|o| {
+            o.policy
+                .hosts
+                .iter()
+                .map(|h| (h.clone(), o.policy.id.clone()))
+        })
+        .collect();
+    let clash = |claimed: &[(HostMatch, IntegrationId)],
+                 reserved: &[(HostMatch, IntegrationId)],
+                 p: &IntegrationPolicy| {
+        p.hosts.iter().find_map(|h| {
+            claimed
+                .iter()
+                .chain(reserved)
+                .find(|(c, owner)| owner != &p.id && c.overlaps(h))
+                .map(|(_, owner)| format!("spec.upstream.hosts: {h} is already claimed by {owner}"))
+        })
+    };
+    let mut chosen: Vec<(IntegrationPolicy, Option<Option<HeaderValue>>)> = Vec::new();
+    let mut refused = Vec::new();
+    let mut seen_ids: Vec<IntegrationId> = Vec::new();
+    for c in order {
+        let cid = c.id().clone();
+        if seen_ids.contains(&cid) {
+            refused.push(Refused {
+                integration: cid,
+                error: "appears twice; the first one applies".to_string(),
+                kept_previous: false,
+            });
+            continue;
+        }
+        seen_ids.push(cid.clone());
+        reserved.retain(|(_, owner)| owner != &cid);
+        let error = match c {
+            Candidate::Compiled(p) => match clash(&claimed, &reserved, &p) {
+                None => {
+                    claimed.extend(p.hosts.iter().map(|h| (h.clone(), p.id.clone())));
+                    chosen.push((*p, None));
+                    continue;
+                }
+                Some(e) => e,
+            },
+            Candidate::Invalid { error, .. } => error,
+        };
+        let old = in_force(&cid).filter(|o| clash(&claimed, &reserved, &o.policy).is_none());
+        if let Some(o) = old {
+            claimed.extend(o.policy.hosts.iter().map(|h| (h.clone(), cid.clone())));
+            chosen.push((o.policy.clone(), Some(o.credential.clone())));
+        }
+        tracing::warn!(integration = %cid, %error, kept_previous = old.is_some(), "integration refused; the others apply");
+        refused.push(Refused {
+            integration: cid,
+            error,
+            kept_previous: old.is_some(),
+        });
+    }
+
     let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut integrations = Vec::with_capacity(policies.len());
-    for (i, policy) in policies.into_iter().enumerate() {
+    let mut integrations = Vec::with_capacity(chosen.len());
+    for (i, (policy, kept_credential)) in chosen.into_iter().enumerate() {
         for h in &policy.hosts {
             let entry = by_host.entry(h.host.clone()).or_default();
-            for &j in entry.iter() {
-                let other: &Arc<Integration> = &integrations[j];
-                let clash = other.policy.hosts.iter().any(|o| {
-                    o.host == h.host && (o.port.is_none() || h.port.is_none() || o.port == h.port)
-                });
-                if clash {
-                    return Err(RevisionError(format!(
-                        "{}: spec.upstream.hosts: {} is already claimed by {}",
-                        policy.id,
-                        match h.port {
-                            Some(p) => format!("{}:{p}", h.host),
-                            None => h.host.clone(),
-                        },
-                        other.policy.id
-                    )));
-                }
+            if !entry.contains(&i) {
+                entry.push(i);
             }
-            entry.push(i);
         }
-        let credential = policy.credentials.as_ref().and_then(|c| {
-            let value = secrets.get(&policy.id.namespace, &c.secret_ref)?;
-            match c.render(value.trim_end_matches(['\n', '\r'])) {
-                Some(v) => Some(v),
-                None => {
-                    tracing::error!(integration = %policy.id, secret = %c.secret_ref.name, "credential is not a valid header value; not injected");
-                    None
-                }
-            }
-        });
-        if let Some(c) = &policy.credentials
-            && credential.is_none()
-        {
-            tracing::warn!(integration = %policy.id, secret = %c.secret_ref.name, key = %c.secret_ref.key, "credential secret not found; requests go without it");
-        }
-        let old = previous
-            .integrations
-            .iter()
-            .find(|o| o.policy.id == policy.id);
+        let credential = match kept_credential {
+            Some(c) => c,
+            None => resolve_credential(&policy, secrets),
+        };
+        let old = in_force(&policy.id);
         let state = IntegrationState::build(&policy, old.map(|o| &o.state), ctx);
         integrations.push(Arc::new(Integration {
             label: Arc::from(policy.id.to_string()),
@@ -190,13 +266,30 @@ pub fn build_revision(
             state,
         }));
     }
-    Ok(Revision {
+    Revision {
         id,
         source,
         loaded_at: SystemTime::now(),
         integrations,
+        refused,
         by_host,
-    })
+    }
+}
+
+fn resolve_credential(
+    policy: &IntegrationPolicy,
+    secrets: &dyn SecretSource,
+) -> Option<HeaderValue> {
+    let c = policy.credentials.as_ref()?;
+    let Some(value) = secrets.get(&policy.id.namespace, &c.secret_ref) else {
+        tracing::warn!(integration = %policy.id, secret = %c.secret_ref.name, key = %c.secret_ref.key, "credential secret not found; requests go without it");
+        return None;
+    };
+    let rendered = c.render(value.trim_end_matches(['\n', '\r']));
+    if rendered.is_none() {
+        tracing::error!(integration = %policy.id, secret = %c.secret_ref.name, "credential is not a valid header value; not injected");
+    }
+    rendered
 }
 
 /// The revision in force, swapped whole.
@@ -244,4 +337,106 @@ pub fn fingerprint(bytes: &[u8]) -> String {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    struct NoSecrets;
+    impl SecretSource for NoSecrets {
+        fn get(&self, _: &str, _: &SecretKeyRef) -> Option<String> {
+            Some("k".into())
+        }
+    }
+
+    fn candidates(specs: &[(u8, Vec<String>, bool)]) -> Vec<Candidate> {
+        specs
+            .iter()
+            .map(|(name, hosts, broken)| {
+                let yaml = format!(
+                    "upstream: {{url: 'http://127.0.0.1:1', hosts: [{}]}}\nkillSwitch: {{enabled: {broken}}}{}",
+                    hosts.join(", "),
+                    if *broken { "\ntimeouts: {total: x}" } else { "" }
+                );
+                let spec: tollgate_crds::PartnerIntegrationSpec =
+                    serde_yaml::from_str(&yaml).unwrap();
+                let name = format!("i{name}");
+                match tollgate_crds::compile("ns", &name, &spec) {
+                    Ok(p) => Candidate::Compiled(Box::new(p)),
+                    Err(e) => Candidate::Invalid {
+                        id: IntegrationId {
+                            namespace: "ns".into(),
+                            name,
+                        },
+                        error: e.to_string(),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("api.x"),
+            Just("API.x."),
+            Just("'api.x:8443'"),
+            Just("'api.x:443'"),
+            Just("b.y"),
+            Just("'b.y:1'"),
+            Just("c"),
+        ]
+        .prop_map(String::from)
+    }
+
+    fn specs() -> impl Strategy<Value = Vec<(u8, Vec<String>, bool)>> {
+        prop::collection::vec(
+            (0u8..6, prop::collection::vec(host(), 0..4), any::<bool>()),
+            0..6,
+        )
+    }
+
+    fn check(rev: &Revision, offered: usize) -> Result<(), TestCaseError> {
+        let live: Vec<_> = rev.integrations.iter().map(|i| &i.policy).collect();
+        for (i, a) in live.iter().enumerate() {
+            for b in &live[..i] {
+                prop_assert!(a.id != b.id);
+                for h in &a.hosts {
+                    prop_assert!(!b.hosts.iter().any(|o| o.overlaps(h)), "{h} twice");
+                }
+            }
+            for h in &a.hosts {
+                let found = rev.find(&h.host, h.port.or(Some(1)));
+                prop_assert_eq!(found.map(|f| &f.policy.id), Some(&a.id));
+            }
+        }
+        let kept = rev.refused.iter().filter(|r| r.kept_previous).count();
+        prop_assert_eq!(live.len() + rev.refused.len() - kept, offered);
+        Ok(())
+    }
+
+    proptest! {
+        /// Whatever two successive sets of integrations hold, building never panics, no host
+        /// has two owners, and every integration is either in force or refused.
+        #[test]
+        fn revision_build_never_panics_and_hosts_have_one_owner(first in specs(), second in specs()) {
+            let ctx = StateContext::new(crate::client::tls_config(None).unwrap());
+            let r1 = build_revision("1".into(), Source::Empty, candidates(&first), &NoSecrets, &Revision::empty(), &ctx);
+            check(&r1, first.len())?;
+            let r2 = build_revision("2".into(), Source::Empty, candidates(&second), &NoSecrets, &r1, &ctx);
+            check(&r2, second.len())?;
+            // What was in force keeps its hosts when it is offered again unchanged.
+            for i in &r1.integrations {
+                if let Some(again) = r2.integrations.iter().find(|j| j.policy.id == i.policy.id)
+                    && again.policy == i.policy
+                {
+                    for h in &i.policy.hosts {
+                        let owner = r2.find(&h.host, h.port.or(Some(1))).map(|f| f.policy.id.clone());
+                        prop_assert_eq!(owner, Some(i.policy.id.clone()));
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! Cluster mode: revisions come from the operator's snapshots (see [`crate::cluster`]).
 //!
-//! A snapshot is compiled with the same step as a file and swapped in whole; one that does not
-//! compile is refused and the previous revision stays. Each global quota is scaled to this
-//! pod's share. Reports are the traffic counted since the previous report.
+//! A snapshot is compiled with the same step as a file and swapped in whole. Each integration
+//! stands alone: one that does not compile or claims a host another holds is refused (logged,
+//! shown in `/config` and `tollgate_config_refused`), its previous version stays in force if it
+//! had one, and the rest of the snapshot applies, kill switches included. Each global quota is
+//! scaled to this pod's share. Reports are the traffic counted since the previous report.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -13,7 +15,7 @@ use tollgate_crds::distribution::{BreakerState, IntegrationReport, Snapshot, buc
 use tollgate_crds::policy::IntegrationId;
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
-use super::{SecretSource, Source, Store, build_revision};
+use super::{Candidate, SecretSource, Source, Store, build_revision};
 use crate::state::StateContext;
 use crate::telemetry::metrics::Metrics;
 
@@ -71,42 +73,66 @@ impl OperatorSource {
         }
     }
 
-    /// Compiles and publishes a snapshot; `Err` names what is wrong and nothing changes.
+    /// Compiles and publishes a snapshot, integration by integration (see the module docs).
+    /// Never refuses the snapshot as a whole: a kill switch in it always applies.
     pub fn apply(&self, snapshot: &Snapshot) -> Result<(), String> {
-        let mut policies = Vec::with_capacity(snapshot.integrations.len());
+        let mut candidates = Vec::with_capacity(snapshot.integrations.len());
         let mut shares = HashMap::new();
         let mut revisions = HashMap::new();
         for i in &snapshot.integrations {
-            let policy = tollgate_crds::compile(&i.namespace, &i.name, &i.spec)
-                .map_err(|e| format!("{}/{}: {e}", i.namespace, i.name))?;
-            if let Some(share) = &i.quota_share {
-                shares.insert(policy.id.clone(), share.fraction);
+            let id = IntegrationId {
+                namespace: i.namespace.clone(),
+                name: i.name.clone(),
+            };
+            if let Some(share) = &i.quota_share
+                && share.fraction.is_finite()
+                && share.fraction > 0.0
+            {
+                shares.insert(id.clone(), share.fraction.min(1.0));
             }
-            revisions.insert(policy.id.clone(), i.config_revision.clone());
-            policies.push(policy);
+            revisions.insert(id.clone(), i.config_revision.clone());
+            candidates.push(
+                match tollgate_crds::compile(&i.namespace, &i.name, &i.spec) {
+                    Ok(policy) => Candidate::Compiled(Box::new(policy)),
+                    Err(e) => Candidate::Invalid {
+                        id,
+                        error: e.to_string(),
+                    },
+                },
+            );
         }
         // Shares are read while building state, so they are set first.
         *self.ctx.shares.write().unwrap_or_else(|e| e.into_inner()) = shares;
-        let id = format!(
-            "{}-{}",
-            snapshot.revision,
-            &snapshot.digest[..snapshot.digest.len().min(12)]
-        );
+        let id = snapshot.short_id();
         let previous = self.store.load_full();
         let revision = build_revision(
             id.clone(),
             Source::Operator(self.url.clone()),
-            policies,
+            candidates,
             &SnapshotSecrets { snapshot },
             &previous,
             &self.ctx,
-        )
-        .map_err(|e| {
+        );
+        if !revision.refused.is_empty() {
             self.metrics.config_error();
-            e.to_string()
-        })?;
+        }
+        self.metrics
+            .set_refused(revision.refused.iter().map(|r| r.integration.to_string()));
+        let mut held = self.revisions.lock().unwrap_or_else(|e| e.into_inner());
+        // A refused integration reports the config revision it still runs, if any.
+        for r in &revision.refused {
+            match held.get(&r.integration) {
+                Some(old) if r.kept_previous => {
+                    revisions.insert(r.integration.clone(), old.clone());
+                }
+                _ => {
+                    revisions.remove(&r.integration);
+                }
+            }
+        }
         self.store.publish(revision);
-        *self.revisions.lock().unwrap_or_else(|e| e.into_inner()) = revisions;
+        *held = revisions;
+        drop(held);
         self.metrics.set_revision(&id, "operator");
         tracing::info!(revision = %id, integrations = snapshot.integrations.len(), "operator revision applied");
         Ok(())

@@ -5,21 +5,26 @@ use std::time::{Duration, SystemTime};
 use http::HeaderMap;
 use http::header::RETRY_AFTER;
 
-/// How long a `Retry-After` value asks to wait, relative to `now`.
+/// The longest wait a `Retry-After` can ask for (one day); longer requests are clamped to it.
+/// A partner's value is added to clock readings, so it must stay far from what a clock can hold;
+/// a wait this long already outlasts any call's total deadline, so the retry is simply skipped.
+pub const MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a `Retry-After` value asks to wait, relative to `now`, at most [`MAX`].
 ///
-/// Accepts delay-seconds (`120`; a number too large for a `u64` saturates) and an HTTP-date in
+/// Accepts delay-seconds (`120`; any number of digits, clamped to [`MAX`]) and an HTTP-date in
 /// any of the three forms HTTP allows (IMF-fixdate, and the obsolete RFC 850 and asctime forms).
 /// A date at or before `now` gives zero. Anything else, including negative or fractional
 /// numbers, gives `None`. Surrounding whitespace is ignored.
 pub fn parse(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim_matches([' ', '\t']);
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        // All digits: only overflow can fail.
+        // All digits: only overflow can fail, and an overflow is longer than MAX anyway.
         let secs = value.parse::<u64>().unwrap_or(u64::MAX);
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX));
     }
     let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO).min(MAX))
 }
 
 /// The `Retry-After` of a response, if it has one that parses (the first one, if repeated).
@@ -43,10 +48,9 @@ mod tests {
         assert_eq!(parse("120", now()), Some(Duration::from_secs(120)));
         assert_eq!(parse("0", now()), Some(Duration::ZERO));
         assert_eq!(parse(" 5\t", now()), Some(Duration::from_secs(5)));
-        assert_eq!(
-            parse("99999999999999999999999", now()),
-            Some(Duration::from_secs(u64::MAX))
-        );
+        assert_eq!(parse("99999999999999999999999", now()), Some(MAX));
+        assert_eq!(parse("86401", now()), Some(MAX));
+        assert_eq!(parse("Fri, 31 Dec 9999 23:59:59 GMT", now()), Some(MAX));
     }
 
     #[test]
@@ -95,6 +99,19 @@ mod tests {
             "2024-06-20T10:00:00Z",
         ] {
             assert_eq!(parse(bad, now()), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a partner sends, the answer is a wait of at most MAX, or none.
+        #[test]
+        fn any_value_parses_to_a_bounded_wait_or_none(value in "\\PC{0,40}", digits in "[0-9]{1,60}") {
+            for v in [value.as_str(), digits.as_str()] {
+                if let Some(d) = parse(v, now()) {
+                    proptest::prop_assert!(d <= MAX);
+                }
+            }
+            proptest::prop_assert!(parse(&digits, now()).is_some());
         }
     }
 

@@ -10,7 +10,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::*;
 use crate::body::{self, ReqBody, RespBody};
-use crate::config::{Revision, SecretSource, Source, build_revision};
+use crate::config::{Candidate, Revision, SecretSource, Source, build_revision};
 use crate::state::StateContext;
 
 struct NoSecrets;
@@ -27,12 +27,11 @@ fn integration(spec_yaml: &str) -> Arc<crate::config::Integration> {
     let rev = build_revision(
         "r".into(),
         Source::Empty,
-        vec![policy],
+        vec![Candidate::Compiled(Box::new(policy))],
         &NoSecrets,
         &Revision::empty(),
         &ctx,
-    )
-    .unwrap();
+    );
     rev.integrations[0].clone()
 }
 

@@ -22,6 +22,7 @@ use crate::client::HttpClient;
 use crate::config::Store;
 use crate::layers::{Call, Stack};
 use crate::telemetry::metrics::Metrics;
+use tollgate_crds::policy::{DEFAULT_ROUTE, normalize_path};
 
 /// Everything a request handler needs; shared by all connections.
 pub struct Proxy {
@@ -152,7 +153,29 @@ impl Proxy {
 
         let (mut parts, incoming) = req.into_parts();
         let started = Instant::now();
-        let route = integration.route_index(&parts.method, parts.uri.path());
+        // Policy matches the normal form of the path, and the partner receives that same form:
+        // a spelling that matched nothing here (`//v0`, `/v1/../v0`) cannot mean more there.
+        let path = match normalize_path(parts.uri.path()) {
+            Ok(p) => p,
+            Err(e) => {
+                return Answer::new(Reason::BadRequest, format!("request path: {e}"))
+                    .at(&integration.label, DEFAULT_ROUTE)
+                    .into_response();
+            }
+        };
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let pq = match PathAndQuery::try_from(pq) {
+            Ok(pq) => pq,
+            Err(e) => {
+                return Answer::new(Reason::BadRequest, format!("request path: {e}"))
+                    .at(&integration.label, DEFAULT_ROUTE)
+                    .into_response();
+            }
+        };
+        let route = integration.route_index(&parts.method, pq.path());
         let route_policy = integration.route(route);
         let label = integration.label.clone();
         let body = match body::prepare(
@@ -175,11 +198,6 @@ impl Proxy {
             }
         };
         // Absolute-form becomes origin-form: the client layer builds the partner's URL.
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(pq);
         strip_hop_by_hop(&mut parts.headers);
         let deadline = started + route_policy.timeouts.total;

@@ -70,6 +70,11 @@ pub struct RevisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IntegrationLabels {
+    pub integration: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelLabels {
     pub integration: String,
     pub outcome: String,
@@ -100,6 +105,7 @@ pub struct Metrics {
     pub kill_switch: Family<RouteLabels, Gauge>,
     pub revision_info: Family<RevisionLabels, Gauge>,
     pub config_errors: Counter,
+    pub config_refused: Family<IntegrationLabels, Gauge>,
     pub tunnels: Family<TunnelLabels, Counter>,
     pub open_connections: Gauge,
     pub rejected_connections: Counter,
@@ -137,6 +143,7 @@ impl Default for Metrics {
         let kill_switch = Family::<RouteLabels, Gauge>::default();
         let revision_info = Family::<RevisionLabels, Gauge>::default();
         let config_errors = Counter::default();
+        let config_refused = Family::<IntegrationLabels, Gauge>::default();
         let tunnels = Family::<TunnelLabels, Counter>::default();
         let open_connections = Gauge::default();
         let rejected_connections = Counter::default();
@@ -203,6 +210,11 @@ impl Default for Metrics {
             config_errors.clone(),
         );
         registry.register(
+            "tollgate_config_refused",
+            "1 for each integration the revision in force refused (its previous version, if any, stays in force)",
+            config_refused.clone(),
+        );
+        registry.register(
             "tollgate_tunnels",
             "CONNECT tunnels, by outcome",
             tunnels.clone(),
@@ -236,6 +248,7 @@ impl Default for Metrics {
             kill_switch,
             revision_info,
             config_errors,
+            config_refused,
             tunnels,
             open_connections,
             rejected_connections,
@@ -248,6 +261,16 @@ impl Default for Metrics {
 impl Metrics {
     pub fn config_error(&self) {
         self.config_errors.inc();
+    }
+
+    /// Marks exactly these integrations as refused.
+    pub fn set_refused(&self, integrations: impl IntoIterator<Item = String>) {
+        self.config_refused.clear();
+        for integration in integrations {
+            self.config_refused
+                .get_or_create(&IntegrationLabels { integration })
+                .set(1);
+        }
     }
 
     pub fn set_revision(&self, id: &str, source: &str) {
