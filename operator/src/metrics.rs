@@ -34,6 +34,13 @@ pub struct AdmissionLabels {
     pub reason: String,
 }
 
+/// Labels of `connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `distribution`, `webhook` or `admin`.
+    pub listener: String,
+}
+
 /// Every metric the operator exports. Cheap to clone-by-Arc; the registry is only for encoding.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +64,18 @@ pub struct Metrics {
     pub webhook_errors: Family<ReasonLabel, Counter>,
     /// `notAfter` of the webhook certificate being served, unix seconds (0: none yet).
     pub webhook_cert_expiry: Gauge,
+    /// Sidecar reports (per integration) refused for impossible values, by reason.
+    pub report_refusals: Family<ReasonLabel, Counter>,
+    /// Streams the operator ended, by reason (`token_expired`, `pod_gone`, `pod_changed`).
+    pub streams_ended: Family<ReasonLabel, Counter>,
+    /// Connections closed at once because a listener was at its cap.
+    pub connections_refused: Family<ListenerLabel, Counter>,
+    /// TokenReviews sent to the API server.
+    pub token_reviews: Counter,
+    /// Subscriptions answered from the cache of refused tokens, without a TokenReview.
+    pub token_review_cache_hits: Counter,
+    /// Integrations left out of this replica's peer Lease for its size limit.
+    pub peer_state_dropped: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,8 +145,50 @@ impl Metrics {
             "notAfter of the webhook serving certificate in use",
             webhook_cert_expiry.clone(),
         );
+        let report_refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "report_refusals",
+            "Sidecar reports refused for impossible values, by reason",
+            report_refusals.clone(),
+        );
+        let streams_ended = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "streams_ended",
+            "Sidecar streams ended by the operator, by reason",
+            streams_ended.clone(),
+        );
+        let connections_refused = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the listener was at its cap",
+            connections_refused.clone(),
+        );
+        let token_reviews = Counter::default();
+        registry.register(
+            "token_reviews",
+            "TokenReviews sent to the API server",
+            token_reviews.clone(),
+        );
+        let token_review_cache_hits = Counter::default();
+        registry.register(
+            "token_review_cache_hits",
+            "Subscriptions refused from the cache of refused tokens",
+            token_review_cache_hits.clone(),
+        );
+        let peer_state_dropped = Gauge::default();
+        registry.register(
+            "peer_state_dropped_integrations",
+            "Integrations left out of this replica's peer Lease for its size limit",
+            peer_state_dropped.clone(),
+        );
         Self {
             registry,
+            report_refusals,
+            streams_ended,
+            connections_refused,
+            token_reviews,
+            token_review_cache_hits,
+            peer_state_dropped,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -171,6 +232,30 @@ impl Metrics {
         self.auth_rejections
             .get_or_create(&ReasonLabel {
                 reason: label.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn report_refused(&self, reason: &str) {
+        self.report_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn stream_ended(&self, reason: &str) {
+        self.streams_ended
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_string(),
             })
             .inc();
     }

@@ -179,6 +179,10 @@ impl Hub {
         }
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn settings(&self) -> HubSettings {
         self.settings
     }
@@ -404,8 +408,10 @@ impl Hub {
                 .subscribers
                 .get(&key)
                 .is_some_and(|pods| pods.contains(&me))
+                && let Err(e) = self.traffic.record(&me, r, now)
             {
-                self.traffic.record(&me, r, now);
+                tracing::info!(pod = %me, integration = %format!("{}/{}", r.namespace, r.name), error = %e, "report refused");
+                self.metrics.report_refused(e.metric_label());
             }
         }
         self.metrics.reports.inc();
