@@ -205,7 +205,7 @@ impl Partial {
             }),
         };
         let error_rate = if self.requests > 0 {
-            (self.errors.min(self.requests) as f64 * 100.0 / self.requests as f64)
+            self.errors.min(self.requests) as f64 * 100.0 / self.requests as f64
         } else {
             0.0
         };
@@ -510,8 +510,8 @@ mod tests {
         let key = ("ns".to_string(), "a".to_string());
         let now = Instant::now();
         // p1: 100 calls within 5 ms (its own p95: 5 ms). p2: 10 calls, all near 1 s.
-        store.record("ns/p1", &bucketed(100, 100), now);
-        store.record("ns/p2", &bucketed(10, 0), now);
+        store.record("ns/p1", &bucketed(100, 100), now).unwrap();
+        store.record("ns/p2", &bucketed(10, 0), now).unwrap();
         let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];
         let o = store.observe(&key, &pods, "1-x", now);
         // 110 calls: the 105th slowest is one of p2's. (Weighted, the p95s would say 95 ms.)
@@ -520,9 +520,9 @@ mod tests {
 
         // The same through the replicas' exchange: each replica holds one pod.
         let first = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
-        first.record("ns/p1", &bucketed(100, 100), now);
+        first.record("ns/p1", &bucketed(100, 100), now).unwrap();
         let second = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
-        second.record("ns/p2", &bucketed(10, 0), now);
+        second.record("ns/p2", &bucketed(10, 0), now).unwrap();
         let mut merged = first.partial(&key, &pods[..1], now);
         let sent = serde_json::to_string(&second.partial(&key, &pods[1..], now)).unwrap();
         merged.merge(&serde_json::from_str::<Partial>(&sent).unwrap());
@@ -533,7 +533,8 @@ mod tests {
 
         // A sidecar without buckets still counts, by the old average, when nobody sends them.
         let old = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
-        old.record("ns/p1", &report(10, 0, 40.0, BreakerState::Closed), now);
+        old.record("ns/p1", &report(10, 0, 40.0, BreakerState::Closed), now)
+            .unwrap();
         assert_eq!(
             old.observe(&key, &pods[..1], "1-x", now).latency_p95,
             Some(Duration::from_millis(40))
@@ -615,8 +616,12 @@ mod tests {
         // Two pods, each 50 requests per 5 s = 600/min each.
         for i in 0..3u32 {
             let at = t0 + Duration::from_secs(5 * u64::from(i));
-            store.record("ns/p1", &report(50, 5, 100.0, BreakerState::Closed), at);
-            store.record("ns/p2", &report(50, 0, 300.0, BreakerState::Open), at);
+            store
+                .record("ns/p1", &report(50, 5, 100.0, BreakerState::Closed), at)
+                .unwrap();
+            store
+                .record("ns/p2", &report(50, 0, 300.0, BreakerState::Open), at)
+                .unwrap();
         }
         let now = t0 + Duration::from_secs(10);
         let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];

@@ -28,6 +28,8 @@ pub struct PodIdentity {
     pub name: String,
     pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// When the token that proved it expires; the stream ends then.
+    pub token_expiry: Option<std::time::SystemTime>,
 }
 
 impl PodIdentity {
@@ -91,6 +93,45 @@ impl View {
         }
         (out, hex(&digest.finish().as_ref()[..16]))
     }
+}
+
+/// What re-checking a stream's authority found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// End the stream; the reason is the `streams_ended_total` label.
+    End(&'static str),
+}
+
+/// Verifies a stream's token and pod again.
+pub type Recheck = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Verdict> + Send + Sync>;
+
+/// How long a stream may live and how it is re-checked.
+#[derive(Clone)]
+pub struct Authority {
+    /// The stream ends at this instant (its token's expiry).
+    pub expires: Option<Instant>,
+    /// Run every `.1`, first at a random point of the first period.
+    pub recheck: Option<(Recheck, Duration)>,
+    /// Streams the same pod may hold at once.
+    pub max_streams_per_pod: usize,
+}
+
+impl Default for Authority {
+    fn default() -> Self {
+        Self {
+            expires: None,
+            recheck: None,
+            max_streams_per_pod: usize::MAX,
+        }
+    }
+}
+
+/// Why a stream was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("pod {pod} already holds {max} streams")]
+    TooManyStreams { pod: String, max: usize },
 }
 
 /// Timing the hub hands to sidecars.
@@ -280,15 +321,40 @@ impl Hub {
         pod: PodIdentity,
         resume: Option<(u64, String)>,
     ) -> (String, mpsc::Receiver<Bytes>) {
+        match self.open_with(pod, resume, Authority::default()) {
+            Ok(opened) => opened,
+            Err(OpenError::TooManyStreams { .. }) => unreachable!("no stream limit"),
+        }
+    }
+
+    /// As [`Hub::open`], within `authority`: refused when the pod already holds its share of
+    /// streams, ended at the token's expiry or when a re-check says so.
+    pub fn open_with(
+        self: &Arc<Self>,
+        pod: PodIdentity,
+        resume: Option<(u64, String)>,
+        authority: Authority,
+    ) -> Result<(String, mpsc::Receiver<Bytes>), OpenError> {
         let session = new_session_id();
         let pod = Arc::new(pod);
-        self.sessions().insert(
-            session.clone(),
-            Session {
-                pod: pod.clone(),
-                sent: VecDeque::new(),
-            },
-        );
+        {
+            let mut sessions = self.sessions();
+            let key = pod.key();
+            let held = sessions.values().filter(|s| s.pod.key() == key).count();
+            if held >= authority.max_streams_per_pod {
+                return Err(OpenError::TooManyStreams {
+                    pod: key,
+                    max: authority.max_streams_per_pod,
+                });
+            }
+            sessions.insert(
+                session.clone(),
+                Session {
+                    pod: pod.clone(),
+                    sent: VecDeque::new(),
+                },
+            );
+        }
         self.metrics.connected_sidecars.inc();
         self.recompute(Instant::now());
         let (tx, rx) = mpsc::channel(4);
@@ -300,9 +366,17 @@ impl Hub {
         let id = session.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            hub.stream(&id, &pod, resume, tx).await;
+            if let Some(reason) = hub.stream(&id, &pod, resume, tx, authority).await {
+                tracing::info!(pod = %pod.key(), reason, "stream ended by the operator");
+                hub.metrics.stream_ended(reason);
+            }
         });
-        (session, rx)
+        Ok((session, rx))
+    }
+
+    /// Whether `session` is open here.
+    pub fn has_session(&self, session: &str) -> bool {
+        self.sessions().contains_key(session)
     }
 
     async fn stream(
@@ -311,7 +385,8 @@ impl Hub {
         pod: &PodIdentity,
         resume: Option<(u64, String)>,
         tx: mpsc::Sender<Bytes>,
-    ) {
+        authority: Authority,
+    ) -> Option<&'static str> {
         let hello = StreamMessage::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             session: session.to_string(),
@@ -319,8 +394,17 @@ impl Hub {
             report_interval_seconds: secs(self.settings.report_interval),
         });
         if !send(&tx, &hello).await {
-            return;
+            return None;
         }
+        let expires = authority.expires;
+        let mut recheck = authority.recheck.map(|(check, every)| {
+            let every = every.max(Duration::from_millis(10));
+            let first = every.mul_f64(rand::random_range(0.5..=1.0));
+            (
+                check,
+                tokio::time::interval_at(Instant::now() + first, every),
+            )
+        });
         let (mut revision, mut digest) = resume.unwrap_or((0, String::new()));
         let mut first = true;
         let mut views = self.view.subscribe();
@@ -351,20 +435,24 @@ impl Hub {
             first = false;
             if let Some(m) = message {
                 if !send(&tx, &m).await {
-                    return;
+                    return None;
                 }
                 tracing::debug!(pod = %pod.key(), revision, "pushed");
             }
             loop {
                 tokio::select! {
                     changed = views.changed() => {
-                        if changed.is_err() { return; }
+                        if changed.is_err() { return None; }
                         break;
                     }
                     _ = heartbeat.tick() => {
-                        if !send(&tx, &StreamMessage::Heartbeat).await { return; }
+                        if !send(&tx, &StreamMessage::Heartbeat).await { return None; }
                     }
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => return None,
+                    _ = sleep_until_some(expires) => return Some("token_expired"),
+                    check = next_check(&mut recheck) => {
+                        if let Verdict::End(reason) = check { return Some(reason); }
+                    }
                 }
             }
         }
@@ -441,6 +529,23 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.hub.close(&self.session);
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_check(recheck: &mut Option<(Recheck, tokio::time::Interval)>) -> Verdict {
+    match recheck {
+        Some((check, tick)) => {
+            tick.tick().await;
+            check().await
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -522,6 +627,7 @@ mod tests {
             name: "web-1".into(),
             uid: None,
             labels: BTreeMap::new(),
+            token_expiry: None,
         };
         let (_session, mut rx) = hub.open(pod, None);
         assert!(matches!(
