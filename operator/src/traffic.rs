@@ -38,8 +38,6 @@ const MAX_SAMPLES: usize = 256;
 /// Why a report was not recorded; names the field as it is on the wire.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ReportRefused {
-    #[error("intervalMillis must be positive")]
-    ZeroInterval,
     #[error(
         "{field}: {value} calls in {interval_millis}ms is more than {MAX_CALLS_PER_SECOND} per second"
     )]
@@ -59,7 +57,6 @@ pub enum ReportRefused {
 impl ReportRefused {
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ReportRefused::ZeroInterval => "interval",
             ReportRefused::TooManyCalls { .. } => "calls",
             ReportRefused::Latency(_) => "latency",
             ReportRefused::Buckets(..) => "buckets",
@@ -70,9 +67,6 @@ impl ReportRefused {
 
 /// Checks a report against what one sidecar can have seen in its interval.
 pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
-    if r.interval_millis == 0 {
-        return Err(ReportRefused::ZeroInterval);
-    }
     // At least a second's worth, so short intervals are not refused for rounding.
     let most = MAX_CALLS_PER_SECOND.saturating_mul(r.interval_millis.max(1000)) / 1000;
     for (field, value) in [("requests", r.requests), ("rateLimited", r.rate_limited)] {
@@ -583,9 +577,6 @@ mod tests {
             "latencyP95Millis",
             report(1, 0, 1e300, BreakerState::Closed),
         ));
-        let mut r = report(1, 0, 10.0, BreakerState::Closed);
-        r.interval_millis = 0;
-        absurd.push(("intervalMillis", r));
         let mut r = report(1, 0, 10.0, BreakerState::Closed);
         r.latency_buckets = vec![u64::MAX; LATENCY_BUCKETS_MS.len() + 1];
         absurd.push(("latencyBuckets", r));
