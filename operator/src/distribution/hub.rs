@@ -3,7 +3,9 @@
 //! A [`View`] (the catalog plus how many pods are subscribed to each integration) is published
 //! through a `watch` channel whenever the catalog changes or a pod comes or goes. Every open
 //! stream wakes on it, computes its pod's snapshot and pushes it if the content changed, so a
-//! change reaches all sidecars at once, without polling.
+//! change reaches all sidecars at once, without polling. Opens and closes only mark the
+//! subscribers changed; [`Hub::run`] recounts once for however many came together, and a new
+//! stream starts once a view counts it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -165,6 +167,12 @@ pub struct Hub {
     traffic: TrafficStore,
     metrics: Arc<Metrics>,
     settings: HubSettings,
+    recomputes: std::sync::atomic::AtomicU64,
+    /// Bumped under the sessions lock by every open and close; `run` recounts when it moved.
+    changes: std::sync::atomic::AtomicU64,
+    dirty: tokio::sync::Notify,
+    /// The last `changes` value a published view covers.
+    covered: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -200,7 +208,16 @@ impl Hub {
             traffic,
             metrics,
             settings,
+            recomputes: Default::default(),
+            changes: Default::default(),
+            dirty: tokio::sync::Notify::new(),
+            covered: watch::channel(0).0,
         })
+    }
+
+    /// Subscriber recounts done so far.
+    pub fn recomputes(&self) -> u64 {
+        self.recomputes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Follows the catalog and the peers until the returned future is dropped. Run it once
@@ -209,13 +226,16 @@ impl Hub {
         let mut catalog = self.catalog.subscribe();
         let mut peers = self.peers.clone();
         let mut peers_alive = true;
+        let mut sessions_at = None;
         loop {
             let changed_at = catalog.borrow_and_update().changed_at;
             peers.borrow_and_update();
-            self.recompute(changed_at);
+            self.recompute(sessions_at.take().unwrap_or(changed_at));
             tokio::select! {
                 c = catalog.changed() => if c.is_err() { return },
                 p = peers.changed(), if peers_alive => if p.is_err() { peers_alive = false },
+                // Opens and closes: many at once cost one recount.
+                _ = self.dirty.notified() => sessions_at = Some(Instant::now()),
             }
         }
     }
@@ -272,6 +292,9 @@ impl Hub {
     fn recompute(&self, changed_at: Instant) {
         // Held to the end, so two recomputes cannot publish out of order.
         let sessions = self.sessions();
+        self.recomputes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let covers = self.changes.load(std::sync::atomic::Ordering::SeqCst);
         let catalog = self.catalog.snapshot();
         let mut pods: BTreeMap<PodKey, Arc<PodIdentity>> = BTreeMap::new();
         for s in sessions.values() {
@@ -310,7 +333,19 @@ impl Hub {
             });
             true
         });
+        self.covered.send_replace(covers);
         drop(sessions);
+    }
+
+    /// An open or close happened (call with the sessions lock held): returns the change's
+    /// number and wakes `run` to recount.
+    fn changed(&self) -> u64 {
+        let n = self
+            .changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        self.dirty.notify_one();
+        n
     }
 
     /// Opens a stream for an authenticated pod. `resume` is the revision and digest the
@@ -337,7 +372,7 @@ impl Hub {
     ) -> Result<(String, mpsc::Receiver<Bytes>), OpenError> {
         let session = new_session_id();
         let pod = Arc::new(pod);
-        {
+        let change = {
             let mut sessions = self.sessions();
             let key = pod.key();
             let held = sessions.values().filter(|s| s.pod.key() == key).count();
@@ -354,9 +389,9 @@ impl Hub {
                     sent: VecDeque::new(),
                 },
             );
-        }
+            self.changed()
+        };
         self.metrics.connected_sidecars.inc();
-        self.recompute(Instant::now());
         let (tx, rx) = mpsc::channel(4);
         let guard = SessionGuard {
             hub: self.clone(),
@@ -366,6 +401,12 @@ impl Hub {
         let id = session.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            // The first snapshot counts this stream: wait for a view that covers its open.
+            let mut covered = hub.covered.subscribe();
+            tokio::select! {
+                c = covered.wait_for(|c| *c >= change) => if c.is_err() { return },
+                _ = tx.closed() => return,
+            }
             if let Some(reason) = hub.stream(&id, &pod, resume, tx, authority).await {
                 tracing::info!(pod = %pod.key(), reason, "stream ended by the operator");
                 hub.metrics.stream_ended(reason);
@@ -507,10 +548,16 @@ impl Hub {
     }
 
     fn close(&self, session: &str) {
-        let removed = self.sessions().remove(session).is_some();
+        let removed = {
+            let mut sessions = self.sessions();
+            let removed = sessions.remove(session).is_some();
+            if removed {
+                self.changed();
+            }
+            removed
+        };
         if removed {
             self.metrics.connected_sidecars.dec();
-            self.recompute(Instant::now());
         }
     }
 
@@ -608,6 +655,41 @@ mod tests {
             .expect("a line in time")
             .expect("stream open");
         serde_json::from_slice(&line).expect("a message")
+    }
+
+    /// Streams opening together cost one recount of subscribers (O(pods x integrations) under
+    /// the sessions lock), not one each; each still starts with a share that counts it.
+    #[tokio::test]
+    async fn streams_opening_together_are_counted_in_one_recompute() {
+        let catalog = CatalogHandle::new();
+        catalog.upsert(global_entry());
+        let hub = Hub::new(catalog, Arc::new(Metrics::new()), HubSettings::default());
+        tokio::spawn(hub.clone().run());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let before = hub.recomputes();
+        let mut streams = Vec::new();
+        for i in 0..100 {
+            let pod = PodIdentity {
+                namespace: "shop".into(),
+                name: format!("web-{i}"),
+                uid: None,
+                labels: BTreeMap::new(),
+                token_expiry: None,
+            };
+            streams.push(hub.open(pod, None).1);
+        }
+        for rx in &mut streams {
+            assert!(matches!(next_message(rx).await, StreamMessage::Hello(_)));
+            let StreamMessage::Snapshot(s) = next_message(rx).await else {
+                panic!("snapshot expected")
+            };
+            let share = s.integrations[0].quota_share.clone().unwrap();
+            assert_eq!(share.subscribers, 100);
+        }
+        let recounts = hub.recomputes() - before;
+        assert!(recounts <= 3, "{recounts} recomputes for 100 opens");
     }
 
     #[tokio::test]
