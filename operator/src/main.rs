@@ -94,6 +94,27 @@ struct Args {
     #[arg(long, default_value_t = 256 * 1024)]
     max_body_bytes: usize,
 
+    /// Streams one pod may hold open at once (more are refused with 429).
+    #[arg(long, default_value_t = 4)]
+    max_streams_per_pod: usize,
+
+    /// How often each open stream's token and pod are verified again (TokenReview and a
+    /// read of the Pod); a pod deleted, recreated or relabelled ends its stream.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    stream_recheck: Duration,
+
+    /// Longest wait for a request's headers, and for an ack or report body.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    request_timeout: Duration,
+
+    /// How long a token the API server refused is refused from memory.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    refused_token_ttl: Duration,
+
+    /// TokenReviews in flight at once.
+    #[arg(long, default_value_t = 32)]
+    max_concurrent_reviews: usize,
+
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -182,12 +203,22 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let distribution = Arc::new(Distribution {
         hub: hub.clone(),
-        auth: Authenticator::new(client.clone()),
+        auth: Authenticator::with_limits(
+            client.clone(),
+            args.refused_token_ttl,
+            args.max_concurrent_reviews,
+        ),
         metrics: metrics.clone(),
         limits: ServerLimits {
             max_connections: args.max_connections,
             max_header_bytes: args.max_header_bytes,
             max_body_bytes: args.max_body_bytes,
+            max_streams_per_pod: args.max_streams_per_pod,
+            stream_recheck: args.stream_recheck,
+            header_timeout: args.request_timeout,
+            body_timeout: args.request_timeout,
+            refused_token_ttl: args.refused_token_ttl,
+            max_concurrent_reviews: args.max_concurrent_reviews,
             ..ServerLimits::default()
         },
     });

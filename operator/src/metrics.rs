@@ -34,6 +34,13 @@ pub struct AdmissionLabels {
     pub reason: String,
 }
 
+/// Labels of `connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `distribution`, `webhook` or `admin`.
+    pub listener: String,
+}
+
 /// Every metric the operator exports. Cheap to clone-by-Arc; the registry is only for encoding.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +64,18 @@ pub struct Metrics {
     pub webhook_errors: Family<ReasonLabel, Counter>,
     /// `notAfter` of the webhook certificate being served, unix seconds (0: none yet).
     pub webhook_cert_expiry: Gauge,
+    /// Sidecar reports (per integration) refused for impossible values, by reason.
+    pub report_refusals: Family<ReasonLabel, Counter>,
+    /// Streams the operator ended, by reason (`token_expired`, `pod_gone`, `pod_changed`).
+    pub streams_ended: Family<ReasonLabel, Counter>,
+    /// Connections closed at once because a listener was at its cap.
+    pub connections_refused: Family<ListenerLabel, Counter>,
+    /// TokenReviews sent to the API server.
+    pub token_reviews: Counter,
+    /// Subscriptions answered from the cache of refused tokens, without a TokenReview.
+    pub token_review_cache_hits: Counter,
+    /// Integrations left out of this replica's peer Lease for its size limit.
+    pub peer_state_dropped: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,8 +145,50 @@ impl Metrics {
             "notAfter of the webhook serving certificate in use",
             webhook_cert_expiry.clone(),
         );
+        let report_refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "report_refusals",
+            "Sidecar reports refused for impossible values, by reason",
+            report_refusals.clone(),
+        );
+        let streams_ended = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "streams_ended",
+            "Sidecar streams ended by the operator, by reason",
+            streams_ended.clone(),
+        );
+        let connections_refused = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the listener was at its cap",
+            connections_refused.clone(),
+        );
+        let token_reviews = Counter::default();
+        registry.register(
+            "token_reviews",
+            "TokenReviews sent to the API server",
+            token_reviews.clone(),
+        );
+        let token_review_cache_hits = Counter::default();
+        registry.register(
+            "token_review_cache_hits",
+            "Subscriptions refused from the cache of refused tokens",
+            token_review_cache_hits.clone(),
+        );
+        let peer_state_dropped = Gauge::default();
+        registry.register(
+            "peer_state_dropped_integrations",
+            "Integrations left out of this replica's peer Lease for its size limit",
+            peer_state_dropped.clone(),
+        );
         Self {
             registry,
+            report_refusals,
+            streams_ended,
+            connections_refused,
+            token_reviews,
+            token_review_cache_hits,
+            peer_state_dropped,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -175,6 +236,30 @@ impl Metrics {
             .inc();
     }
 
+    pub fn report_refused(&self, reason: &str) {
+        self.report_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn stream_ended(&self, reason: &str) {
+        self.streams_ended
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
     pub fn observe_push(&self, latency: Duration) {
         self.push_latency.observe(latency.as_secs_f64());
     }
@@ -201,8 +286,22 @@ impl Readiness {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 until the task is dropped.
+/// Connections the admin listener holds at once; more are closed at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 until the task is dropped,
+/// at most [`ADMIN_MAX_CONNECTIONS`] connections at once, each header block within 10 s.
 pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Readiness) {
+    serve_admin_capped(listener, metrics, ready, ADMIN_MAX_CONNECTIONS).await
+}
+
+async fn serve_admin_capped(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    max_connections: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -212,15 +311,25 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Re
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.connection_refused("admin");
+            continue;
+        };
         let metrics = metrics.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 let ready = ready.clone();
                 async move { Ok::<_, Infallible>(admin(&req, &metrics, &ready)) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let _ = builder
                 .http1_only()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -312,5 +421,65 @@ mod tests {
         ready.set(true);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    /// Idle connections cannot take the admin listener: past the cap, a connection is closed
+    /// at once and counted; when one goes, the next is served.
+    #[tokio::test]
+    async fn admin_connections_are_capped() {
+        let metrics = Arc::new(Metrics::new());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_admin_capped(
+            listener,
+            metrics.clone(),
+            Readiness::default(),
+            2,
+        ));
+        let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the third connection is closed unanswered");
+        assert!(
+            metrics
+                .encode()
+                .contains("tollgate_operator_connections_refused_total{listener=\"admin\"} 1")
+        );
+        drop(idle1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let attempt = async {
+                let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+                s.write_all(
+                    b"GET /healthz HTTP/1.1
+host: x
+connection: close
+
+",
+                )
+                .await
+                .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.ok()?;
+                Some(out)
+            };
+            let r = tokio::time::timeout(Duration::from_secs(1), attempt).await;
+            if r.ok()
+                .flatten()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a freed slot is served"
+            );
+        }
     }
 }

@@ -31,6 +31,10 @@ use crate::traffic::Partial;
 pub const PEER_LABEL: &str = "tollgate.dev/peer";
 pub const STATE_ANNOTATION: &str = "tollgate.dev/distribution";
 
+/// Most bytes of state one Lease carries: annotations may total 256 KiB, with room to spare
+/// for the others.
+pub const MAX_STATE_BYTES: usize = 200 * 1024;
+
 /// One replica's state, as published.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -40,6 +44,37 @@ pub struct PeerState {
 }
 
 impl PeerState {
+    /// The annotation's JSON, at most [`MAX_STATE_BYTES`]: when everything does not fit, the
+    /// integrations with the most subscribers (then the most calls) are kept whole and the
+    /// rest left out. Returns the JSON and how many were left out.
+    pub fn to_annotation(&self) -> (String, usize) {
+        let all = serde_json::to_string(self).unwrap_or_default();
+        if all.len() <= MAX_STATE_BYTES {
+            return (all, 0);
+        }
+        let mut order: Vec<(&String, &Partial)> = self.integrations.iter().collect();
+        order.sort_by(|a, b| {
+            (b.1.subscribers, b.1.requests)
+                .cmp(&(a.1.subscribers, a.1.requests))
+                .then_with(|| a.0.cmp(b.0))
+        });
+        // `{"integrations":{` + `}}`, then `"key":{...}` and a comma per entry.
+        let mut used = r#"{"integrations":{}}"#.len();
+        let mut kept = PeerState::default();
+        for (k, p) in order {
+            let entry = serde_json::to_string(k).unwrap_or_default().len()
+                + 2
+                + serde_json::to_string(p).unwrap_or_default().len();
+            if used + entry > MAX_STATE_BYTES {
+                continue;
+            }
+            used += entry;
+            kept.integrations.insert(k.clone(), p.clone());
+        }
+        let dropped = self.integrations.len() - kept.integrations.len();
+        (serde_json::to_string(&kept).unwrap_or_default(), dropped)
+    }
+
     pub fn from_partials(partials: &BTreeMap<Key, Partial>) -> Self {
         Self {
             integrations: partials
@@ -101,9 +136,17 @@ pub fn lease_name(identity: &str) -> String {
     format!("tollgate-peer-{name}")
 }
 
-/// The Lease this replica applies.
+/// The Lease this replica applies (its state bounded by [`PeerState::to_annotation`]).
 pub fn lease_for(cfg: &PeerConfig, state: &PeerState, now: Timestamp) -> serde_json::Value {
     let seconds = u64::max(cfg.interval.as_secs() * 3, 3);
+    let (annotation, dropped) = state.to_annotation();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            max_bytes = MAX_STATE_BYTES,
+            "replica state too large for its Lease; the integrations with the fewest sidecars are left out"
+        );
+    }
     serde_json::json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -112,7 +155,7 @@ pub fn lease_for(cfg: &PeerConfig, state: &PeerState, now: Timestamp) -> serde_j
             "namespace": cfg.namespace,
             "labels": { PEER_LABEL: "true" },
             "annotations": {
-                STATE_ANNOTATION: serde_json::to_string(state).unwrap_or_default(),
+                STATE_ANNOTATION: annotation,
             },
         },
         "spec": {
@@ -131,6 +174,9 @@ pub async fn publish(client: kube::Client, cfg: PeerConfig, hub: Arc<Hub>) {
     loop {
         tick.tick().await;
         let state = PeerState::from_partials(&hub.partials());
+        hub.metrics()
+            .peer_state_dropped
+            .set(i64::try_from(state.to_annotation().1).unwrap_or(i64::MAX));
         let lease = lease_for(&cfg, &state, Timestamp::now());
         if let Err(e) = api
             .patch(
@@ -260,6 +306,53 @@ mod tests {
             lease_name("tollgate-operator-6d4f9-abcde"),
             "tollgate-peer-tollgate-operator-6d4f9-abcde"
         );
+    }
+
+    /// However many integrations a replica serves, its Lease stays within what the API server
+    /// accepts (256 KiB of annotations): the busiest integrations are kept whole, and the
+    /// state of every one kept reads back as it was.
+    #[test]
+    fn the_published_state_stays_within_the_annotation_limit() {
+        let cfg = PeerConfig {
+            namespace: "tollgate-system".into(),
+            identity: "op-a".into(),
+            interval: Duration::from_secs(5),
+        };
+        let mut partials = BTreeMap::new();
+        for i in 0..3000u32 {
+            let mut revisions = BTreeMap::new();
+            revisions.insert(format!("{i}-0123456789abcdef0123456789abcdef"), 2);
+            partials.insert(
+                (format!("namespace-{i:04}"), format!("integration-{i:04}")),
+                Partial {
+                    subscribers: i,
+                    revisions,
+                    requests: 1000,
+                    errors: 10,
+                    requests_per_second: 16.7,
+                    latency_buckets: vec![7; 17],
+                    reported: true,
+                    ..Partial::default()
+                },
+            );
+        }
+        let state = PeerState::from_partials(&partials);
+        let lease = lease_for(&cfg, &state, "2026-01-01T00:00:00Z".parse().unwrap());
+        let text = lease["metadata"]["annotations"][STATE_ANNOTATION]
+            .as_str()
+            .unwrap();
+        assert!(
+            text.len() <= MAX_STATE_BYTES,
+            "{} bytes for 3000 integrations",
+            text.len()
+        );
+        let back: PeerState = serde_json::from_str(text).unwrap();
+        assert!(back.integrations.len() > 500, "{}", back.integrations.len());
+        let busiest = "namespace-2999/integration-2999";
+        assert_eq!(back.integrations[busiest], state.integrations[busiest]);
+        for (k, p) in &back.integrations {
+            assert_eq!(p, &state.integrations[k], "{k}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,10 @@
 //! store keeps the samples of the last `window` (one minute by default), so rates are per
 //! minute over what was actually covered, and the latest revision and breaker state each pod
 //! reported.
+//!
+//! Reports come from outside and are bounded: a report with impossible values is refused
+//! ([`ReportRefused`], naming the field), every sum saturates, and a pod that stopped
+//! reporting is forgotten once its last report left the window.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -20,6 +24,77 @@ use crate::catalog::Key;
 
 /// `namespace/pod-name`.
 pub type PodKey = String;
+
+/// Most calls per second one sidecar may claim for one integration.
+pub const MAX_CALLS_PER_SECOND: u64 = 1_000_000;
+/// Longest p95 a report may claim (a day); anything above is not a measurement.
+pub const MAX_LATENCY_MILLIS: f64 = 86_400_000.0;
+/// Longest config revision a report may name.
+pub const MAX_REVISION_BYTES: usize = 128;
+/// Most samples kept per (integration, pod): a pod reporting faster than it should only
+/// shortens its own history.
+const MAX_SAMPLES: usize = 256;
+
+/// Why a report was not recorded; names the field as it is on the wire.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReportRefused {
+    #[error(
+        "{field}: {value} calls in {interval_millis}ms is more than {MAX_CALLS_PER_SECOND} per second"
+    )]
+    TooManyCalls {
+        field: &'static str,
+        value: u64,
+        interval_millis: u64,
+    },
+    #[error("latencyP95Millis: {0} is not a duration in milliseconds up to a day")]
+    Latency(f64),
+    #[error("latencyBuckets: {0} calls by duration, more than the {1} calls reported")]
+    Buckets(u64, u64),
+    #[error("configRevision: longer than {MAX_REVISION_BYTES} bytes")]
+    Revision,
+}
+
+impl ReportRefused {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ReportRefused::TooManyCalls { .. } => "calls",
+            ReportRefused::Latency(_) => "latency",
+            ReportRefused::Buckets(..) => "buckets",
+            ReportRefused::Revision => "revision",
+        }
+    }
+}
+
+/// Checks a report against what one sidecar can have seen in its interval.
+pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
+    // At least a second's worth, so short intervals are not refused for rounding.
+    let most = MAX_CALLS_PER_SECOND.saturating_mul(r.interval_millis.max(1000)) / 1000;
+    for (field, value) in [("requests", r.requests), ("rateLimited", r.rate_limited)] {
+        if value > most {
+            return Err(ReportRefused::TooManyCalls {
+                field,
+                value,
+                interval_millis: r.interval_millis,
+            });
+        }
+    }
+    if let Some(v) = r.latency_p95_millis
+        && !(v.is_finite() && (0.0..=MAX_LATENCY_MILLIS).contains(&v))
+    {
+        return Err(ReportRefused::Latency(v));
+    }
+    let bucketed = r
+        .latency_buckets
+        .iter()
+        .fold(0u64, |a, b| a.saturating_add(*b));
+    if bucketed > r.requests {
+        return Err(ReportRefused::Buckets(bucketed, r.requests));
+    }
+    if r.config_revision.len() > MAX_REVISION_BYTES {
+        return Err(ReportRefused::Revision);
+    }
+    Ok(())
+}
 
 #[derive(Clone, Debug)]
 struct Sample {
@@ -57,20 +132,29 @@ pub struct Observed {
 /// One replica's aggregate for one integration. Replicas exchange these (see
 /// [`crate::peers`]); [`Partial::merge`] adds them up and [`Partial::finish`] turns the sum into
 /// what the status shows.
+///
+/// Serialized compactly (zero fields left out) so a replica's Lease holds many of them.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Partial {
     /// Pods subscribed to the integration.
+    #[serde(skip_serializing_if = "is_zero")]
     pub subscribers: u32,
     /// Subscribed pods with a fresh report, by the config revision they run.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub revisions: BTreeMap<String, u32>,
+    #[serde(skip_serializing_if = "is_zero")]
     pub breaker_open: u32,
+    #[serde(skip_serializing_if = "is_zero")]
     pub breaker_half_open: u32,
+    #[serde(skip_serializing_if = "is_zero_f64")]
     pub requests_per_second: f64,
+    #[serde(skip_serializing_if = "is_zero_f64")]
     pub rate_limited_per_second: f64,
     /// Calls and failed calls in the window.
+    #[serde(skip_serializing_if = "is_zero")]
     pub requests: u64,
+    #[serde(skip_serializing_if = "is_zero")]
     pub errors: u64,
     /// Calls in the window by duration bucket (the protocol's `LATENCY_BUCKETS_MS`, then
     /// overflow), summed over pods: the p95 is read from these.
@@ -78,9 +162,12 @@ pub struct Partial {
     pub latency_buckets: Vec<u64>,
     /// For samples without buckets (sidecars that predate them): the sum of p95 × calls, and
     /// of calls (a call-weighted mean, used only when no sample has buckets).
+    #[serde(skip_serializing_if = "is_zero_f64")]
     pub p95_weighted_millis: f64,
+    #[serde(skip_serializing_if = "is_zero")]
     pub p95_weight: u64,
     /// Some pod reported in the window.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reported: bool,
 }
 
@@ -88,17 +175,18 @@ impl Partial {
     pub fn merge(&mut self, o: &Partial) {
         self.subscribers = self.subscribers.saturating_add(o.subscribers);
         for (r, n) in &o.revisions {
-            *self.revisions.entry(r.clone()).or_default() += n;
+            let c = self.revisions.entry(r.clone()).or_default();
+            *c = c.saturating_add(*n);
         }
-        self.breaker_open += o.breaker_open;
-        self.breaker_half_open += o.breaker_half_open;
-        self.requests_per_second += o.requests_per_second;
-        self.rate_limited_per_second += o.rate_limited_per_second;
-        self.requests += o.requests;
-        self.errors += o.errors;
+        self.breaker_open = self.breaker_open.saturating_add(o.breaker_open);
+        self.breaker_half_open = self.breaker_half_open.saturating_add(o.breaker_half_open);
+        self.requests_per_second += finite(o.requests_per_second);
+        self.rate_limited_per_second += finite(o.rate_limited_per_second);
+        self.requests = self.requests.saturating_add(o.requests);
+        self.errors = self.errors.saturating_add(o.errors);
         add_buckets(&mut self.latency_buckets, &o.latency_buckets);
-        self.p95_weighted_millis += o.p95_weighted_millis;
-        self.p95_weight += o.p95_weight;
+        self.p95_weighted_millis += finite(o.p95_weighted_millis);
+        self.p95_weight = self.p95_weight.saturating_add(o.p95_weight);
         self.reported |= o.reported;
     }
 
@@ -111,7 +199,7 @@ impl Partial {
             }),
         };
         let error_rate = if self.requests > 0 {
-            self.errors as f64 * 100.0 / self.requests as f64
+            self.errors.min(self.requests) as f64 * 100.0 / self.requests as f64
         } else {
             0.0
         };
@@ -148,7 +236,13 @@ pub struct TrafficStore {
     window: Duration,
     /// A pod's latest report older than this no longer counts for revision or breaker state.
     stale_after: Duration,
-    inner: Mutex<HashMap<Key, HashMap<PodKey, PodTraffic>>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_key: HashMap<Key, HashMap<PodKey, PodTraffic>>,
+    pruned: Option<Instant>,
 }
 
 impl TrafficStore {
@@ -160,10 +254,30 @@ impl TrafficStore {
         }
     }
 
-    pub fn record(&self, pod: &str, r: &IntegrationReport, now: Instant) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a pod's report, or refuses it without a trace when a value is impossible.
+    pub fn record(
+        &self,
+        pod: &str,
+        r: &IntegrationReport,
+        now: Instant,
+    ) -> Result<(), ReportRefused> {
+        check_report(r)?;
         let key = (r.namespace.clone(), r.name.clone());
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.lock();
+        // Pods that stopped reporting are swept a few times per window, not on every report.
+        let sweep_every = self.window / 4;
+        if inner
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= sweep_every)
+        {
+            self.prune(&mut inner, now);
+        }
         let t = inner
+            .by_key
             .entry(key)
             .or_default()
             .entry(pod.to_string())
@@ -174,7 +288,7 @@ impl TrafficStore {
             requests: r.requests,
             errors: r.errors.min(r.requests),
             rate_limited: r.rate_limited,
-            p95_ms: r.latency_p95_millis.filter(|v| v.is_finite() && *v >= 0.0),
+            p95_ms: r.latency_p95_millis,
             // Another bucket layout cannot be added up with ours: ignored.
             buckets: if r.latency_buckets.len() == LATENCY_BUCKETS_MS.len() + 1 {
                 r.latency_buckets.clone()
@@ -192,14 +306,28 @@ impl TrafficStore {
             }
             t.samples.pop_front();
         }
+        while t.samples.len() > MAX_SAMPLES {
+            t.samples.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Drops every pod whose last report is older than both the window and the staleness
+    /// bound: nothing of it shows any more.
+    fn prune(&self, inner: &mut Inner, now: Instant) {
+        inner.pruned = Some(now);
+        let Some(cutoff) = now.checked_sub(self.window.max(self.stale_after)) else {
+            return;
+        };
+        inner.by_key.retain(|_, pods| {
+            pods.retain(|_, t| t.last_report.is_some_and(|at| at >= cutoff));
+            !pods.is_empty()
+        });
     }
 
     /// Forgets an integration (deleted).
     pub fn forget(&self, key: &Key) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        self.lock().by_key.remove(key);
     }
 
     /// Summarises `key` for the pods currently subscribed to it, against the revision in force.
@@ -215,9 +343,9 @@ impl TrafficStore {
 
     /// This replica's share of what the status of `key` shows, mergeable with other replicas'.
     pub fn partial(&self, key: &Key, subscribed: &[PodKey], now: Instant) -> Partial {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.lock();
         let empty = HashMap::new();
-        let pods = inner.get(key).unwrap_or(&empty);
+        let pods = inner.by_key.get(key).unwrap_or(&empty);
         let cutoff = now.checked_sub(self.window);
         let stale_cutoff = now.checked_sub(self.stale_after);
         let mut p = Partial {
@@ -235,10 +363,13 @@ impl TrafficStore {
             if !fresh {
                 continue;
             }
-            *p.revisions.entry(t.config_revision.clone()).or_default() += 1;
+            let c = p.revisions.entry(t.config_revision.clone()).or_default();
+            *c = c.saturating_add(1);
             match t.breaker {
-                BreakerState::Open => p.breaker_open += 1,
-                BreakerState::HalfOpen => p.breaker_half_open += 1,
+                BreakerState::Open => p.breaker_open = p.breaker_open.saturating_add(1),
+                BreakerState::HalfOpen => {
+                    p.breaker_half_open = p.breaker_half_open.saturating_add(1)
+                }
                 BreakerState::Closed => {}
             }
         }
@@ -260,14 +391,18 @@ impl TrafficStore {
                 .map(|s| s.interval.as_secs_f64())
                 .sum::<f64>()
                 .min(self.window.as_secs_f64());
-            let req: u64 = in_window.iter().map(|s| s.requests).sum();
-            let lim: u64 = in_window.iter().map(|s| s.rate_limited).sum();
+            let sum =
+                |f: fn(&Sample) -> u64| in_window.iter().fold(0u64, |a, s| a.saturating_add(f(s)));
+            let req = sum(|s| s.requests);
+            let lim = sum(|s| s.rate_limited);
+            // Reports whose intervals overlap cannot claim more than one sidecar can do.
+            let most = MAX_CALLS_PER_SECOND as f64;
             if covered > 0.0 {
-                p.requests_per_second += req as f64 / covered;
-                p.rate_limited_per_second += lim as f64 / covered;
+                p.requests_per_second += (req as f64 / covered).min(most);
+                p.rate_limited_per_second += (lim as f64 / covered).min(most);
             }
-            p.requests += req;
-            p.errors += in_window.iter().map(|s| s.errors).sum::<u64>();
+            p.requests = p.requests.saturating_add(req);
+            p.errors = p.errors.saturating_add(sum(|s| s.errors));
             for s in &in_window {
                 if !s.buckets.is_empty() {
                     add_buckets(&mut p.latency_buckets, &s.buckets);
@@ -275,17 +410,22 @@ impl TrafficStore {
                     && s.requests > 0
                 {
                     p.p95_weighted_millis += v * s.requests as f64;
-                    p.p95_weight += s.requests;
+                    p.p95_weight = p.p95_weight.saturating_add(s.requests);
                 }
             }
         }
         p
     }
 
+    /// (integration, pod) pairs held.
+    pub fn pod_count(&self) -> usize {
+        self.lock().by_key.values().map(HashMap::len).sum()
+    }
+
     /// Every integration with reports, for tests and debugging.
     pub fn keys(&self) -> Vec<Key> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut keys: Vec<Key> = inner.keys().cloned().collect();
+        let inner = self.lock();
+        let mut keys: Vec<Key> = inner.by_key.keys().cloned().collect();
         keys.sort();
         keys
     }
@@ -293,12 +433,27 @@ impl TrafficStore {
 
 /// Adds `more` into `sum` bucket by bucket.
 fn add_buckets(sum: &mut Vec<u64>, more: &[u64]) {
+    // Our layout has this many; longer (from a peer's annotation) is cut.
+    let more = &more[..more.len().min(LATENCY_BUCKETS_MS.len() + 1)];
     if sum.len() < more.len() {
         sum.resize(more.len(), 0);
     }
     for (s, m) in sum.iter_mut().zip(more) {
         *s = s.saturating_add(*m);
     }
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// A peer's number as a number: not NaN, not infinite, not negative.
+fn finite(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 { v } else { 0.0 }
 }
 
 /// `120ms`, `1.5s`: milliseconds below ten seconds, else seconds with one decimal.
@@ -349,8 +504,8 @@ mod tests {
         let key = ("ns".to_string(), "a".to_string());
         let now = Instant::now();
         // p1: 100 calls within 5 ms (its own p95: 5 ms). p2: 10 calls, all near 1 s.
-        store.record("ns/p1", &bucketed(100, 100), now);
-        store.record("ns/p2", &bucketed(10, 0), now);
+        store.record("ns/p1", &bucketed(100, 100), now).unwrap();
+        store.record("ns/p2", &bucketed(10, 0), now).unwrap();
         let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];
         let o = store.observe(&key, &pods, "1-x", now);
         // 110 calls: the 105th slowest is one of p2's. (Weighted, the p95s would say 95 ms.)
@@ -359,9 +514,9 @@ mod tests {
 
         // The same through the replicas' exchange: each replica holds one pod.
         let first = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
-        first.record("ns/p1", &bucketed(100, 100), now);
+        first.record("ns/p1", &bucketed(100, 100), now).unwrap();
         let second = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
-        second.record("ns/p2", &bucketed(10, 0), now);
+        second.record("ns/p2", &bucketed(10, 0), now).unwrap();
         let mut merged = first.partial(&key, &pods[..1], now);
         let sent = serde_json::to_string(&second.partial(&key, &pods[1..], now)).unwrap();
         merged.merge(&serde_json::from_str::<Partial>(&sent).unwrap());
@@ -372,11 +527,76 @@ mod tests {
 
         // A sidecar without buckets still counts, by the old average, when nobody sends them.
         let old = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
-        old.record("ns/p1", &report(10, 0, 40.0, BreakerState::Closed), now);
+        old.record("ns/p1", &report(10, 0, 40.0, BreakerState::Closed), now)
+            .unwrap();
         assert_eq!(
             old.observe(&key, &pods[..1], "1-x", now).latency_p95,
             Some(Duration::from_millis(40))
         );
+    }
+
+    /// A pod that stopped reporting (deleted, rescheduled, renamed) is forgotten once its
+    /// reports left the window: the store holds what the window covers, not every pod ever.
+    #[tokio::test(start_paused = true)]
+    async fn pods_that_stopped_reporting_are_forgotten() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        let t0 = Instant::now();
+        for i in 0..1000 {
+            let _ = store.record(
+                &format!("ns/old-{i}"),
+                &report(1, 0, 10.0, BreakerState::Closed),
+                t0,
+            );
+        }
+        assert_eq!(store.pod_count(), 1000);
+        let later = t0 + Duration::from_secs(121);
+        let _ = store.record("ns/new", &report(1, 0, 10.0, BreakerState::Closed), later);
+        assert_eq!(store.pod_count(), 1);
+        // A deleted integration's pods go with it.
+        store.forget(&("ns".to_string(), "a".to_string()));
+        assert_eq!(store.pod_count(), 0);
+    }
+
+    /// A pod cannot poison its integration's status: a report with impossible values is
+    /// refused, naming the field, and the status shows what the honest pods report.
+    #[tokio::test(start_paused = true)]
+    async fn absurd_reports_are_refused_and_do_not_poison_status() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        let key = ("ns".to_string(), "a".to_string());
+        let now = Instant::now();
+        let _ = store.record(
+            "ns/honest",
+            &report(50, 5, 100.0, BreakerState::Closed),
+            now,
+        );
+        let mut absurd = Vec::new();
+        let mut r = report(u64::MAX, u64::MAX, 100.0, BreakerState::Closed);
+        r.rate_limited = u64::MAX;
+        absurd.push(("requests", r));
+        absurd.push((
+            "latencyP95Millis",
+            report(1, 0, 1e300, BreakerState::Closed),
+        ));
+        let mut r = report(1, 0, 10.0, BreakerState::Closed);
+        r.latency_buckets = vec![u64::MAX; LATENCY_BUCKETS_MS.len() + 1];
+        absurd.push(("latencyBuckets", r));
+        let mut r = report(1, 0, 10.0, BreakerState::Closed);
+        r.config_revision = "x".repeat(10_000);
+        absurd.push(("configRevision", r));
+        for (field, r) in &absurd {
+            let refused = format!(
+                "{:?}",
+                store.record("ns/liar", r, now).map_err(|e| e.to_string())
+            );
+            assert!(refused.contains(field), "{field}: {refused}");
+        }
+        let pods = vec!["ns/honest".to_string(), "ns/liar".to_string()];
+        let o = store.observe(&key, &pods, "1-x", now);
+        let t = o.traffic.unwrap();
+        assert_eq!(t.requests_per_minute, 600);
+        assert_eq!(t.error_rate_percent, 10.0);
+        assert_eq!(t.latency_p95.as_deref(), Some("100ms"));
+        assert_eq!(o.sidecars.up_to_date, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -387,8 +607,12 @@ mod tests {
         // Two pods, each 50 requests per 5 s = 600/min each.
         for i in 0..3u32 {
             let at = t0 + Duration::from_secs(5 * u64::from(i));
-            store.record("ns/p1", &report(50, 5, 100.0, BreakerState::Closed), at);
-            store.record("ns/p2", &report(50, 0, 300.0, BreakerState::Open), at);
+            store
+                .record("ns/p1", &report(50, 5, 100.0, BreakerState::Closed), at)
+                .unwrap();
+            store
+                .record("ns/p2", &report(50, 0, 300.0, BreakerState::Open), at)
+                .unwrap();
         }
         let now = t0 + Duration::from_secs(10);
         let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];

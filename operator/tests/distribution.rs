@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tollgate_crds::distribution::{BreakerState, IntegrationReport, SecretValue, Snapshot};
 use tollgate_operator::catalog::{CatalogHandle, Credential, Entry};
-use tollgate_operator::distribution::HubSettings;
+use tollgate_operator::distribution::{HubSettings, ServerLimits};
 use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, ConnectionState};
 
 use support::{Certs, FakeApi, OperatorProcess, TokenKind, certs, free_addr};
@@ -273,8 +273,8 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
     let api = FakeApi::default();
     let logistics = api.add_pod("logistics", "router-1", &[("app", "checkout")]);
     let other_app = api.add_pod("payments", "ledger-1", &[("app", "ledger")]);
-    api.add_token("forged", TokenKind::Rejected);
-    api.add_token(
+    let forged = api.add_token("forged", TokenKind::Rejected);
+    let unbound = api.add_token(
         "unbound",
         TokenKind::Unbound {
             namespace: "payments".into(),
@@ -307,19 +307,12 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
     }
 
     // Refused outright: nothing is applied, the state says why.
-    let mut forged = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", "forged");
+    let mut forged = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &forged);
     let st = forged
         .state_matches(|s| matches!(s, ConnectionState::Disconnected { .. }))
         .await;
     assert!(format!("{st:?}").contains("401"), "{st:?}");
-    let mut unbound = Sidecar::start(
-        addr,
-        &certs,
-        dir.path(),
-        "payments",
-        "checkout-1",
-        "unbound",
-    );
+    let mut unbound = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &unbound);
     let st = unbound
         .state_matches(|s| matches!(s, ConnectionState::Disconnected { .. }))
         .await;
@@ -473,4 +466,223 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
             .unwrap()
             .enabled
     );
+}
+
+/// A stream lives only as long as the pod it serves: once the pod is deleted, the operator
+/// ends the stream at its next re-check, and a later credential rotation does not reach the
+/// sidecar (its reconnects are refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_pod_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        1,
+        stripe(false),
+        Some("sk_live_1"),
+    ));
+    let addr = free_addr();
+    let limits = ServerLimits {
+        stream_recheck: Duration::from_millis(300),
+        ..ServerLimits::default()
+    };
+    let op = OperatorProcess::start_with(addr, &certs, &api, catalog.clone(), settings(), limits);
+    let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &t1);
+    assert_eq!(s.next().await.revision, 1);
+
+    api.remove_pod("payments", "checkout-1");
+    wait_until(|| op.hub.session_count() == 0).await;
+    // The stream ends, then the reconnect is refused.
+    s.state_matches(|st| {
+        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("403")
+    })
+    .await;
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        2,
+        stripe(false),
+        Some("sk_live_2"),
+    ));
+    s.quiet(Duration::from_millis(500)).await;
+    assert!(
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_streams_ended_total{reason=\"pod_gone\"}"
+        ) >= 1.0
+    );
+}
+
+/// A stream ends when its token expires (`exp`), with no re-check due: the sidecar must come
+/// back with a fresh token, and an expired one gets nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let token = api.add_pod_token_expiring(
+        "payments",
+        "checkout-1",
+        &[("app", "checkout")],
+        Duration::from_secs(2),
+    );
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        1,
+        stripe(false),
+        Some("sk_live_1"),
+    ));
+    let addr = free_addr();
+    let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+    let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &token);
+    assert_eq!(s.next().await.revision, 1);
+    assert_eq!(op.hub.session_count(), 1);
+
+    wait_until(|| op.hub.session_count() == 0).await;
+    // The stream ends, then the reconnect is refused.
+    s.state_matches(|st| {
+        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("401")
+    })
+    .await;
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        2,
+        stripe(false),
+        Some("sk_live_2"),
+    ));
+    s.quiet(Duration::from_millis(500)).await;
+    assert!(
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_streams_ended_total{reason=\"token_expired\"}"
+        ) >= 1.0
+    );
+}
+
+/// One pod's token opens at most `max_streams_per_pod` streams; more are refused with 429
+/// and counted, and the streams already open keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_pod_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
+    let catalog = CatalogHandle::new();
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        1,
+        stripe(false),
+        Some("sk_live_1"),
+    ));
+    let addr = free_addr();
+    let limits = ServerLimits {
+        max_streams_per_pod: 2,
+        ..ServerLimits::default()
+    };
+    let op = OperatorProcess::start_with(addr, &certs, &api, catalog.clone(), settings(), limits);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut first = Sidecar::start(addr, &certs, dirs[0].path(), "payments", "checkout-1", &t1);
+    let mut second = Sidecar::start(addr, &certs, dirs[1].path(), "payments", "checkout-1", &t1);
+    assert_eq!(first.next().await.revision, 1);
+    assert_eq!(second.next().await.revision, 1);
+    let mut third = Sidecar::start(addr, &certs, dirs[2].path(), "payments", "checkout-1", &t1);
+    let st = third
+        .state_matches(|st| matches!(st, ConnectionState::Disconnected { .. }))
+        .await;
+    assert!(format!("{st:?}").contains("429"), "{st:?}");
+    assert_eq!(op.hub.session_count(), 2);
+    assert!(
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_auth_rejections_total{reason=\"stream_limit\"}"
+        ) >= 1.0
+    );
+    catalog.upsert(entry(
+        "payments",
+        "stripe",
+        2,
+        stripe(true),
+        Some("sk_live_1"),
+    ));
+    assert_eq!(first.next().await.revision, 2);
+    assert_eq!(second.next().await.revision, 2);
+}
+
+/// Junk does not cost the API server: a bearer that is not a JWT is refused without a
+/// TokenReview, and a refused token is remembered, so retrying it costs nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let forged = api.add_token("forged", TokenKind::Rejected);
+    let catalog = CatalogHandle::new();
+    let addr = free_addr();
+    let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+    let mut junk = Vec::new();
+    for i in 0..10 {
+        let d = tempfile::tempdir().unwrap();
+        let a = Sidecar::start(
+            addr,
+            &certs,
+            d.path(),
+            "payments",
+            "p",
+            &format!("junk-{i}"),
+        );
+        let b = Sidecar::start(addr, &certs, d.path(), "payments", "q", &forged);
+        junk.push((d, a, b));
+    }
+    // Every one of them is refused, and keeps retrying.
+    wait_until(|| {
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_auth_rejections_total{reason=\"rejected\"}",
+        ) + metric(
+            &op.metrics.encode(),
+            "tollgate_operator_auth_rejections_total{reason=\"malformed\"}",
+        ) >= 100.0
+    })
+    .await;
+    // At most one per forged sidecar (their first attempts race the cache), not one per try.
+    assert!(api.reviews() <= 10, "{} TokenReviews", api.reviews());
+    assert!(
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_token_review_cache_hits_total"
+        ) >= 10.0
+    );
+}
+
+/// Acks and reports of an unknown session are refused from the headers, before any body
+/// is read: a client that announces a body and never sends it does not hold the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_session_is_refused_before_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let addr = free_addr();
+    let _op = OperatorProcess::start(addr, &certs, &api, CatalogHandle::new(), settings());
+    let mut tls = support::tls_connect(addr, &certs).await;
+    tls.write_all(
+        b"POST /v1/ack HTTP/1.1\r\nhost: localhost\r\nx-tollgate-session: nope\r\ncontent-length: 100000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+        .await
+        .expect("an answer before the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 409"), "{head}");
 }

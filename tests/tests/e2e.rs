@@ -8,5 +8,6 @@ mod chart;
 mod cluster;
 mod crd;
 mod helm;
+mod hostile;
 mod tokens;
 mod webhook;

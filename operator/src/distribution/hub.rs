@@ -3,7 +3,9 @@
 //! A [`View`] (the catalog plus how many pods are subscribed to each integration) is published
 //! through a `watch` channel whenever the catalog changes or a pod comes or goes. Every open
 //! stream wakes on it, computes its pod's snapshot and pushes it if the content changed, so a
-//! change reaches all sidecars at once, without polling.
+//! change reaches all sidecars at once, without polling. Opens and closes only mark the
+//! subscribers changed; [`Hub::run`] recounts once for however many came together, and a new
+//! stream starts once a view counts it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,8 @@ pub struct PodIdentity {
     pub name: String,
     pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// When the token that proved it expires; the stream ends then.
+    pub token_expiry: Option<std::time::SystemTime>,
 }
 
 impl PodIdentity {
@@ -93,6 +97,45 @@ impl View {
     }
 }
 
+/// What re-checking a stream's authority found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// End the stream; the reason is the `streams_ended_total` label.
+    End(&'static str),
+}
+
+/// Verifies a stream's token and pod again.
+pub type Recheck = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Verdict> + Send + Sync>;
+
+/// How long a stream may live and how it is re-checked.
+#[derive(Clone)]
+pub struct Authority {
+    /// The stream ends at this instant (its token's expiry).
+    pub expires: Option<Instant>,
+    /// Run every `.1`, first at a random point of the first period.
+    pub recheck: Option<(Recheck, Duration)>,
+    /// Streams the same pod may hold at once.
+    pub max_streams_per_pod: usize,
+}
+
+impl Default for Authority {
+    fn default() -> Self {
+        Self {
+            expires: None,
+            recheck: None,
+            max_streams_per_pod: usize::MAX,
+        }
+    }
+}
+
+/// Why a stream was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("pod {pod} already holds {max} streams")]
+    TooManyStreams { pod: String, max: usize },
+}
+
 /// Timing the hub hands to sidecars.
 #[derive(Clone, Copy, Debug)]
 pub struct HubSettings {
@@ -124,6 +167,12 @@ pub struct Hub {
     traffic: TrafficStore,
     metrics: Arc<Metrics>,
     settings: HubSettings,
+    recomputes: std::sync::atomic::AtomicU64,
+    /// Bumped under the sessions lock by every open and close; `run` recounts when it moved.
+    changes: std::sync::atomic::AtomicU64,
+    dirty: tokio::sync::Notify,
+    /// The last `changes` value a published view covers.
+    covered: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -159,7 +208,16 @@ impl Hub {
             traffic,
             metrics,
             settings,
+            recomputes: Default::default(),
+            changes: Default::default(),
+            dirty: tokio::sync::Notify::new(),
+            covered: watch::channel(0).0,
         })
+    }
+
+    /// Subscriber recounts done so far.
+    pub fn recomputes(&self) -> u64 {
+        self.recomputes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Follows the catalog and the peers until the returned future is dropped. Run it once
@@ -168,15 +226,22 @@ impl Hub {
         let mut catalog = self.catalog.subscribe();
         let mut peers = self.peers.clone();
         let mut peers_alive = true;
+        let mut sessions_at = None;
         loop {
             let changed_at = catalog.borrow_and_update().changed_at;
             peers.borrow_and_update();
-            self.recompute(changed_at);
+            self.recompute(sessions_at.take().unwrap_or(changed_at));
             tokio::select! {
                 c = catalog.changed() => if c.is_err() { return },
                 p = peers.changed(), if peers_alive => if p.is_err() { peers_alive = false },
+                // Opens and closes: many at once cost one recount.
+                _ = self.dirty.notified() => sessions_at = Some(Instant::now()),
             }
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn settings(&self) -> HubSettings {
@@ -227,6 +292,9 @@ impl Hub {
     fn recompute(&self, changed_at: Instant) {
         // Held to the end, so two recomputes cannot publish out of order.
         let sessions = self.sessions();
+        self.recomputes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let covers = self.changes.load(std::sync::atomic::Ordering::SeqCst);
         let catalog = self.catalog.snapshot();
         let mut pods: BTreeMap<PodKey, Arc<PodIdentity>> = BTreeMap::new();
         for s in sessions.values() {
@@ -265,7 +333,19 @@ impl Hub {
             });
             true
         });
+        self.covered.send_replace(covers);
         drop(sessions);
+    }
+
+    /// An open or close happened (call with the sessions lock held): returns the change's
+    /// number and wakes `run` to recount.
+    fn changed(&self) -> u64 {
+        let n = self
+            .changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        self.dirty.notify_one();
+        n
     }
 
     /// Opens a stream for an authenticated pod. `resume` is the revision and digest the
@@ -276,17 +356,42 @@ impl Hub {
         pod: PodIdentity,
         resume: Option<(u64, String)>,
     ) -> (String, mpsc::Receiver<Bytes>) {
+        match self.open_with(pod, resume, Authority::default()) {
+            Ok(opened) => opened,
+            Err(OpenError::TooManyStreams { .. }) => unreachable!("no stream limit"),
+        }
+    }
+
+    /// As [`Hub::open`], within `authority`: refused when the pod already holds its share of
+    /// streams, ended at the token's expiry or when a re-check says so.
+    pub fn open_with(
+        self: &Arc<Self>,
+        pod: PodIdentity,
+        resume: Option<(u64, String)>,
+        authority: Authority,
+    ) -> Result<(String, mpsc::Receiver<Bytes>), OpenError> {
         let session = new_session_id();
         let pod = Arc::new(pod);
-        self.sessions().insert(
-            session.clone(),
-            Session {
-                pod: pod.clone(),
-                sent: VecDeque::new(),
-            },
-        );
+        let change = {
+            let mut sessions = self.sessions();
+            let key = pod.key();
+            let held = sessions.values().filter(|s| s.pod.key() == key).count();
+            if held >= authority.max_streams_per_pod {
+                return Err(OpenError::TooManyStreams {
+                    pod: key,
+                    max: authority.max_streams_per_pod,
+                });
+            }
+            sessions.insert(
+                session.clone(),
+                Session {
+                    pod: pod.clone(),
+                    sent: VecDeque::new(),
+                },
+            );
+            self.changed()
+        };
         self.metrics.connected_sidecars.inc();
-        self.recompute(Instant::now());
         let (tx, rx) = mpsc::channel(4);
         let guard = SessionGuard {
             hub: self.clone(),
@@ -296,9 +401,23 @@ impl Hub {
         let id = session.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            hub.stream(&id, &pod, resume, tx).await;
+            // The first snapshot counts this stream: wait for a view that covers its open.
+            let mut covered = hub.covered.subscribe();
+            tokio::select! {
+                c = covered.wait_for(|c| *c >= change) => if c.is_err() { return },
+                _ = tx.closed() => return,
+            }
+            if let Some(reason) = hub.stream(&id, &pod, resume, tx, authority).await {
+                tracing::info!(pod = %pod.key(), reason, "stream ended by the operator");
+                hub.metrics.stream_ended(reason);
+            }
         });
-        (session, rx)
+        Ok((session, rx))
+    }
+
+    /// Whether `session` is open here.
+    pub fn has_session(&self, session: &str) -> bool {
+        self.sessions().contains_key(session)
     }
 
     async fn stream(
@@ -307,7 +426,8 @@ impl Hub {
         pod: &PodIdentity,
         resume: Option<(u64, String)>,
         tx: mpsc::Sender<Bytes>,
-    ) {
+        authority: Authority,
+    ) -> Option<&'static str> {
         let hello = StreamMessage::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             session: session.to_string(),
@@ -315,8 +435,17 @@ impl Hub {
             report_interval_seconds: secs(self.settings.report_interval),
         });
         if !send(&tx, &hello).await {
-            return;
+            return None;
         }
+        let expires = authority.expires;
+        let mut recheck = authority.recheck.map(|(check, every)| {
+            let every = every.max(Duration::from_millis(10));
+            let first = every.mul_f64(rand::random_range(0.5..=1.0));
+            (
+                check,
+                tokio::time::interval_at(Instant::now() + first, every),
+            )
+        });
         let (mut revision, mut digest) = resume.unwrap_or((0, String::new()));
         let mut first = true;
         let mut views = self.view.subscribe();
@@ -347,20 +476,24 @@ impl Hub {
             first = false;
             if let Some(m) = message {
                 if !send(&tx, &m).await {
-                    return;
+                    return None;
                 }
                 tracing::debug!(pod = %pod.key(), revision, "pushed");
             }
             loop {
                 tokio::select! {
                     changed = views.changed() => {
-                        if changed.is_err() { return; }
+                        if changed.is_err() { return None; }
                         break;
                     }
                     _ = heartbeat.tick() => {
-                        if !send(&tx, &StreamMessage::Heartbeat).await { return; }
+                        if !send(&tx, &StreamMessage::Heartbeat).await { return None; }
                     }
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => return None,
+                    _ = sleep_until_some(expires) => return Some("token_expired"),
+                    check = next_check(&mut recheck) => {
+                        if let Verdict::End(reason) = check { return Some(reason); }
+                    }
                 }
             }
         }
@@ -404,8 +537,10 @@ impl Hub {
                 .subscribers
                 .get(&key)
                 .is_some_and(|pods| pods.contains(&me))
+                && let Err(e) = self.traffic.record(&me, r, now)
             {
-                self.traffic.record(&me, r, now);
+                tracing::info!(pod = %me, integration = %format!("{}/{}", r.namespace, r.name), error = %e, "report refused");
+                self.metrics.report_refused(e.metric_label());
             }
         }
         self.metrics.reports.inc();
@@ -413,10 +548,16 @@ impl Hub {
     }
 
     fn close(&self, session: &str) {
-        let removed = self.sessions().remove(session).is_some();
+        let removed = {
+            let mut sessions = self.sessions();
+            let removed = sessions.remove(session).is_some();
+            if removed {
+                self.changed();
+            }
+            removed
+        };
         if removed {
             self.metrics.connected_sidecars.dec();
-            self.recompute(Instant::now());
         }
     }
 
@@ -435,6 +576,23 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.hub.close(&self.session);
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_check(recheck: &mut Option<(Recheck, tokio::time::Interval)>) -> Verdict {
+    match recheck {
+        Some((check, tick)) => {
+            tick.tick().await;
+            check().await
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -499,6 +657,41 @@ mod tests {
         serde_json::from_slice(&line).expect("a message")
     }
 
+    /// Streams opening together cost one recount of subscribers (O(pods x integrations) under
+    /// the sessions lock), not one each; each still starts with a share that counts it.
+    #[tokio::test]
+    async fn streams_opening_together_are_counted_in_one_recompute() {
+        let catalog = CatalogHandle::new();
+        catalog.upsert(global_entry());
+        let hub = Hub::new(catalog, Arc::new(Metrics::new()), HubSettings::default());
+        tokio::spawn(hub.clone().run());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let before = hub.recomputes();
+        let mut streams = Vec::new();
+        for i in 0..100 {
+            let pod = PodIdentity {
+                namespace: "shop".into(),
+                name: format!("web-{i}"),
+                uid: None,
+                labels: BTreeMap::new(),
+                token_expiry: None,
+            };
+            streams.push(hub.open(pod, None).1);
+        }
+        for rx in &mut streams {
+            assert!(matches!(next_message(rx).await, StreamMessage::Hello(_)));
+            let StreamMessage::Snapshot(s) = next_message(rx).await else {
+                panic!("snapshot expected")
+            };
+            let share = s.integrations[0].quota_share.clone().unwrap();
+            assert_eq!(share.subscribers, 100);
+        }
+        let recounts = hub.recomputes() - before;
+        assert!(recounts <= 3, "{recounts} recomputes for 100 opens");
+    }
+
     #[tokio::test]
     async fn global_share_counts_the_other_replicas_sidecars() {
         let catalog = CatalogHandle::new();
@@ -516,6 +709,7 @@ mod tests {
             name: "web-1".into(),
             uid: None,
             labels: BTreeMap::new(),
+            token_expiry: None,
         };
         let (_session, mut rx) = hub.open(pod, None);
         assert!(matches!(

@@ -1,8 +1,11 @@
 //! The HTTPS endpoint sidecars subscribe to (HTTP/2 or HTTP/1.1 over rustls).
 //!
 //! Limits: at most `max_connections` connections (more are closed at once), headers of at most
-//! `max_header_bytes`, POST bodies of at most `max_body_bytes`, a TLS handshake within
-//! `handshake_timeout`, at most `max_streams_per_connection` HTTP/2 streams per connection.
+//! `max_header_bytes` within `header_timeout`, POST bodies of at most `max_body_bytes` within
+//! `body_timeout` (read only once the session header names an open session), a TLS handshake
+//! within `handshake_timeout`, at most `max_streams_per_connection` HTTP/2 streams per
+//! connection and `max_streams_per_pod` streams per pod. A stream ends when its token expires
+//! and when a re-check every `stream_recheck` finds the token or the pod no longer valid.
 
 use std::convert::Infallible;
 use std::io::BufReader;
@@ -24,7 +27,7 @@ use tollgate_crds::distribution::{
 };
 
 use super::auth::{AuthError, Authenticator};
-use super::hub::Hub;
+use super::hub::{Authority, Hub, OpenError, Recheck, Verdict};
 use crate::metrics::Metrics;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -37,6 +40,18 @@ pub struct ServerLimits {
     pub max_body_bytes: usize,
     pub handshake_timeout: Duration,
     pub max_streams_per_connection: u32,
+    /// Streams one pod may hold open at once.
+    pub max_streams_per_pod: usize,
+    /// How often an open stream's token and pod are verified again.
+    pub stream_recheck: Duration,
+    /// Longest wait for a request's header block, and for an ack or report body.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    /// How long a refused token is answered from memory, without a TokenReview.
+    pub refused_token_ttl: Duration,
+    /// TokenReviews in flight at once; more subscribers wait their turn (up to the header
+    /// timeout, then 503).
+    pub max_concurrent_reviews: usize,
 }
 
 impl Default for ServerLimits {
@@ -47,6 +62,12 @@ impl Default for ServerLimits {
             max_body_bytes: 256 * 1024,
             handshake_timeout: Duration::from_secs(10),
             max_streams_per_connection: 16,
+            max_streams_per_pod: 4,
+            stream_recheck: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            refused_token_ttl: Duration::from_secs(30),
+            max_concurrent_reviews: 32,
         }
     }
 }
@@ -261,6 +282,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, d: Arc
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = d.limits.max_connections, "connection limit reached; closing");
+            d.metrics.connection_refused("distribution");
             continue;
         };
         let acceptor = acceptor.clone();
@@ -292,7 +314,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, d: Arc
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(d.limits.header_timeout)
                 .max_buf_size(d.limits.max_header_bytes.max(8192));
             builder
                 .http2()
@@ -332,8 +354,12 @@ impl Distribution {
 
     async fn subscribe(&self, req: Request<Incoming>) -> Response<Body> {
         let query = Query::parse(req.uri().query().unwrap_or(""));
-        let token = bearer(&req).unwrap_or_default();
-        let pod = match self.auth.authenticate(token).await {
+        let token = bearer(&req).unwrap_or_default().to_string();
+        let pod = match self
+            .auth
+            .admit(&token, &self.metrics, self.limits.header_timeout)
+            .await
+        {
             Ok(pod) => pod,
             Err(e) => return self.refuse(&e),
         };
@@ -353,7 +379,28 @@ impl Distribution {
             _ => None,
         };
         tracing::info!(pod = %pod.key(), resume = ?resume.as_ref().map(|r| r.0), "sidecar subscribed");
-        let (_session, rx) = self.hub.open(pod, resume);
+        let expires = pod.token_expiry.map(|at| {
+            tokio::time::Instant::now()
+                + at.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default()
+        });
+        let authority = Authority {
+            expires,
+            recheck: Some((
+                recheck(self.auth.clone(), token, &pod),
+                self.limits.stream_recheck,
+            )),
+            max_streams_per_pod: self.limits.max_streams_per_pod,
+        };
+        let rx = match self.hub.open_with(pod, resume, authority) {
+            Ok((_session, rx)) => rx,
+            Err(OpenError::TooManyStreams { pod, max }) => {
+                let mut r = self.refuse(&AuthError::TooManyStreams { pod, max });
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return r;
+            }
+        };
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv()
                 .await
@@ -375,9 +422,12 @@ impl Distribution {
         }
         tracing::info!(error = %e, "sidecar refused");
         let status = match e {
-            AuthError::MissingToken | AuthError::Rejected(_) | AuthError::WrongAudience => {
-                StatusCode::UNAUTHORIZED
-            }
+            AuthError::MissingToken
+            | AuthError::Malformed
+            | AuthError::Expired
+            | AuthError::Rejected(_)
+            | AuthError::WrongAudience => StatusCode::UNAUTHORIZED,
+            AuthError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::FORBIDDEN,
         };
         error(status, &e.to_string())
@@ -393,16 +443,57 @@ impl Distribution {
             .get(SESSION_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
-            .ok_or_else(|| error(StatusCode::BAD_REQUEST, "missing session header"))?;
-        let body = Limited::new(req.into_body(), self.limits.max_body_bytes)
-            .collect()
-            .await
-            .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?
-            .to_bytes();
+            .ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("missing {SESSION_HEADER} header"),
+                )
+            })?;
+        // Only an open session's body is worth reading.
+        if !self.hub.has_session(&session) {
+            return Err(error(StatusCode::CONFLICT, "unknown session; reconnect"));
+        }
+        let body = tokio::time::timeout(
+            self.limits.body_timeout,
+            Limited::new(req.into_body(), self.limits.max_body_bytes).collect(),
+        )
+        .await
+        .map_err(|_| error(StatusCode::REQUEST_TIMEOUT, "body not received in time"))?
+        .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?
+        .to_bytes();
         let value = serde_json::from_slice(&body)
             .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")))?;
         Ok((session, value))
     }
+}
+
+/// Verifies the stream's token and pod again: a pod gone, recreated or relabelled, or a
+/// token the API server no longer accepts, ends the stream; an API server that cannot
+/// answer does not (the sidecar keeps what it has, and the next check decides).
+fn recheck(auth: Authenticator, token: String, pod: &super::hub::PodIdentity) -> Recheck {
+    let original = Arc::new(pod.clone());
+    let token = Arc::new(token);
+    Arc::new(move || {
+        let (auth, token, original) = (auth.clone(), token.clone(), original.clone());
+        Box::pin(async move {
+            match auth.authenticate(&token).await {
+                Ok(now)
+                    if now.namespace == original.namespace
+                        && now.name == original.name
+                        && now.uid == original.uid
+                        && now.labels == original.labels =>
+                {
+                    Verdict::Keep
+                }
+                Ok(_) => Verdict::End("pod_changed"),
+                Err(e) if e.is_unavailable() => Verdict::Keep,
+                Err(AuthError::PodGone(_) | AuthError::PodUidMismatch(_)) => {
+                    Verdict::End("pod_gone")
+                }
+                Err(_) => Verdict::End("token_rejected"),
+            }
+        })
+    })
 }
 
 fn bearer<B>(req: &Request<B>) -> Option<&str> {

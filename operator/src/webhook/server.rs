@@ -32,6 +32,11 @@ pub const POD_PATH: &str = "/inject/pod";
 /// Largest AdmissionReview accepted (the API server's own object limit is 3 MiB).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections held at once (the API server keeps a few alive); more are closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Longest wait for a request's header block, and for its body.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The certificate the webhook serves, swapped whole when the Secret changes. Until one is
 /// set, handshakes fail (and the API server applies the failure policy).
@@ -176,6 +181,7 @@ pub fn review(
 /// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhook: Arc<Webhook>) {
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -185,9 +191,15 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_CONNECTIONS, "webhook connection limit reached; closing");
+            webhook.metrics.connection_refused("webhook");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let webhook = webhook.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -208,7 +220,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
+                .header_read_timeout(HEADER_TIMEOUT);
             builder.http2().timer(TokioTimer::new());
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                 tracing::debug!(%peer, error = %e, "webhook connection ended");
@@ -227,12 +239,15 @@ impl Webhook {
         if req.method() != Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview");
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
+        let body = match tokio::time::timeout(
+            BODY_TIMEOUT,
+            Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+        )
+        .await
         {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return self.bad_request(&format!("reading the body: {e}")),
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return self.bad_request(&format!("reading the body: {e}")),
+            Err(_) => return self.bad_request("the body did not arrive in time"),
         };
         let review_in: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
             Ok(r) => r,

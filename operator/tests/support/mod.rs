@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -43,16 +45,62 @@ pub enum TokenKind {
     Rejected,
 }
 
-/// Stands in for kube-apiserver's TokenReview and Pod endpoints.
+/// Stands in for kube-apiserver's TokenReview and Pod endpoints. Tokens are JWT-shaped (not
+/// signed: this API server knows them by heart) and expire at their `exp`.
 #[derive(Clone, Default)]
 pub struct FakeApi {
     pub tokens: Arc<Mutex<BTreeMap<String, TokenKind>>>,
     pub pods: Arc<Mutex<BTreeMap<(String, String), FakePod>>>,
+    expiry: Arc<Mutex<BTreeMap<String, SystemTime>>>,
+    reviews: Arc<AtomicUsize>,
+}
+
+/// base64url without padding.
+pub fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A JWT-shaped token for `subject`, expiring at `exp`.
+pub fn jwt(subject: &str, exp: SystemTime) -> String {
+    let exp = exp.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let header = b64url(br#"{"alg":"RS256","kid":"fake"}"#);
+    let claims = b64url(
+        json!({"iss": "https://fake", "sub": subject, "aud": ["tollgate"], "exp": exp})
+            .to_string()
+            .as_bytes(),
+    );
+    format!("{header}.{claims}.{}", b64url(subject.as_bytes()))
 }
 
 impl FakeApi {
     pub fn add_pod(&self, namespace: &str, name: &str, labels: &[(&str, &str)]) -> String {
-        let token = format!("token-{namespace}-{name}");
+        self.add_pod_token_expiring(namespace, name, labels, Duration::from_secs(3600))
+    }
+
+    /// A pod and a token for it that expires in `lifetime`.
+    pub fn add_pod_token_expiring(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        lifetime: Duration,
+    ) -> String {
+        let exp = SystemTime::now() + lifetime;
+        let token = jwt(&format!("{namespace}/{name}"), exp);
+        self.expiry.lock().unwrap().insert(token.clone(), exp);
         let uid = format!("uid-{namespace}-{name}");
         self.pods.lock().unwrap().insert(
             (namespace.into(), name.into()),
@@ -77,8 +125,24 @@ impl FakeApi {
         token
     }
 
-    pub fn add_token(&self, token: &str, kind: TokenKind) {
-        self.tokens.lock().unwrap().insert(token.into(), kind);
+    /// A JWT-shaped token named `name` standing for `kind`.
+    pub fn add_token(&self, name: &str, kind: TokenKind) -> String {
+        let token = jwt(name, SystemTime::now() + Duration::from_secs(3600));
+        self.tokens.lock().unwrap().insert(token.clone(), kind);
+        token
+    }
+
+    /// Deletes a pod (its tokens stay, as the TokenReview side does not look).
+    pub fn remove_pod(&self, namespace: &str, name: &str) {
+        self.pods
+            .lock()
+            .unwrap()
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// TokenReviews answered so far.
+    pub fn reviews(&self) -> usize {
+        self.reviews.load(Ordering::SeqCst)
     }
 
     pub fn client(&self) -> kube::Client {
@@ -105,7 +169,20 @@ impl FakeApi {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            let kind = self.tokens.lock().unwrap().get(&token).cloned();
+            self.reviews.fetch_add(1, Ordering::SeqCst);
+            let expired = self
+                .expiry
+                .lock()
+                .unwrap()
+                .get(&token)
+                .is_some_and(|exp| *exp <= SystemTime::now());
+            let kind = self
+                .tokens
+                .lock()
+                .unwrap()
+                .get(&token)
+                .cloned()
+                .filter(|_| !expired);
             let status = match kind {
                 Some(TokenKind::Pod {
                     namespace,
@@ -213,6 +290,17 @@ impl OperatorProcess {
         catalog: CatalogHandle,
         settings: HubSettings,
     ) -> Self {
+        Self::start_with(addr, certs, api, catalog, settings, ServerLimits::default())
+    }
+
+    pub fn start_with(
+        addr: SocketAddr,
+        certs: &Certs,
+        api: &FakeApi,
+        catalog: CatalogHandle,
+        settings: HubSettings,
+        limits: ServerLimits,
+    ) -> Self {
         let tls = Arc::new(
             tls_config(
                 certs.cert_pem.as_bytes(),
@@ -241,7 +329,7 @@ impl OperatorProcess {
                     hub: hub.clone(),
                     auth: Authenticator::new(api.client()),
                     metrics: m,
-                    limits: ServerLimits::default(),
+                    limits,
                 });
                 tokio::spawn(serve(listener, tls, d));
                 ready_tx.send(hub).unwrap();
@@ -277,6 +365,31 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.halt();
     }
+}
+
+/// A TLS connection to the endpoint, trusting `certs`, speaking HTTP/1.1.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    certs: &Certs,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut std::io::BufReader::new(certs.cert_pem.as_bytes())) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
 }
 
 /// A port free on loopback now.
