@@ -1,6 +1,11 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/startupz`, `/config`.
+//!
+//! Injected pods bind it on every address so the kubelet and scrapers reach it on the pod IP;
+//! `/config` answers loopback peers only, whatever the address.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
@@ -12,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::body::{self, RespBody};
 use crate::config::{Revision, Source, Store};
@@ -23,6 +29,43 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct Admin {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    pub startup: StartupGate,
+}
+
+/// What `/startupz` answers. It is `/readyz` (a revision in force), unless the sidecar may
+/// fail open: then, from `open_at` on, it reports started without a revision, logged once.
+#[derive(Debug)]
+pub struct StartupGate {
+    open_at: Option<Instant>,
+    opened: AtomicBool,
+}
+
+impl StartupGate {
+    /// Fail closed: started only once a revision is in force.
+    pub fn closed() -> StartupGate {
+        StartupGate {
+            open_at: None,
+            opened: AtomicBool::new(false),
+        }
+    }
+
+    /// Started once a revision is in force or, without one, once `after` has passed.
+    pub fn open_after(after: Duration) -> StartupGate {
+        StartupGate {
+            open_at: Instant::now().checked_add(after),
+            opened: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Whether `ip` is this host's loopback (IPv4-mapped IPv6 included).
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
 /// Serves the admin listener until the process ends.
@@ -34,7 +77,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         .header_read_timeout(Duration::from_secs(5))
         .max_buf_size(16 * 1024);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -42,11 +85,12 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             continue;
         };
         let admin = admin.clone();
+        let local = is_loopback(peer.ip());
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.handle(req)) }
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(req, local)) }
             }),
         );
         tokio::spawn(async move {
@@ -67,7 +111,8 @@ fn text(status: StatusCode, s: impl Into<String>) -> Response<RespBody> {
 }
 
 impl Admin {
-    pub fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
+    /// Answers `req` from a peer on loopback (`local`) or elsewhere.
+    pub fn handle(&self, req: Request<Incoming>, local: bool) -> Response<RespBody> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -84,17 +129,12 @@ impl Admin {
                 r
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => {
-                let rev = self.store.load();
-                if rev.source == Source::Empty {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no policy revision loaded yet\n",
-                    )
-                } else {
-                    text(StatusCode::OK, format!("ok: revision {}\n", rev.id))
-                }
-            }
+            "/readyz" => self.readyz(),
+            "/startupz" => self.startupz(),
+            "/config" if !local => text(
+                StatusCode::FORBIDDEN,
+                "/config is served on loopback only\n",
+            ),
             "/config" => {
                 let v = config_json(&self.store.load());
                 let mut r = Response::new(body::full(
@@ -106,8 +146,42 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /config\n",
+                "not found: try /metrics, /healthz, /readyz, /startupz, /config\n",
             ),
+        }
+    }
+
+    fn readyz(&self) -> Response<RespBody> {
+        let rev = self.store.load();
+        if rev.source == Source::Empty {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no policy revision loaded yet\n",
+            )
+        } else {
+            text(StatusCode::OK, format!("ok: revision {}\n", rev.id))
+        }
+    }
+
+    fn startupz(&self) -> Response<RespBody> {
+        let ready = self.readyz();
+        if ready.status() == StatusCode::OK {
+            return ready;
+        }
+        match self.startup.open_at {
+            Some(at) if Instant::now() >= at => {
+                if !self.startup.opened.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "no policy revision within --startup-fail-open-after: reporting started; \
+                         the app's calls are not governed until a revision arrives"
+                    );
+                }
+                text(
+                    StatusCode::OK,
+                    "started without a policy revision (--startup-fail-open-after)\n",
+                )
+            }
+            _ => ready,
         }
     }
 }

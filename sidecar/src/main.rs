@@ -79,9 +79,14 @@ struct Args {
     /// Outbound listener (forward proxy, Host-routed origin-form, CONNECT).
     #[arg(long, default_value = "127.0.0.1:15080")]
     listen: SocketAddr,
-    /// Admin listener (/metrics, /healthz, /readyz, /config).
+    /// Admin listener (/metrics, /healthz, /readyz, /startupz, /config). `/config` answers
+    /// loopback peers only, whatever the address.
     #[arg(long, default_value = "127.0.0.1:15090")]
     admin: SocketAddr,
+    /// `/startupz` reports started after this long even without a policy revision (logged);
+    /// without the flag it waits for one, like `/readyz`.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    startup_fail_open_after: Option<Duration>,
     /// Requests for hosts no integration claims: pass them through untouched, or deny (403).
     #[arg(long, value_enum, default_value = "pass")]
     unknown_hosts: UnknownHosts,
@@ -252,7 +257,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin { store, metrics }),
+        Arc::new(Admin {
+            store,
+            metrics,
+            startup: match args.startup_fail_open_after {
+                Some(after) => admin::StartupGate::open_after(after),
+                None => admin::StartupGate::closed(),
+            },
+        }),
     ));
     let transparent = transparent.spawn(proxy.clone(), shutdown_signal, args.drain_timeout);
     tracing::info!(listen = %listen, admin = %admin_addr, otlp = telemetry.exporting(), "tollgate-sidecar ready");

@@ -190,7 +190,7 @@ const LEASE_RULES: &[(&str, &str, &[&str])] = &[(
 fn webhook_cluster_rules(release: &str) -> Grants {
     let mut g = expect(&[("", "namespaces", &["list", "watch"])]);
     g.extend(expect_named(
-        &[("", "configmaps", &["create", "patch"])],
+        &[("", "configmaps", &["create", "patch", "list", "watch"])],
         &format!("{release}-tollgate-operator-ca"),
     ));
     g.extend(expect_named(
@@ -773,7 +773,11 @@ fn helm_install_creates_the_operator_and_upgrade_keeps_its_certificate() {
             "app.kubernetes.io/instance=tollgate",
         ],
     );
-    assert_eq!(items["items"], json!([]), "a NetworkPolicy by default");
+    assert_eq!(
+        items["items"].as_array().map(Vec::len),
+        Some(1),
+        "one NetworkPolicy by default"
+    );
 
     // The injection webhook, on by default: two webhooks (docs/injection.md) that call the
     // operator's Service, never the system namespaces or the release's own, and no caBundle
@@ -1615,6 +1619,7 @@ fn the_charts_webhook_injects_pods_through_its_service() {
         "sidecar.interceptPorts={80,443,8080}".to_owned(),
         "sidecar.interceptExcludeCidrs={10.96.0.0/12}".to_owned(),
         "sidecar.extraArgs={--unknown-hosts=deny}".to_owned(),
+        "sidecar.startup.timeout=45s".to_owned(),
     ];
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     install(cp, "inj", &ns, &sets);
@@ -1701,8 +1706,15 @@ fn the_charts_webhook_injects_pods_through_its_service() {
         sidecar["resources"],
         json!({"limits": {"memory": "128Mi"}, "requests": {"cpu": "20m", "memory": "32Mi"}})
     );
+    // The app waits for a revision in force, at most sidecar.startup.timeout, failing closed.
+    assert_eq!(
+        sidecar["startupProbe"],
+        json!({"httpGet": {"path": "/readyz", "port": 15090, "scheme": "HTTP"},
+               "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 45,
+               "successThreshold": 1})
+    );
     let args = strings(&sidecar["args"]);
-    let operator_url = format!("--operator=https://{release}.{ns}.svc:8443");
+    let operator_url = format!("--operator=https://{release}.{ns}.svc.cluster.local.:8443");
     for a in [operator_url.as_str(), "--unknown-hosts=deny"] {
         assert!(args.contains(&a), "{a} not in {args:?}");
     }
@@ -1949,7 +1961,7 @@ fn with_cert_manager_the_webhook_serves_its_certificate_on_narrower_rbac() {
         "iptables"
     );
     let sidecar = named(&injected["spec"]["initContainers"], "tollgate-sidecar");
-    let operator_url = format!("--operator=https://{release}.{ns}.svc:8443");
+    let operator_url = format!("--operator=https://{release}.{ns}.svc.cluster.local.:8443");
     assert!(
         strings(&sidecar["args"]).contains(&operator_url.as_str()),
         "{sidecar:#}"
@@ -1974,4 +1986,152 @@ fn with_cert_manager_the_webhook_serves_its_certificate_on_narrower_rbac() {
     operator.assert_never_forbidden();
     drop(operator);
     cp.helm(["uninstall", "cm", "-n", &ns]).unwrap();
+}
+
+/// The chart rendered with `sets`, as the API server stores it (server-side dry run).
+fn dry_run_objects(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> Vec<Value> {
+    let manifests = template(cp, release, ns, sets);
+    let out = cp
+        .kubectl_with_stdin(
+            ["apply", "--dry-run=server", "-o", "json", "-f", "-"],
+            &manifests,
+        )
+        .unwrap_or_else(|e| panic!("the API server refuses the chart with {sets:?}: {e}"));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    match v["items"].as_array() {
+        Some(items) => items.clone(),
+        None => vec![v],
+    }
+}
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// The operator's ports a NetworkPolicy's ingress admits, with whom it admits there.
+fn admitted(policy: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for rule in policy["spec"]["ingress"].as_array().unwrap() {
+        for port in rule["ports"].as_array().unwrap() {
+            out.push((
+                port["port"].as_str().unwrap().to_owned(),
+                rule.get("from").cloned().unwrap_or(Value::Null),
+            ));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// By default a NetworkPolicy lets the operator's pods be reached only where they must: the
+/// sidecar channel from pods (any namespace may run injected pods), the webhook from the API
+/// server (whose address the chart cannot know), and the admin port from no one.
+#[test]
+fn the_network_policy_is_on_by_default_and_admits_only_what_must_reach_the_operator() {
+    let cp = ControlPlane::shared();
+    let ns = cp.create_namespace("chart-netpol").unwrap();
+    let objects = dry_run_objects(cp, "np", &ns, &[]);
+    let policies = of_kind(&objects, "NetworkPolicy");
+    assert_eq!(policies.len(), 1, "one NetworkPolicy by default");
+    let policy = policies[0];
+    assert_eq!(policy["metadata"]["name"], "np-tollgate-operator");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    // It selects exactly the operator's pods.
+    let deployment = of_kind(&objects, "Deployment")[0];
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        admitted(policy),
+        [
+            ("sidecars".to_owned(), json!([{"namespaceSelector": {}}])),
+            ("webhook".to_owned(), Value::Null),
+        ]
+    );
+    // Every port it names is one of the operator container's.
+    let ports: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        ports.contains(&"sidecars") && ports.contains(&"webhook"),
+        "{ports:?}"
+    );
+
+    // Scrapers are let in by name; without the webhook its port is closed too.
+    let objects = dry_run_objects(
+        cp,
+        "np",
+        &ns,
+        &[
+            "networkPolicy.adminFrom[0].namespaceSelector.matchLabels.team=observability",
+            "webhook.enabled=false",
+        ],
+    );
+    assert_eq!(
+        admitted(of_kind(&objects, "NetworkPolicy")[0]),
+        [
+            (
+                "admin".to_owned(),
+                json!([{"namespaceSelector": {"matchLabels": {"team": "observability"}}}])
+            ),
+            ("sidecars".to_owned(), json!([{"namespaceSelector": {}}])),
+        ]
+    );
+    let objects = dry_run_objects(cp, "np", &ns, &["networkPolicy.enabled=false"]);
+    assert!(of_kind(&objects, "NetworkPolicy").is_empty());
+}
+
+/// The injected sidecar's startup gate and the operator's address, as the chart passes them.
+#[test]
+fn the_startup_gate_is_set_from_values_and_sidecars_reach_the_operator_by_its_full_name() {
+    let cp = ControlPlane::shared();
+    let ns = cp.create_namespace("chart-startup").unwrap();
+    let args = |sets: &[&str]| -> Vec<String> {
+        let objects = dry_run_objects(cp, "gate", &ns, sets);
+        let deployment = of_kind(&objects, "Deployment")[0];
+        deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let defaults = args(&[]);
+    for want in [
+        "--sidecar-startup-timeout=60s".to_owned(),
+        "--sidecar-startup-on-timeout=fail".to_owned(),
+        // Fully qualified with a trailing dot: never resolved through the pod's search path.
+        format!(
+            "--sidecar-operator-url=https://gate-tollgate-operator.{ns}.svc.cluster.local.:8443"
+        ),
+    ] {
+        assert!(defaults.contains(&want), "{want} not in {defaults:?}");
+    }
+    let set = args(&[
+        "sidecar.startup.timeout=2m",
+        "sidecar.startup.onTimeout=open",
+        "clusterDomain=corp.example",
+    ]);
+    for want in [
+        "--sidecar-startup-timeout=2m".to_owned(),
+        "--sidecar-startup-on-timeout=open".to_owned(),
+        format!(
+            "--sidecar-operator-url=https://gate-tollgate-operator.{ns}.svc.corp.example.:8443"
+        ),
+    ] {
+        assert!(set.contains(&want), "{want} not in {set:?}");
+    }
+    // The schema refuses what the operator would.
+    let chart = chart_arg();
+    for bad in [
+        "sidecar.startup.onTimeout=maybe",
+        "sidecar.startup.timeout=soon",
+    ] {
+        let (ok, out) = helm_outcome(cp, &["template", "gate", &chart, "--set", bad]);
+        assert!(!ok && out.contains("startup"), "{bad}: {out}");
+    }
 }

@@ -889,3 +889,141 @@ fn eventually<T>(
         }
     }
 }
+
+// === Fail-closed start, isolation, trust plumbing ===
+
+#[test]
+fn the_app_waits_for_a_revision_in_force_within_a_bound_on_a_memory_backed_volume() {
+    let s = setup();
+    let ns = s.namespace(true).unwrap();
+    let pod = s.create(&app_pod(&ns, "gated", json!({}))).unwrap();
+    let sidecar = init_container(&pod, "tollgate-sidecar").expect("injected");
+    // The native sidecar's startup probe gates the app's containers: it asks readiness (a
+    // revision in force), every second, and fails the sidecar after the bound (fail closed).
+    assert_eq!(
+        sidecar["startupProbe"],
+        json!({"httpGet": {"path": "/readyz", "port": 15090, "scheme": "HTTP"},
+               "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 60,
+               "successThreshold": 1}),
+        "{pod:#}"
+    );
+    assert!(
+        !sidecar["args"]
+            .to_string()
+            .contains("--startup-fail-open-after"),
+        "{sidecar:#}"
+    );
+    // The last good revision holds credentials: memory, never the node's disk.
+    assert_eq!(
+        volume(&pod, "tollgate-state").unwrap()["emptyDir"],
+        json!({"medium": "Memory", "sizeLimit": "16Mi"})
+    );
+}
+
+#[test]
+fn pods_that_would_defeat_the_sidecars_isolation_are_refused_saying_why() {
+    let s = setup();
+    let enabled = s.namespace(true).unwrap();
+    let plain = s.namespace(false).unwrap();
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "same-uid",
+            |p| p["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1337}),
+            "container \"app\" runs as UID 1337, the sidecar's",
+        ),
+        (
+            "shared-pid",
+            |p| p["spec"]["shareProcessNamespace"] = json!(true),
+            "spec.shareProcessNamespace is true",
+        ),
+        (
+            "mounts-state",
+            |p| {
+                p["spec"]["containers"][0]["volumeMounts"] =
+                    json!([{"name": "tollgate-state", "mountPath": "/steal"}]);
+                p["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+            },
+            "container \"app\" mounts volume \"tollgate-state\"",
+        ),
+        (
+            "own-volume",
+            |p| p["spec"]["volumes"] = json!([{"name": "tollgate-identity", "emptyDir": {}}]),
+            "volume \"tollgate-identity\" is reserved for the injected sidecar",
+        ),
+        (
+            "named-like-us",
+            |p| {
+                p["spec"]["initContainers"] =
+                    json!([{"name": "tollgate-sidecar", "image": "registry.example/fake:1"}])
+            },
+            "container name \"tollgate-sidecar\" is reserved for the injected sidecar",
+        ),
+    ];
+    for (name, edit, message) in cases {
+        // Opted in by the namespace, and by the pod's own annotation elsewhere.
+        for (ns, annotations) in [
+            (&enabled, json!({})),
+            (&plain, json!({"tollgate.dev/inject": "true"})),
+        ] {
+            let mut pod = app_pod(ns, name, annotations);
+            edit(&mut pod);
+            let err = s.create(&pod).unwrap_err().to_string();
+            assert!(
+                err.contains("denied the request") && err.contains(message),
+                "{name} in {ns}: {err}"
+            );
+        }
+    }
+    // Opted out, the same pod is the user's business.
+    let mut pod = app_pod(
+        &enabled,
+        "opted-out",
+        json!({"tollgate.dev/inject": "false"}),
+    );
+    pod["spec"]["shareProcessNamespace"] = json!(true);
+    assert_untouched(&s.create(&pod).unwrap(), "opted out");
+}
+
+#[test]
+fn an_edited_or_deleted_ca_configmap_is_repaired_within_seconds() {
+    let s = setup();
+    let ns = s.namespace(true).unwrap();
+    let ca = || -> anyhow::Result<String> {
+        let out =
+            s.cp.kubectl(["get", "configmap", CA_CONFIGMAP, "-n", &ns, "-o", "json"])?;
+        let cm: Value = serde_json::from_str(&out)?;
+        Ok(cm["data"]["ca.crt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    };
+    let published = |what: &str| {
+        eventually(what, Duration::from_secs(15), || {
+            let now = ca()?;
+            anyhow::ensure!(now == s.sidecar_ca, "ca.crt is {now:?}");
+            Ok(())
+        })
+        .unwrap()
+    };
+    published("the CA ConfigMap appears");
+
+    // A namespace editor swaps in a CA of their own.
+    let forged = foreign_ca(s.cp).unwrap();
+    s.cp.kubectl([
+        "patch",
+        "configmap",
+        CA_CONFIGMAP,
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        &json!({"data": {"ca.crt": forged}}).to_string(),
+    ])
+    .unwrap();
+    published("the edited CA ConfigMap is repaired");
+
+    s.cp.kubectl(["delete", "configmap", CA_CONFIGMAP, "-n", &ns])
+        .unwrap();
+    published("the deleted CA ConfigMap is recreated");
+}

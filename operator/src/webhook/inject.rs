@@ -28,6 +28,7 @@ use k8s_openapi::api::core::v1::{
     ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
     SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
@@ -122,7 +123,34 @@ pub struct InjectConfig {
     pub sidecar_args: Vec<String>,
     /// Namespaces never injected: the system ones, the operator's, and any added by flag.
     pub excluded_namespaces: BTreeSet<String>,
+    /// How long the app may wait for the sidecar's first revision, and what happens then.
+    pub startup: StartupGate,
 }
+
+/// The app's containers start only once the sidecar's startup probe passes. The probe asks
+/// `/readyz`, ready only once a revision (received or persisted) is in force, every second
+/// for at most `timeout_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartupGate {
+    pub timeout_seconds: i32,
+    pub on_timeout: OnTimeout,
+}
+
+/// What happens when no revision is in force within [`StartupGate::timeout_seconds`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnTimeout {
+    /// The probe fails: the kubelet restarts the sidecar and the app never starts ungoverned.
+    Fail,
+    /// The sidecar reports started anyway (`--startup-fail-open-after`), logged as a warning,
+    /// and the app starts with no policy in force.
+    Open,
+}
+
+/// Slack between the sidecar opening and the probe giving up, in fail-open mode: the probe's
+/// bound must not expire first.
+const FAIL_OPEN_SLACK_SECONDS: i32 = 15;
+/// Size of the memory-backed volume that holds the last good revision.
+pub const STATE_SIZE_LIMIT: &str = "16Mi";
 
 /// Why a pod is not injected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,12 +192,15 @@ fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// Whether `pod` already carries the sidecar.
+/// Whether `pod` already carries the sidecar: the injected annotation and our init container
+/// (a container merely named like ours is refused by [`defeats_isolation`]).
 pub fn is_injected(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .is_some_and(|ics| ics.iter().any(|c| c.name == SIDECAR_CONTAINER))
+    annotation(pod, INJECTED_ANNOTATION).is_some()
+        && pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_some_and(|ics| ics.iter().any(|c| c.name == SIDECAR_CONTAINER))
 }
 
 /// Decides for `pod`, created in `namespace`, reaching the webhook of `scope`.
@@ -200,6 +231,9 @@ pub fn decide(cfg: &InjectConfig, scope: Scope, namespace: &str, pod: &Pod) -> D
     {
         return Decision::Skip(Skip::HostNetwork);
     }
+    if let Some(message) = defeats_isolation(cfg, pod) {
+        return Decision::Deny(message);
+    }
     match annotation(pod, INTERCEPTION_ANNOTATION) {
         None => Decision::Inject(cfg.default_mode),
         Some(m) => match Mode::parse(m) {
@@ -209,6 +243,72 @@ pub fn decide(cfg: &InjectConfig, scope: Scope, namespace: &str, pod: &Pod) -> D
             )),
         },
     }
+}
+
+/// Why the sidecar could not govern `pod` once injected, if it could not: an app container
+/// running as the sidecar's UID (its traffic would be exempt from interception), a shared
+/// process namespace (the app could read the sidecar's memory: its CA key and credentials),
+/// a volume named like ours or a mount of one (the app could read the token or the revision
+/// with its credentials), a container named like ours.
+pub fn defeats_isolation(cfg: &InjectConfig, pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    if spec.share_process_namespace == Some(true) {
+        return Some(
+            "tollgate: spec.shareProcessNamespace is true: the app could read the sidecar's \
+             memory (its CA key and credentials); unset it or opt the pod out"
+                .to_string(),
+        );
+    }
+    let ours = [IDENTITY_VOLUME, STATE_VOLUME, XTABLES_VOLUME];
+    if let Some(v) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| ours.contains(&v.name.as_str()))
+    {
+        return Some(format!(
+            "tollgate: volume {:?} is reserved for the injected sidecar; rename it",
+            v.name
+        ));
+    }
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    for c in containers {
+        if c.name == SIDECAR_CONTAINER || c.name == INIT_CONTAINER {
+            return Some(format!(
+                "tollgate: container name {:?} is reserved for the injected sidecar; rename it",
+                c.name
+            ));
+        }
+        let uid = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_uid);
+        if uid == Some(cfg.uid) {
+            return Some(format!(
+                "tollgate: container {:?} runs as UID {}, the sidecar's: its traffic would \
+                 bypass the sidecar; choose another runAsUser",
+                c.name, cfg.uid
+            ));
+        }
+        if let Some(m) = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| ours.contains(&m.name.as_str()))
+        {
+            return Some(format!(
+                "tollgate: container {:?} mounts volume {:?}, reserved for the injected sidecar",
+                c.name, m.name
+            ));
+        }
+    }
+    None
 }
 
 /// The injection as JSON patch operations, and warnings for the user (variables a container
@@ -358,11 +458,13 @@ fn sidecar_container(cfg: &InjectConfig, mode: Mode) -> Container {
         format!("--state-file={STATE_DIR}/snapshot.json"),
         format!("--listen=127.0.0.1:{}", cfg.proxy_port),
         // On the pod IP: the kubelet's startup probe and metrics scrapers reach it there.
+        // `/config` answers loopback peers only.
         format!("--admin=0.0.0.0:{}", cfg.admin_port),
     ];
     if mode == Mode::Iptables {
         args.push(format!("--transparent=127.0.0.1:{}", cfg.transparent_port));
     }
+    args.extend(startup_args(cfg));
     args.extend(cfg.sidecar_args.iter().cloned());
     Container {
         name: SIDECAR_CONTAINER.to_string(),
@@ -382,18 +484,7 @@ fn sidecar_container(cfg: &InjectConfig, mode: Mode) -> Container {
             ..Default::default()
         }]),
         resources: Some(cfg.sidecar_resources.clone()),
-        // The app starts once the sidecar listens (its listeners are bound before /healthz).
-        startup_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz".to_string()),
-                port: IntOrString::Int(i32::from(cfg.admin_port)),
-                ..Default::default()
-            }),
-            period_seconds: Some(1),
-            timeout_seconds: Some(1),
-            failure_threshold: Some(60),
-            ..Default::default()
-        }),
+        startup_probe: Some(startup_probe(cfg)),
         security_context: Some(SecurityContext {
             run_as_user: Some(cfg.uid),
             run_as_group: Some(cfg.uid),
@@ -425,6 +516,43 @@ fn sidecar_container(cfg: &InjectConfig, mode: Mode) -> Container {
             },
         ]),
         ..Default::default()
+    }
+}
+
+/// The sidecar's startup probe: it gates the app's containers (a native sidecar's startup
+/// probe must pass before the next container starts). Fail closed, it asks `/readyz` and
+/// gives up after the bound; fail open, it asks `/startupz`, which the sidecar reports ready
+/// after the bound even without a revision.
+fn startup_probe(cfg: &InjectConfig) -> Probe {
+    let gate = cfg.startup;
+    let (path, failure_threshold) = match gate.on_timeout {
+        OnTimeout::Fail => ("/readyz", gate.timeout_seconds),
+        OnTimeout::Open => (
+            "/startupz",
+            gate.timeout_seconds.saturating_add(FAIL_OPEN_SLACK_SECONDS),
+        ),
+    };
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(i32::from(cfg.admin_port)),
+            ..Default::default()
+        }),
+        period_seconds: Some(1),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(failure_threshold.max(1)),
+        ..Default::default()
+    }
+}
+
+/// The sidecar's flags for the startup gate.
+fn startup_args(cfg: &InjectConfig) -> Vec<String> {
+    match cfg.startup.on_timeout {
+        OnTimeout::Fail => Vec::new(),
+        OnTimeout::Open => vec![format!(
+            "--startup-fail-open-after={}s",
+            cfg.startup.timeout_seconds
+        )],
     }
 }
 
@@ -532,11 +660,7 @@ fn volumes(cfg: &InjectConfig, mode: Mode) -> Vec<Volume> {
             }),
             ..Default::default()
         },
-        Volume {
-            name: STATE_VOLUME.to_string(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
+        state_volume(),
     ];
     if mode == Mode::Iptables {
         v.push(Volume {
@@ -546,6 +670,19 @@ fn volumes(cfg: &InjectConfig, mode: Mode) -> Vec<Volume> {
         });
     }
     v
+}
+
+/// The last good revision holds the integrations' credentials: kept in memory (tmpfs), never
+/// on the node's disk, and bounded.
+fn state_volume() -> Volume {
+    Volume {
+        name: STATE_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".to_string()),
+            size_limit: Some(Quantity(STATE_SIZE_LIMIT.to_string())),
+        }),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -579,6 +716,10 @@ pub(crate) mod tests {
                 .into_iter()
                 .map(String::from)
                 .collect(),
+            startup: StartupGate {
+                timeout_seconds: 60,
+                on_timeout: OnTimeout::Fail,
+            },
         }
     }
 
@@ -668,6 +809,104 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn pods_that_defeat_isolation_are_refused_saying_why() {
+        let cfg = config();
+        let refused = |edit: &dyn Fn(&mut Value)| {
+            let mut p = app();
+            p["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m:1"}]);
+            edit(&mut p);
+            let messages: Vec<String> = [Scope::Namespace, Scope::Pod]
+                .into_iter()
+                .map(|scope| {
+                    let mut p = p.clone();
+                    p["metadata"]["annotations"] = json!({INJECT_ANNOTATION: "true"});
+                    match decide(&cfg, scope, "payments", &pod(p)) {
+                        Decision::Deny(m) => m,
+                        other => panic!("{scope:?}: {other:?}"),
+                    }
+                })
+                .collect();
+            assert_eq!(messages[0], messages[1], "the same in both scopes");
+            messages[0].clone()
+        };
+        let m = refused(&|p| {
+            p["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1337})
+        });
+        assert!(m.contains("\"app\" runs as UID 1337"), "{m}");
+        let m = refused(&|p| p["spec"]["securityContext"] = json!({"runAsUser": 1337}));
+        assert!(m.contains("\"migrate\" runs as UID 1337"), "{m}");
+        let m = refused(&|p| p["spec"]["shareProcessNamespace"] = json!(true));
+        assert!(m.contains("spec.shareProcessNamespace"), "{m}");
+        let m = refused(&|p| {
+            p["spec"]["containers"][0]["volumeMounts"] =
+                json!([{"name": STATE_VOLUME, "mountPath": "/x"}])
+        });
+        assert!(
+            m.contains("\"app\" mounts volume \"tollgate-state\""),
+            "{m}"
+        );
+        let m =
+            refused(&|p| p["spec"]["volumes"] = json!([{"name": IDENTITY_VOLUME, "emptyDir": {}}]));
+        assert!(
+            m.contains("volume \"tollgate-identity\" is reserved"),
+            "{m}"
+        );
+        let m = refused(&|p| p["spec"]["containers"][0]["name"] = json!(SIDECAR_CONTAINER));
+        assert!(
+            m.contains("container name \"tollgate-sidecar\" is reserved"),
+            "{m}"
+        );
+        let m = refused(&|p| p["spec"]["initContainers"][0]["name"] = json!(SIDECAR_CONTAINER));
+        assert!(
+            m.contains("container name \"tollgate-sidecar\" is reserved"),
+            "{m}"
+        );
+
+        // The pod's own UID is overridden by the container's.
+        let mut ok = app();
+        ok["spec"]["securityContext"] = json!({"runAsUser": 1337});
+        ok["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1000});
+        assert_eq!(
+            decide(&cfg, Scope::Namespace, "payments", &pod(ok)),
+            Decision::Inject(Mode::Iptables)
+        );
+    }
+
+    #[test]
+    fn the_startup_probe_waits_for_a_revision_within_the_bound() {
+        let mut cfg = config();
+        let (p, _) = injected(&cfg, &app(), Mode::Iptables);
+        let side = &p["spec"]["initContainers"][1];
+        assert_eq!(
+            side["startupProbe"],
+            json!({"httpGet": {"path": "/readyz", "port": 15090}, "periodSeconds": 1,
+                   "timeoutSeconds": 1, "failureThreshold": 60})
+        );
+        assert!(
+            !side["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_str().unwrap().starts_with("--startup-fail-open-after"))
+        );
+
+        cfg.startup = StartupGate {
+            timeout_seconds: 20,
+            on_timeout: OnTimeout::Open,
+        };
+        let (p, _) = injected(&cfg, &app(), Mode::Iptables);
+        let side = &p["spec"]["initContainers"][1];
+        assert_eq!(side["startupProbe"]["httpGet"]["path"], "/startupz");
+        assert_eq!(side["startupProbe"]["failureThreshold"], 35);
+        assert!(
+            side["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--startup-fail-open-after=20s"))
+        );
+    }
+
+    #[test]
     fn iptables_mode_adds_the_rules_container_then_the_native_sidecar() {
         let cfg = config();
         let (p, warnings) = injected(&cfg, &app(), Mode::Iptables);
@@ -750,7 +989,11 @@ pub(crate) mod tests {
                 {"downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
             ])
         );
-        assert_eq!(vols[1]["emptyDir"], json!({}));
+        assert_eq!(
+            vols[1]["emptyDir"],
+            json!({"medium": "Memory", "sizeLimit": "16Mi"}),
+            "the revision holds credentials: never on disk"
+        );
         // The app container is untouched in this mode.
         assert_eq!(p["spec"]["containers"], app()["spec"]["containers"]);
     }

@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use self::inject::{InjectConfig, Mode, SYSTEM_NAMESPACES};
+use self::inject::{InjectConfig, Mode, OnTimeout, SYSTEM_NAMESPACES, StartupGate};
 use self::server::{CertSlot, Webhook};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
@@ -169,6 +169,16 @@ pub struct Flags {
     /// NO_PROXY (and no_proxy) set in proxy-env mode.
     #[arg(long, default_value = DEFAULT_NO_PROXY)]
     pub proxy_env_no_proxy: String,
+
+    /// How long an injected pod's app waits for the sidecar's first revision (received or
+    /// persisted) before --sidecar-startup-on-timeout applies (1s to 1h).
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub sidecar_startup_timeout: Duration,
+
+    /// When that wait expires: `fail` (the sidecar's startup probe fails, the app never starts
+    /// ungoverned) or `open` (the app starts with no policy in force; the sidecar logs it).
+    #[arg(long, value_enum, default_value = "fail")]
+    pub sidecar_startup_on_timeout: OnTimeout,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -207,6 +217,10 @@ impl Flags {
         if token_secs < 600 {
             anyhow::bail!("--sidecar-token-expiration: at least 10m (the API server's minimum)");
         }
+        let startup_secs = self.sidecar_startup_timeout.as_secs();
+        if !(1..=3600).contains(&startup_secs) || self.sidecar_startup_timeout.subsec_nanos() != 0 {
+            anyhow::bail!("--sidecar-startup-timeout: whole seconds from 1s to 1h");
+        }
         let mut excluded: BTreeSet<String> =
             SYSTEM_NAMESPACES.iter().map(|s| (*s).to_string()).collect();
         excluded.insert(operator_namespace.to_string());
@@ -233,6 +247,11 @@ impl Flags {
             token_expiration_seconds: token_secs,
             sidecar_args: self.sidecar_args.clone(),
             excluded_namespaces: excluded,
+            startup: StartupGate {
+                // At most 3600: fits.
+                timeout_seconds: i32::try_from(startup_secs).unwrap_or(3600),
+                on_timeout: self.sidecar_startup_on_timeout,
+            },
         })
     }
 }
@@ -445,6 +464,14 @@ mod tests {
             ]
         );
         assert_eq!(f.webhook_cert_validity, Duration::from_secs(90 * 24 * 3600));
+        assert_eq!(
+            c.startup,
+            StartupGate {
+                timeout_seconds: 60,
+                on_timeout: OnTimeout::Fail
+            },
+            "fail closed by default"
+        );
     }
 
     #[test]
@@ -464,6 +491,18 @@ mod tests {
             ])
             .contains("--sidecar-uid")
         );
+        for bad in ["0s", "1500ms", "2h"] {
+            assert!(
+                err(&[
+                    "--sidecar-image=i",
+                    "--sidecar-operator-url=https://op",
+                    &format!("--sidecar-startup-timeout={bad}")
+                ])
+                .contains("--sidecar-startup-timeout"),
+                "{bad}"
+            );
+        }
+        assert!(Cli::try_parse_from(["op", "--sidecar-startup-on-timeout=maybe"]).is_err());
         assert!(Cli::try_parse_from(["op", "--sidecar-resources={not json"]).is_err());
         assert!(
             Cli::try_parse_from(["op", "--webhook-tls-cert=/a"]).is_err(),

@@ -6,8 +6,10 @@
 //! volume reads it; the kubelet refreshes the file when the ConfigMap changes, and the sidecar
 //! re-reads it on every connect, so a rotated CA reaches running pods.
 //!
-//! Applied once per namespace and CA content; every `refresh` all are applied again (repairing
-//! a deleted copy). A failure is logged, counted and retried after a minute.
+//! Applied once per namespace and CA content. The copies are watched (by name, across
+//! namespaces): one that is edited (its `ca.crt` no longer the CA) or deleted, e.g. by a
+//! namespace editor, is applied again at once. Every `refresh` all are applied again anyway. A
+//! failure is logged, counted and retried after a minute.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -72,6 +74,13 @@ pub async fn run(
     )
     .default_backoff()
     .boxed();
+    // Our copies, by name in every namespace: RBAC allows a list/watch by that name only.
+    let mut copies = watcher(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", p.configmap)),
+    )
+    .default_backoff()
+    .boxed();
     let mut tick = tokio::time::interval(p.check_every);
     let mut leadership_final = false;
     // Namespace → None once applied, Some(when to retry) after a failure.
@@ -85,6 +94,14 @@ pub async fn run(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "watching namespaces");
+                    metrics.webhook_error("watch");
+                }
+                None => return,
+            },
+            ev = copies.next() => match ev {
+                Some(Ok(event)) => forget_tampered(&mut applied, event, ca.as_deref()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching the sidecar CA ConfigMaps");
                     metrics.webhook_error("watch");
                 }
                 None => return,
@@ -157,6 +174,32 @@ pub async fn run(
     }
 }
 
+/// Forgets that a copy was applied when `event` shows it deleted or no longer holding `ca`,
+/// so the next pass applies it again.
+fn forget_tampered(
+    applied: &mut HashMap<String, Option<Instant>>,
+    event: watcher::Event<ConfigMap>,
+    ca: Option<&str>,
+) {
+    let (cm, deleted) = match event {
+        watcher::Event::Apply(cm) | watcher::Event::InitApply(cm) => (cm, false),
+        watcher::Event::Delete(cm) => (cm, true),
+        watcher::Event::Init | watcher::Event::InitDone => return,
+    };
+    let Some(ns) = cm.metadata.namespace.as_deref() else {
+        return;
+    };
+    let holds = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CA_KEY))
+        .is_some_and(|v| Some(v.as_str()) == ca);
+    if (deleted || !holds) && applied.get(ns) == Some(&None) {
+        tracing::info!(namespace = %ns, configmap = ?cm.metadata.name, deleted, "sidecar CA ConfigMap changed by someone else; repairing");
+        applied.remove(ns);
+    }
+}
+
 fn read_ca(path: &std::path::Path) -> Result<String, String> {
     let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(pem.as_bytes()))
@@ -166,4 +209,29 @@ fn read_ca(path: &std::path::Path) -> Result<String, String> {
         return Err(format!("{}: no certificate in PEM", path.display()));
     }
     Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cm(ns: &str, ca: &str) -> ConfigMap {
+        serde_json::from_value(configmap("tollgate-operator-ca", ns, ca)).unwrap()
+    }
+
+    #[test]
+    fn only_a_copy_edited_or_deleted_by_someone_else_is_applied_again() {
+        let mut applied: HashMap<String, Option<Instant>> = ["a", "b", "c"]
+            .into_iter()
+            .map(|n| (n.to_string(), None))
+            .collect();
+        let ours = Some("CA");
+        // Our own apply, seen through the watch: nothing to do.
+        forget_tampered(&mut applied, watcher::Event::Apply(cm("a", "CA")), ours);
+        forget_tampered(&mut applied, watcher::Event::Apply(cm("b", "FORGED")), ours);
+        forget_tampered(&mut applied, watcher::Event::Delete(cm("c", "CA")), ours);
+        let mut left: Vec<&String> = applied.keys().collect();
+        left.sort();
+        assert_eq!(left, ["a"]);
+    }
 }
