@@ -180,6 +180,11 @@ pub struct DistributedIntegration {
     /// Secret disappears later the previous value stays here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<SecretValue>,
+    /// The operator replica could not read the credential and never read it since it started
+    /// (`credential` is then `None`): the sidecar keeps the value it holds for this integration,
+    /// if the `secretRef` and the upstream URL are unchanged, rather than sending none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub credential_held: bool,
     /// This pod's share of every `rateLimit.scope: global` band (integration and route bands).
     /// `None` when no band is global.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -345,6 +350,7 @@ mod tests {
             config_revision: "1-abc".into(),
             spec: PartnerIntegrationSpec::default(),
             credential: Some(v.clone()),
+            credential_held: false,
             quota_share: None,
         };
         assert!(!format!("{i:?}").contains("sk_live_123"));

@@ -601,6 +601,14 @@ pub mod reason {
     pub const SECRET_MISSING: &str = "SecretMissing";
     /// The spec is valid.
     pub const VALID: &str = "Valid";
+    /// Another integration of the namespace, created earlier, claims one of the hosts; the
+    /// message names it. This one is not distributed.
+    pub const HOST_CONFLICT: &str = "HostConflict";
+    /// `spec.credentials.secretRef` names a Secret that is not labelled
+    /// `tollgate.dev/credential: "true"` (or does not exist); the message says how to opt in.
+    pub const SECRET_NOT_OPTED_IN: &str = "SecretNotOptedIn";
+    /// The Secret's `tollgate.dev/credential-hosts` annotation does not list the upstream host.
+    pub const CREDENTIAL_HOST_NOT_ALLOWED: &str = "CredentialHostNotAllowed";
     pub const KILL_SWITCH_ENABLED: &str = "KillSwitchEnabled";
     pub const KILL_SWITCH_DISABLED: &str = "KillSwitchDisabled";
     pub const BREAKER_OPEN: &str = "BreakerOpen";

@@ -4,9 +4,13 @@
 //! through a `tokio::sync::watch`, so a change reaches every connected stream at once. An
 //! entry is only ever replaced by a newer valid one: an invalid spec leaves the last valid
 //! entry in force, and a Secret that disappears leaves the last credential in force.
+//!
+//! A replica that just started holds nothing yet: the catalog is *synced* once every
+//! PartnerIntegration of the initial list has been reconciled, and only then may sidecars be
+//! served (an empty or partial catalog would make them drop kill switches and credentials).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -24,6 +28,20 @@ pub struct Credential {
     pub value: SecretValue,
     /// `metadata.resourceVersion` of the Secret; enters the config revision, the value does not.
     pub secret_version: String,
+    /// The Secret's name: a kept credential is only ever reused for the same reference.
+    pub secret_name: String,
+    /// The upstream hosts the Secret allows it to be sent to (its
+    /// `tollgate.dev/credential-hosts` annotation); `None`: any.
+    pub allowed_hosts: Option<Vec<String>>,
+}
+
+impl Credential {
+    /// Whether the Secret allows sending this value to `host` (lower case).
+    pub fn allows(&self, host: &str) -> bool {
+        self.allowed_hosts
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|h| h == host))
+    }
 }
 
 /// One valid integration, ready to distribute.
@@ -37,6 +55,9 @@ pub struct Entry {
     pub spec: PartnerIntegrationSpec,
     pub policy: Arc<IntegrationPolicy>,
     pub credential: Option<Credential>,
+    /// The spec has credentials but this replica could not read them (it started while the
+    /// Secret was unavailable): sidecars keep the value they already hold.
+    pub credential_held: bool,
 }
 
 impl Entry {
@@ -55,7 +76,16 @@ impl Entry {
             spec,
             policy: Arc::new(policy),
             credential,
+            credential_held: false,
         }
+    }
+
+    /// An entry whose credential this replica cannot read now and never read before:
+    /// sidecars keep the one they hold.
+    pub fn with_held_credential(mut self) -> Self {
+        self.credential_held = true;
+        self.config_revision = format!("{}-held", self.config_revision);
+        self
     }
 
     pub fn key(&self) -> Key {
@@ -116,6 +146,14 @@ pub struct Published {
 #[derive(Clone)]
 pub struct CatalogHandle {
     tx: Arc<watch::Sender<Published>>,
+    sync: Arc<SyncGate>,
+}
+
+/// Tracks the initial sync: which objects have been reconciled since the replica started.
+struct SyncGate {
+    synced: watch::Sender<bool>,
+    /// Reconciled keys; emptied (and no longer filled) once synced.
+    seen: Mutex<BTreeSet<Key>>,
 }
 
 impl Default for CatalogHandle {
@@ -130,7 +168,50 @@ impl CatalogHandle {
             catalog: Arc::default(),
             changed_at: Instant::now(),
         });
-        Self { tx: Arc::new(tx) }
+        Self {
+            tx: Arc::new(tx),
+            sync: Arc::new(SyncGate {
+                synced: watch::channel(false).0,
+                seen: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Records that `key` has been reconciled (whatever the outcome).
+    pub fn seen(&self, key: &Key) {
+        if !self.is_synced() {
+            self.seen_keys().insert(key.clone());
+        }
+    }
+
+    fn seen_keys(&self) -> std::sync::MutexGuard<'_, BTreeSet<Key>> {
+        self.sync.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the catalog synced when every key of `live` (the objects of the initial list,
+    /// still present) has been reconciled. Returns whether it is synced.
+    pub fn sync_if_seen<'a>(&self, live: impl IntoIterator<Item = &'a Key>) -> bool {
+        if self.is_synced() {
+            return true;
+        }
+        let mut seen = self.seen_keys();
+        if live.into_iter().all(|k| seen.contains(k)) {
+            seen.clear();
+            self.sync.synced.send_replace(true);
+            return true;
+        }
+        false
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.sync.synced.borrow()
+    }
+
+    /// Resolves once the initial sync is done.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.sync.synced.subscribe();
+        // The sender lives as long as `self`: `wait_for` cannot fail while we hold it.
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Published> {
@@ -150,7 +231,9 @@ impl CatalogHandle {
         let key = entry.key();
         self.tx.send_if_modified(|p| {
             let same = p.catalog.entries.get(&key).is_some_and(|old| {
-                old.config_revision == entry.config_revision && old.credential == entry.credential
+                old.config_revision == entry.config_revision
+                    && old.credential == entry.credential
+                    && old.credential_held == entry.credential_held
             });
             if same {
                 return false;
@@ -216,6 +299,8 @@ mod tests {
             cred.map(|v| Credential {
                 value: SecretValue::new(v),
                 secret_version: "7".into(),
+                secret_name: "s".into(),
+                allowed_hosts: None,
             }),
         )
     }
@@ -243,5 +328,33 @@ mod tests {
         assert!(h.upsert(entry("https://a.example", Some("y"))));
         assert!(h.remove(&("ns".into(), "a".into())));
         assert!(!h.remove(&("ns".into(), "a".into())));
+    }
+
+    #[tokio::test]
+    async fn synced_only_once_every_listed_object_was_reconciled() {
+        let h = CatalogHandle::new();
+        let a: Key = ("ns".into(), "a".into());
+        let b: Key = ("ns".into(), "b".into());
+        assert!(!h.is_synced());
+        h.seen(&a);
+        assert!(!h.sync_if_seen([&a, &b]));
+        // Reconciled before the check, or gone from the list meanwhile: both count.
+        h.seen(&b);
+        assert!(h.sync_if_seen([&a, &b]));
+        h.wait_synced().await;
+        assert!(h.is_synced());
+        // Nothing to reconcile: synced at once.
+        let empty = CatalogHandle::new();
+        assert!(empty.sync_if_seen(std::iter::empty::<&Key>()));
+    }
+
+    #[test]
+    fn a_held_credential_is_a_revision_of_its_own() {
+        let plain = entry("https://a.example", None);
+        let held = entry("https://a.example", None).with_held_credential();
+        assert_ne!(plain.config_revision, held.config_revision);
+        let h = CatalogHandle::new();
+        assert!(h.upsert(held));
+        assert!(h.upsert(plain), "held -> read is a change sidecars see");
     }
 }

@@ -2,12 +2,21 @@
 //!
 //! Every replica reconciles every PartnerIntegration into its [`catalog`](crate::catalog)
 //! (compile with the shared step, resolve the Secret), because every replica serves sidecars.
+//!
+//! Least authority over Secrets: a Secret is a credential only when it opted in with the label
+//! [`CREDENTIAL_LABEL`]`: "true"` (and, optionally, the annotation [`CREDENTIAL_HOSTS`] listing
+//! the upstream hosts it may be sent to). The operator lists and watches only labelled Secrets
+//! and reads credentials from that cache; it never reads a Secret that did not opt in.
+//!
+//! Host conflicts: two integrations of one namespace claiming one host (case, trailing dot and
+//! port normalised): the older (by creation, then name) keeps it; the newer is `Invalid`,
+//! naming the older, and is not distributed.
 //! Only the leader writes: the finalizer, the status (server-side apply under
 //! [`FIELD_MANAGER`]) and events. Reconciles requeue every `status_interval` so the status
 //! follows what sidecars report.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,12 +26,13 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::time::Instant;
 use tollgate_crds::distribution::SecretValue;
-use tollgate_crds::v1alpha1::SecretKeyRef;
+use tollgate_crds::policy::{HostMatch, IntegrationPolicy};
+use tollgate_crds::v1alpha1::{SecretKeyRef, reason};
 use tollgate_crds::{CRD_PATH, PartnerIntegration};
 use tracing::{Span, field, info, instrument, warn};
 
@@ -31,7 +41,19 @@ use crate::distribution::Hub;
 use crate::error::{Error, Result};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
-use crate::status::{self, Findings};
+use crate::status::{self, Findings, Invalid};
+
+/// The label a Secret carries (value `"true"`) to be usable as a credential.
+pub const CREDENTIAL_LABEL: &str = "tollgate.dev/credential";
+/// Optional annotation on a credential Secret: the upstream hosts (comma-separated) its value
+/// may be sent to. Absent: any upstream.
+pub const CREDENTIAL_HOSTS: &str = "tollgate.dev/credential-hosts";
+/// The label selector of the Secret watch.
+pub const CREDENTIAL_SELECTOR: &str = "tollgate.dev/credential=true";
+
+/// How long a reconcile waits for the Secret cache's initial list before it fails (and is
+/// retried): reading a credential from a cache that is still filling would report it missing.
+const SECRET_CACHE_WAIT: Duration = Duration::from_secs(10);
 
 /// The one field manager for everything this operator writes.
 pub const FIELD_MANAGER: &str = "tollgate-operator";
@@ -53,6 +75,13 @@ pub struct Context {
     pub status_interval: Duration,
     /// Consecutive failures per object, for the error policy's backoff.
     failures: Mutex<HashMap<Key, u32>>,
+    /// The labelled Secrets, one cache per watched scope (filled by [`run`]).
+    secrets: RwLock<Vec<Store<Secret>>>,
+    /// The PartnerIntegrations, one cache per watched scope (filled by [`run`]).
+    integrations: RwLock<Vec<Store<PartnerIntegration>>>,
+    /// Integrations refused for a host conflict: reconciled again when any integration of
+    /// their namespace changes.
+    conflicted: Mutex<BTreeSet<Key>>,
 }
 
 impl Context {
@@ -74,11 +103,61 @@ impl Context {
             metrics,
             status_interval,
             failures: Mutex::default(),
+            secrets: RwLock::default(),
+            integrations: RwLock::default(),
+            conflicted: Mutex::default(),
         }
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Key, u32>> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conflicted(&self) -> std::sync::MutexGuard<'_, BTreeSet<Key>> {
+        self.conflicted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the caches a reconcile reads (one per watched scope).
+    pub fn add_caches(&self, secrets: Store<Secret>, integrations: Store<PartnerIntegration>) {
+        self.secrets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(secrets);
+        self.integrations
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(integrations);
+    }
+
+    fn secret_stores(&self) -> Vec<Store<Secret>> {
+        self.secrets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every PartnerIntegration of `ns` in the caches.
+    fn integrations_in(&self, ns: &str) -> Vec<Arc<PartnerIntegration>> {
+        self.integrations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|pi| pi.metadata.namespace.as_deref() == Some(ns))
+            .collect()
+    }
+
+    /// The labelled Secret `ns/name`, once every Secret cache has its initial list.
+    async fn labelled_secret(&self, ns: &str, name: &str) -> Result<Option<Arc<Secret>>> {
+        let stores = self.secret_stores();
+        for s in &stores {
+            tokio::time::timeout(SECRET_CACHE_WAIT, s.wait_until_ready())
+                .await
+                .map_err(|_| Error::CacheNotReady("labelled Secrets"))?
+                .map_err(|_| Error::CacheNotReady("labelled Secrets"))?;
+        }
+        let r = ObjectRef::new(name).within(ns);
+        Ok(stores.iter().find_map(|s| s.get(&r)))
     }
 }
 
@@ -166,40 +245,257 @@ pub fn backoff(n: u32) -> Duration {
     capped + jitter
 }
 
-/// The credential as read now.
+/// The credential as read now from the labelled Secrets.
+#[derive(Debug)]
 enum SecretRead {
     Found(Credential),
-    /// Names what is missing.
-    Missing(String),
+    /// No Secret of that name carries the opt-in label.
+    NotOptedIn,
+    /// The Secret opted in but has no usable value (message names what is wrong).
+    Unusable(String),
 }
 
-async fn read_secret(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<SecretRead> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let Some(secret) = secrets.get_opt(&r.name).await? else {
-        return Ok(SecretRead::Missing(format!(
-            "Secret {ns}/{} (spec.credentials.secretRef) not found",
-            r.name
-        )));
+fn read_secret(ns: &str, r: &SecretKeyRef, secret: Option<&Secret>) -> SecretRead {
+    let Some(secret) = secret else {
+        return SecretRead::NotOptedIn;
     };
     let value = secret.data.as_ref().and_then(|d| d.get(&r.key));
     let Some(bytes) = value else {
-        return Ok(SecretRead::Missing(format!(
+        return SecretRead::Unusable(format!(
             "Secret {ns}/{} has no key {:?} (spec.credentials.secretRef.key)",
             r.name, r.key
-        )));
+        ));
     };
     let Ok(text) = std::str::from_utf8(&bytes.0) else {
-        return Ok(SecretRead::Missing(format!(
+        return SecretRead::Unusable(format!(
             "Secret {ns}/{} key {:?} is not UTF-8 text",
             r.name, r.key
-        )));
+        ));
     };
     // Files made with `echo` end in a newline that no API key contains.
     let text = text.trim_end_matches(['\n', '\r']);
-    Ok(SecretRead::Found(Credential {
+    let allowed_hosts = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CREDENTIAL_HOSTS))
+        .map(|list| {
+            list.split([',', ' ', '\n'])
+                .map(normalise_host)
+                .filter(|h| !h.is_empty())
+                .collect()
+        });
+    SecretRead::Found(Credential {
         value: SecretValue::new(text),
         secret_version: secret.metadata.resource_version.clone().unwrap_or_default(),
-    }))
+        secret_name: r.name.clone(),
+        allowed_hosts,
+    })
+}
+
+/// How to opt a Secret in, for messages.
+fn opt_in_hint(ns: &str, name: &str) -> String {
+    format!(
+        "spec.credentials.secretRef: Secret {ns}/{name} is not a Tollgate credential (no Secret \
+         of that name labelled {CREDENTIAL_SELECTOR} exists); Tollgate reads only Secrets that \
+         opt in: `kubectl label secret -n {ns} {name} {CREDENTIAL_SELECTOR}` (optionally \
+         annotate it {CREDENTIAL_HOSTS}=<upstream hosts it may be sent to>)"
+    )
+}
+
+/// Lower case, without a trailing dot.
+fn normalise_host(h: &str) -> String {
+    h.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn hosts_clash(a: &HostMatch, b: &HostMatch) -> bool {
+    normalise_host(&a.host) == normalise_host(&b.host)
+        && (a.port.is_none() || b.port.is_none() || a.port == b.port)
+}
+
+fn host_label(h: &HostMatch) -> String {
+    match h.port {
+        Some(p) => format!("{}:{p}", normalise_host(&h.host)),
+        None => normalise_host(&h.host),
+    }
+}
+
+/// Which of two integrations came first: creation time, then name (both replicas and every
+/// reconcile order agree).
+fn age(pi: &PartnerIntegration) -> (Option<Timestamp>, String) {
+    (
+        pi.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        pi.name_any(),
+    )
+}
+
+fn older(a: &PartnerIntegration, b: &PartnerIntegration) -> bool {
+    let (ta, na) = age(a);
+    let (tb, nb) = age(b);
+    match (ta, tb) {
+        (Some(x), Some(y)) if x != y => x < y,
+        // A timestamp-less object (never from the API server) counts as the newest.
+        (Some(_), None) => true,
+        (None, Some(_)) => false,
+        _ => na < nb,
+    }
+}
+
+/// The hosts `other` claims now: its spec's, or, while its spec is invalid, those of the
+/// revision sidecars keep for it.
+fn claimed_hosts(ctx: &Context, other: &PartnerIntegration) -> Vec<HostMatch> {
+    let ns = other.namespace().unwrap_or_default();
+    match tollgate_crds::compile(&ns, &other.name_any(), &other.spec) {
+        Ok(p) => p.hosts,
+        Err(_) => ctx
+            .catalog
+            .get(&(ns, other.name_any()))
+            .map(|e| e.policy.hosts.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// The older integration of the namespace that claims one of `policy`'s hosts, if any.
+fn host_conflict(
+    ctx: &Context,
+    pi: &PartnerIntegration,
+    policy: &IntegrationPolicy,
+) -> Option<Invalid> {
+    let ns = pi.namespace().unwrap_or_default();
+    let mut others = ctx.integrations_in(&ns);
+    others.retain(|o| o.name_any() != pi.name_any() && o.metadata.deletion_timestamp.is_none());
+    others.sort_by_key(|o| age(o));
+    for other in others.iter().filter(|o| older(o, pi)) {
+        let theirs = claimed_hosts(ctx, other);
+        for (i, mine) in policy.hosts.iter().enumerate() {
+            if theirs.iter().any(|t| hosts_clash(mine, t)) {
+                return Some(Invalid {
+                    reason: reason::HOST_CONFLICT,
+                    message: format!(
+                        "spec.upstream.hosts[{i}]: {} is already claimed by PartnerIntegration \
+                         {ns}/{} (created earlier), which keeps it; remove the host from one \
+                         of them",
+                        host_label(mine),
+                        other.name_any()
+                    ),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// The integrations to reconcile again when `changed` changes: those of its namespace that
+/// claim one of its hosts, and those refused for a conflict (its old hosts may have freed
+/// theirs).
+fn affected_by(ctx: &Context, changed: &PartnerIntegration) -> Vec<ObjectRef<PartnerIntegration>> {
+    let Some(ns) = changed.namespace() else {
+        return Vec::new();
+    };
+    let mine = claimed_hosts(ctx, changed);
+    let conflicted = ctx.conflicted().clone();
+    ctx.integrations_in(&ns)
+        .into_iter()
+        .filter(|o| o.name_any() != changed.name_any())
+        .filter(|o| {
+            conflicted.contains(&(ns.clone(), o.name_any()))
+                || claimed_hosts(ctx, o)
+                    .iter()
+                    .any(|h| mine.iter().any(|m| hosts_clash(h, m)))
+        })
+        .map(|o| ObjectRef::from_obj(&*o))
+        .collect()
+}
+
+/// Resolves the credential of a valid, unconflicted spec and puts it in force. Returns why the
+/// spec is refused, if it is (then the previous revision stays).
+async fn resolve_and_upsert(
+    ctx: &Context,
+    pi: &PartnerIntegration,
+    policy: IntegrationPolicy,
+    previous: Option<&Entry>,
+    secret_problem: &mut Option<String>,
+) -> Result<Option<Invalid>> {
+    let ns = &policy.id.namespace;
+    let generation = pi.metadata.generation.unwrap_or(0);
+    let upstream = normalise_host(&policy.upstream.host);
+    // The credential this replica holds for the same Secret, if the Secret allows the upstream.
+    let kept = previous
+        .and_then(|p| p.credential.clone())
+        .filter(|c| {
+            policy
+                .credentials
+                .as_ref()
+                .is_some_and(|p| p.secret_ref.name == c.secret_name)
+        })
+        .filter(|c| c.allows(&upstream));
+    let mut held = false;
+    let mut invalid = None;
+    let credential = match &policy.credentials {
+        None => None,
+        Some(c) => {
+            let secret = ctx.labelled_secret(ns, &c.secret_ref.name).await?;
+            match read_secret(ns, &c.secret_ref, secret.as_deref()) {
+                SecretRead::Found(found) if !found.allows(&upstream) => {
+                    let message = format!(
+                        "spec.upstream.url: Secret {ns}/{} may be sent only to {} (annotation \
+                         {CREDENTIAL_HOSTS}), not to {upstream}",
+                        c.secret_ref.name,
+                        found
+                            .allowed_hosts
+                            .as_deref()
+                            .unwrap_or_default()
+                            .join(", ")
+                    );
+                    info!(why = %message, "credential not allowed for this upstream; the previous revision stays in force");
+                    return Ok(Some(Invalid {
+                        reason: reason::CREDENTIAL_HOST_NOT_ALLOWED,
+                        message,
+                    }));
+                }
+                SecretRead::Found(found) => Some(found),
+                SecretRead::Unusable(why) => {
+                    info!(%why, "credential unavailable; the previous one stays in force");
+                    *secret_problem = Some(why);
+                    kept
+                }
+                SecretRead::NotOptedIn => {
+                    let message = opt_in_hint(ns, &c.secret_ref.name);
+                    if kept.is_some() {
+                        info!(why = %message, "credential Secret gone; the previous credential stays in force");
+                        *secret_problem = Some(message);
+                        kept
+                    } else if previous.is_some_and(|p| p.credential.is_some()) {
+                        // Another Secret than the one in force: refuse the change.
+                        info!(why = %message, "credential Secret not opted in; the previous revision stays in force");
+                        return Ok(Some(Invalid {
+                            reason: reason::SECRET_NOT_OPTED_IN,
+                            message,
+                        }));
+                    } else {
+                        // Never read by this replica (it may have started while the Secret
+                        // was unavailable): sidecars keep what they hold for this reference.
+                        info!(why = %message, "credential Secret not opted in; sidecars keep what they hold");
+                        invalid = Some(Invalid {
+                            reason: reason::SECRET_NOT_OPTED_IN,
+                            message,
+                        });
+                        held = true;
+                        None
+                    }
+                }
+            }
+        }
+    };
+    let mut entry = Entry::new(generation, pi.spec.clone(), policy, credential);
+    if held {
+        entry = entry.with_held_credential();
+    }
+    let revision = entry.config_revision.clone();
+    if ctx.catalog.upsert(entry) {
+        info!(%revision, "revision in force");
+    }
+    Ok(invalid)
 }
 
 /// Compiles, resolves the credential, updates the catalog; as leader also writes status and
@@ -214,28 +510,28 @@ async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<A
     let invalid = match tollgate_crds::compile(ns, name, &pi.spec) {
         Err(e) => {
             info!(error = %e, "spec invalid; the previous revision stays in force");
-            Some(e)
+            Some(Invalid {
+                reason: reason::INVALID_SPEC,
+                message: e.to_string(),
+            })
         }
-        Ok(policy) => {
-            let credential = match &policy.credentials {
-                None => None,
-                Some(c) => match read_secret(&ctx.client, ns, &c.secret_ref).await? {
-                    SecretRead::Found(c) => Some(c),
-                    SecretRead::Missing(why) => {
-                        info!(%why, "credential unavailable; the previous one stays in force");
-                        secret_problem = Some(why);
-                        previous.as_ref().and_then(|p| p.credential.clone())
-                    }
-                },
-            };
-            let entry = Entry::new(generation, pi.spec.clone(), policy, credential);
-            let revision = entry.config_revision.clone();
-            if ctx.catalog.upsert(entry) {
-                info!(%revision, "revision in force");
+        Ok(policy) => match host_conflict(ctx, pi, &policy) {
+            Some(conflict) => {
+                info!(why = %conflict.message, "host conflict; not distributed");
+                ctx.conflicted().insert(key.clone());
+                if ctx.catalog.remove(&key) {
+                    info!("integration withdrawn from sidecars");
+                }
+                Some(conflict)
             }
-            None
-        }
+            None => {
+                ctx.conflicted().remove(&key);
+                resolve_and_upsert(ctx, pi, policy, previous.as_deref(), &mut secret_problem)
+                    .await?
+            }
+        },
     };
+    ctx.catalog.seen(&key);
 
     if !leader {
         // Changes to the object or its Secret trigger a reconcile anyway; a follower has no
@@ -310,6 +606,8 @@ async fn cleanup(pi: &PartnerIntegration, ctx: &Context) -> Result<Action> {
     if ctx.catalog.remove(&key) {
         info!("integration withdrawn from sidecars");
     }
+    ctx.conflicted().remove(&key);
+    ctx.catalog.seen(&key);
     ctx.hub.forget(&key);
     Ok(Action::await_change())
 }
@@ -359,7 +657,8 @@ fn referencing(
 }
 
 /// Runs the controllers (one per namespace given, or one for the whole cluster) until they
-/// stop on a signal. Drops catalog entries of objects that vanished without a cleanup.
+/// stop on a signal. Marks the catalog synced once the initial lists are reconciled, and drops
+/// catalog entries of objects that vanished without a cleanup.
 pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
@@ -367,18 +666,43 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         namespaces.into_iter().map(Some).collect()
     };
     let mut stores = Vec::new();
+    let mut secret_stores = Vec::new();
     let mut runs = Vec::new();
     for scope in scopes {
-        let (pis, secrets): (Api<PartnerIntegration>, Api<Secret>) = match &scope {
+        let (pis, others, secrets): (
+            Api<PartnerIntegration>,
+            Api<PartnerIntegration>,
+            Api<Secret>,
+        ) = match &scope {
             Some(ns) => (
                 Api::namespaced(ctx.client.clone(), ns),
                 Api::namespaced(ctx.client.clone(), ns),
+                Api::namespaced(ctx.client.clone(), ns),
             ),
-            None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+            None => (
+                Api::all(ctx.client.clone()),
+                Api::all(ctx.client.clone()),
+                Api::all(ctx.client.clone()),
+            ),
         };
         let controller = Controller::new(pis, watcher::Config::default().any_semantic());
         let store = controller.store();
+        // Only Secrets that opted in are listed and watched; one watch feeds the cache the
+        // reconciles read and the triggers, so a reconcile never sees an older cache than
+        // the change that triggered it.
+        let (secret_store, writer) = reflector::store();
+        let secret_events = reflector::reflector(
+            writer,
+            watcher(
+                secrets,
+                watcher::Config::default().labels(CREDENTIAL_SELECTOR),
+            )
+            .default_backoff(),
+        )
+        .touched_objects();
+        ctx.add_caches(secret_store.clone(), store.clone());
         stores.push(store.clone());
+        secret_stores.push(secret_store);
         // Becoming leader: write every status now rather than at the next requeue.
         let promoted = futures::stream::unfold(ctx.leader.clone(), |mut l| async move {
             loop {
@@ -387,9 +711,14 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
                 }
             }
         });
+        let by_secret = store.clone();
+        let by_host = ctx.clone();
         let run = controller
-            .watches(secrets, watcher::Config::default(), move |s| {
-                referencing(&store, &s)
+            .watches_stream(secret_events, move |s| referencing(&by_secret, &s))
+            // An integration that changes or goes away may free or take a host another one
+            // of its namespace claims.
+            .watches(others, watcher::Config::default(), move |pi| {
+                affected_by(&by_host, &pi)
             })
             .reconcile_all_on(promoted)
             .shutdown_on_signal()
@@ -404,22 +733,49 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             });
         runs.push(run);
     }
-    let prune = {
+    let live = |stores: &[Store<PartnerIntegration>]| -> std::collections::BTreeSet<Key> {
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter_map(|pi| key_of(&pi).ok())
+            .collect()
+    };
+    let sync = {
         let catalog = ctx.catalog.clone();
+        let stores = stores.clone();
         async move {
             for s in &stores {
                 if s.wait_until_ready().await.is_err() {
                     return;
                 }
             }
+            for s in &secret_stores {
+                if s.wait_until_ready().await.is_err() {
+                    return;
+                }
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                // Objects deleted since the list count as done: they have nothing to serve.
+                if catalog.sync_if_seen(&live(&stores)) {
+                    info!(
+                        integrations = catalog.snapshot().entries.len(),
+                        "initial sync done"
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    let prune = {
+        let catalog = ctx.catalog.clone();
+        async move {
+            catalog.wait_synced().await;
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tick.tick().await;
-                let live: std::collections::BTreeSet<Key> = stores
-                    .iter()
-                    .flat_map(|s| s.state())
-                    .filter_map(|pi| key_of(&pi).ok())
-                    .collect();
+                let live = live(&stores);
                 let dropped = catalog.retain(|k| live.contains(k));
                 if dropped > 0 {
                     info!(dropped, "withdrew integrations whose objects are gone");
@@ -429,14 +785,16 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     };
     tokio::select! {
         _ = futures::future::join_all(runs) => {}
-        _ = prune => {}
+        _ = async { sync.await; prune.await } => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{NAME, NS, context, integration, previous_entry, secret, spec};
+    use crate::fixtures::{
+        NAME, NS, context, context_with, integration, previous_entry, secret, spec,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
     use tollgate_crds::v1alpha1::{condition, reason};
@@ -457,7 +815,6 @@ mod tests {
         let (ctx, mut api, catalog) = context(true);
         let pi = integration(spec(false), 1);
         let server = tokio::spawn(async move {
-            api.secret_get(Some(secret("sk_live_1"))).await;
             let status = api.status_apply(&integration(spec(false), 1)).await;
             api.done().await;
             status
@@ -493,19 +850,17 @@ mod tests {
     async fn unchanged_status_is_not_rewritten() {
         let (ctx, mut api, _) = context(true);
         let pi = integration(spec(false), 1);
-        let secret_then_status = tokio::spawn(async move {
-            api.secret_get(Some(secret("sk_live_1"))).await;
+        let status_written = tokio::spawn(async move {
             let status = api.status_apply(&integration(spec(false), 1)).await;
             (api, status)
         });
         reconcile(Arc::new(pi.clone()), ctx.clone()).await.unwrap();
-        let (mut api, status) = secret_then_status.await.unwrap();
+        let (api, status) = status_written.await.unwrap();
 
-        // The next reconcile sees the status it wrote: it reads the Secret and writes nothing.
+        // The next reconcile sees the status it wrote: it writes nothing.
         let mut again = pi;
         again.status = Some(status);
         let server = tokio::spawn(async move {
-            api.secret_get(Some(secret("sk_live_1"))).await;
             api.done().await;
         });
         reconcile(Arc::new(again), ctx).await.unwrap();
@@ -574,7 +929,6 @@ mod tests {
         on.status = before.status.clone();
         let echo = on.clone();
         let server = tokio::spawn(async move {
-            api.secret_get(Some(secret("sk_live_1"))).await;
             let status = api.status_apply(&echo).await;
             let event = api.event_create().await;
             api.done().await;
@@ -604,7 +958,6 @@ mod tests {
         off.status = Some(status_on);
         let echo = off.clone();
         let server = tokio::spawn(async move {
-            api.secret_get(Some(secret("sk_live_1"))).await;
             let status = api.status_apply(&echo).await;
             let event = api.event_create().await;
             api.done().await;
@@ -626,13 +979,12 @@ mod tests {
 
     #[tokio::test]
     async fn missing_secret_is_named_and_the_previous_credential_stays() {
-        let (ctx, mut api, catalog) = context(true);
+        let (ctx, mut api, catalog) = context_with(true, Vec::new(), Vec::new());
         catalog.upsert(previous_entry(spec(false), 1, "sk_live_old"));
         let mut changed = spec(false);
         changed["upstream"]["connectTimeout"] = json!("1s");
         let pi = integration(changed.clone(), 2);
         let server = tokio::spawn(async move {
-            api.secret_get(None).await;
             let status = api.status_apply(&integration(changed, 2)).await;
             let event = api.event_create().await;
             api.done().await;
@@ -666,12 +1018,11 @@ mod tests {
 
     #[tokio::test]
     async fn missing_key_is_named_too() {
-        let (ctx, mut api, catalog) = context(true);
-        let pi = integration(spec(false), 1);
         let mut s = secret("x");
         s.data = Some(Default::default());
+        let (ctx, mut api, catalog) = context_with(true, vec![s], Vec::new());
+        let pi = integration(spec(false), 1);
         let server = tokio::spawn(async move {
-            api.secret_get(Some(s)).await;
             let status = api.status_apply(&integration(spec(false), 1)).await;
             let _ = api.event_create().await;
             api.done().await;
@@ -735,11 +1086,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_follower_distributes_but_never_writes() {
-        let (ctx, mut api, catalog) = context(false);
+        let (ctx, api, catalog) = context(false);
         let mut pi = integration(spec(false), 1);
         pi.metadata.finalizers = None;
         let server = tokio::spawn(async move {
-            api.secret_get(Some(secret("sk_live_1"))).await;
             api.done().await;
         });
         let action = reconcile(Arc::new(pi), ctx).await.unwrap();
@@ -769,5 +1119,186 @@ mod tests {
         assert!(ctx.metrics.encode().contains("reason=\"api_unreachable\""));
         assert!(backoff(1) >= Duration::from_secs(2) && backoff(1) < Duration::from_secs(3));
         assert!(backoff(30) <= Duration::from_secs(360));
+    }
+
+    #[tokio::test]
+    async fn an_unlabelled_secret_is_refused_with_the_fix_and_never_read() {
+        // The label-selected cache has no such Secret: the reconcile makes no Secret call.
+        let (ctx, mut api, catalog) = context_with(true, Vec::new(), Vec::new());
+        let pi = integration(spec(false), 1);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(spec(false), 1)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, (kind, why, _)) = server.await.unwrap();
+        let invalid = cond(&status, condition::INVALID);
+        assert_eq!(
+            (invalid.status.as_str(), invalid.reason.as_deref()),
+            ("True", Some(reason::SECRET_NOT_OPTED_IN))
+        );
+        let message = invalid.message.as_deref().unwrap();
+        assert!(
+            message.starts_with("spec.credentials.secretRef"),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "kubectl label secret -n payments stripe-api tollgate.dev/credential=true"
+            ),
+            "{message}"
+        );
+        assert_eq!(
+            (kind.as_str(), why.as_str()),
+            ("Warning", reason::SECRET_NOT_OPTED_IN)
+        );
+        // Distributed without a value; sidecars keep what they hold for this reference.
+        let entry = catalog.get(&key()).unwrap();
+        assert!(entry.credential.is_none());
+        assert!(entry.credential_held);
+    }
+
+    #[tokio::test]
+    async fn another_unlabelled_secret_does_not_replace_the_one_in_force() {
+        let (ctx, mut api, catalog) = context_with(true, Vec::new(), Vec::new());
+        catalog.upsert(previous_entry(spec(false), 1, "sk_live_1"));
+        let mut other = spec(false);
+        other["credentials"]["secretRef"]["name"] = json!("db-password");
+        other["upstream"]["url"] = json!("https://collector.example");
+        let pi = integration(other.clone(), 2);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(other, 2)).await;
+            let _ = api.event_create().await;
+            api.done().await;
+            status
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let status = server.await.unwrap();
+        assert_eq!(cond(&status, condition::INVALID).status, "True");
+        let entry = catalog.get(&key()).unwrap();
+        assert_eq!(entry.generation, 1, "the last valid revision stays");
+        assert_eq!(entry.policy.upstream.host, "api.stripe.com");
+    }
+
+    #[tokio::test]
+    async fn a_secret_goes_only_to_the_hosts_it_lists() {
+        let mut s = secret("sk_live_1");
+        s.metadata.annotations = Some(
+            [(
+                CREDENTIAL_HOSTS.to_string(),
+                "api.stripe.com, files.stripe.com".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let (ctx, mut api, catalog) = context_with(true, vec![s], Vec::new());
+        let mut elsewhere = spec(false);
+        elsewhere["upstream"]["url"] = json!("https://collector.example");
+        let pi = integration(elsewhere.clone(), 1);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(elsewhere, 1)).await;
+            let _ = api.event_create().await;
+            api.done().await;
+            status
+        });
+        reconcile(Arc::new(pi), ctx.clone()).await.unwrap();
+        let status = server.await.unwrap();
+        let invalid = cond(&status, condition::INVALID);
+        assert_eq!(
+            invalid.reason.as_deref(),
+            Some(reason::CREDENTIAL_HOST_NOT_ALLOWED)
+        );
+        assert!(
+            invalid
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("collector.example"),
+            "{invalid:?}"
+        );
+        assert!(catalog.get(&key()).is_none(), "nothing distributed");
+    }
+
+    fn created(mut pi: PartnerIntegration, name: &str, at: &str) -> PartnerIntegration {
+        pi.metadata.name = Some(name.into());
+        pi.metadata.creation_timestamp = Some(Time(at.parse().unwrap()));
+        pi
+    }
+
+    #[tokio::test]
+    async fn the_newer_of_two_integrations_claiming_a_host_is_refused() {
+        // Same host up to case and port.
+        let mut theirs = spec(false);
+        theirs["upstream"] =
+            json!({"url": "https://eu.stripe.com", "hosts": ["API.Stripe.COM:443"]});
+        let older = created(integration(theirs, 1), "older", "2026-01-01T00:00:00Z");
+        let ours = created(integration(spec(false), 1), NAME, "2026-01-02T00:00:00Z");
+        let (ctx, mut api, catalog) = context_with(
+            true,
+            vec![secret("sk_live_1")],
+            vec![older.clone(), ours.clone()],
+        );
+        let echo = ours.clone();
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&echo).await;
+            let _ = api.event_create().await;
+            api.done().await;
+            status
+        });
+        reconcile(Arc::new(ours.clone()), ctx.clone())
+            .await
+            .unwrap();
+        let status = server.await.unwrap();
+        let invalid = cond(&status, condition::INVALID);
+        assert_eq!(
+            (invalid.status.as_str(), invalid.reason.as_deref()),
+            ("True", Some(reason::HOST_CONFLICT))
+        );
+        let message = invalid.message.as_deref().unwrap();
+        assert!(message.contains("payments/older"), "{message}");
+        assert!(message.contains("spec.upstream.hosts[0]"), "{message}");
+        assert!(
+            catalog.get(&key()).is_none(),
+            "the newer is not distributed"
+        );
+        // A change to the older re-examines the newer.
+        assert_eq!(affected_by(&ctx, &older), vec![ObjectRef::from_obj(&ours)]);
+
+        // The older is reconciled as usual (a follower: no writes).
+        let (ctx, api, catalog) =
+            context_with(false, vec![secret("sk_live_1")], vec![older.clone(), ours]);
+        reconcile(Arc::new(older), ctx).await.unwrap();
+        api.done().await;
+        assert!(
+            catalog
+                .get(&(NS.to_string(), "older".to_string()))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn hosts_compare_without_case_trailing_dot_or_a_missing_port() {
+        let h = |host: &str, port| HostMatch {
+            host: host.into(),
+            port,
+        };
+        assert!(hosts_clash(
+            &h("API.example.com.", None),
+            &h("api.example.com", Some(443))
+        ));
+        assert!(hosts_clash(
+            &h("api.example.com", Some(443)),
+            &h("api.example.com", Some(443))
+        ));
+        assert!(!hosts_clash(
+            &h("api.example.com", Some(443)),
+            &h("api.example.com", Some(8443))
+        ));
+        assert!(!hosts_clash(
+            &h("api.example.com", None),
+            &h("example.com", None)
+        ));
     }
 }

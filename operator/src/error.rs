@@ -18,6 +18,10 @@ pub enum Error {
     #[error("PartnerIntegration has no {0}")]
     MissingMetadata(&'static str),
 
+    /// A watch cache has not finished its initial list yet; retried.
+    #[error("the cache of {0} has not finished its initial list")]
+    CacheNotReady(&'static str),
+
     /// Serializing the status patch failed.
     #[error("serializing status: {0}")]
     Serialize(#[source] serde_json::Error),
@@ -38,6 +42,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::MissingMetadata(_) => "missing_metadata",
+            Error::CacheNotReady(_) => "cache_not_ready",
             Error::Serialize(_) => "serialize",
         }
     }

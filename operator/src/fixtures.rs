@@ -9,12 +9,14 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::client::Body;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
 use tollgate_crds::{PartnerIntegration, PartnerIntegrationSpec, PartnerIntegrationStatus};
 
 use crate::catalog::{CatalogHandle, Credential, Entry};
-use crate::controller::{Context, FINALIZER};
+use crate::controller::{CREDENTIAL_LABEL, Context, FINALIZER};
 use crate::distribution::{Hub, HubSettings};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
@@ -47,10 +49,16 @@ pub fn spec(kill: bool) -> Value {
     })
 }
 
+/// The Secret `payments/stripe-api`, opted in as a credential.
 pub fn secret(value: &str) -> Secret {
     let mut s = Secret::default();
     s.metadata.name = Some("stripe-api".into());
     s.metadata.namespace = Some(NS.into());
+    s.metadata.labels = Some(
+        [(CREDENTIAL_LABEL.to_string(), "true".to_string())]
+            .into_iter()
+            .collect(),
+    );
     s.metadata.resource_version = Some("42".into());
     s.data = Some(
         [("apiKey".to_string(), ByteString(value.as_bytes().to_vec()))]
@@ -71,12 +79,46 @@ pub fn previous_entry(spec: Value, generation: i64, credential: &str) -> Entry {
         Some(Credential {
             value: tollgate_crds::distribution::SecretValue::new(credential),
             secret_version: "41".into(),
+            secret_name: "stripe-api".into(),
+            allowed_hosts: None,
         }),
     )
 }
 
-/// A context over a mocked API server; `leader` decides whether it may write.
+/// A watch cache holding `objects`, its initial list done.
+pub fn cache<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    // The store's readers stay valid after the writer is gone.
+    std::mem::forget(writer);
+    store
+}
+
+/// A context over a mocked API server whose caches hold `secrets` (the labelled Secrets) and
+/// `integrations`; `leader` decides whether it may write.
+pub fn context_with(
+    leader: bool,
+    secrets: Vec<Secret>,
+    integrations: Vec<PartnerIntegration>,
+) -> (Arc<Context>, ApiServerVerifier, CatalogHandle) {
+    let (ctx, api, catalog) = bare_context(leader);
+    ctx.add_caches(cache(secrets), cache(integrations));
+    (ctx, api, catalog)
+}
+
+/// [`context_with`] the Secret `stripe-api` = `sk_live_1`.
 pub fn context(leader: bool) -> (Arc<Context>, ApiServerVerifier, CatalogHandle) {
+    context_with(leader, vec![secret("sk_live_1")], Vec::new())
+}
+
+fn bare_context(leader: bool) -> (Arc<Context>, ApiServerVerifier, CatalogHandle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let catalog = CatalogHandle::new();
@@ -104,13 +146,6 @@ fn respond(status: StatusCode, body: Value) -> Response<Body> {
         .expect("response")
 }
 
-fn not_found(what: &str) -> Response<Body> {
-    respond(
-        StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": format!("{what} not found")}),
-    )
-}
-
 async fn body_json(req: Request<Body>) -> Value {
     let bytes = req.into_body().collect_bytes().await.expect("request body");
     serde_json::from_slice(&bytes).expect("json body")
@@ -127,20 +162,6 @@ impl ApiServerVerifier {
             .await
             .expect("the reconcile made the expected call in time")
             .expect("service not called")
-    }
-
-    /// GET of the referenced Secret; `None` answers 404.
-    pub async fn secret_get(&mut self, secret: Option<Secret>) {
-        let (req, send) = self.next().await;
-        assert_eq!(req.method(), Method::GET);
-        assert_eq!(
-            req.uri().path(),
-            format!("/api/v1/namespaces/{NS}/secrets/stripe-api")
-        );
-        send.send_response(match secret {
-            Some(s) => respond(StatusCode::OK, serde_json::to_value(s).expect("json")),
-            None => not_found("secrets \"stripe-api\""),
-        });
     }
 
     /// The status write: server-side apply under our field manager. Returns the status sent.

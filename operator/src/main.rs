@@ -222,7 +222,20 @@ async fn main() -> anyhow::Result<()> {
             ..ServerLimits::default()
         },
     });
-    tokio::spawn(serve(listener, Arc::new(tls), distribution));
+    // Sidecars are served only once the initial sync is done: a replica that just started
+    // holds an empty or partial catalog, and a sidecar applies and persists what it is sent.
+    // Until then connections wait in the listen queue (a sidecar times out and retries,
+    // enforcing what it holds); /readyz says not ready.
+    {
+        let catalog = catalog.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            catalog.wait_synced().await;
+            ready.set(true);
+            tracing::info!("initial sync done; serving sidecars");
+            serve(listener, Arc::new(tls), distribution).await;
+        });
+    }
     let admin = metrics::bind(args.admin)
         .await
         .with_context(|| format!("binding {}", args.admin))?;
@@ -250,7 +263,6 @@ async fn main() -> anyhow::Result<()> {
         },
         args.status_interval,
     ));
-    ready.set(true);
     controller::run(ctx, args.namespaces).await;
     tracing::info!("tollgate-operator stopped");
     Ok(())

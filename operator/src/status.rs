@@ -3,18 +3,27 @@
 
 use k8s_openapi::jiff::{Timestamp, Unit};
 use tollgate_crds::distribution::BreakerState;
+use tollgate_crds::duration;
 use tollgate_crds::v1alpha1::{Condition, PartnerIntegrationStatus, condition, reason};
-use tollgate_crds::{CompileError, duration};
 
 use crate::catalog::Entry;
 use crate::traffic::{Observed, format_latency};
+
+/// Why a spec is refused: a condition reason and a message that names the field (and, where
+/// the user can act, the fix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
 
 /// What one reconcile found.
 #[derive(Debug)]
 pub struct Findings<'a> {
     pub generation: i64,
-    /// The spec failed the shared compile step.
-    pub invalid: Option<&'a CompileError>,
+    /// The spec was refused: it failed the shared compile step, claims a host an older
+    /// integration holds, or names a Secret that has not opted in.
+    pub invalid: Option<&'a Invalid>,
     /// The referenced Secret or key is missing (message names it).
     pub secret_problem: Option<&'a str>,
     /// What sidecars are given now (the last valid revision when the spec is invalid).
@@ -41,8 +50,8 @@ pub fn build(
         cond(
             condition::READY,
             false,
-            reason::INVALID_SPEC,
-            format!("spec is invalid ({e}); {keeps}"),
+            e.reason,
+            format!("spec is invalid ({}); {keeps}", e.message),
         )
     } else if let Some(p) = f.secret_problem {
         cond(
@@ -65,12 +74,7 @@ pub fn build(
     conditions.push(ready);
 
     conditions.push(match f.invalid {
-        Some(e) => cond(
-            condition::INVALID,
-            true,
-            reason::INVALID_SPEC,
-            e.to_string(),
-        ),
+        Some(e) => cond(condition::INVALID, true, e.reason, e.message.clone()),
         None => cond(condition::INVALID, false, reason::VALID, String::new()),
     });
 
@@ -217,6 +221,18 @@ pub struct Notice {
     pub note: String,
 }
 
+/// The `&'static` reason constant an Invalid condition carries.
+fn invalid_reason(r: Option<&str>) -> &'static str {
+    [
+        reason::HOST_CONFLICT,
+        reason::SECRET_NOT_OPTED_IN,
+        reason::CREDENTIAL_HOST_NOT_ALLOWED,
+    ]
+    .into_iter()
+    .find(|c| Some(*c) == r)
+    .unwrap_or(reason::INVALID_SPEC)
+}
+
 /// Events for: the kill switch flipping, the spec becoming invalid (or invalid differently),
 /// a Secret going missing. Nothing for a status that merely stays as it was.
 pub fn notices(
@@ -259,7 +275,7 @@ pub fn notices(
         if !same {
             out.push(Notice {
                 warning: true,
-                reason: reason::INVALID_SPEC,
+                reason: invalid_reason(inv.reason.as_deref()),
                 action: "Validate",
                 note: inv.message.clone().unwrap_or_default(),
             });

@@ -41,6 +41,8 @@ fn entry(
         secret.map(|v| Credential {
             value: SecretValue::new(v),
             secret_version: format!("rv-{v}"),
+            secret_name: "stripe-api".into(),
+            allowed_hosts: None,
         }),
     )
 }

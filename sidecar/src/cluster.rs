@@ -50,8 +50,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tollgate_crds::distribution::{
-    ACK_PATH, Ack, IntegrationReport, PROTOCOL_VERSION, REPORT_PATH, Report, SESSION_HEADER,
-    SUBSCRIBE_PATH, Snapshot, StreamMessage,
+    ACK_PATH, Ack, DistributedIntegration, IntegrationReport, PROTOCOL_VERSION, REPORT_PATH,
+    Report, SESSION_HEADER, SUBSCRIBE_PATH, Snapshot, StreamMessage,
 };
 
 /// Applies a snapshot (atomically) to the running sidecar. `Err` refuses it.
@@ -217,11 +217,39 @@ pub struct ClusterClient {
     restored: Option<Option<Held>>,
 }
 
-/// What the client holds: the revision and digest to resume from.
+/// What the client holds: the revision and digest to resume from, and the snapshot in force
+/// (whose credentials a snapshot may tell it to keep).
 #[derive(Clone, Debug, Default)]
 struct Held {
     revision: u64,
     digest: String,
+    snapshot: Option<Arc<Snapshot>>,
+}
+
+/// Gives every integration `s` marks `credential_held` the credential `previous` carries for
+/// it, when its `secretRef` and upstream URL are unchanged (an operator replica that restarted
+/// while the Secret was unreadable does not know the value; this sidecar does).
+pub fn keep_held_credentials(s: &mut Snapshot, previous: Option<&Snapshot>) {
+    let Some(previous) = previous else {
+        return;
+    };
+    for i in s.integrations.iter_mut().filter(|i| i.credential_held) {
+        let same = |o: &&DistributedIntegration| {
+            o.namespace == i.namespace
+                && o.name == i.name
+                && o.spec.upstream.url == i.spec.upstream.url
+                && o.spec.credentials.as_ref().map(|c| &c.secret_ref)
+                    == i.spec.credentials.as_ref().map(|c| &c.secret_ref)
+        };
+        if let Some(value) = previous
+            .integrations
+            .iter()
+            .find(same)
+            .and_then(|o| o.credential.clone())
+        {
+            i.credential = Some(value);
+        }
+    }
 }
 
 impl ClusterClient {
@@ -264,6 +292,7 @@ impl ClusterClient {
                     Some(Held {
                         revision: s.revision,
                         digest: s.digest.clone(),
+                        snapshot: Some(Arc::new(s)),
                     })
                 }
                 Err(e) => {
@@ -525,13 +554,17 @@ impl ClusterClient {
         session: Option<&str>,
     ) {
         let revision = s.revision;
+        let mut s = s;
+        keep_held_credentials(&mut s, held.as_ref().and_then(|h| h.snapshot.as_deref()));
         if let Err(e) = (self.apply)(&s) {
             tracing::warn!(revision, error = %e, "snapshot refused; the previous one stays in force");
             return;
         }
+        let s = Arc::new(s);
         *held = Some(Held {
             revision,
             digest: s.digest.clone(),
+            snapshot: Some(s.clone()),
         });
         self.state
             .send_replace(ConnectionState::Connected { revision });
@@ -607,7 +640,59 @@ impl Drop for AbortOnDrop {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use tollgate_crds::distribution::{DistributedIntegration, SecretValue};
+    use tollgate_crds::distribution::SecretValue;
+
+    fn with_credential(url: &str, secret: &str, value: Option<&str>) -> DistributedIntegration {
+        let spec = serde_json::from_value(serde_json::json!({
+            "upstream": {"url": url},
+            "credentials": {"secretRef": {"name": secret, "key": "apiKey"}},
+        }))
+        .unwrap();
+        DistributedIntegration {
+            namespace: "payments".into(),
+            name: "stripe".into(),
+            generation: 2,
+            config_revision: "2-abc".into(),
+            spec,
+            credential: value.map(SecretValue::new),
+            credential_held: value.is_none(),
+            quota_share: None,
+        }
+    }
+
+    #[test]
+    fn a_held_credential_is_kept_only_for_the_same_secret_and_upstream() {
+        let mut before = Snapshot::empty();
+        before.integrations.push(with_credential(
+            "https://api.stripe.com",
+            "stripe-api",
+            Some("sk_live"),
+        ));
+        let kept = |url: &str, secret: &str| {
+            let mut s = Snapshot::empty();
+            s.integrations.push(with_credential(url, secret, None));
+            keep_held_credentials(&mut s, Some(&before));
+            s.integrations[0]
+                .credential
+                .as_ref()
+                .map(|v| v.expose().to_string())
+        };
+        assert_eq!(
+            kept("https://api.stripe.com", "stripe-api"),
+            Some("sk_live".into())
+        );
+        assert_eq!(kept("https://collector.example", "stripe-api"), None);
+        assert_eq!(kept("https://api.stripe.com", "db-password"), None);
+        // Without a snapshot in force there is nothing to keep.
+        let mut s = Snapshot::empty();
+        s.integrations.push(with_credential(
+            "https://api.stripe.com",
+            "stripe-api",
+            None,
+        ));
+        keep_held_credentials(&mut s, None);
+        assert!(s.integrations[0].credential.is_none());
+    }
 
     #[test]
     fn snapshot_persists_with_mode_0600_and_loads() {
@@ -623,6 +708,7 @@ mod tests {
             config_revision: "1-abc".into(),
             spec: Default::default(),
             credential: Some(SecretValue::new("sk_live")),
+            credential_held: false,
             quota_share: None,
         });
         save_snapshot(&path, &s).unwrap();

@@ -108,7 +108,8 @@ pub fn pod_token(
     token(cp, ns, service_account, AUDIENCE, Some((pod, uid)))
 }
 
-/// Creates or replaces an Opaque Secret with one key.
+/// Creates or replaces an Opaque Secret with one key, opted in as a Tollgate credential
+/// (label `tollgate.dev/credential: "true"`).
 pub fn secret(
     cp: &ControlPlane,
     ns: &str,
@@ -121,7 +122,11 @@ pub fn secret(
         &json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": name, "namespace": ns},
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": {"tollgate.dev/credential": "true"},
+            },
             "type": "Opaque",
             "stringData": {key: value},
         })

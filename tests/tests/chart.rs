@@ -1344,7 +1344,7 @@ fn the_operator_runs_on_the_charts_rbac_and_certificate() {
     // A partner with a credential, in the watched namespace.
     let manifests = format!(
         r#"{{"apiVersion":"v1","kind":"List","items":[
-  {{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"partner-api","namespace":"{app}"}},"stringData":{{"apiKey":"k-123"}}}},
+  {{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"partner-api","namespace":"{app}","labels":{{"tollgate.dev/credential":"true"}}}},"stringData":{{"apiKey":"k-123"}}}},
   {{"apiVersion":"tollgate.dev/v1alpha1","kind":"PartnerIntegration","metadata":{{"name":"partner","namespace":"{app}"}},
     "spec":{{"upstream":{{"url":"http://127.0.0.1:9"}},"credentials":{{"secretRef":{{"name":"partner-api","key":"apiKey"}},"header":"Authorization","format":"Bearer {{value}}"}}}}}},
   {{"apiVersion":"v1","kind":"ServiceAccount","metadata":{{"name":"app","namespace":"{app}"}}}}
@@ -2134,4 +2134,66 @@ fn the_startup_gate_is_set_from_values_and_sidecars_reach_the_operator_by_its_fu
         let (ok, out) = helm_outcome(cp, &["template", "gate", &chart, "--set", bad]);
         assert!(!ok && out.contains("startup"), "{bad}: {out}");
     }
+}
+
+// === credential Secrets: read only, where watched ===
+
+/// The operator's Secret access on the chart's RBAC: it lists and watches credential Secrets
+/// (label `tollgate.dev/credential=true`) in the watched namespaces, exactly as it does at run
+/// time (a label-selected list as its ServiceAccount), and can write none there nor read any
+/// elsewhere.
+#[test]
+fn the_operator_may_only_read_secrets_and_only_where_it_watches() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace("chart-creds").unwrap();
+    let app = cp.create_namespace("chart-creds-app").unwrap();
+    let other = cp.create_namespace("chart-creds-other").unwrap();
+    install(cp, "creds", &ns, &[&format!("watchNamespaces={{{app}}}")]);
+    let sa = format!("system:serviceaccount:{ns}:creds-tollgate-operator");
+
+    for verb in ["list", "watch"] {
+        assert!(
+            can_i(cp, &sa, verb, "secrets", Some(&app)),
+            "{verb} in {app}"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some(&other)),
+            "{verb} in {other}"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some("*")),
+            "{verb} cluster-wide"
+        );
+    }
+    for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some(&app)),
+            "{verb} in {app}"
+        );
+        assert!(
+            !can_i(cp, &sa, verb, "secrets", Some(&other)),
+            "{verb} in {other}"
+        );
+    }
+    assert!(!can_i(cp, &sa, "get", "secrets/anything", Some(&other)));
+
+    // What the operator does, as its ServiceAccount: the label-selected list.
+    let list = |namespace: &str| {
+        cp.kubectl([
+            "get",
+            "secrets",
+            "-n",
+            namespace,
+            "-l",
+            "tollgate.dev/credential=true",
+            "--as",
+            &sa,
+            "-o",
+            "name",
+        ])
+    };
+    list(&app).expect("the credential list in a watched namespace");
+    let refused = list(&other).expect_err("no list outside the watched namespaces");
+    assert!(format!("{refused:#}").contains("forbidden"), "{refused:#}");
 }

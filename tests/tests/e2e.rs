@@ -7,6 +7,7 @@
 mod chart;
 mod cluster;
 mod crd;
+mod failstatic;
 mod helm;
 mod hostile;
 mod tokens;

@@ -127,7 +127,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["tollgate.dev"]
   resources: ["partnerintegrations/status"]
   verbs: ["patch"]
-# The credentials named by spec.credentials.secretRef, watched for rotation. Read only.
+# Credentials: only Secrets labelled tollgate.dev/credential=true are listed and watched
+# (RBAC cannot narrow by label). Read only.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]

@@ -90,6 +90,7 @@ impl View {
                 config_revision: e.config_revision.clone(),
                 spec: e.spec.clone(),
                 credential: e.credential.as_ref().map(|c| c.value.clone()),
+                credential_held: e.credential_held,
                 quota_share: share,
             });
         }
