@@ -582,3 +582,27 @@ fn manifest_stream_errors_name_the_document() {
     let ok = manifest::parse_stream("---\n---\n", "default").unwrap();
     assert!(ok.is_empty());
 }
+
+#[test]
+fn interception_is_on_for_https_partners_unless_turned_off_and_never_for_http() {
+    assert!(ok(MINIMAL).upstream.interception, "https: on by default");
+    assert!(
+        !ok("upstream: {url: 'https://a.example', interception: false}")
+            .upstream
+            .interception
+    );
+    assert!(
+        !ok("upstream: {url: 'http://a.example'}")
+            .upstream
+            .interception,
+        "http: nothing to originate TLS to"
+    );
+    let err = compile(
+        "ns",
+        "partner",
+        &spec("upstream: {url: 'http://a.example', interception: true}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("spec.upstream.interception"), "{err}");
+}
