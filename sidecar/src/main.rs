@@ -243,7 +243,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..ProxyOptions::default()
     };
     // Before the ready line: an app held until the trust files exist then finds them.
-    let interceptor = Arc::new(intercept::Interceptor::start(&args.intercept)?);
+    let interceptor = Arc::new(intercept::Interceptor::start(&args.intercept, &metrics)?);
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         stack: layers::stack(StackContext {

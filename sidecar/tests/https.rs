@@ -255,6 +255,11 @@ async fn redirected_https_to_a_partner_meets_every_policy() {
     let calls = every_policy_applies_inside_the_apps_tls(&w, &sidecar, &[]).await;
     let m = sidecar.metrics().await;
     assert_eq!(
+        metric(&m, "tollgate_tls_interception_active", &[]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
         metric(
             &m,
             "tollgate_intercepted_connections_total",
@@ -472,4 +477,44 @@ async fn a_partner_certificate_that_fails_verification_is_a_502_naming_the_reaso
             "{msg}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_opts_out_gets_partner_tls_spliced() {
+    let w = World::new().await;
+    let sidecar = w.sidecar(&["--tls-interception", "off"]).await;
+    let ca = w.pki.ca_file.display().to_string();
+    let r = curl_env(
+        &w.pair.app,
+        &[],
+        &["-v", "--cacert", &ca, "https://partner.test/v1/x"],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}\nsidecar log:\n{}", sidecar.log_text());
+    assert_eq!(issuer(&r.stderr), "CN=tollgate interception test CA");
+    let seen = w.partner.seen();
+    assert!(
+        seen[0].headers.get("authorization").is_none(),
+        "spliced: the sidecar could not add the credential"
+    );
+    assert!(!w.trust.path().join("ca.crt").exists(), "no pod CA");
+    assert!(
+        w.trust.path().join("ca-bundle.crt").exists(),
+        "the system roots still"
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "tollgate_tls_interception_active", &[]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_tunnels_total",
+            &[("integration", "test/partner"), ("outcome", "established")]
+        ),
+        1.0,
+        "{m}"
+    );
 }

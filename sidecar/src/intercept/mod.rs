@@ -30,6 +30,7 @@ use crate::body::RespBody;
 use crate::config::Integration;
 use crate::proxy::handler::Proxy;
 use crate::proxy::sniff::{SniffIo, Verdict, Verdicts};
+use crate::telemetry::metrics::Metrics;
 
 /// Whether this pod intercepts partner TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,7 +70,7 @@ impl Interceptor {
     /// Makes the pod CA (unless the pod opted out) and writes the trust directory. A CA that
     /// cannot be made leaves interception off for this start, said in the log; a trust
     /// directory that cannot be written stops the start, naming the flag.
-    pub fn start(flags: &Flags) -> anyhow::Result<Interceptor> {
+    pub fn start(flags: &Flags, metrics: &Metrics) -> anyhow::Result<Interceptor> {
         let ca = match flags.tls_interception {
             Mode::Off => {
                 tracing::info!(
@@ -92,6 +93,7 @@ impl Interceptor {
                 }
             },
         };
+        metrics.tls_interception.set(i64::from(ca.is_some()));
         let me = Interceptor { ca };
         if let Some(dir) = &flags.trust_dir {
             me.write_trust_dir(dir)
