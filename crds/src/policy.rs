@@ -170,6 +170,9 @@ pub struct UpstreamPolicy {
     pub base_path: String,
     #[serde(with = "duration::serde_go")]
     pub connect_timeout: Duration,
+    /// Whether the app's TLS to this partner is terminated by the sidecar (`upstream.interception`,
+    /// default: the url is https). Never true for an `http://` url.
+    pub interception: bool,
 }
 
 /// One `hosts` entry.
@@ -899,6 +902,19 @@ impl Compiler {
             Scheme::Https => 443,
         });
         let base_path = uri.path().trim_end_matches('/').to_string();
+        let interception = match (spec.upstream.interception, scheme) {
+            (Some(true), Scheme::Http) => {
+                self.err(
+                    "spec.upstream.interception",
+                    format!(
+                        "true needs an https:// url ({url:?} would send what the app encrypted in the clear)"
+                    ),
+                );
+                return None;
+            }
+            (Some(on), _) => on,
+            (None, scheme) => scheme == Scheme::Https,
+        };
         Some(UpstreamPolicy {
             url: url.clone(),
             scheme,
@@ -906,6 +922,7 @@ impl Compiler {
             port,
             base_path,
             connect_timeout,
+            interception,
         })
     }
 

@@ -141,6 +141,13 @@ pub struct Upstream {
         length(max = 32)
     )]
     pub connect_timeout: Option<String>,
+    /// Terminate the app's TLS to these hosts (`CONNECT` tunnels and redirected port-443
+    /// connections) with a leaf from the pod's own CA, so every policy applies to HTTPS calls
+    /// too. Default: true when `url` is `https://`. `false`: such TLS is spliced and gets only
+    /// the connection-level policies (kill switch, connect timeout, tunnel limit); use it for a
+    /// partner that pins its certificate or asks the app for a client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interception: Option<bool>,
 }
 
 /// The kill switch: while enabled, nothing reaches the partner.

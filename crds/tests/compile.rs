@@ -708,3 +708,27 @@ fn paths_normalise_once_and_prefixes_match_the_normal_form() {
     assert_eq!(p.versioning.denied_path_prefixes, ["/v0/"]);
     assert_eq!(p.routes[0].path_prefix.as_deref(), Some("/v1/tracking"));
 }
+
+#[test]
+fn interception_is_on_for_https_partners_unless_turned_off_and_never_for_http() {
+    assert!(ok(MINIMAL).upstream.interception, "https: on by default");
+    assert!(
+        !ok("upstream: {url: 'https://a.example', interception: false}")
+            .upstream
+            .interception
+    );
+    assert!(
+        !ok("upstream: {url: 'http://a.example'}")
+            .upstream
+            .interception,
+        "http: nothing to originate TLS to"
+    );
+    let err = compile(
+        "ns",
+        "partner",
+        &spec("upstream: {url: 'http://a.example', interception: true}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("spec.upstream.interception"), "{err}");
+}

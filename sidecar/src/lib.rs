@@ -15,6 +15,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod intercept;
 mod io;
 pub mod layers;
 pub mod proxy;

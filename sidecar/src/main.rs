@@ -21,7 +21,7 @@ use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
 use tollgate_sidecar::state::StateContext;
 use tollgate_sidecar::telemetry::metrics::Metrics;
 use tollgate_sidecar::telemetry::tracing::{self as telemetry, LogFormat};
-use tollgate_sidecar::{client, duration_arg, setup, transparent};
+use tollgate_sidecar::{client, duration_arg, intercept, setup, transparent};
 
 /// Governs this pod's outbound calls to partner APIs.
 #[derive(Debug, Parser)]
@@ -122,6 +122,8 @@ struct Args {
     log_format: LogFormat,
     #[command(flatten)]
     transparent: transparent::Flags,
+    #[command(flatten)]
+    intercept: intercept::Flags,
 }
 
 fn main() -> std::process::ExitCode {
@@ -245,6 +247,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_tunnels: args.max_tunnels,
         ..ProxyOptions::default()
     };
+    // Before the ready line: an app held until the trust files exist then finds them.
+    let interceptor = Arc::new(intercept::Interceptor::start(&args.intercept, &metrics)?);
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         stack: layers::stack(StackContext {
@@ -252,6 +256,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }),
         passthrough: client::build(tls, options.passthrough_connect_timeout, &ctx.pool),
         tunnels: Arc::new(Semaphore::new(options.max_tunnels)),
+        intercept: interceptor,
         options,
         metrics: metrics.clone(),
     });

@@ -419,6 +419,7 @@ fn integration(name: &str, spec_yaml: &str) -> DistributedIntegration {
         spec,
         credential: None,
         quota_share: None,
+        credential_held: false,
     }
 }
 

@@ -587,6 +587,34 @@ fn a_pod_in_a_labelled_namespace_gets_the_native_sidecar_and_the_iptables_init_c
     let app = &pod["spec"]["containers"][0];
     assert_eq!(env(app, "LOG_LEVEL").unwrap()["value"], "info");
     assert!(env(app, "HTTP_PROXY").is_none());
+
+    // It trusts the pod CA the sidecar writes for intercepted HTTPS.
+    assert!(
+        args.contains(&"--trust-dir=/var/run/tollgate/trust"),
+        "{args:?}"
+    );
+    assert_eq!(
+        env(app, "SSL_CERT_FILE").unwrap()["value"],
+        "/var/run/tollgate/trust/ca-bundle.crt"
+    );
+    assert_eq!(
+        env(app, "NODE_EXTRA_CA_CERTS").unwrap()["value"],
+        "/var/run/tollgate/trust/ca.crt"
+    );
+    assert!(
+        app["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "tollgate-trust"
+                && m["mountPath"] == "/var/run/tollgate/trust"
+                && m["readOnly"] == true),
+        "{app:#}"
+    );
+    assert_eq!(
+        volume(&pod, "tollgate-trust").unwrap()["emptyDir"]["medium"],
+        "Memory"
+    );
 }
 
 #[test]

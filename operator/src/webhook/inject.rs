@@ -16,6 +16,12 @@
 //! - proxy-env mode: `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (both cases) in every app container
 //!   and app init container, unless a container sets the variable itself.
 //! - Annotation `tollgate.dev/injected: <mode>`.
+//! - HTTPS interception trust (unless the pod is annotated `tollgate.dev/tls-interception:
+//!   disabled`, which gives the sidecar `--tls-interception=off` instead): a memory-backed
+//!   `tollgate-trust` volume where the sidecar writes the pod CA and a bundle
+//!   (`--trust-dir`) before its startup probe passes, mounted read-only in every app container
+//!   and app init container, with `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`
+//!   (the bundle) and `NODE_EXTRA_CA_CERTS` (the CA) unless a container sets one itself.
 //!
 //! A pod that already has `tollgate-sidecar` among its init containers is left as it is, so
 //! injecting is idempotent (a re-submitted or copied injected pod passes unchanged).
@@ -41,6 +47,12 @@ pub const NAMESPACE_ENABLED: &str = "enabled";
 pub const INTERCEPTION_ANNOTATION: &str = "tollgate.dev/interception";
 /// Set on injected pods, to the mode.
 pub const INJECTED_ANNOTATION: &str = "tollgate.dev/injected";
+/// Pod annotation: `disabled` turns the sidecar's TLS interception off for the pod
+/// (`enabled`, the default, keeps it).
+pub const TLS_INTERCEPTION_ANNOTATION: &str = "tollgate.dev/tls-interception";
+pub const TRUST_VOLUME: &str = "tollgate-trust";
+/// Where the sidecar writes, and app containers read, the pod CA and the bundle.
+pub const TRUST_DIR: &str = "/var/run/tollgate/trust";
 
 pub const SIDECAR_CONTAINER: &str = "tollgate-sidecar";
 pub const INIT_CONTAINER: &str = "tollgate-init";
@@ -375,8 +387,16 @@ pub fn patch(
         }
     }
 
+    let interception = tls_interception(pod, &mut warnings);
+    if interception {
+        trust_ops(&spec, mode, &mut ops, &mut warnings);
+    }
+
     // Volumes.
-    let volumes = volumes(cfg, mode);
+    let mut volumes = volumes(cfg, mode);
+    if interception {
+        volumes.push(trust_volume());
+    }
     if spec.volumes.is_none() {
         ops.push(add("/spec/volumes", to_value(&volumes)));
     } else {
@@ -391,7 +411,9 @@ pub fn patch(
     if mode == Mode::Iptables {
         ours.push(init_container(cfg, operator_cidrs));
     }
-    ours.push(sidecar_container(cfg, mode));
+    let mut sidecar = sidecar_container(cfg, mode);
+    sidecar_trust(&mut sidecar, interception);
+    ours.push(sidecar);
     if spec.init_containers.is_none() {
         ops.push(add("/spec/initContainers", to_value(&ours)));
     } else {
@@ -400,6 +422,130 @@ pub fn patch(
         }
     }
     (ops, warnings)
+}
+
+// === HTTPS interception trust ===
+
+/// Whether the pod keeps TLS interception (a value other than `enabled` or `disabled` is
+/// reported and keeps it).
+fn tls_interception(pod: &Pod, warnings: &mut Vec<String>) -> bool {
+    match annotation(pod, TLS_INTERCEPTION_ANNOTATION) {
+        None | Some("enabled") => true,
+        Some("disabled") => false,
+        Some(other) => {
+            warnings.push(format!(
+                "tollgate: annotation {TLS_INTERCEPTION_ANNOTATION}: {other:?} is neither \"enabled\" nor \"disabled\"; interception stays enabled"
+            ));
+            true
+        }
+    }
+}
+
+/// The variables that point app runtimes at the trust files.
+fn trust_env() -> Vec<EnvVar> {
+    let bundle = format!("{TRUST_DIR}/ca-bundle.crt");
+    let ca = format!("{TRUST_DIR}/ca.crt");
+    [
+        ("SSL_CERT_FILE", &bundle),
+        ("REQUESTS_CA_BUNDLE", &bundle),
+        ("CURL_CA_BUNDLE", &bundle),
+        ("NODE_EXTRA_CA_CERTS", &ca),
+    ]
+    .into_iter()
+    .map(|(name, value)| EnvVar {
+        name: name.to_string(),
+        value: Some(value.clone()),
+        value_from: None,
+    })
+    .collect()
+}
+
+/// The trust mount and variables for every app container and app init container; a variable
+/// a container sets itself is left as it is (and reported).
+fn trust_ops(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    mode: Mode,
+    ops: &mut Vec<Value>,
+    warnings: &mut Vec<String>,
+) {
+    let vars = trust_env();
+    let mount = VolumeMount {
+        name: TRUST_VOLUME.to_string(),
+        mount_path: TRUST_DIR.to_string(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let groups = [
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or(&[]),
+        ),
+        ("containers", spec.containers.as_slice()),
+    ];
+    for (field, containers) in groups {
+        for (i, c) in containers.iter().enumerate() {
+            let own: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+            for v in vars.iter().filter(|v| own.contains(v.name.as_str())) {
+                warnings.push(format!(
+                    "tollgate: container {:?} sets {} itself; left unchanged",
+                    c.name, v.name
+                ));
+            }
+            let missing: Vec<&EnvVar> = vars
+                .iter()
+                .filter(|v| !own.contains(v.name.as_str()))
+                .collect();
+            let base = format!("/spec/{field}/{i}/env");
+            // In proxy-env mode the proxy variables created the list already.
+            let has_env = c.env.is_some() || mode == Mode::ProxyEnv;
+            if !has_env && !missing.is_empty() {
+                ops.push(add(&base, to_value(&missing)));
+            } else {
+                for v in missing {
+                    ops.push(add(&format!("{base}/-"), to_value(v)));
+                }
+            }
+            let mounts = format!("/spec/{field}/{i}/volumeMounts");
+            if c.volume_mounts.is_none() {
+                ops.push(add(&mounts, json!([to_value(&mount)])));
+            } else {
+                ops.push(add(&format!("{mounts}/-"), to_value(&mount)));
+            }
+        }
+    }
+}
+
+/// Memory-backed: the files are public certificates, but nothing of the pod's TLS touches
+/// the node's disk.
+fn trust_volume() -> Volume {
+    Volume {
+        name: TRUST_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".to_string()),
+            size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "1Mi".to_string(),
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `--trust-dir` and its writable mount, or `--tls-interception=off`.
+fn sidecar_trust(sidecar: &mut Container, interception: bool) {
+    let args = sidecar.args.get_or_insert_with(Vec::new);
+    if !interception {
+        args.push("--tls-interception=off".to_string());
+        return;
+    }
+    args.push(format!("--trust-dir={TRUST_DIR}"));
+    sidecar
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: TRUST_VOLUME.to_string(),
+            mount_path: TRUST_DIR.to_string(),
+            ..Default::default()
+        });
 }
 
 fn add(path: &str, value: Value) -> Value {
@@ -956,7 +1102,8 @@ pub(crate) mod tests {
                 "--listen=127.0.0.1:15080",
                 "--admin=0.0.0.0:15090",
                 "--transparent=127.0.0.1:15001",
-                "--unknown-hosts=deny"
+                "--unknown-hosts=deny",
+                "--trust-dir=/var/run/tollgate/trust"
             ])
         );
         let sc = &side["securityContext"];
@@ -980,7 +1127,10 @@ pub(crate) mod tests {
 
         let vols = p["spec"]["volumes"].as_array().unwrap();
         let names: Vec<&str> = vols.iter().map(|v| v["name"].as_str().unwrap()).collect();
-        assert_eq!(names, [IDENTITY_VOLUME, STATE_VOLUME, XTABLES_VOLUME]);
+        assert_eq!(
+            names,
+            [IDENTITY_VOLUME, STATE_VOLUME, XTABLES_VOLUME, TRUST_VOLUME]
+        );
         assert_eq!(
             vols[0]["projected"]["sources"],
             json!([
@@ -994,8 +1144,91 @@ pub(crate) mod tests {
             json!({"medium": "Memory", "sizeLimit": "16Mi"}),
             "the revision holds credentials: never on disk"
         );
-        // The app container is untouched in this mode.
-        assert_eq!(p["spec"]["containers"], app()["spec"]["containers"]);
+        // The app container gets only the trust for intercepted HTTPS in this mode.
+        assert_eq!(
+            p["spec"]["containers"],
+            json!([{
+                "name": "app", "image": "app:1",
+                "env": [
+                    {"name": "SSL_CERT_FILE", "value": "/var/run/tollgate/trust/ca-bundle.crt"},
+                    {"name": "REQUESTS_CA_BUNDLE", "value": "/var/run/tollgate/trust/ca-bundle.crt"},
+                    {"name": "CURL_CA_BUNDLE", "value": "/var/run/tollgate/trust/ca-bundle.crt"},
+                    {"name": "NODE_EXTRA_CA_CERTS", "value": "/var/run/tollgate/trust/ca.crt"}
+                ],
+                "volumeMounts": [{"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": true}]
+            }])
+        );
+    }
+
+    #[test]
+    fn trust_keeps_what_a_container_sets_and_a_pod_can_opt_out() {
+        let cfg = config();
+        let original = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app"},
+            "spec": {"containers": [{
+                "name": "app", "image": "app:1",
+                "env": [{"name": "SSL_CERT_FILE", "value": "/etc/mine.pem"}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+            }], "volumes": [{"name": "data", "emptyDir": {}}]}
+        });
+        let (p, warnings) = injected(&cfg, &original, Mode::ProxyEnv);
+        let c = &p["spec"]["containers"][0];
+        let env: Vec<(&str, &str)> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap(), v["value"].as_str().unwrap()))
+            .collect();
+        assert_eq!(env[0], ("SSL_CERT_FILE", "/etc/mine.pem"));
+        assert_eq!(
+            env.iter().filter(|(n, _)| *n == "SSL_CERT_FILE").count(),
+            1,
+            "{env:?}"
+        );
+        assert!(
+            env.contains(&("HTTPS_PROXY", "http://127.0.0.1:15080")),
+            "{env:?}"
+        );
+        assert!(env.contains(&("NODE_EXTRA_CA_CERTS", "/var/run/tollgate/trust/ca.crt")));
+        assert_eq!(
+            warnings,
+            vec!["tollgate: container \"app\" sets SSL_CERT_FILE itself; left unchanged"]
+        );
+        assert_eq!(c["volumeMounts"][1]["name"], TRUST_VOLUME);
+        let side = &p["spec"]["initContainers"][0];
+        assert_eq!(side["volumeMounts"][2]["mountPath"], TRUST_DIR);
+        assert!(
+            side["volumeMounts"][2].get("readOnly").is_none(),
+            "the sidecar writes it"
+        );
+        assert_eq!(p["spec"]["volumes"][3]["emptyDir"]["medium"], "Memory");
+
+        let opted_out = with_annotations(app(), json!({TLS_INTERCEPTION_ANNOTATION: "disabled"}));
+        let (p, warnings) = injected(&cfg, &opted_out, Mode::Iptables);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            p["spec"]["containers"],
+            app()["spec"]["containers"],
+            "untouched"
+        );
+        let args = p["spec"]["initContainers"][1]["args"].as_array().unwrap();
+        assert_eq!(args.last().unwrap(), "--tls-interception=off");
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.as_str().unwrap().starts_with("--trust-dir"))
+        );
+        let vols = p["spec"]["volumes"].as_array().unwrap();
+        assert!(vols.iter().all(|v| v["name"] != TRUST_VOLUME));
+
+        let typo = with_annotations(app(), json!({TLS_INTERCEPTION_ANNOTATION: "off"}));
+        let (_, warnings) = injected(&cfg, &typo, Mode::Iptables);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("interception stays enabled"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
@@ -1070,7 +1303,7 @@ pub(crate) mod tests {
             .iter()
             .map(|v| v["name"].as_str().unwrap())
             .collect();
-        assert_eq!(vols, ["data", IDENTITY_VOLUME, STATE_VOLUME]);
+        assert_eq!(vols, ["data", IDENTITY_VOLUME, STATE_VOLUME, TRUST_VOLUME]);
     }
 
     #[test]

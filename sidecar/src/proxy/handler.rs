@@ -33,6 +33,8 @@ pub struct Proxy {
     pub passthrough: HttpClient,
     pub metrics: Arc<Metrics>,
     pub tunnels: Arc<Semaphore>,
+    /// TLS interception of partner hosts (`CONNECT` and transparent).
+    pub intercept: Arc<crate::intercept::Interceptor>,
 }
 
 /// Where a request is going, from its absolute-form target or its `Host` header.

@@ -1,5 +1,8 @@
-//! `CONNECT host:port` tunnels: L4 only. For a partner host the kill switch, the connect
-//! deadline and the tunnel limit apply; the bytes inside are not read.
+//! `CONNECT host:port` tunnels. To a partner host with interception on, the tunnel is answered
+//! by the sidecar itself: TLS terminated with a leaf from the pod CA and every request inside
+//! served like plain HTTP (see [`crate::intercept`]), so every policy answers inside the app's
+//! TLS session. Otherwise L4 only: for a partner host the kill switch, the connect deadline and
+//! the tunnel limit apply; the bytes inside are not read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +30,32 @@ pub async fn handle(
     let revision = proxy.store.load_full();
     let integration = revision.find(&target.host, Some(port)).cloned();
     drop(revision);
+    if let Some(i) = &integration
+        && proxy.intercept.for_integration(i).is_some()
+    {
+        count(&proxy, &i.label, "intercepted");
+        let host = target.host.clone();
+        let p = proxy.clone();
+        let span = tracing::debug_span!("intercepted tunnel", integration = %i.label, server.address = %host);
+        tokio::spawn(
+            async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        let interceptor = p.intercept.clone();
+                        if let Some(ca) = interceptor.ca() {
+                            crate::intercept::serve(TokioIo::new(upgraded), ca, &host, p, None)
+                                .await;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                }
+            }
+            .instrument(span),
+        );
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::OK;
+        return resp;
+    }
     let (label, connect_timeout) = match &integration {
         Some(i) => {
             let ks = &i.policy.default_route.kill_switch;

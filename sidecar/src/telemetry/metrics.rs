@@ -110,6 +110,9 @@ pub struct Metrics {
     pub open_connections: Gauge,
     pub rejected_connections: Counter,
     pub intercepted: Family<InterceptLabels, Counter>,
+    /// 1 while partner TLS is intercepted (the pod CA is in memory), 0 when it is spliced (the
+    /// pod opted out, or the CA could not be made at start).
+    pub tls_interception: Gauge,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -234,6 +237,12 @@ impl Default for Metrics {
             "Connections redirected to the transparent listener, by protocol and outcome",
             intercepted.clone(),
         );
+        let tls_interception = Gauge::default();
+        registry.register(
+            "tollgate_tls_interception_active",
+            "1 when partner TLS is intercepted with the pod CA, 0 when it is spliced",
+            tls_interception.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -253,6 +262,7 @@ impl Default for Metrics {
             open_connections,
             rejected_connections,
             intercepted,
+            tls_interception,
             refresh: Mutex::new(()),
         }
     }

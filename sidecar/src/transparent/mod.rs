@@ -9,9 +9,12 @@
 //!   routed by `Host`).
 //! - An HTTP/1 head naming any other host: spliced at L4 to the original destination, byte for
 //!   byte; a later request on that connection naming a partner closes it unsent.
-//! - A TLS ClientHello whose SNI names a partner: handled at L4 like `CONNECT` (kill switch,
-//!   connect timeout, tunnel limit, `tollgate_tunnels_total`, a `tollgate.tunnel` span), then
-//!   spliced to the original destination. TLS is not terminated.
+//! - A TLS ClientHello whose SNI names a partner with interception on (see [`crate::intercept`]):
+//!   TLS is terminated with a leaf for that name from the pod CA and every request inside is
+//!   served by the forward proxy's handler, as above.
+//! - A TLS ClientHello whose SNI names a partner with interception off: handled at L4 like
+//!   `CONNECT` (kill switch, connect timeout, tunnel limit, `tollgate_tunnels_total`, a
+//!   `tollgate.tunnel` span), then spliced to the original destination. TLS is not terminated.
 //! - Anything else: spliced to the original destination untouched.
 //!
 //! With `--unknown-hosts deny`, only partner traffic gets through: other HTTP gets 403 from the
@@ -146,6 +149,8 @@ enum Outcome {
     Proxy,
     /// A partner's TLS, at L4.
     Tunnel,
+    /// A partner's TLS, terminated with a leaf from the pod CA and served like HTTP.
+    Intercept,
     Splice,
     Denied,
     Closed,
@@ -156,6 +161,7 @@ impl Outcome {
         match self {
             Outcome::Proxy => "proxy",
             Outcome::Tunnel => "tunnel",
+            Outcome::Intercept => "intercept",
             Outcome::Splice => "splice",
             Outcome::Denied => "denied",
             Outcome::Closed => "closed",
@@ -261,10 +267,18 @@ async fn intercept(
             let integration = sni
                 .as_deref()
                 .and_then(|name| proxy.store.load().find(name, Some(orig.port())).cloned());
+            let host = sni.clone().unwrap_or_default();
             match integration {
+                Some(i) if proxy.intercept.for_integration(&i).is_some() => {
+                    count(&proxy, "tls", Outcome::Intercept);
+                    let interceptor = proxy.intercept.clone();
+                    if let Some(ca) = interceptor.for_integration(&i) {
+                        crate::intercept::serve(app, ca, &host, proxy, Some(drain)).await;
+                    }
+                }
                 Some(i) => {
                     count(&proxy, "tls", Outcome::Tunnel);
-                    partner_tls(&proxy, i, app, orig, sni.unwrap_or_default()).await;
+                    partner_tls(&proxy, i, app, orig, host).await;
                 }
                 None if deny => {
                     count(&proxy, "tls", Outcome::Denied);

@@ -18,6 +18,9 @@
 //! test; a guard deletes them (and their hosts file) even when the test fails, and namespaces
 //! left by a killed run are removed at the next.
 
+// Each test file uses a part of the harness.
+#![allow(dead_code)]
+
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -493,6 +496,8 @@ pub struct NsSidecar {
     child: Child,
     ns: String,
     pub admin: SocketAddr,
+    /// The outbound listener (forward proxy, `CONNECT`), in the app namespace.
+    pub listen: SocketAddr,
     pub logs: Arc<Mutex<Vec<String>>>,
     dir: tempfile::TempDir,
 }
@@ -566,7 +571,7 @@ impl NsSidecar {
             .kill_on_drop(true);
         let mut child = cmd.spawn().expect("the sidecar starts");
         let stderr = child.stderr.take().unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(SocketAddr, SocketAddr)>();
         let logs: Arc<Mutex<Vec<String>>> = Arc::default();
         let l = logs.clone();
         tokio::spawn(async move {
@@ -575,13 +580,16 @@ impl NsSidecar {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                     && v["fields"]["message"] == "tollgate-sidecar ready"
                 {
-                    let _ = tx.send(v["fields"]["admin"].as_str().unwrap().parse().unwrap());
+                    let _ = tx.send((
+                        v["fields"]["admin"].as_str().unwrap().parse().unwrap(),
+                        v["fields"]["listen"].as_str().unwrap().parse().unwrap(),
+                    ));
                 }
                 l.lock().unwrap().push(line);
             }
         });
-        let admin = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
-            Ok(Some(admin)) => admin,
+        let (admin, listen) = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Some(addrs)) => addrs,
             _ => panic!(
                 "sidecar did not become ready in the namespace; its log:\n{}",
                 logs.lock().unwrap().join("\n")
@@ -591,9 +599,15 @@ impl NsSidecar {
             child,
             ns: app.name.clone(),
             admin,
+            listen,
             logs,
             dir,
         }
+    }
+
+    /// The directory holding its binary, config and secrets.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn log_text(&self) -> String {
@@ -705,6 +719,69 @@ pub async fn curl(ns: &Netns, args: &[&str]) -> Curl {
         .expect("curl runs");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let (rest, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    Curl {
+        exit: out.status.code().unwrap_or(-1),
+        status: code.trim().parse().unwrap_or(0),
+        head: head.to_string(),
+        body: body.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `program` in `ns` as [`APP_UID`] with only `env` added to a proxy-free environment
+/// (an app configured by environment variables alone); its output.
+pub async fn app_run(
+    ns: &Netns,
+    env: &[(&str, &str)],
+    program: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let uid = APP_UID.to_string();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, "setpriv"])
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--", program])
+        .args(args);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "no_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"))
+}
+
+/// curl in `ns` as [`APP_UID`], configured by `env` only (no `--noproxy`, so `HTTPS_PROXY`
+/// applies when given).
+pub async fn curl_env(ns: &Netns, env: &[(&str, &str)], args: &[&str]) -> Curl {
+    let mut all = vec!["-sS", "-i", "--max-time", "15", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let out = app_run(ns, env, "curl", &all).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (rest, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    // With a proxy, curl prints the CONNECT response head first.
+    let mut rest = rest;
+    while let Some((_, next)) = rest.split_once("\r\n\r\n")
+        && next.starts_with("HTTP/")
+    {
+        rest = next;
+    }
     let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
     Curl {
         exit: out.status.code().unwrap_or(-1),
