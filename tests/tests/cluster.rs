@@ -259,9 +259,12 @@ fn traffic_flows_through_both_sidecars_under_the_policy() {
         );
         assert!(!config.to_string().contains(FIRST_KEY), "{config}");
         // The persisted revision holds the credential, so it is the pod's alone.
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(s.state_file()).unwrap().permissions(),
-        );
+        // It is written in the background after the revision is applied.
+        let mode = eventually("the persisted revision to be written", SETTLE, || {
+            Ok(std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(s.state_file())?.permissions(),
+            ))
+        });
         assert_eq!(mode & 0o777, 0o600, "{}", s.state_file().display());
     }
     assert_eq!(c.partner.count(), 2);
