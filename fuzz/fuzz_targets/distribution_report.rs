@@ -20,9 +20,9 @@ fuzz_target!(|data: &[u8]| {
     for (i, r) in report.integrations.iter().enumerate() {
         let _ = bucket_quantile(&r.latency_buckets, 0.95);
         // The same report from two pods, twice: the store adds them up.
-        store.record("pod-a", r, now);
-        store.record("pod-b", r, now);
-        store.record("pod-a", r, now + Duration::from_secs(i as u64 + 1));
+        let _ = store.record("pod-a", r, now);
+        let _ = store.record("pod-b", r, now);
+        let _ = store.record("pod-a", r, now + Duration::from_secs(i as u64 + 1));
     }
     let pods = vec!["pod-a".to_string(), "pod-b".to_string()];
     for key in store.keys() {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use libfuzzer_sys::fuzz_target;
-use tollgate_operator::webhook::inject::{InjectConfig, Mode, Scope};
+use tollgate_operator::webhook::inject::{InjectConfig, Mode, OnTimeout, Scope, StartupGate};
 use tollgate_operator::webhook::server::{review, review_json};
 
 fn config() -> InjectConfig {
@@ -33,6 +33,10 @@ fn config() -> InjectConfig {
             .into_iter()
             .map(String::from)
             .collect::<BTreeSet<_>>(),
+        startup: StartupGate {
+            timeout_seconds: 60,
+            on_timeout: OnTimeout::Fail,
+        },
     }
 }
 
