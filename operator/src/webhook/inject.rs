@@ -158,6 +158,19 @@ pub enum OnTimeout {
     Open,
 }
 
+/// The app's own containers, by the pod field that holds them (JSON patch paths name it).
+fn app_container_groups(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> [(&'static str, &[Container]); 2] {
+    [
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or(&[]),
+        ),
+        ("containers", spec.containers.as_slice()),
+    ]
+}
+
 /// Slack between the sidecar opening and the probe giving up, in fail-open mode: the probe's
 /// bound must not expire first.
 const FAIL_OPEN_SLACK_SECONDS: i32 = 15;
@@ -352,13 +365,7 @@ pub fn patch(
     // Proxy variables, before our init containers shift the app's init containers' indices.
     if mode == Mode::ProxyEnv {
         let vars = proxy_env(cfg);
-        let groups = [
-            (
-                "initContainers",
-                spec.init_containers.as_deref().unwrap_or(&[]),
-            ),
-            ("containers", spec.containers.as_slice()),
-        ];
+        let groups = app_container_groups(&spec);
         for (field, containers) in groups {
             for (i, c) in containers.iter().enumerate() {
                 let own: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
@@ -475,13 +482,7 @@ fn trust_ops(
         read_only: Some(true),
         ..Default::default()
     };
-    let groups = [
-        (
-            "initContainers",
-            spec.init_containers.as_deref().unwrap_or(&[]),
-        ),
-        ("containers", spec.containers.as_slice()),
-    ];
+    let groups = app_container_groups(spec);
     for (field, containers) in groups {
         for (i, c) in containers.iter().enumerate() {
             let own: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
