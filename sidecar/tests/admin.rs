@@ -4,11 +4,13 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpSocket};
+use bytes::Bytes;
+use http_body_util::Full;
+use tokio::net::TcpSocket;
 use tokio::process::{Child, Command};
+use tollgate_testkit::free_addr;
+use tollgate_testkit::http::send_over;
+use tollgate_testkit::wait::eventually_async;
 
 /// A non-loopback address of this machine: the source address of its default route.
 fn machine_address() -> IpAddr {
@@ -20,43 +22,25 @@ fn machine_address() -> IpAddr {
     ip
 }
 
-async fn free_port() -> u16 {
-    let l = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// GET `path` from `to`, the connection coming from `from`: (status, body).
-async fn get_from(from: IpAddr, to: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+async fn get_from(from: IpAddr, to: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(from, 0))?;
     let stream = socket.connect(to).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(conn);
     let req = http::Request::get(path)
         .header("host", to.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(std::io::Error::other)?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        .body(Full::new(Bytes::new()))?;
+    let r = send_over(stream, req).await?;
+    Ok((r.status, r.body))
 }
 
 /// Polls `path` from `from` until the listener answers, for at most 20 s.
 async fn answer(from: IpAddr, to: SocketAddr, path: &str) -> (u16, String) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match get_from(from, to, path).await {
-            Ok(r) => return r,
-            Err(e) if Instant::now() > deadline => panic!("{path} from {from}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let what = format!("{path} from {from}");
+    eventually_async(&what, Duration::from_secs(20), async || {
+        get_from(from, to, path).await
+    })
+    .await
 }
 
 fn standalone(dir: &std::path::Path, admin: SocketAddr) -> Child {
@@ -77,7 +61,7 @@ fn standalone(dir: &std::path::Path, admin: SocketAddr) -> Child {
 #[tokio::test]
 async fn config_answers_loopback_peers_only_while_metrics_and_probes_answer_everyone() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port().await;
+    let port = free_addr().port();
     let _sidecar = standalone(dir.path(), SocketAddr::from(([0, 0, 0, 0], port)));
     let outside = machine_address();
     let pod_ip = SocketAddr::new(outside, port);
@@ -128,7 +112,7 @@ async fn without_a_revision_startup_waits_unless_told_to_fail_open() {
     let dir = tempfile::tempdir().unwrap();
 
     // Fail closed (the default): neither /readyz nor /startupz reports ready.
-    let closed = SocketAddr::new(loopback, free_port().await);
+    let closed = SocketAddr::new(loopback, free_addr().port());
     let _closed = without_operator(&dir.path().join("closed"), closed, &[]);
     for path in ["/readyz", "/startupz"] {
         let (status, body) = answer(loopback, closed, path).await;
@@ -137,7 +121,7 @@ async fn without_a_revision_startup_waits_unless_told_to_fail_open() {
     }
 
     // Fail open after a bound: /startupz reports started once it passed, /readyz still not.
-    let open = SocketAddr::new(loopback, free_port().await);
+    let open = SocketAddr::new(loopback, free_addr().port());
     let mut sidecar = without_operator(
         &dir.path().join("open"),
         open,

@@ -15,7 +15,8 @@ use hyper_util::rt::TokioIo;
 use support::otlp::Receiver;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use tollgate_testkit::tcp::{TcpServer, read_head};
 
 /// Bound on anything the sidecar must finish by itself; far above every deadline here, so only
 /// a call that does not end at all meets it.
@@ -37,64 +38,45 @@ enum Then {
 /// A partner on loopback that answers request `i` with `script(i)`: the bytes to write, and
 /// what to do after them.
 struct Staller {
-    addr: std::net::SocketAddr,
+    server: TcpServer,
     requests: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Staller {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl Staller {
     async fn start(script: impl Fn(usize) -> (String, Then) + Send + Sync + 'static) -> Staller {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let script = Arc::new(script);
         let r = requests.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut s, _)) = listener.accept().await {
-                let (r, script) = (r.clone(), script.clone());
-                conns.spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        // Requests here have no body: a head ends the request.
-                        let mut chunk = [0u8; 4096];
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                        buf.drain(..end);
-                        let i = r.fetch_add(1, Ordering::SeqCst);
-                        let (bytes, then) = script(i);
-                        if s.write_all(bytes.as_bytes()).await.is_err() || then == Then::Close {
-                            return;
-                        }
-                        if then == Then::Stall {
-                            // Hold the connection open, sending nothing, until the peer leaves.
-                            while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
-                            return;
-                        }
+        let server = TcpServer::start(move |mut s| {
+            let (r, script) = (r.clone(), script.clone());
+            async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Requests here have no body: a head ends the request.
+                    let Some(end) = read_head(&mut s, &mut buf).await else {
+                        return;
+                    };
+                    buf.drain(..end);
+                    let i = r.fetch_add(1, Ordering::SeqCst);
+                    let (bytes, then) = script(i);
+                    if s.write_all(bytes.as_bytes()).await.is_err() || then == Then::Close {
+                        return;
                     }
-                });
+                    if then == Then::Stall {
+                        // Hold the connection open, sending nothing, until the peer leaves.
+                        let mut chunk = [0u8; 4096];
+                        while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                }
             }
-        });
-        Staller {
-            addr,
-            requests,
-            task,
-        }
+        })
+        .await;
+        Staller { server, requests }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     fn count(&self) -> usize {

@@ -5,14 +5,13 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Method;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use tollgate_testkit::tcp::{TcpServer, read_head};
 
 /// Bound on a call the sidecar must end by itself; far above every deadline configured here,
 /// so only a call that never ends meets it.
@@ -29,46 +28,13 @@ enum Fault {
     MalformedHead,
 }
 
-/// A partner on loopback that commits `fault` on every connection.
-struct Faulty {
-    addr: std::net::SocketAddr,
-    /// Connections accepted (each is one attempt of the sidecar).
-    accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Faulty {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// A partner on loopback that commits `fault` on every connection; each connection it
+/// accepts is one attempt of the sidecar.
+struct Faulty;
 
 impl Faulty {
-    async fn start(fault: Fault) -> Faulty {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((s, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                conns.spawn(serve(s, fault));
-            }
-        });
-        Faulty {
-            addr,
-            accepted,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+    async fn start(fault: Fault) -> TcpServer {
+        TcpServer::start(move |s| serve(s, fault)).await
     }
 }
 
@@ -76,12 +42,9 @@ async fn serve(mut s: TcpStream, fault: Fault) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     // The request head.
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let Some(end) = read_head(&mut s, &mut buf).await else {
+        return;
+    };
     match fault {
         Fault::Silent => {
             // Keep reading (and so keep the connection open) until the sidecar gives up.
@@ -92,7 +55,6 @@ async fn serve(mut s: TcpStream, fault: Fault) {
             }
         }
         Fault::ResetMidBody => {
-            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             if buf.len() == end {
                 let _ = s.read(&mut chunk).await;
             }

@@ -17,7 +17,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -25,6 +24,9 @@ use tollgate_crds::distribution::{
     DistributedIntegration, Hello, PROTOCOL_VERSION, Snapshot, StreamMessage,
 };
 use tollgate_crds::v1alpha1::PartnerIntegrationSpec;
+use tollgate_testkit::http::get;
+use tollgate_testkit::sidecar::{self, Logs};
+use tollgate_testkit::wait::eventually_async;
 
 fn spec(partner: &Partner, rest: &str) -> String {
     manifest(
@@ -506,16 +508,16 @@ impl FakeOperator {
     }
 
     async fn wait_ack(&self, revision: u64, sidecar: &ClusterSidecar) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !self.acks.lock().unwrap().contains(&revision) {
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "revision {revision} never acknowledged; log:\n{}",
-                    sidecar.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("revision {revision} acknowledged");
+        eventually_async(&what, Duration::from_secs(10), async || {
+            anyhow::ensure!(
+                self.acks.lock().unwrap().contains(&revision),
+                "log:\n{}",
+                sidecar.log_text()
+            );
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -564,7 +566,7 @@ struct ClusterSidecar {
     listen: SocketAddr,
     admin: SocketAddr,
     _dir: tempfile::TempDir,
-    logs: Arc<Mutex<Vec<String>>>,
+    logs: Logs,
 }
 
 impl ClusterSidecar {
@@ -574,61 +576,40 @@ impl ClusterSidecar {
         let ca = dir.path().join("ca.crt");
         std::fs::write(&token, "t0ken").unwrap();
         std::fs::write(&ca, &op.ca.ca_pem).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-sidecar"))
-            .args([
-                "--operator",
-                &format!("https://127.0.0.1:{}", op.addr.port()),
-            ])
-            .arg("--token-file")
-            .arg(&token)
-            .arg("--operator-ca")
-            .arg(&ca)
-            .arg("--state-file")
-            .arg(dir.path().join("snapshot.json"))
-            .args(["--pod-name", "app-0", "--pod-namespace", "test"])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--log-format", "json"])
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, mut rx) = mpsc::unbounded_channel::<(SocketAddr, SocketAddr)>();
-        let l = logs.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["fields"]["message"] == "tollgate-sidecar ready"
-                {
-                    let listen = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
-                    let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
-                    let _ = tx.send((listen, admin));
-                }
-                l.lock().unwrap().push(line);
-            }
-        });
-        let Ok(Some((listen, admin))) =
-            tokio::time::timeout(Duration::from_secs(30), rx.recv()).await
-        else {
-            panic!("sidecar not ready:\n{}", logs.lock().unwrap().join("\n"));
-        };
+        let started = sidecar::start(
+            Command::new(env!("CARGO_BIN_EXE_tollgate-sidecar"))
+                .args([
+                    "--operator",
+                    &format!("https://127.0.0.1:{}", op.addr.port()),
+                ])
+                .arg("--token-file")
+                .arg(&token)
+                .arg("--operator-ca")
+                .arg(&ca)
+                .arg("--state-file")
+                .arg(dir.path().join("snapshot.json"))
+                .args(["--pod-name", "app-0", "--pod-namespace", "test"])
+                .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                .args(["--log-format", "json"])
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .kill_on_drop(true),
+            Duration::from_secs(30),
+        )
+        .await;
         ClusterSidecar {
-            _child: child,
-            listen,
-            admin,
+            _child: started.child,
+            listen: started.listen,
+            admin: started.admin,
             _dir: dir,
-            logs,
+            logs: started.logs,
         }
     }
 
     fn log_text(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.logs.text()
     }
 
     async fn get(&self, url: &str) -> Resp {
@@ -636,26 +617,10 @@ impl ClusterSidecar {
     }
 
     async fn config(&self) -> serde_json::Value {
-        let r = request(
-            self.admin,
-            Method::GET,
-            &format!("http://{}/config", self.admin),
-            &[],
-            "",
-        )
-        .await;
-        serde_json::from_str(&r.body).unwrap()
+        serde_json::from_str(&get(self.admin, "/config").await.body).unwrap()
     }
 
     async fn metrics(&self) -> String {
-        request(
-            self.admin,
-            Method::GET,
-            &format!("http://{}/metrics", self.admin),
-            &[],
-            "",
-        )
-        .await
-        .body
+        get(self.admin, "/metrics").await.body
     }
 }

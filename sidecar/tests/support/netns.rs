@@ -32,11 +32,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
+use tollgate_testkit::TestCa;
+use tollgate_testkit::http::send_over;
+use tollgate_testkit::sidecar::{self, Logs};
+use tollgate_testkit::tcp::TcpServer;
+use tollgate_testkit::wait::eventually_async;
 
 pub const APP_IP: &str = "10.200.0.1";
 pub const PARTNER_IP: &str = "10.200.0.2";
@@ -368,26 +372,20 @@ impl Pair {
 
 /// A CA and server certificates for test host names; the CA file is readable by any UID.
 pub struct Pki {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca: TestCa,
     pub ca_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Pki {
     pub fn new() -> Pki {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "tollgate interception test CA");
-        let cert = params.self_signed(&key).unwrap();
+        let ca = TestCa::named("tollgate interception test CA");
         let dir = world_readable_tempdir();
         let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, cert.pem()).unwrap();
+        std::fs::write(&ca_file, &ca.ca_pem).unwrap();
         std::fs::set_permissions(&ca_file, std::fs::Permissions::from_mode(0o644)).unwrap();
         Pki {
-            issuer: rcgen::Issuer::new(params, key),
+            ca,
             ca_file,
             _dir: dir,
         }
@@ -395,20 +393,7 @@ impl Pki {
 
     /// A rustls server config with a certificate for `name`.
     pub fn server(&self, name: &str) -> Arc<rustls::ServerConfig> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        Arc::new(cfg)
+        self.ca.issue(&[name]).server_config()
     }
 }
 
@@ -426,13 +411,7 @@ pub struct Origin {
     pub conns: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Complete request heads received, over all connections.
     pub heads: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: TcpServer,
 }
 
 impl Origin {
@@ -443,36 +422,38 @@ impl Origin {
         let conns: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let heads = Arc::new(AtomicUsize::new(0));
         let (c, h) = (conns.clone(), heads.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let (c, h) = (c.clone(), h.clone());
-                tokio::spawn(async move {
-                    let index = {
-                        let mut v = c.lock().unwrap();
-                        v.push(Vec::new());
-                        v.len() - 1
+        let server = TcpServer::start_on(listener, move |mut s| {
+            let (c, h) = (c.clone(), h.clone());
+            async move {
+                let index = {
+                    let mut v = c.lock().unwrap();
+                    v.push(Vec::new());
+                    v.len() - 1
+                };
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
                     };
-                    let mut pending = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let n = match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        c.lock().unwrap()[index].extend_from_slice(&buf[..n]);
-                        pending.extend_from_slice(&buf[..n]);
-                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            pending.drain(..end + 4);
-                            h.fetch_add(1, Ordering::SeqCst);
-                            if s.write_all(Self::RESPONSE).await.is_err() {
-                                return;
-                            }
+                    c.lock().unwrap()[index].extend_from_slice(&buf[..n]);
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        h.fetch_add(1, Ordering::SeqCst);
+                        if s.write_all(Self::RESPONSE).await.is_err() {
+                            return;
                         }
                     }
-                });
+                }
             }
         });
-        Origin { conns, heads, task }
+        Origin {
+            conns,
+            heads,
+            _server: server,
+        }
     }
 }
 
@@ -498,7 +479,7 @@ pub struct NsSidecar {
     pub admin: SocketAddr,
     /// The outbound listener (forward proxy, `CONNECT`), in the app namespace.
     pub listen: SocketAddr,
-    pub logs: Arc<Mutex<Vec<String>>>,
+    pub logs: Logs,
     dir: tempfile::TempDir,
 }
 
@@ -567,34 +548,13 @@ impl NsSidecar {
             .env("RUST_LOG", "info,tollgate_sidecar=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("the sidecar starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(SocketAddr, SocketAddr)>();
-        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        let l = logs.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["fields"]["message"] == "tollgate-sidecar ready"
-                {
-                    let _ = tx.send((
-                        v["fields"]["admin"].as_str().unwrap().parse().unwrap(),
-                        v["fields"]["listen"].as_str().unwrap().parse().unwrap(),
-                    ));
-                }
-                l.lock().unwrap().push(line);
-            }
-        });
-        let (admin, listen) = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
-            Ok(Some(addrs)) => addrs,
-            _ => panic!(
-                "sidecar did not become ready in the namespace; its log:\n{}",
-                logs.lock().unwrap().join("\n")
-            ),
-        };
+        let sidecar::Started {
+            child,
+            listen,
+            admin,
+            logs,
+        } = sidecar::start(&mut cmd, Duration::from_secs(30)).await;
         NsSidecar {
             child,
             ns: app.name.clone(),
@@ -611,7 +571,7 @@ impl NsSidecar {
     }
 
     pub fn log_text(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.logs.text()
     }
 
     /// Replaces the config file atomically (the sidecar reloads it).
@@ -621,17 +581,11 @@ impl NsSidecar {
 
     async fn admin_get(&self, path: &str) -> String {
         let stream = connect(&self.ns, self.admin).await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
         let req = Request::get(path)
             .header("host", self.admin.to_string())
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8_lossy(&body).into_owned()
+        send_over(stream, req).await.unwrap().body
     }
 
     pub async fn metrics(&self) -> String {
@@ -640,20 +594,13 @@ impl NsSidecar {
 
     /// Polls `/config` until `pred` holds; panics with the log after 10 s.
     pub async fn wait_config(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
+        eventually_async(what, Duration::from_secs(10), async || {
             let c: serde_json::Value =
                 serde_json::from_str(&self.admin_get("/config").await).unwrap();
-            if pred(&c) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; config: {c}\nlog:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            anyhow::ensure!(pred(&c), "config: {c}\nlog:\n{}", self.log_text());
+            Ok(())
+        })
+        .await
     }
 }
 

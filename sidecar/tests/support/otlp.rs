@@ -18,6 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use tokio::net::TcpListener;
+use tollgate_testkit::wait::eventually_async;
 
 #[derive(Debug, Clone)]
 pub struct SpanRecord {
@@ -153,24 +154,21 @@ impl Receiver {
 
     /// Waits until `n` spans named `name` arrived (the exporter batches).
     pub async fn wait_for(&self, name: &str, n: usize) -> Vec<SpanRecord> {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-        loop {
+        let what = format!("{n} {name} spans");
+        eventually_async(&what, std::time::Duration::from_secs(15), async || {
             let got: Vec<SpanRecord> = self
                 .spans()
                 .into_iter()
                 .filter(|s| s.name == name)
                 .collect();
-            if got.len() >= n {
-                return got;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "only {} {name} spans arrived: {:?}",
-                    got.len(),
-                    self.spans()
-                );
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+            anyhow::ensure!(
+                got.len() >= n,
+                "only {} {name} spans arrived: {:?}",
+                got.len(),
+                self.spans()
+            );
+            Ok(got)
+        })
+        .await
     }
 }
