@@ -12,8 +12,9 @@ use tollgate_crds::distribution::{BreakerState, IntegrationReport, SecretValue, 
 use tollgate_operator::catalog::{CatalogHandle, Credential, Entry};
 use tollgate_operator::distribution::{HubSettings, ServerLimits};
 use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, ConnectionState};
+use tollgate_testkit::{ServingCert, metric, until};
 
-use support::{Certs, FakeApi, OperatorProcess, TokenKind, certs, free_addr};
+use support::{FakeApi, OperatorProcess, TokenKind, certs, free_addr};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -73,7 +74,7 @@ struct Sidecar {
 impl Sidecar {
     fn start(
         addr: std::net::SocketAddr,
-        certs: &Certs,
+        certs: &ServingCert,
         dir: &std::path::Path,
         ns: &str,
         pod: &str,
@@ -144,25 +145,6 @@ impl Drop for Sidecar {
     }
 }
 
-/// A sample's value from the Prometheus text exposition.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait_until(mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_change_reaches_both_sidecars() {
     let dir = tempfile::tempdir().unwrap();
@@ -221,16 +203,18 @@ async fn a_revision_change_reaches_both_sidecars() {
     // The acks reach the operator and are timed. Each is its own request on the connection, so
     // an ack of revision 2 may overtake the ack of revision 1 and settle both with one
     // observation: two to four observations in all.
-    wait_until(|| {
+    until("two push latencies observed", WAIT, || {
         metric(
             &op.metrics.encode(),
             "tollgate_operator_push_latency_seconds_count",
+            &[],
         ) >= 2.0
     })
     .await;
     let observed = metric(
         &op.metrics.encode(),
         "tollgate_operator_push_latency_seconds_count",
+        &[],
     );
     assert!((2.0..=4.0).contains(&observed), "{observed}");
     assert_eq!(op.metrics.connected_sidecars.get(), 2);
@@ -256,7 +240,7 @@ async fn a_revision_change_reaches_both_sidecars() {
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());
-    wait_until(|| {
+    until("both sidecars up to date with traffic", WAIT, || {
         let o = op.hub.observe(&key, &rev);
         o.sidecars.up_to_date == 2 && o.traffic.is_some()
     })
@@ -400,7 +384,7 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
     let first = s.next().await;
     assert_eq!(first.revision, 1);
     let state_file = dir.path().join("payments-checkout-1.snapshot.json");
-    wait_until(|| state_file.exists()).await;
+    until("the snapshot persisted", WAIT, || state_file.exists()).await;
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&state_file).unwrap().permissions().mode() & 0o777;
@@ -497,7 +481,7 @@ async fn a_stream_ends_when_its_pod_is_deleted() {
     assert_eq!(s.next().await.revision, 1);
 
     api.remove_pod("payments", "checkout-1");
-    wait_until(|| op.hub.session_count() == 0).await;
+    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
     // The stream ends, then the reconnect is refused.
     s.state_matches(|st| {
         matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("403")
@@ -514,7 +498,8 @@ async fn a_stream_ends_when_its_pod_is_deleted() {
     assert!(
         metric(
             &op.metrics.encode(),
-            "tollgate_operator_streams_ended_total{reason=\"pod_gone\"}"
+            "tollgate_operator_streams_ended_total",
+            &[("reason", "pod_gone")]
         ) >= 1.0
     );
 }
@@ -546,7 +531,7 @@ async fn a_stream_ends_when_its_token_expires() {
     assert_eq!(s.next().await.revision, 1);
     assert_eq!(op.hub.session_count(), 1);
 
-    wait_until(|| op.hub.session_count() == 0).await;
+    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
     // The stream ends, then the reconnect is refused.
     s.state_matches(|st| {
         matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("401")
@@ -563,7 +548,8 @@ async fn a_stream_ends_when_its_token_expires() {
     assert!(
         metric(
             &op.metrics.encode(),
-            "tollgate_operator_streams_ended_total{reason=\"token_expired\"}"
+            "tollgate_operator_streams_ended_total",
+            &[("reason", "token_expired")]
         ) >= 1.0
     );
 }
@@ -604,7 +590,8 @@ async fn streams_per_pod_are_limited() {
     assert!(
         metric(
             &op.metrics.encode(),
-            "tollgate_operator_auth_rejections_total{reason=\"stream_limit\"}"
+            "tollgate_operator_auth_rejections_total",
+            &[("reason", "stream_limit")]
         ) >= 1.0
     );
     catalog.upsert(entry(
@@ -644,13 +631,15 @@ async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
         junk.push((d, a, b));
     }
     // Every one of them is refused, and keeps retrying.
-    wait_until(|| {
+    until("a hundred refusals", WAIT, || {
         metric(
             &op.metrics.encode(),
-            "tollgate_operator_auth_rejections_total{reason=\"rejected\"}",
+            "tollgate_operator_auth_rejections_total",
+            &[("reason", "rejected")],
         ) + metric(
             &op.metrics.encode(),
-            "tollgate_operator_auth_rejections_total{reason=\"malformed\"}",
+            "tollgate_operator_auth_rejections_total",
+            &[("reason", "malformed")],
         ) >= 100.0
     })
     .await;
@@ -659,7 +648,8 @@ async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
     assert!(
         metric(
             &op.metrics.encode(),
-            "tollgate_operator_token_review_cache_hits_total"
+            "tollgate_operator_token_review_cache_hits_total",
+            &[],
         ) >= 10.0
     );
 }

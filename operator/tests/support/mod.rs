@@ -6,10 +6,9 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -20,6 +19,10 @@ use tollgate_operator::distribution::{
     Authenticator, Distribution, Hub, HubSettings, ServerLimits, serve, tls_config,
 };
 use tollgate_operator::metrics::Metrics;
+use tollgate_testkit::jwt::jwt;
+use tollgate_testkit::{ServingCert, TestCa};
+
+pub use tollgate_testkit::free_addr;
 
 /// A pod the fake API server knows, and the token that proves it.
 #[derive(Clone, Debug)]
@@ -53,36 +56,6 @@ pub struct FakeApi {
     pub pods: Arc<Mutex<BTreeMap<(String, String), FakePod>>>,
     expiry: Arc<Mutex<BTreeMap<String, SystemTime>>>,
     reviews: Arc<AtomicUsize>,
-}
-
-/// base64url without padding.
-pub fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-/// A JWT-shaped token for `subject`, expiring at `exp`.
-pub fn jwt(subject: &str, exp: SystemTime) -> String {
-    let exp = exp.duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let header = b64url(br#"{"alg":"RS256","kid":"fake"}"#);
-    let claims = b64url(
-        json!({"iss": "https://fake", "sub": subject, "aud": ["tollgate"], "exp": exp})
-            .to_string()
-            .as_bytes(),
-    );
-    format!("{header}.{claims}.{}", b64url(subject.as_bytes()))
 }
 
 impl FakeApi {
@@ -253,24 +226,12 @@ pub fn not_found(message: &str) -> Response<Full<Bytes>> {
     r
 }
 
-/// A self-signed certificate for `localhost`, and where its PEM is on disk (the CA bundle).
-pub struct Certs {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_file: PathBuf,
-}
-
-pub fn certs(dir: &std::path::Path) -> Certs {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = ck.cert.pem();
-    let key_pem = ck.signing_key.serialize_pem();
-    let ca_file = dir.join("ca.crt");
-    std::fs::write(&ca_file, &cert_pem).unwrap();
-    Certs {
-        cert_pem,
-        key_pem,
-        ca_file,
-    }
+/// A CA and a serving certificate it signed for `localhost`, written into `dir` (`ca.crt` is
+/// the bundle a client trusts).
+pub fn certs(dir: &std::path::Path) -> ServingCert {
+    TestCa::new()
+        .write_serving_cert(dir, &["localhost"])
+        .unwrap()
 }
 
 /// The distribution side of an operator, in a runtime of its own: [`OperatorProcess::stop`]
@@ -285,7 +246,7 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     pub fn start(
         addr: SocketAddr,
-        certs: &Certs,
+        certs: &ServingCert,
         api: &FakeApi,
         catalog: CatalogHandle,
         settings: HubSettings,
@@ -295,7 +256,7 @@ impl OperatorProcess {
 
     pub fn start_with(
         addr: SocketAddr,
-        certs: &Certs,
+        certs: &ServingCert,
         api: &FakeApi,
         catalog: CatalogHandle,
         settings: HubSettings,
@@ -370,30 +331,12 @@ impl Drop for OperatorProcess {
 /// A TLS connection to the endpoint, trusting `certs`, speaking HTTP/1.1.
 pub async fn tls_connect(
     addr: SocketAddr,
-    certs: &Certs,
+    certs: &ServingCert,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut std::io::BufReader::new(certs.cert_pem.as_bytes())) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(certs.client_config())
         .connect(name, tcp)
         .await
         .unwrap()
-}
-
-/// A port free on loopback now.
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
