@@ -65,7 +65,7 @@ struct KubeProxy {
 
 impl KubeProxy {
     fn start(cp: &ControlPlane) -> anyhow::Result<KubeProxy> {
-        let addr = tollgate_e2e::operator::free_port()?;
+        let addr = tollgate_testkit::free_addr();
         let child = Command::new(std::env::var_os("KUBECTL").unwrap_or("kubectl".into()))
             .arg("--kubeconfig")
             .arg(cp.kubeconfig())
@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
     });
 
     let ns = cp.create_namespace("propagation")?;
-    let partner = Partner::start()?;
+    let partner = Partner::echo()?;
     objects::service_account(&cp, &ns, "app")?;
     objects::apply(
         &cp,

@@ -6,24 +6,27 @@
 //! first use by `tests/build-tools.sh` into `<target>/e2e-tools/`.
 //!
 //! For the cluster scenarios: the real [`Operator`] and [`Sidecar`] binaries as child
-//! processes (built with cargo on first use, see [`bins`]), a real [`Partner`] HTTP server on
-//! loopback, a blocking [`net`] client, the Kubernetes [`objects`] they need, and
-//! [`eventually`] to wait for a condition with a deadline.
+//! processes (built with cargo on first use, see [`bins`]) and the Kubernetes [`objects`] they
+//! need. From the shared test kit (`tollgate-testkit`): a real [`Partner`] HTTP server on
+//! loopback, a blocking [`net`] client, and [`eventually`] to wait for a condition with a
+//! deadline.
 
 pub mod bins;
 mod controlplane;
-pub mod net;
 pub mod objects;
 pub mod operator;
-pub mod partner;
 pub mod process;
 pub mod sidecar;
 pub mod tools;
-pub mod wait;
 
 pub use controlplane::ControlPlane;
 pub use operator::{Operator, OperatorConfig};
-pub use partner::Partner;
 pub use sidecar::{Sidecar, SidecarConfig};
+pub use tollgate_testkit::{Partner, eventually, eventually_every};
 pub use tools::{controlplane_bin, helm_bin};
-pub use wait::{eventually, eventually_every};
+
+/// The shared test kit's blocking HTTP client and metric reader.
+pub mod net {
+    pub use tollgate_testkit::blocking::{DEFAULT_TIMEOUT, get, request, request_within, runtime};
+    pub use tollgate_testkit::{Resp, metric};
+}

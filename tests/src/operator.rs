@@ -1,9 +1,9 @@
 //! The real `tollgate-operator` binary as a child process, against a [`ControlPlane`]: its own
-//! serving certificate for 127.0.0.1 (rcgen), fixed ports so a restart comes back where the
+//! serving certificate for 127.0.0.1 (the test kit's CA), fixed ports so a restart comes back where the
 //! sidecars look for it, and the control plane's admin kubeconfig.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -13,47 +13,10 @@ use crate::bins::operator_bin;
 use crate::net;
 use crate::process::{Process, Spec};
 use crate::tools::target_dir;
+use tollgate_testkit::{ServingCert, TestCa, free_addr};
 
 /// How long the operator may take to report ready (kube client, CRD check, listeners).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A CA and a serving certificate signed by it for `127.0.0.1` and `localhost`, as PEM files.
-#[derive(Debug, Clone)]
-pub struct ServingCert {
-    /// The CA bundle sidecars trust (`--operator-ca`).
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
-
-impl ServingCert {
-    /// Generates the pair into `dir`.
-    pub fn generate(dir: &Path) -> anyhow::Result<ServingCert> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "tollgate e2e CA");
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate()?;
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
-        leaf.subject_alt_names
-            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-        leaf.distinguished_name
-            .push(rcgen::DnType::CommonName, "tollgate-operator");
-        let cert = leaf.signed_by(&key, &issuer)?;
-        let out = ServingCert {
-            ca_file: dir.join("ca.crt"),
-            cert_file: dir.join("tls.crt"),
-            key_file: dir.join("tls.key"),
-        };
-        std::fs::write(&out.ca_file, ca_cert.pem())?;
-        std::fs::write(&out.cert_file, cert.pem())?;
-        std::fs::write(&out.key_file, key.serialize_pem())?;
-        Ok(out)
-    }
-}
 
 /// How to run an operator.
 #[derive(Debug, Clone)]
@@ -103,7 +66,8 @@ impl Operator {
         let dir = tempfile::Builder::new()
             .prefix("tollgate-operator-")
             .tempdir()?;
-        let cert = ServingCert::generate(dir.path())?;
+        let cert = TestCa::named("tollgate e2e CA")
+            .write_serving_cert(dir.path(), &["localhost", "127.0.0.1"])?;
         let mut spec = Spec::new(operator_bin());
         spec.arg("--tls-cert")
             .arg(&cert.cert_file)
@@ -131,8 +95,8 @@ impl Operator {
             spec,
             process: None,
             log_path,
-            listen: free_port()?,
-            admin: free_port()?,
+            listen: free_addr(),
+            admin: free_addr(),
             cert,
             _dir: dir,
         };
@@ -141,7 +105,7 @@ impl Operator {
         for attempt in 1.. {
             match op.launch() {
                 Err(e) if attempt < 5 && in_use(&e) => {
-                    (op.listen, op.admin) = (free_port()?, free_port()?);
+                    (op.listen, op.admin) = (free_addr(), free_addr());
                 }
                 other => return other.map(|()| op),
             }
@@ -231,10 +195,4 @@ impl Operator {
 /// Whether the operator exited because a port was taken.
 fn in_use(e: &anyhow::Error) -> bool {
     format!("{e:#}").contains("Address already in use")
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use http::Method;
 use serde_json::Value;
+use tollgate_testkit::sidecar::ready_addrs;
 
 use crate::bins::sidecar_bin;
 use crate::net::{self, Resp};
@@ -99,16 +100,7 @@ impl Sidecar {
         spec.args(["--listen", &self.listen.to_string()])
             .args(["--admin", &self.admin.to_string()]);
         let mut process = Process::spawn(&self.name, &spec, &self.log_path)?;
-        let (listen, admin) = process.wait_for_line(READY_TIMEOUT, |line| {
-            let v: Value = serde_json::from_str(line).ok()?;
-            let f = &v["fields"];
-            if f["message"] != "tollgate-sidecar ready" {
-                return None;
-            }
-            let listen: SocketAddr = f["listen"].as_str()?.parse().ok()?;
-            let admin: SocketAddr = f["admin"].as_str()?.parse().ok()?;
-            Some((listen, admin))
-        })?;
+        let (listen, admin) = process.wait_for_line(READY_TIMEOUT, ready_addrs)?;
         // A restart binds the same ports again.
         (self.listen, self.admin) = (listen, admin);
         self.process = Some(process);
@@ -182,7 +174,7 @@ impl Sidecar {
     /// `/config`: the revision in force.
     pub fn config(&self) -> anyhow::Result<Value> {
         let r = net::get(self.admin, "/config")?;
-        r.json()
+        r.try_json()
     }
 
     /// The `namespace/name` of every integration in force.

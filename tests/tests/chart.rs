@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tollgate_e2e::tools::{target_dir, workspace_root};
 use tollgate_e2e::{ControlPlane, helm_bin};
+use tollgate_testkit::TestCa;
 
 use crate::crd::install_crd;
 
@@ -1836,34 +1837,24 @@ fn cert_manager_crds(cp: &ControlPlane) {
 /// its CA injector, copy the CA named by each MutatingWebhookConfiguration's
 /// `cert-manager.io/inject-ca-from` into its caBundle. Returns that caBundle.
 fn issue_like_cert_manager(cp: &ControlPlane, ns: &str, configuration: &str) -> String {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "e2e cert-manager CA");
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let ca = TestCa::named("e2e cert-manager CA");
     let certificates = get_json(cp, &["certificates.cert-manager.io", "-n", ns]);
     let mut issued = 0;
     for c in certificates["items"].as_array().unwrap() {
         if c["spec"]["isCA"] == true {
             continue;
         }
-        let names: Vec<String> = c["spec"]["dnsNames"]
+        let names: Vec<&str> = c["spec"]["dnsNames"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| n.as_str().unwrap().to_owned())
+            .map(|n| n.as_str().unwrap())
             .collect();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
+        let leaf = ca.issue(&names);
         let secret = json!({
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
             "metadata": {"name": c["spec"]["secretName"], "namespace": ns},
-            "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem(), "ca.crt": ca_pem},
+            "stringData": {"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem, "ca.crt": ca.ca_pem},
         });
         cp.kubectl_with_stdin(["apply", "-f", "-"], &secret.to_string())
             .unwrap();

@@ -102,7 +102,7 @@ impl Cluster {
         let cp = ControlPlane::shared();
         install_crd(cp);
         let ns = cp.create_namespace(prefix).unwrap();
-        let partner = Partner::start().unwrap();
+        let partner = Partner::echo().unwrap();
         objects::service_account(cp, &ns, "app").unwrap();
         objects::secret(cp, &ns, "partner-key", "apiKey", FIRST_KEY).unwrap();
         objects::apply(
@@ -200,7 +200,7 @@ fn expect_decision(r: &Resp, status: u16, reason: &str, integration: &str) -> an
         r.reason(),
         r.body
     );
-    let body = r.json()?;
+    let body = r.try_json()?;
     anyhow::ensure!(
         body["error"]["reason"] == reason && body["error"]["integration"] == integration,
         "body {body}"
@@ -217,7 +217,7 @@ fn expect_partner_ok(r: &Resp) -> anyhow::Result<Value> {
         r.reason(),
         r.body
     );
-    r.json()
+    r.try_json()
 }
 
 /// The condition `type_` of a PartnerIntegration's status, if present.

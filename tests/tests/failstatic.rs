@@ -46,7 +46,7 @@ impl Setup {
         let cp = ControlPlane::shared();
         install_crd(cp);
         let ns = cp.create_namespace(prefix).unwrap();
-        let partner = Partner::start().unwrap();
+        let partner = Partner::echo().unwrap();
         objects::service_account(cp, &ns, "app").unwrap();
         for manifest in objects(&ns, &partner) {
             objects::apply(cp, &manifest).unwrap();
@@ -139,7 +139,7 @@ fn partner_ok(r: &Resp) -> anyhow::Result<Value> {
         r.reason(),
         r.body
     );
-    r.json()
+    r.try_json()
 }
 
 /// Calls every sidecar back to back from its own thread while `during` runs, then until

@@ -11,6 +11,7 @@ use tollgate_e2e::{
     ControlPlane, Operator, OperatorConfig, Partner, Sidecar, SidecarConfig, eventually,
     eventually_every,
 };
+use tollgate_testkit::jwt::b64url;
 
 use crate::crd::install_crd;
 
@@ -28,7 +29,7 @@ fn setup(
     let cp = ControlPlane::shared();
     install_crd(cp);
     let ns = cp.create_namespace(prefix).unwrap();
-    let partner = Partner::start().unwrap();
+    let partner = Partner::echo().unwrap();
     objects::service_account(cp, &ns, "app").unwrap();
     objects::secret(cp, &ns, "partner-key", "apiKey", "sk_first").unwrap();
     let spec = json!({
@@ -58,7 +59,7 @@ fn setup(
     })
     .unwrap();
     eventually("the sidecar to inject the first key", SETTLE, || {
-        let echo = sidecar.get(URL)?.json()?;
+        let echo = sidecar.get(URL)?.try_json()?;
         let auth = &echo["headers"]["authorization"];
         anyhow::ensure!(auth == "sk_first", "partner got {auth}; {}", sidecar.tail());
         Ok(())
@@ -97,7 +98,7 @@ fn deleting_a_pod_ends_its_stream() {
     objects::secret(cp, &ns, "partner-key", "apiKey", "sk_rotated").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < deadline {
-        let echo = sidecar.get(URL).unwrap().json().unwrap();
+        let echo = sidecar.get(URL).unwrap().try_json().unwrap();
         assert_eq!(
             echo["headers"]["authorization"],
             "sk_first",
@@ -108,24 +109,6 @@ fn deleting_a_pod_ends_its_stream() {
     }
     let m = operator.metrics().unwrap();
     assert_eq!(metric(&m, "tollgate_operator_connected_sidecars", &[]), 0.0);
-}
-
-/// base64url without padding (enough to make JWT-shaped junk).
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 /// A curl config of `n` subscribes, each with a distinct forged JWT (unexpired, unsigned by

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tollgate_e2e::ControlPlane;
 use tollgate_e2e::tools::target_dir;
+use tollgate_testkit::TestCa;
 
 const SIDECAR_IMAGE: &str = "registry.example/tollgate-sidecar:e2e";
 const SECRET: &str = "tollgate-webhook-tls";
@@ -855,21 +856,9 @@ impl Operator {
 
 /// The distribution endpoint's CA and serving pair, for `--tls-cert`/`--sidecar-ca-file`.
 fn distribution_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "tollgate e2e distribution CA");
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate()?;
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?;
-    let cert = leaf.signed_by(&key, &issuer)?;
-    let files = (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&files.0, ca_cert.pem())?;
-    std::fs::write(&files.1, cert.pem())?;
-    std::fs::write(&files.2, key.serialize_pem())?;
-    Ok(files)
+    let c =
+        TestCa::named("tollgate e2e distribution CA").write_serving_cert(dir, &["127.0.0.1"])?;
+    Ok((c.ca_file, c.cert_file, c.key_file))
 }
 
 /// A `default` ServiceAccount (no controller-manager creates it; the API server's
