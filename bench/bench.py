@@ -678,12 +678,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one short run per case (smoke test)")
     ap.add_argument("--runs", type=int, help="runs per case (default 5, quick 1)")
     ap.add_argument("--duration", type=int, help="seconds per fixed-rate run (default 10, quick 3)")
-    ap.add_argument("--only", help="comma-separated cases: latency,peak,resources,rate_limit,reload")
+    ap.add_argument("--only", help="comma-separated cases: latency,peak,resources,rate_limit,reload; or https alone")
     ap.add_argument("--doc", action="store_true", help="regenerate docs/benchmarks.md even in quick mode")
     args = ap.parse_args()
     if not SIDECAR or not os.path.exists(SIDECAR):
         sys.exit("SIDECAR must name the release tollgate-sidecar binary (bench/run.sh sets it)")
     sys.path.insert(0, BENCH)
+    if args.only == "https":
+        import bench_https
+
+        bench_https.main(args)
+        return
     Bench(args).run()
 
 

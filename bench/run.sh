@@ -12,6 +12,7 @@ command -v taskset >/dev/null || need_apt+=(util-linux)
 [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "bench: installing ${need_apt[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive

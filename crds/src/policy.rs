@@ -173,6 +173,10 @@ pub struct UpstreamPolicy {
     /// Whether the app's TLS to this partner is terminated by the sidecar (`upstream.interception`,
     /// default: the url is https). Never true for an `http://` url.
     pub interception: bool,
+    /// Extra trust anchors for this partner's TLS (`upstream.caBundle`): PEM, each
+    /// certificate checked at compile time to be one the verifier accepts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 /// One `hosts` entry.
@@ -915,6 +919,23 @@ impl Compiler {
             (Some(on), _) => on,
             (None, scheme) => scheme == Scheme::Https,
         };
+        let ca_bundle = match &spec.upstream.ca_bundle {
+            None => None,
+            Some(pem) => {
+                if let Err(why) = ca_bundle_certificates(pem) {
+                    self.err("spec.upstream.caBundle", why);
+                    return None;
+                }
+                if scheme == Scheme::Http {
+                    self.err(
+                        "spec.upstream.caBundle",
+                        format!("needs an https:// url ({url:?} has no TLS to verify)"),
+                    );
+                    return None;
+                }
+                Some(pem.clone())
+            }
+        };
         Some(UpstreamPolicy {
             url: url.clone(),
             scheme,
@@ -923,6 +944,7 @@ impl Compiler {
             base_path,
             connect_timeout,
             interception,
+            ca_bundle,
         })
     }
 
@@ -1535,4 +1557,38 @@ mod ser {
     pub fn status<S: Serializer>(c: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u16(c.as_u16())
     }
+}
+
+/// The certificates of a `caBundle` as DER, each one the TLS verifier accepts as a trust
+/// anchor. Errors say what is wrong without echoing the text.
+pub fn ca_bundle_certificates(
+    pem: &str,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    for (i, item) in rustls_pemfile::read_all(&mut pem.as_bytes()).enumerate() {
+        match item {
+            Ok(rustls_pemfile::Item::X509Certificate(der)) => {
+                if let Err(e) = webpki::anchor_from_trusted_cert(&der) {
+                    return Err(format!(
+                        "certificate {} is not a usable CA certificate: {e}",
+                        certs.len() + 1
+                    ));
+                }
+                certs.push(der);
+            }
+            Ok(
+                rustls_pemfile::Item::Pkcs1Key(_)
+                | rustls_pemfile::Item::Pkcs8Key(_)
+                | rustls_pemfile::Item::Sec1Key(_),
+            ) => {
+                return Err("holds a private key; only CA certificates belong here".into());
+            }
+            Ok(_) => return Err(format!("PEM section {} is not a CERTIFICATE", i + 1)),
+            Err(e) => return Err(format!("unreadable PEM: {e}")),
+        }
+    }
+    if certs.is_empty() {
+        return Err("no PEM CERTIFICATE found".into());
+    }
+    Ok(certs)
 }

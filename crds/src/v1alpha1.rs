@@ -148,6 +148,12 @@ pub struct Upstream {
     /// partner that pins its certificate or asks the app for a client certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interception: Option<bool>,
+    /// PEM certificates of the CA(s) that sign this partner's certificate, trusted for this
+    /// integration only, besides the system's roots and the sidecar's `--ca-bundle`. For a
+    /// partner with a private CA. Certificates only: a private key here is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub ca_bundle: Option<String>,
 }
 
 /// The kill switch: while enabled, nothing reaches the partner.

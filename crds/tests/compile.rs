@@ -732,3 +732,63 @@ fn interception_is_on_for_https_partners_unless_turned_off_and_never_for_http() 
     .to_string();
     assert!(err.contains("spec.upstream.interception"), "{err}");
 }
+
+/// A CA certificate (its key was thrown away when it was made).
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBnTCCAUOgAwIBAgIUNZNl7gpKpFs6YJsXqEQWdaYjyc0wCgYIKoZIzj0EAwIw
+IzEhMB8GA1UEAwwYdG9sbGdhdGUgY29tcGlsZSB0ZXN0IENBMCAXDTI2MTIwMjE5
+MDEyNFoYDzIxMjYxMTA4MTkwMTI0WjAjMSEwHwYDVQQDDBh0b2xsZ2F0ZSBjb21w
+aWxlIHRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASZYC8CQfpbDavc
+9RZ/xu0dJfhh16GITFBL/ZBGTIVvWUhlOh3SEYlum8lFwwtBQ8RlBJNV5e2WhJG2
+hbOfuuREo1MwUTAdBgNVHQ4EFgQUSiGN3MNcMBcfoRzzQ1dUlF5kaAcwHwYDVR0j
+BBgwFoAUSiGN3MNcMBcfoRzzQ1dUlF5kaAcwDwYDVR0TAQH/BAUwAwEB/zAKBggq
+hkjOPQQDAgNIADBFAiEA2HTzoTxm5TpJBt7brwxGT98thjIHEFwp2peI2ADWTnUC
+IHROeWI9NdgYcAkQXcQLYuA+ybY5g6bB41KvHNw5/tdZ
+-----END CERTIFICATE-----
+";
+
+fn with_ca_bundle(url: &str, pem: &str) -> PartnerIntegrationSpec {
+    let mut s = spec(&format!("upstream: {{url: '{url}'}}"));
+    s.upstream.ca_bundle = Some(pem.to_string());
+    s
+}
+
+#[test]
+fn a_ca_bundle_must_hold_usable_ca_certificates_and_nothing_else() {
+    let p = compile(
+        "ns",
+        "partner",
+        &with_ca_bundle("https://a.example", TEST_CA),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.upstream.ca_bundle.as_deref(), Some(TEST_CA));
+    assert!(ok(MINIMAL).upstream.ca_bundle.is_none());
+
+    let garbled = TEST_CA.replace("MIIBnTCC", "MIIBnTCD");
+    let key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+    for (url, pem, says) in [
+        (
+            "https://a.example",
+            "not pem at all",
+            "no PEM CERTIFICATE found",
+        ),
+        (
+            "https://a.example",
+            garbled.as_str(),
+            "is not a usable CA certificate",
+        ),
+        (
+            "https://a.example",
+            &format!("{TEST_CA}{key}"),
+            "holds a private key",
+        ),
+        ("http://a.example", TEST_CA, "needs an https:// url"),
+    ] {
+        let err = compile("ns", "partner", &with_ca_bundle(url, pem))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spec.upstream.caBundle"), "{err}");
+        assert!(err.contains(says), "{says}: {err}");
+        assert!(!err.contains("MC4CAQAw"), "the key is never echoed: {err}");
+    }
+}

@@ -30,6 +30,8 @@ pub struct Admin {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub startup: StartupGate,
+    /// Why TLS interception fell back to splicing for this start, shown by `/readyz`.
+    pub tls_fallback: Option<String>,
 }
 
 /// What `/startupz` answers. It is `/readyz` (a revision in force), unless the sidecar may
@@ -153,14 +155,20 @@ impl Admin {
 
     fn readyz(&self) -> Response<RespBody> {
         let rev = self.store.load();
-        if rev.source == Source::Empty {
-            text(
+        let (status, mut body) = if rev.source == Source::Empty {
+            (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no policy revision loaded yet\n",
+                "no policy revision loaded yet\n".to_string(),
             )
         } else {
-            text(StatusCode::OK, format!("ok: revision {}\n", rev.id))
+            (StatusCode::OK, format!("ok: revision {}\n", rev.id))
+        };
+        if let Some(why) = &self.tls_fallback {
+            body.push_str(&format!(
+                "TLS interception off for this start (partner TLS is spliced): {why}\n"
+            ));
         }
+        text(status, body)
     }
 
     fn startupz(&self) -> Response<RespBody> {

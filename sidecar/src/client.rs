@@ -12,7 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::ClientConfig;
+use rustls::{ClientConfig, RootCertStore};
 use tower::Service;
 
 use crate::body::{BoxError, ReqBody};
@@ -36,7 +36,12 @@ impl Default for PoolOptions {
 /// The trust anchors for partner TLS: the system's roots, the bundled Mozilla roots when the
 /// system has none, and an optional extra CA bundle (`--ca-bundle`).
 pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
+    config_from_roots(roots(extra_ca_pem)?)
+}
+
+/// The roots [`tls_config`] trusts.
+pub fn roots(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
@@ -56,12 +61,46 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<ClientConfi
             anyhow::bail!("--ca-bundle: no PEM certificate found");
         }
     }
+    Ok(roots)
+}
+
+/// A client configuration trusting `roots`.
+pub fn config_from_roots(roots: RootCertStore) -> anyhow::Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// One integration's TLS to its partner: `base` (the sidecar's roots), plus the integration's
+/// own `caBundle`, trusted for it alone. The bundle was checked when the spec was compiled.
+pub fn integration_tls(
+    base: &Arc<ClientConfig>,
+    base_roots: &RootCertStore,
+    ca_bundle: Option<&str>,
+) -> Arc<ClientConfig> {
+    let Some(pem) = ca_bundle else {
+        return base.clone();
+    };
+    let mut roots = base_roots.clone();
+    match tollgate_crds::policy::ca_bundle_certificates(pem) {
+        Ok(certs) => {
+            let (_, ignored) = roots.add_parsable_certificates(certs);
+            if ignored > 0 {
+                tracing::warn!(
+                    ignored,
+                    "caBundle: certificates not usable as trust anchors"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "caBundle not trusted"),
+    }
+    config_from_roots(roots).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "caBundle: TLS configuration failed; the sidecar's roots only");
+        base.clone()
+    })
 }
 
 pub type HttpClient = Client<TimeoutConnector<HttpsConnector<HttpConnector>>, ReqBody>;

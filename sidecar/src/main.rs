@@ -158,10 +158,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let tls = client::tls_config(ca.as_deref())?;
+    let roots = client::roots(ca.as_deref())?;
+    let tls = client::config_from_roots(roots.clone())?;
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::default());
-    let ctx = StateContext::new(tls.clone());
+    let ctx = StateContext::new(tls.clone()).with_roots(roots);
 
     match (&args.config, &args.operator) {
         (Some(config_path), None) => {
@@ -248,7 +249,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..ProxyOptions::default()
     };
     // Before the ready line: an app held until the trust files exist then finds them.
-    let interceptor = Arc::new(intercept::Interceptor::start(&args.intercept, &metrics)?);
+    let interceptor = Arc::new(intercept::Interceptor::start(&args.intercept, &metrics));
+    let tls_fallback = interceptor.fallback().map(str::to_string);
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         stack: layers::stack(StackContext {
@@ -265,6 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::new(Admin {
             store,
             metrics,
+            tls_fallback,
             startup: match args.startup_fail_open_after {
                 Some(after) => admin::StartupGate::open_after(after),
                 None => admin::StartupGate::closed(),

@@ -29,6 +29,8 @@ use crate::telemetry::metrics::RouteMetrics;
 #[derive(Clone)]
 pub struct StateContext {
     pub tls: Arc<ClientConfig>,
+    /// The roots `tls` trusts, which an integration's own `caBundle` adds to.
+    pub roots: Arc<rustls::RootCertStore>,
     pub pool: PoolOptions,
     /// Distinct `partitionBy` values tracked per quota.
     pub max_partitions: usize,
@@ -43,12 +45,19 @@ impl StateContext {
     pub fn new(tls: Arc<ClientConfig>) -> Self {
         StateContext {
             tls,
+            roots: Arc::new(client::roots(None).unwrap_or_else(|_| rustls::RootCertStore::empty())),
             pool: PoolOptions::default(),
             max_partitions: 10_000,
             cache_max_entries: 1_000,
             cache_max_bytes: 32 * 1024 * 1024,
             shares: Arc::default(),
         }
+    }
+
+    /// The roots `tls` was made from (the system's and `--ca-bundle`).
+    pub fn with_roots(mut self, roots: rustls::RootCertStore) -> Self {
+        self.roots = Arc::new(roots);
+        self
     }
 
     fn share(&self, id: &IntegrationId) -> f64 {
@@ -80,7 +89,8 @@ pub struct IntegrationState {
     pub client: HttpClient,
     /// Where attempts go, parsed once.
     pub upstream: Upstream,
-    client_key: Duration,
+    /// What the pooled client was built from: connect deadline and `caBundle`.
+    client_key: (Duration, Option<String>),
     /// The integration's account-wide quota.
     pub quota: Option<Quota>,
     pub route_quotas: Vec<Option<Quota>>,
@@ -104,9 +114,14 @@ impl IntegrationState {
     ) -> Self {
         let share = ctx.share(&policy.id);
         let connect_timeout = policy.upstream.connect_timeout;
+        let client_key = (connect_timeout, policy.upstream.ca_bundle.clone());
         let client = match old {
-            Some(o) if o.client_key == connect_timeout => o.client.clone(),
-            _ => client::build(ctx.tls.clone(), connect_timeout, &ctx.pool),
+            Some(o) if o.client_key == client_key => o.client.clone(),
+            _ => client::build(
+                client::integration_tls(&ctx.tls, &ctx.roots, client_key.1.as_deref()),
+                connect_timeout,
+                &ctx.pool,
+            ),
         };
         let quota = policy
             .rate_limit
@@ -162,7 +177,7 @@ impl IntegrationState {
         IntegrationState {
             client,
             upstream: Upstream::new(&policy.upstream),
-            client_key: connect_timeout,
+            client_key,
             quota,
             route_quotas,
             breaker,

@@ -518,3 +518,260 @@ async fn a_pod_that_opts_out_gets_partner_tls_spliced() {
         "{m}"
     );
 }
+
+// === a start whose pod CA cannot be trusted falls back to splicing ===
+
+/// curl as an app behind `HTTPS_PROXY` on loopback: `CONNECT` through the sidecar, trusting
+/// only `cacert`. Returns the status (0 when the call failed), the body and curl's `-v` log.
+async fn curl_through_connect(
+    sidecar: &support::Sidecar,
+    cacert: &Path,
+    url: &str,
+) -> (u16, String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-v", "--max-time", "10", "--proxy"])
+        .arg(format!("http://{}", sidecar.listen))
+        .arg("--cacert")
+        .arg(cacert)
+        .args(["-w", "\n%{http_code}", url])
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("curl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    (
+        code.trim().parse().unwrap_or(0),
+        body.to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_trust_dir_falls_back_to_splicing_and_says_so() {
+    let ca = support::TestCa::new();
+    let partner = Partner::start_tls(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("partner-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    // Under a regular file no directory can be made, whoever runs the sidecar (root included).
+    let not_a_dir = dir.path().join("not-a-dir");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let trust = not_a_dir.join("trust");
+    let https = format!("https://{}", partner.addr);
+    let config = manifest("partner", &format!("upstream: {{url: '{https}'}}"));
+    let sidecar = support::Sidecar::start_with(
+        &config,
+        support::Options {
+            args: vec![
+                "--ca-bundle".into(),
+                ca_file.display().to_string(),
+                "--trust-dir".into(),
+                trust.display().to_string(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let log = sidecar.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS interception is off for this start"))
+        .unwrap_or_else(|| panic!("no fallback line in the log:\n{log}"));
+    assert!(
+        line.contains("--trust-dir") && line.contains("Not a directory"),
+        "{line}"
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "tollgate_tls_interception_fallback", &[]),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.trim() == "tollgate_tls_interception_active 0"),
+        "{m}"
+    );
+    let ready = sidecar.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert!(
+        ready
+            .body
+            .contains("TLS interception off for this start (partner TLS is spliced): --trust-dir"),
+        "{}",
+        ready.body
+    );
+
+    // The app's HTTPS to the partner still works, spliced: it meets the partner's own
+    // certificate, and the sidecar could not have seen the request.
+    let (code, body, stderr) =
+        curl_through_connect(&sidecar, &ca_file, &format!("{https}/v1/x")).await;
+    assert_eq!(code, 200, "{stderr}\nsidecar log:\n{}", sidecar.log_text());
+    assert_eq!(body, "ok");
+    assert!(
+        stderr.contains("issuer: CN=tollgate test CA"),
+        "the partner's own certificate: {stderr}"
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_tunnels_total",
+            &[("integration", "test/partner"), ("outcome", "established")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(partner.count(), 1);
+}
+
+// === a partner's own CA in the spec ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_ca_bundle_is_trusted_for_that_integration_only() {
+    let ca = support::TestCa::new();
+    let partner = Partner::start_tls(&ca).await;
+    let https = format!("https://{}", partner.addr);
+    let indented: String = ca.ca_pem.lines().map(|l| format!("    {l}\n")).collect();
+    // Two integrations for the same partner; only the first carries the partner's CA.
+    let config = format!(
+        "{}---\n{}",
+        manifest(
+            "trusting",
+            &format!(
+                "upstream:\n  url: '{https}'\n  hosts: [trusting.test]\n  caBundle: |\n{indented}"
+            ),
+        ),
+        manifest(
+            "plain",
+            &format!("upstream: {{url: '{https}', hosts: [plain.test]}}"),
+        ),
+    );
+    let sidecar = support::Sidecar::start(&config).await;
+
+    let r = sidecar.get("http://trusting.test/v1/x").await;
+    assert_eq!(r.status, 200, "{r:?}\nsidecar log:\n{}", sidecar.log_text());
+    assert_eq!(r.body, "ok");
+    assert_eq!(partner.count(), 1);
+
+    let r = sidecar.get("http://plain.test/v1/x").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    let body = json(&r.body);
+    assert_eq!(body["error"]["reason"], "upstream-unreachable");
+    assert_eq!(body["error"]["integration"], "test/plain");
+    let msg = body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(msg.contains("unknownissuer"), "{msg}");
+    assert_eq!(partner.count(), 1, "the untrusted partner got nothing");
+}
+
+// === Java trusts the pod CA through the PKCS#12 trust store ===
+
+/// A Java HTTPS client as an app would write it (`HttpsURLConnection`, `HTTPS_PROXY`-style
+/// proxy properties), run from source; prints the status, then the body.
+const JAVA_CLIENT: &str = r#"
+public class Client {
+    public static void main(String[] args) throws Exception {
+        var c = (javax.net.ssl.HttpsURLConnection) new java.net.URL(args[0]).openConnection();
+        System.out.println(c.getResponseCode());
+        System.out.println(new String(c.getInputStream().readAllBytes()));
+    }
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_java_app_trusts_the_pod_ca_through_the_pkcs12_trust_store() {
+    let ca = support::TestCa::new();
+    let partner = Partner::start_tls(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("partner-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let trust = dir.path().join("trust");
+    let config = manifest(
+        "partner",
+        &format!(
+            "upstream: {{url: 'https://{}', hosts: [java.test]}}
+credentials: {{secretRef: {{name: partner-api, key: apiKey}}, header: Authorization, format: 'Bearer {{value}}'}}",
+            partner.addr
+        ),
+    );
+    let sidecar = support::Sidecar::start_with(
+        &config,
+        support::Options {
+            secrets: SECRET
+                .iter()
+                .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+                .collect(),
+            args: vec![
+                "--ca-bundle".into(),
+                ca_file.display().to_string(),
+                "--trust-dir".into(),
+                trust.display().to_string(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let store = trust.join("ca-bundle.p12");
+    let source = dir.path().join("Client.java");
+    std::fs::write(&source, JAVA_CLIENT).unwrap();
+    // What the injector sets: the trust store through JAVA_TOOL_OPTIONS, no password.
+    let options = format!(
+        "-Djavax.net.ssl.trustStore={} -Djavax.net.ssl.trustStoreType=PKCS12",
+        store.display()
+    );
+    let out = tokio::process::Command::new("java")
+        .arg(format!("-Dhttps.proxyHost={}", sidecar.listen.ip()))
+        .arg(format!("-Dhttps.proxyPort={}", sidecar.listen.port()))
+        .arg(&source)
+        .arg("https://java.test/v1/x")
+        .env("JAVA_TOOL_OPTIONS", &options)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("java runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stdout.lines().next(),
+        Some("200"),
+        "stdout: {stdout}\nstderr: {stderr}\nsidecar log:\n{}",
+        sidecar.log_text()
+    );
+    assert_eq!(stdout.lines().nth(1), Some("ok"));
+    let seen = partner.seen();
+    assert_eq!(
+        seen[0].headers.get("authorization").unwrap(),
+        "Bearer sk_test_123",
+        "intercepted: the sidecar added the credential inside the app's TLS"
+    );
+
+    // keytool sees trusted certificates only: the pod CA among the system roots, no key entry.
+    let list = std::process::Command::new("keytool")
+        .args([
+            "-list",
+            "-storetype",
+            "PKCS12",
+            "-storepass",
+            "unused",
+            "-keystore",
+        ])
+        .arg(&store)
+        .output()
+        .expect("keytool runs");
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("tollgate-pod-ca,") && l.contains("trustedCertEntry")),
+        "{list}"
+    );
+    assert!(!list.contains("PrivateKeyEntry"), "{list}");
+}

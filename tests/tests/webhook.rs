@@ -602,6 +602,10 @@ fn a_pod_in_a_labelled_namespace_gets_the_native_sidecar_and_the_iptables_init_c
         env(app, "NODE_EXTRA_CA_CERTS").unwrap()["value"],
         "/var/run/tollgate/trust/ca.crt"
     );
+    assert_eq!(
+        env(app, "JAVA_TOOL_OPTIONS").unwrap()["value"],
+        "-Djavax.net.ssl.trustStore=/var/run/tollgate/trust/ca-bundle.p12 -Djavax.net.ssl.trustStoreType=PKCS12"
+    );
     assert!(
         app["volumeMounts"]
             .as_array()
@@ -615,6 +619,57 @@ fn a_pod_in_a_labelled_namespace_gets_the_native_sidecar_and_the_iptables_init_c
     assert_eq!(
         volume(&pod, "tollgate-trust").unwrap()["emptyDir"]["medium"],
         "Memory"
+    );
+}
+
+#[test]
+fn a_pod_opted_out_of_tls_interception_gets_no_trust_volume_or_variables() {
+    let s = setup();
+    let ns = s.namespace(true).unwrap();
+    let pod = s
+        .create(&app_pod(
+            &ns,
+            "pinning",
+            json!({"tollgate.dev/tls-interception": "disabled"}),
+        ))
+        .unwrap();
+
+    // Injected all the same: the sidecar governs the pod, told to splice partner TLS.
+    assert_eq!(
+        pod["metadata"]["annotations"]["tollgate.dev/injected"],
+        "iptables"
+    );
+    let side = init_container(&pod, "tollgate-sidecar").expect("the sidecar is injected");
+    let args: Vec<&str> = side["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--tls-interception=off"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--trust-dir")),
+        "{args:?}"
+    );
+    assert!(volume(&pod, "tollgate-trust").is_none(), "{pod:#}");
+    let app = &pod["spec"]["containers"][0];
+    for name in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "JAVA_TOOL_OPTIONS",
+    ] {
+        assert!(env(app, name).is_none(), "{name} set: {app:#}");
+    }
+    assert_eq!(env(app, "LOG_LEVEL").unwrap()["value"], "info");
+    assert!(
+        !app["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["name"] == "tollgate-trust"),
+        "{app:#}"
     );
 }
 

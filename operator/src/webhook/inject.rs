@@ -21,7 +21,9 @@
 //!   `tollgate-trust` volume where the sidecar writes the pod CA and a bundle
 //!   (`--trust-dir`) before its startup probe passes, mounted read-only in every app container
 //!   and app init container, with `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`
-//!   (the bundle) and `NODE_EXTRA_CA_CERTS` (the CA) unless a container sets one itself.
+//!   (the bundle) and `NODE_EXTRA_CA_CERTS` (the CA) unless a container sets one itself, and
+//!   `JAVA_TOOL_OPTIONS` naming the PKCS#12 trust store (appended to the container's own value
+//!   unless that names a trust store already).
 //!
 //! A pod that already has `tollgate-sidecar` among its init containers is left as it is, so
 //! injecting is idempotent (a re-submitted or copied injected pod passes unchanged).
@@ -492,11 +494,15 @@ fn trust_ops(
                     c.name, v.name
                 ));
             }
-            let missing: Vec<&EnvVar> = vars
+            let mut missing: Vec<&EnvVar> = vars
                 .iter()
                 .filter(|v| !own.contains(v.name.as_str()))
                 .collect();
             let base = format!("/spec/{field}/{i}/env");
+            let java = java_tool_options(c, &base, ops, warnings);
+            if let Some(v) = &java {
+                missing.push(v);
+            }
             // In proxy-env mode the proxy variables created the list already.
             let has_env = c.env.is_some() || mode == Mode::ProxyEnv;
             if !has_env && !missing.is_empty() {
@@ -514,6 +520,54 @@ fn trust_ops(
             }
         }
     }
+}
+
+/// What `JAVA_TOOL_OPTIONS` gets: the pod's trust store (certificates only, no password).
+pub const JAVA_TRUST_OPTIONS: &str = "-Djavax.net.ssl.trustStore=/var/run/tollgate/trust/ca-bundle.p12 -Djavax.net.ssl.trustStoreType=PKCS12";
+
+/// Java's trust store: `JAVA_TOOL_OPTIONS` to add (the container has none), or a patch that
+/// appends [`JAVA_TRUST_OPTIONS`] to the container's own value. A value that already names a
+/// trust store, or comes from a reference, is left as it is (and reported).
+fn java_tool_options(
+    c: &Container,
+    base: &str,
+    ops: &mut Vec<Value>,
+    warnings: &mut Vec<String>,
+) -> Option<EnvVar> {
+    const NAME: &str = "JAVA_TOOL_OPTIONS";
+    let Some((j, own)) = c
+        .env
+        .iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, e)| e.name == NAME)
+    else {
+        return Some(EnvVar {
+            name: NAME.to_string(),
+            value: Some(JAVA_TRUST_OPTIONS.to_string()),
+            value_from: None,
+        });
+    };
+    let value = own.value.as_deref().unwrap_or_default();
+    if own.value_from.is_some() || value.contains("-Djavax.net.ssl.trustStore") {
+        warnings.push(format!(
+            "tollgate: container {:?} sets {NAME} {}; the pod's Java trust store is not added",
+            c.name,
+            if own.value_from.is_some() {
+                "from a reference"
+            } else {
+                "with its own trust store"
+            }
+        ));
+        return None;
+    }
+    let appended = if value.trim().is_empty() {
+        JAVA_TRUST_OPTIONS.to_string()
+    } else {
+        format!("{value} {JAVA_TRUST_OPTIONS}")
+    };
+    ops.push(json!({"op": "replace", "path": format!("{base}/{j}/value"), "value": appended}));
+    None
 }
 
 /// Memory-backed: the files are public certificates, but nothing of the pod's TLS touches
@@ -1154,11 +1208,65 @@ pub(crate) mod tests {
                     {"name": "SSL_CERT_FILE", "value": "/var/run/tollgate/trust/ca-bundle.crt"},
                     {"name": "REQUESTS_CA_BUNDLE", "value": "/var/run/tollgate/trust/ca-bundle.crt"},
                     {"name": "CURL_CA_BUNDLE", "value": "/var/run/tollgate/trust/ca-bundle.crt"},
-                    {"name": "NODE_EXTRA_CA_CERTS", "value": "/var/run/tollgate/trust/ca.crt"}
+                    {"name": "NODE_EXTRA_CA_CERTS", "value": "/var/run/tollgate/trust/ca.crt"},
+                    {"name": "JAVA_TOOL_OPTIONS", "value": JAVA_TRUST_OPTIONS}
                 ],
                 "volumeMounts": [{"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": true}]
             }])
         );
+    }
+
+    #[test]
+    fn java_trust_is_appended_to_the_apps_own_options_never_over_its_trust_store() {
+        let cfg = config();
+        let pod = |env: Value| {
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "app"},
+                "spec": {"containers": [
+                    {"name": "heap", "image": "app:1", "env": [{"name": "JAVA_TOOL_OPTIONS", "value": "-Xmx512m"}]},
+                    {"name": "own", "image": "app:1", "env": env},
+                    {"name": "none", "image": "app:1"}
+                ]}
+            })
+        };
+        let java = |c: &Value| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["name"] == "JAVA_TOOL_OPTIONS")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let mine = json!([{"name": "JAVA_TOOL_OPTIONS", "value": "-Djavax.net.ssl.trustStore=/etc/mine.jks"}]);
+        let (p, warnings) = injected(&cfg, &pod(mine.clone()), Mode::Iptables);
+        let cs = &p["spec"]["containers"];
+        assert_eq!(
+            java(&cs[0]),
+            [
+                json!({"name": "JAVA_TOOL_OPTIONS", "value": format!("-Xmx512m {JAVA_TRUST_OPTIONS}")})
+            ]
+        );
+        assert_eq!(java(&cs[1]), mine.as_array().unwrap().clone());
+        assert_eq!(
+            java(&cs[2]),
+            [json!({"name": "JAVA_TOOL_OPTIONS", "value": JAVA_TRUST_OPTIONS})]
+        );
+        assert_eq!(
+            warnings,
+            [
+                "tollgate: container \"own\" sets JAVA_TOOL_OPTIONS with its own trust store; the pod's Java trust store is not added"
+            ]
+        );
+
+        let referenced = json!([{"name": "JAVA_TOOL_OPTIONS", "valueFrom": {"configMapKeyRef": {"name": "jvm", "key": "opts"}}}]);
+        let (p, warnings) = injected(&cfg, &pod(referenced.clone()), Mode::ProxyEnv);
+        assert_eq!(
+            java(&p["spec"]["containers"][1]),
+            referenced.as_array().unwrap().clone()
+        );
+        assert!(warnings[0].contains("from a reference"), "{warnings:?}");
     }
 
     #[test]

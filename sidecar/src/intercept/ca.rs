@@ -97,6 +97,11 @@ impl PodCa {
         &self.cert_pem
     }
 
+    /// The CA certificate (DER).
+    pub fn cert_der(&self) -> &[u8] {
+        self.cert_der.as_ref()
+    }
+
     /// The TLS server side for `host`, with a leaf for it from the cache or freshly minted.
     /// The caller decides that `host` is a declared partner host: this never checks.
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {

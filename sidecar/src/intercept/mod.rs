@@ -4,11 +4,12 @@
 //! stack as plain HTTP, and the stack originates verified TLS to the partner.
 //!
 //! Interception applies to an integration whose `upstream.interception` is on (the default for
-//! an `https://` url) unless the pod opted out (`--tls-interception off`) or the CA could not be
-//! made at start; otherwise the partner's TLS gets the connection-level policies only, as
+//! an `https://` url) unless the pod opted out (`--tls-interception off`), or the CA could not be
+//! made or the trust files written at start; otherwise the partner's TLS gets the connection-level policies only, as
 //! before. Leaves are minted only for names the caller found in the revision in force.
 
 pub mod ca;
+pub mod p12;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -49,8 +50,9 @@ pub struct Flags {
     /// policies only), whatever the integrations say.
     #[arg(long, value_enum, default_value = "on")]
     pub tls_interception: Mode,
-    /// Writes DIR/ca.crt (the pod CA) and DIR/ca-bundle.crt (system roots plus the pod CA)
-    /// before the sidecar reports ready, for apps to trust.
+    /// Writes DIR/ca.crt (the pod CA), DIR/ca-bundle.crt (system roots plus the pod CA) and
+    /// DIR/ca-bundle.p12 (the same, as a Java trust store) before the sidecar reports ready, for
+    /// apps to trust.
     #[arg(long, value_name = "DIR")]
     pub trust_dir: Option<PathBuf>,
 }
@@ -59,19 +61,26 @@ pub struct Flags {
 #[derive(Debug)]
 pub struct Interceptor {
     ca: Option<PodCa>,
+    /// Why interception is off for this start although the pod asked for it.
+    fallback: Option<String>,
 }
 
 impl Interceptor {
     /// Interception off: every TLS connection is spliced.
     pub fn disabled() -> Interceptor {
-        Interceptor { ca: None }
+        Interceptor {
+            ca: None,
+            fallback: None,
+        }
     }
 
-    /// Makes the pod CA (unless the pod opted out) and writes the trust directory. A CA that
-    /// cannot be made leaves interception off for this start, said in the log; a trust
-    /// directory that cannot be written stops the start, naming the flag.
-    pub fn start(flags: &Flags, metrics: &Metrics) -> anyhow::Result<Interceptor> {
-        let ca = match flags.tls_interception {
+    /// Makes the pod CA (unless the pod opted out) and writes the trust directory. Never fails:
+    /// a CA that cannot be made, or trust files that cannot be written (apps could not trust
+    /// the CA), leave interception off for this start, said in the log, in
+    /// `tollgate_tls_interception_fallback` and in `/readyz`.
+    pub fn start(flags: &Flags, metrics: &Metrics) -> Interceptor {
+        let mut fallback = None;
+        let mut ca = match flags.tls_interception {
             Mode::Off => {
                 tracing::info!(
                     "TLS interception is off for this pod (--tls-interception off): partner TLS is spliced"
@@ -79,28 +88,50 @@ impl Interceptor {
                 None
             }
             Mode::On => match PodCa::generate() {
-                Ok(ca) => {
-                    tracing::info!(
-                        ca_lifetime_days = ca::CA_LIFETIME.as_secs() / 86400,
-                        leaf_lifetime_hours = ca::LEAF_LIFETIME.as_secs() / 3600,
-                        "pod CA generated (its key stays in memory): partner TLS is intercepted"
-                    );
-                    Some(ca)
-                }
+                Ok(ca) => Some(ca),
                 Err(e) => {
-                    tracing::error!(error = %e, "TLS interception is off for this start: partner TLS is spliced (connection-level policies only)");
+                    fallback = Some(e.to_string());
                     None
                 }
             },
         };
-        metrics.tls_interception.set(i64::from(ca.is_some()));
-        let me = Interceptor { ca };
         if let Some(dir) = &flags.trust_dir {
-            me.write_trust_dir(dir)
-                .map_err(|e| anyhow::anyhow!("--trust-dir {}: {e}", dir.display()))?;
-            tracing::info!(dir = %dir.display(), pod_ca = me.ca.is_some(), "trust files written");
+            match write_trust_dir(dir, ca.as_ref()) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), pod_ca = ca.is_some(), "trust files written");
+                }
+                Err(e) => {
+                    let why = format!(
+                        "--trust-dir {}: cannot write the trust files: {e}",
+                        dir.display()
+                    );
+                    // Best effort: no app should trust a CA this start does not use.
+                    let _ = std::fs::remove_file(dir.join("ca.crt"));
+                    if ca.take().is_some() {
+                        fallback = Some(why);
+                    } else {
+                        tracing::error!("{why}");
+                    }
+                }
+            }
         }
-        Ok(me)
+        match (&ca, &fallback) {
+            (Some(_), _) => tracing::info!(
+                ca_lifetime_days = ca::CA_LIFETIME.as_secs() / 86400,
+                leaf_lifetime_hours = ca::LEAF_LIFETIME.as_secs() / 3600,
+                "pod CA generated (its key stays in memory): partner TLS is intercepted"
+            ),
+            (None, Some(why)) => tracing::error!(
+                reason = %why,
+                "TLS interception is off for this start: partner TLS is spliced (connection-level policies only)"
+            ),
+            (None, None) => {}
+        }
+        metrics.tls_interception.set(i64::from(ca.is_some()));
+        metrics
+            .tls_interception_fallback
+            .set(i64::from(fallback.is_some()));
+        Interceptor { ca, fallback }
     }
 
     /// The pod CA, when interception is in force.
@@ -113,25 +144,41 @@ impl Interceptor {
         self.ca.is_some()
     }
 
+    /// Why interception fell back to splicing for this start, when it did.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
     /// The CA to intercept `integration`'s TLS with, when it is to be intercepted.
     pub fn for_integration(&self, integration: &Integration) -> Option<&PodCa> {
         self.ca
             .as_ref()
             .filter(|_| integration.policy.upstream.interception)
     }
+}
 
-    /// `ca.crt` (only with a CA) and `ca-bundle.crt`, each written whole (temporary file and
-    /// rename), mode 0644. Never a private key.
-    fn write_trust_dir(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let native = rustls_native_certs::load_native_certs();
-        let mut bundle = ca::pem_certificates(native.certs.iter().map(|c| c.as_ref()));
-        if let Some(ca) = &self.ca {
-            write_file(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
-            bundle.push_str(ca.cert_pem());
-        }
-        write_file(&dir.join("ca-bundle.crt"), bundle.as_bytes())
+/// `ca.crt` (only with a CA), `ca-bundle.crt` and the same certificates as a Java trust store,
+/// `ca-bundle.p12`; each written whole (temporary file and rename), mode 0644. Never a private
+/// key.
+fn write_trust_dir(dir: &Path, ca: Option<&PodCa>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let native = rustls_native_certs::load_native_certs();
+    let mut bundle = ca::pem_certificates(native.certs.iter().map(|c| c.as_ref()));
+    let aliases: Vec<String> = (1..=native.certs.len())
+        .map(|i| format!("system-root-{i}"))
+        .collect();
+    let mut entries: Vec<(&str, &[u8])> = aliases
+        .iter()
+        .map(String::as_str)
+        .zip(native.certs.iter().map(|c| c.as_ref()))
+        .collect();
+    if let Some(ca) = ca {
+        write_file(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
+        bundle.push_str(ca.cert_pem());
+        entries.push(("tollgate-pod-ca", ca.cert_der()));
     }
+    write_file(&dir.join("ca-bundle.crt"), bundle.as_bytes())?;
+    write_file(&dir.join("ca-bundle.p12"), &p12::trust_store(entries))
 }
 
 fn write_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {

@@ -113,6 +113,9 @@ pub struct Metrics {
     /// 1 while partner TLS is intercepted (the pod CA is in memory), 0 when it is spliced (the
     /// pod opted out, or the CA could not be made at start).
     pub tls_interception: Gauge,
+    /// 1 when the pod asked for interception but this start splices partner TLS because the
+    /// CA could not be made or the trust files written.
+    pub tls_interception_fallback: Gauge,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -243,6 +246,12 @@ impl Default for Metrics {
             "1 when partner TLS is intercepted with the pod CA, 0 when it is spliced",
             tls_interception.clone(),
         );
+        let tls_interception_fallback = Gauge::default();
+        registry.register(
+            "tollgate_tls_interception_fallback",
+            "1 when interception was asked for but this start splices partner TLS (the pod CA could not be made or the trust files written)",
+            tls_interception_fallback.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -263,6 +272,7 @@ impl Default for Metrics {
             rejected_connections,
             intercepted,
             tls_interception,
+            tls_interception_fallback,
             refresh: Mutex::new(()),
         }
     }
