@@ -232,7 +232,7 @@ impl Default for Metrics {
         );
         registry.register(
             "tollgate_rejected_connections",
-            "App connections refused because the connection limit was reached",
+            "App connections refused at accept: the connection limit was reached or the process was out of file descriptors",
             rejected_connections.clone(),
         );
         registry.register(
