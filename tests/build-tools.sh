@@ -3,8 +3,9 @@
 #
 #   controlplane   etcd + kube-apiserver harness from tests/controlplane
 #   helm           helm v3 from its Go module
+#   promtool       Prometheus' rule checker and rule unit-test runner, from its Go module
 #
-# Usage: tests/build-tools.sh [controlplane|helm]...     (no argument: both)
+# Usage: tests/build-tools.sh [controlplane|helm|promtool]...     (no argument: all)
 #
 # Tools directory: $TOLLGATE_E2E_TOOLS_DIR, else $CARGO_TARGET_DIR/e2e-tools, else
 # <repo>/target/e2e-tools (a relative CARGO_TARGET_DIR is taken from the repo root).
@@ -16,6 +17,8 @@
 set -euo pipefail
 
 HELM_VERSION=v3.22.0
+# Prometheus 3.16's Go module (its tags are v0.<major><minor>.<patch>).
+PROMETHEUS_MODULE_VERSION=v0.316.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -95,18 +98,35 @@ build_helm() {
     build helm "$(go version) $HELM_VERSION $ldflags" install_helm
 }
 
+build_promtool() {
+    # Only `check rules` and `test rules` are used: the service-discovery plugins (cloud SDKs)
+    # are left out with Prometheus' own build tag, which shortens a cold build by minutes.
+    local version="${PROMETHEUS_MODULE_VERSION#v0.}" ldflags
+    version="$((10#${version%%.*} / 100)).$((10#${version%%.*} % 100)).${version#*.}" # 3.16.0
+    ldflags="-s -w -X github.com/prometheus/common/version.Version=$version"
+    install_promtool() {
+        local gobin="$tools/.promtool-gobin.$$"
+        GOBIN="$gobin" go install -tags remove_all_sd -ldflags "$ldflags" \
+            "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION"
+        mv -f "$gobin/promtool" "$out"
+        rmdir "$gobin"
+    }
+    build promtool "$(go version) $PROMETHEUS_MODULE_VERSION remove_all_sd $ldflags" install_promtool
+}
+
 exec 9>"$tools/.lock"
 flock 9
 
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(controlplane helm)
+[[ ${#targets[@]} -gt 0 ]] || targets=(controlplane helm promtool)
 total=$SECONDS
 for t in "${targets[@]}"; do
     case "$t" in
     controlplane) (build_controlplane) ;;
     helm) (build_helm) ;;
+    promtool) (build_promtool) ;;
     *)
-        log "unknown tool: $t (expected controlplane or helm)"
+        log "unknown tool: $t (expected controlplane, helm or promtool)"
         exit 2
         ;;
     esac

@@ -37,6 +37,7 @@ fn config() -> InjectConfig {
             timeout_seconds: 60,
             on_timeout: OnTimeout::Fail,
         },
+        telemetry: Default::default(),
     }
 }
 

@@ -534,6 +534,7 @@ async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<A
     ctx.catalog.seen(&key);
 
     if !leader {
+        ctx.metrics.forget_integration(&format!("{ns}/{name}"));
         // Changes to the object or its Secret trigger a reconcile anyway; a follower has no
         // status to refresh, so its periodic pass is only a safety net.
         return Ok(Action::requeue(FOLLOWER_RESYNC));
@@ -543,6 +544,16 @@ async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<A
     let observed = in_force
         .as_ref()
         .map(|e| ctx.hub.observe(&key, &e.config_revision));
+    ctx.metrics.integration_status(
+        &format!("{ns}/{name}"),
+        in_force
+            .as_ref()
+            .and_then(|e| e.policy.sla.as_ref())
+            .and_then(|s| s.availability_percent),
+        observed
+            .as_ref()
+            .map(|o| (o.sidecars.desired, o.sidecars.up_to_date)),
+    );
     let findings = Findings {
         generation,
         invalid: invalid.as_ref(),
@@ -609,6 +620,8 @@ async fn cleanup(pi: &PartnerIntegration, ctx: &Context) -> Result<Action> {
     ctx.conflicted().remove(&key);
     ctx.catalog.seen(&key);
     ctx.hub.forget(&key);
+    ctx.metrics
+        .forget_integration(&format!("{}/{}", key.0, key.1));
     Ok(Action::await_change())
 }
 

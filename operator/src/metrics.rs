@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,6 +41,22 @@ pub struct ListenerLabel {
     pub listener: String,
 }
 
+/// Labels of the per-integration gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IntegrationLabel {
+    /// `<namespace>/<name>`, as the sidecars label their metrics.
+    pub integration: String,
+}
+
+/// Labels of `sidecars`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SidecarsLabels {
+    pub integration: String,
+    /// `desired` (sidecars that receive the integration) or `up_to_date` (those running its
+    /// current revision).
+    pub state: String,
+}
+
 /// Every metric the operator exports. Cheap to clone-by-Arc; the registry is only for encoding.
 pub struct Metrics {
     registry: Registry,
@@ -76,6 +92,11 @@ pub struct Metrics {
     pub token_review_cache_hits: Counter,
     /// Integrations left out of this replica's peer Lease for its size limit.
     pub peer_state_dropped: Gauge,
+    /// `spec.sla.availabilityPercent` as a ratio, per integration that sets it (leader only):
+    /// what the SLA burn-rate alerts measure the partner's error ratio against.
+    pub sla_availability_objective: Family<IntegrationLabel, Gauge<f64, AtomicU64>>,
+    /// The `status.sidecars` counts, per integration (leader only).
+    pub sidecars: Family<SidecarsLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -181,8 +202,23 @@ impl Metrics {
             "Integrations left out of this replica's peer Lease for its size limit",
             peer_state_dropped.clone(),
         );
+        let sla_availability_objective =
+            Family::<IntegrationLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "sla_availability_objective_ratio",
+            "spec.sla.availabilityPercent / 100, per integration that sets it (written by the leader)",
+            sla_availability_objective.clone(),
+        );
+        let sidecars = Family::<SidecarsLabels, Gauge>::default();
+        registry.register(
+            "sidecars",
+            "Sidecars that receive an integration (state=desired) and that run its current revision (state=up_to_date), as its status shows (written by the leader)",
+            sidecars.clone(),
+        );
         Self {
             registry,
+            sla_availability_objective,
+            sidecars,
             report_refusals,
             streams_ended,
             connections_refused,
@@ -258,6 +294,52 @@ impl Metrics {
                 listener: listener.to_string(),
             })
             .inc();
+    }
+
+    /// Sets an integration's gauges from what its status shows: its SLA objective (`None`: it
+    /// sets none) and its sidecar counts (`None`: nothing is distributed).
+    pub fn integration_status(
+        &self,
+        integration: &str,
+        availability_percent: Option<f64>,
+        sidecars: Option<(i32, i32)>,
+    ) {
+        let label = IntegrationLabel {
+            integration: integration.to_string(),
+        };
+        match availability_percent {
+            Some(p) => {
+                self.sla_availability_objective
+                    .get_or_create(&label)
+                    .set(p / 100.0);
+            }
+            None => {
+                self.sla_availability_objective.remove(&label);
+            }
+        }
+        for (state, n) in [
+            ("desired", sidecars.map(|s| s.0)),
+            ("up_to_date", sidecars.map(|s| s.1)),
+        ] {
+            let labels = SidecarsLabels {
+                integration: integration.to_string(),
+                state: state.to_string(),
+            };
+            match n {
+                Some(n) => {
+                    self.sidecars.get_or_create(&labels).set(i64::from(n));
+                }
+                None => {
+                    self.sidecars.remove(&labels);
+                }
+            }
+        }
+    }
+
+    /// Drops an integration's gauges: it is gone, or this replica no longer leads (the new
+    /// leader exports them).
+    pub fn forget_integration(&self, integration: &str) {
+        self.integration_status(integration, None, None);
     }
 
     pub fn observe_push(&self, latency: Duration) {

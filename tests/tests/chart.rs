@@ -1621,6 +1621,11 @@ fn the_charts_webhook_injects_pods_through_its_service() {
         "sidecar.interceptExcludeCidrs={10.96.0.0/12}".to_owned(),
         "sidecar.extraArgs={--unknown-hosts=deny}".to_owned(),
         "sidecar.startup.timeout=45s".to_owned(),
+        "sidecar.telemetry.otlpEndpoint=http://otel-collector.observability.svc:4318".to_owned(),
+        "sidecar.telemetry.sampler=parentbased_traceidratio".to_owned(),
+        "sidecar.telemetry.samplerArg=0.25".to_owned(),
+        r"sidecar.telemetry.resourceAttributes.deployment\.environment=e2e".to_owned(),
+        "monitoring.scrapeAnnotations=true".to_owned(),
     ];
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     install(cp, "inj", &ns, &sets);
@@ -1719,6 +1724,44 @@ fn the_charts_webhook_injects_pods_through_its_service() {
     for a in [operator_url.as_str(), "--unknown-hosts=deny"] {
         assert!(args.contains(&a), "{a} not in {args:?}");
     }
+    // Its traces go where sidecar.telemetry says, the resource naming the pod (the kubelet
+    // expands $(POD_NAME) from the variable before it).
+    let env = &sidecar["env"];
+    let names: Vec<&str> = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().position(|n| *n == "POD_NAME")
+            < names.iter().position(|n| *n == "OTEL_RESOURCE_ATTRIBUTES"),
+        "{names:?}"
+    );
+    for (name, value) in [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://otel-collector.observability.svc:4318",
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ("OTEL_SERVICE_NAME", "tollgate-sidecar"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),deployment.environment=e2e",
+        ),
+    ] {
+        assert_eq!(named(env, name)["value"], value, "{name}");
+    }
+    // monitoring.scrapeAnnotations: annotation-driven scrapers find the sidecar's /metrics.
+    let annotations = &injected["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true", "{annotations}");
+    assert_eq!(annotations["prometheus.io/port"], "15090", "{annotations}");
+    assert_eq!(
+        annotations["prometheus.io/path"], "/metrics",
+        "{annotations}"
+    );
     let identity = named(&injected["spec"]["volumes"], "tollgate-identity");
     let sources = identity["projected"]["sources"].to_string();
     assert!(
@@ -1756,11 +1799,21 @@ fn the_charts_webhook_injects_pods_through_its_service() {
         cp,
         &other,
         "annotated",
-        json!({"tollgate.dev/inject": "true", "tollgate.dev/interception": "proxy-env"}),
+        json!({"tollgate.dev/inject": "true", "tollgate.dev/interception": "proxy-env",
+               "prometheus.io/port": "9100"}),
     );
     assert_eq!(
         annotated["metadata"]["annotations"]["tollgate.dev/injected"],
         "proxy-env"
+    );
+    // A scrape annotation the pod sets itself is its own.
+    assert_eq!(
+        annotated["metadata"]["annotations"]["prometheus.io/port"],
+        "9100"
+    );
+    assert_eq!(
+        annotated["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
     );
     let app = named(&annotated["spec"]["containers"], "app");
     assert_eq!(

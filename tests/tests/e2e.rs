@@ -10,5 +10,6 @@ mod crd;
 mod failstatic;
 mod helm;
 mod hostile;
+mod monitoring;
 mod tokens;
 mod webhook;

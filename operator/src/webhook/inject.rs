@@ -139,6 +139,27 @@ pub struct InjectConfig {
     pub excluded_namespaces: BTreeSet<String>,
     /// How long the app may wait for the sidecar's first revision, and what happens then.
     pub startup: StartupGate,
+    /// OTLP export and scrape annotations of injected sidecars.
+    pub telemetry: SidecarTelemetry,
+}
+
+/// How injected sidecars are observed: their OTLP settings (the standard `OTEL_*` variables of
+/// the sidecar container) and whether the pod is annotated for annotation-driven scraping.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SidecarTelemetry {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; `None`: no `OTEL_*` variable is set (no export).
+    pub otlp_endpoint: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub otlp_protocol: Option<String>,
+    /// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`.
+    pub sampler: Option<String>,
+    pub sampler_arg: Option<String>,
+    /// `OTEL_SERVICE_NAME`.
+    pub service_name: Option<String>,
+    /// Resource attributes after the pod's own (`k8s.pod.name`, `k8s.namespace.name`).
+    pub resource_attributes: Vec<(String, String)>,
+    /// Annotate the pod `prometheus.io/scrape`, `prometheus.io/port`, `prometheus.io/path`.
+    pub scrape_annotations: bool,
 }
 
 /// The app's containers start only once the sidecar's startup probe passes. The probe asks
@@ -422,6 +443,7 @@ pub fn patch(
     }
     let mut sidecar = sidecar_container(cfg, mode);
     sidecar_trust(&mut sidecar, interception);
+    telemetry(cfg, pod, &mut sidecar, &mut ops, &mut warnings);
     ours.push(sidecar);
     if spec.init_containers.is_none() {
         ops.push(add("/spec/initContainers", to_value(&ours)));
@@ -601,6 +623,76 @@ fn sidecar_trust(sidecar: &mut Container, interception: bool) {
             mount_path: TRUST_DIR.to_string(),
             ..Default::default()
         });
+}
+
+// === telemetry ===
+
+/// Annotations for annotation-driven Prometheus scrape configurations.
+pub const SCRAPE_ANNOTATIONS: [&str; 3] = [
+    "prometheus.io/scrape",
+    "prometheus.io/port",
+    "prometheus.io/path",
+];
+
+/// The sidecar's `OTEL_*` variables (after `POD_NAME`/`POD_NAMESPACE`, which the resource
+/// attributes refer to) and the pod's scrape annotations. An annotation the pod sets itself
+/// is left as it is (and reported): the pod's own metrics may be what it points at.
+fn telemetry(
+    cfg: &InjectConfig,
+    pod: &Pod,
+    sidecar: &mut Container,
+    ops: &mut Vec<Value>,
+    warnings: &mut Vec<String>,
+) {
+    let t = &cfg.telemetry;
+    if let Some(endpoint) = &t.otlp_endpoint {
+        let mut attributes = vec![
+            "k8s.pod.name=$(POD_NAME)".to_string(),
+            "k8s.namespace.name=$(POD_NAMESPACE)".to_string(),
+        ];
+        // `$` would start a variable reference for the kubelet.
+        attributes.extend(
+            t.resource_attributes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").replace('$', "$$")),
+        );
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", Some(endpoint.clone())),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", t.otlp_protocol.clone()),
+            ("OTEL_TRACES_SAMPLER", t.sampler.clone()),
+            ("OTEL_TRACES_SAMPLER_ARG", t.sampler_arg.clone()),
+            ("OTEL_SERVICE_NAME", t.service_name.clone()),
+            ("OTEL_RESOURCE_ATTRIBUTES", Some(attributes.join(","))),
+        ];
+        let env = sidecar.env.get_or_insert_with(Vec::new);
+        for (name, value) in vars {
+            if let Some(value) = value {
+                env.push(EnvVar {
+                    name: name.to_string(),
+                    value: Some(value),
+                    value_from: None,
+                });
+            }
+        }
+    }
+    if t.scrape_annotations {
+        let port = cfg.admin_port.to_string();
+        for (key, value) in SCRAPE_ANNOTATIONS
+            .into_iter()
+            .zip(["true", &port, "/metrics"])
+        {
+            if annotation(pod, key).is_some() {
+                warnings.push(format!(
+                    "tollgate: the pod sets annotation {key} itself; left unchanged, so the sidecar's metrics may not be scraped"
+                ));
+                continue;
+            }
+            ops.push(add(
+                &format!("/metadata/annotations/{}", escape(key)),
+                json!(value),
+            ));
+        }
+    }
 }
 
 fn add(path: &str, value: Value) -> Value {
@@ -921,6 +1013,7 @@ pub(crate) mod tests {
                 timeout_seconds: 60,
                 on_timeout: OnTimeout::Fail,
             },
+            telemetry: SidecarTelemetry::default(),
         }
     }
 
@@ -1442,6 +1535,82 @@ pub(crate) mod tests {
         assert_eq!(
             ops[0],
             json!({"op": "add", "path": "/metadata/annotations/tollgate.dev~1injected", "value": "iptables"})
+        );
+    }
+
+    fn sidecar_env(pod: &Value) -> Vec<(String, String)> {
+        pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == SIDECAR_CONTAINER)
+            .unwrap()["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let v = e["value"].as_str().unwrap_or("<from>");
+                (e["name"].as_str().unwrap().to_string(), v.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn otlp_settings_reach_the_sidecar_only_when_an_endpoint_is_set() {
+        let mut cfg = config();
+        let (plain, _) = injected(&cfg, &app(), Mode::Iptables);
+        assert!(
+            sidecar_env(&plain)
+                .iter()
+                .all(|(n, _)| !n.starts_with("OTEL_"))
+        );
+        assert!(plain["metadata"]["annotations"]["prometheus.io/scrape"].is_null());
+
+        cfg.telemetry = SidecarTelemetry {
+            otlp_endpoint: Some("http://collector:4318".into()),
+            service_name: Some("tollgate-sidecar".into()),
+            resource_attributes: vec![("cost.center".into(), "a$b".into())],
+            scrape_annotations: true,
+            ..Default::default()
+        };
+        let (pod, warnings) = injected(&cfg, &app(), Mode::Iptables);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let env = sidecar_env(&pod);
+        let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_SERVICE_NAME",
+                "OTEL_RESOURCE_ATTRIBUTES"
+            ]
+        );
+        // `$` is escaped so the kubelet does not take it for a variable reference.
+        assert_eq!(
+            env[4].1,
+            "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),cost.center=a$$b"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["prometheus.io/port"],
+            "15090"
+        );
+
+        // The app's own scrape annotation stays, reported.
+        let own = with_annotations(app(), json!({"prometheus.io/path": "/app-metrics"}));
+        let (pod, warnings) = injected(&cfg, &own, Mode::Iptables);
+        assert_eq!(
+            pod["metadata"]["annotations"]["prometheus.io/path"],
+            "/app-metrics"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["prometheus.io/scrape"],
+            "true"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("prometheus.io/path")),
+            "{warnings:?}"
         );
     }
 }

@@ -28,7 +28,9 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use self::inject::{InjectConfig, Mode, OnTimeout, SYSTEM_NAMESPACES, StartupGate};
+use self::inject::{
+    InjectConfig, Mode, OnTimeout, SYSTEM_NAMESPACES, SidecarTelemetry, StartupGate,
+};
 use self::server::{CertSlot, Webhook};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
@@ -179,6 +181,52 @@ pub struct Flags {
     /// ungoverned) or `open` (the app starts with no policy in force; the sidecar logs it).
     #[arg(long, value_enum, default_value = "fail")]
     pub sidecar_startup_on_timeout: OnTimeout,
+
+    /// OTEL_EXPORTER_OTLP_ENDPOINT of injected sidecars (http:// or https://); without it no
+    /// OTEL_* variable is set and sidecars export no spans.
+    #[arg(long, value_name = "URL")]
+    pub sidecar_otlp_endpoint: Option<String>,
+
+    /// OTEL_EXPORTER_OTLP_PROTOCOL of injected sidecars: http/protobuf or grpc.
+    #[arg(long, value_name = "PROTOCOL")]
+    pub sidecar_otlp_protocol: Option<String>,
+
+    /// OTEL_TRACES_SAMPLER of injected sidecars (e.g. parentbased_traceidratio).
+    #[arg(long, value_name = "SAMPLER")]
+    pub sidecar_traces_sampler: Option<String>,
+
+    /// OTEL_TRACES_SAMPLER_ARG of injected sidecars (e.g. 0.1).
+    #[arg(long, value_name = "ARG")]
+    pub sidecar_traces_sampler_arg: Option<String>,
+
+    /// OTEL_SERVICE_NAME of injected sidecars.
+    #[arg(long, value_name = "NAME")]
+    pub sidecar_service_name: Option<String>,
+
+    /// Another OTLP resource attribute of injected sidecars, KEY=VALUE (repeatable); each
+    /// already has k8s.pod.name and k8s.namespace.name.
+    #[arg(long = "sidecar-resource-attribute", value_name = "KEY=VALUE", value_parser = resource_attribute)]
+    pub sidecar_resource_attributes: Vec<(String, String)>,
+
+    /// Annotate injected pods prometheus.io/scrape, port and path (the sidecar's /metrics),
+    /// unless a pod sets them itself.
+    #[arg(long, default_value_t = false)]
+    pub sidecar_scrape_annotations: bool,
+}
+
+/// `KEY=VALUE` of an OTLP resource attribute; neither part may hold `,`, `=` or whitespace
+/// (OTEL_RESOURCE_ATTRIBUTES separators).
+fn resource_attribute(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let bad = |p: &str| p.contains([',', '=']) || p.chars().any(char::is_whitespace);
+    if k.is_empty() || bad(k) || bad(v) {
+        return Err(format!(
+            "{s:?}: KEY=VALUE with a non-empty key, and no ',', '=' or whitespace in either"
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -221,6 +269,7 @@ impl Flags {
         if !(1..=3600).contains(&startup_secs) || self.sidecar_startup_timeout.subsec_nanos() != 0 {
             anyhow::bail!("--sidecar-startup-timeout: whole seconds from 1s to 1h");
         }
+        let telemetry = self.sidecar_telemetry()?;
         let mut excluded: BTreeSet<String> =
             SYSTEM_NAMESPACES.iter().map(|s| (*s).to_string()).collect();
         excluded.insert(operator_namespace.to_string());
@@ -252,6 +301,43 @@ impl Flags {
                 timeout_seconds: i32::try_from(startup_secs).unwrap_or(3600),
                 on_timeout: self.sidecar_startup_on_timeout,
             },
+            telemetry,
+        })
+    }
+
+    /// The sidecars' telemetry settings; errors name the flag.
+    fn sidecar_telemetry(&self) -> anyhow::Result<SidecarTelemetry> {
+        let set = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        let otlp_endpoint = set(&self.sidecar_otlp_endpoint);
+        if let Some(e) = &otlp_endpoint {
+            let uri: http::Uri = e
+                .parse()
+                .with_context(|| format!("--sidecar-otlp-endpoint {e:?}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                anyhow::bail!("--sidecar-otlp-endpoint {e:?}: must be an http:// or https:// URL");
+            }
+        }
+        let otlp_protocol = set(&self.sidecar_otlp_protocol);
+        if let Some(p) = &otlp_protocol
+            && p != "http/protobuf"
+            && p != "grpc"
+        {
+            anyhow::bail!("--sidecar-otlp-protocol {p:?}: http/protobuf or grpc");
+        }
+        let sampler_arg = set(&self.sidecar_traces_sampler_arg);
+        if let Some(a) = &sampler_arg
+            && !a.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r))
+        {
+            anyhow::bail!("--sidecar-traces-sampler-arg {a:?}: a ratio from 0 to 1");
+        }
+        Ok(SidecarTelemetry {
+            otlp_endpoint,
+            otlp_protocol,
+            sampler: set(&self.sidecar_traces_sampler),
+            sampler_arg,
+            service_name: set(&self.sidecar_service_name),
+            resource_attributes: self.sidecar_resource_attributes.clone(),
+            scrape_annotations: self.sidecar_scrape_annotations,
         })
     }
 }
@@ -508,5 +594,50 @@ mod tests {
             Cli::try_parse_from(["op", "--webhook-tls-cert=/a"]).is_err(),
             "needs the key too"
         );
+    }
+
+    #[test]
+    fn bad_telemetry_flags_name_their_flag() {
+        let base = ["--sidecar-image=i", "--sidecar-operator-url=https://op"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend(extra);
+            flags(&args).inject_config("ns")
+        };
+        for (arg, flag) in [
+            (
+                "--sidecar-otlp-endpoint=collector:4317",
+                "--sidecar-otlp-endpoint",
+            ),
+            ("--sidecar-otlp-protocol=thrift", "--sidecar-otlp-protocol"),
+            (
+                "--sidecar-traces-sampler-arg=2",
+                "--sidecar-traces-sampler-arg",
+            ),
+        ] {
+            let e = with(&[arg]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{arg}: {e}");
+        }
+        for bad in ["k", "=v", "k=a,b", "k=a b"] {
+            assert!(
+                Cli::try_parse_from(["op", &format!("--sidecar-resource-attribute={bad}")])
+                    .is_err(),
+                "{bad}"
+            );
+        }
+        let t = with(&[
+            "--sidecar-otlp-endpoint=http://collector:4318",
+            "--sidecar-resource-attribute=deployment.environment=prod",
+            "--sidecar-scrape-annotations",
+        ])
+        .unwrap()
+        .telemetry;
+        assert_eq!(t.otlp_endpoint.as_deref(), Some("http://collector:4318"));
+        assert_eq!(
+            t.resource_attributes,
+            [("deployment.environment".to_string(), "prod".to_string())]
+        );
+        assert!(t.scrape_annotations);
+        assert_eq!(with(&[]).unwrap().telemetry, SidecarTelemetry::default());
     }
 }
