@@ -341,7 +341,7 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
 
     install_crd(cp);
     let ns = cp.create_namespace("monitoring-metrics").unwrap();
-    let partner = Partner::start().unwrap();
+    let partner = Partner::echo().unwrap();
     objects::service_account(cp, &ns, "app").unwrap();
     let spec = json!({
         "upstream": {"url": partner.url(), "hosts": [PARTNER_HOST], "connectTimeout": "1s"},
