@@ -185,10 +185,27 @@ pub struct DistributedIntegration {
     /// if the `secretRef` and the upstream URL are unchanged, rather than sending none.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub credential_held: bool,
+    /// The Secret of `spec.upstream.clientCertificate`: `None` when the spec names none or the
+    /// Secret has never been readable; a Secret that disappears later leaves the last value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificateValue>,
+    /// As `credential_held`, for the client certificate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_certificate_held: bool,
     /// This pod's share of every `rateLimit.scope: global` band (integration and route bands).
     /// `None` when no band is global.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_share: Option<QuotaShare>,
+}
+
+/// A `kubernetes.io/tls` Secret's content: the certificate chain (public) and its key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificateValue {
+    /// `tls.crt`: PEM, the certificate first, then its chain.
+    pub certificate: String,
+    /// `tls.key`: PEM.
+    pub key: SecretValue,
 }
 
 /// How much of a global quota this sidecar may spend.
@@ -351,6 +368,8 @@ mod tests {
             spec: PartnerIntegrationSpec::default(),
             credential: Some(v.clone()),
             credential_held: false,
+            client_certificate: None,
+            client_certificate_held: false,
             quota_share: None,
         };
         assert!(!format!("{i:?}").contains("sk_live_123"));

@@ -177,6 +177,10 @@ pub struct UpstreamPolicy {
     /// certificate checked at compile time to be one the verifier accepts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
+    /// The `kubernetes.io/tls` Secret whose certificate the sidecar presents to this partner
+    /// (`upstream.clientCertificate.secretName`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
 }
 
 /// One `hosts` entry.
@@ -936,6 +940,27 @@ impl Compiler {
                 Some(pem.clone())
             }
         };
+        let client_certificate = match &spec.upstream.client_certificate {
+            None => None,
+            Some(c) => {
+                let field = "spec.upstream.clientCertificate.secretName";
+                if !is_object_name(&c.secret_name) {
+                    self.err(
+                        field,
+                        format!("{:?} is not a Secret name (lower-case letters, digits, '-' and '.', at most 253)", c.secret_name),
+                    );
+                    return None;
+                }
+                if scheme == Scheme::Http {
+                    self.err(
+                        "spec.upstream.clientCertificate",
+                        format!("needs an https:// url ({url:?} has no TLS to present it in)"),
+                    );
+                    return None;
+                }
+                Some(c.secret_name.clone())
+            }
+        };
         Some(UpstreamPolicy {
             url: url.clone(),
             scheme,
@@ -945,6 +970,7 @@ impl Compiler {
             connect_timeout,
             interception,
             ca_bundle,
+            client_certificate,
         })
     }
 
@@ -1591,4 +1617,59 @@ pub fn ca_bundle_certificates(
         return Err("no PEM CERTIFICATE found".into());
     }
     Ok(certs)
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): what a Secret may be called.
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// A client identity from a `kubernetes.io/tls` Secret's `tls.crt` and `tls.key`: the
+/// certificate chain (leaf first) and its private key, as rustls takes them. Errors name the
+/// key that is wrong without echoing its text.
+pub fn client_identity(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    let mut chain = Vec::new();
+    for item in rustls_pemfile::read_all(&mut cert_pem.as_bytes()) {
+        match item {
+            Ok(rustls_pemfile::Item::X509Certificate(der)) => {
+                if chain.is_empty()
+                    && let Err(e) = webpki::EndEntityCert::try_from(&der)
+                {
+                    return Err(format!("tls.crt: the first certificate is unreadable: {e}"));
+                }
+                chain.push(der);
+            }
+            Ok(
+                rustls_pemfile::Item::Pkcs1Key(_)
+                | rustls_pemfile::Item::Pkcs8Key(_)
+                | rustls_pemfile::Item::Sec1Key(_),
+            ) => return Err("tls.crt holds a private key; it belongs in tls.key".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("tls.crt: unreadable PEM: {e}")),
+        }
+    }
+    if chain.is_empty() {
+        return Err("tls.crt: no PEM CERTIFICATE found".into());
+    }
+    let key = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
+        Ok(Some(key)) => key,
+        Ok(None) => return Err("tls.key: no PEM private key found".into()),
+        Err(e) => return Err(format!("tls.key: unreadable PEM: {e}")),
+    };
+    Ok((chain, key))
 }

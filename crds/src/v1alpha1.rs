@@ -154,6 +154,21 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
+    /// A client certificate the sidecar presents when it originates TLS to this partner
+    /// (mutual TLS). The app no longer holds that key: the sidecar does, in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// A `kubernetes.io/tls` Secret in the integration's namespace: `tls.crt` (the certificate,
+/// then its chain) and `tls.key` (its private key). Like a credential, it must opt in with
+/// the label `tollgate.dev/credential=true`, and may name the hosts it may be sent to with
+/// `tollgate.dev/credential-hosts`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificate {
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 /// The kill switch: while enabled, nothing reaches the partner.

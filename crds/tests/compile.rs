@@ -792,3 +792,48 @@ fn a_ca_bundle_must_hold_usable_ca_certificates_and_nothing_else() {
         assert!(!err.contains("MC4CAQAw"), "the key is never echoed: {err}");
     }
 }
+
+#[test]
+fn a_client_certificate_names_a_secret_and_needs_https() {
+    let with = |url: &str, name: &str| {
+        let mut s = spec(&format!("upstream: {{url: '{url}'}}"));
+        s.upstream.client_certificate = Some(tollgate_crds::v1alpha1::ClientCertificate {
+            secret_name: name.to_string(),
+        });
+        s
+    };
+    let p = compile("ns", "partner", &with("https://a.example", "partner-mtls"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.upstream.client_certificate.as_deref(),
+        Some("partner-mtls")
+    );
+    assert!(ok(MINIMAL).upstream.client_certificate.is_none());
+
+    for (url, name, field, says) in [
+        (
+            "http://a.example",
+            "partner-mtls",
+            "spec.upstream.clientCertificate",
+            "needs an https:// url",
+        ),
+        (
+            "https://a.example",
+            "Partner_MTLS",
+            "spec.upstream.clientCertificate.secretName",
+            "is not a Secret name",
+        ),
+        (
+            "https://a.example",
+            "../etc",
+            "spec.upstream.clientCertificate.secretName",
+            "is not a Secret name",
+        ),
+    ] {
+        let err = compile("ns", "partner", &with(url, name))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{err}");
+        assert!(err.contains(says), "{says}: {err}");
+    }
+}

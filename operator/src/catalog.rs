@@ -33,6 +33,8 @@ pub struct Credential {
     /// The upstream hosts the Secret allows it to be sent to (its
     /// `tollgate.dev/credential-hosts` annotation); `None`: any.
     pub allowed_hosts: Option<Vec<String>>,
+    /// For a client certificate: `tls.crt` (public); `value` is then `tls.key`.
+    pub certificate: Option<String>,
 }
 
 impl Credential {
@@ -58,6 +60,10 @@ pub struct Entry {
     /// The spec has credentials but this replica could not read them (it started while the
     /// Secret was unavailable): sidecars keep the value they already hold.
     pub credential_held: bool,
+    /// The Secret of `spec.upstream.clientCertificate` (`certificate` holds `tls.crt`).
+    pub client_certificate: Option<Credential>,
+    /// As `credential_held`, for the client certificate.
+    pub client_certificate_held: bool,
 }
 
 impl Entry {
@@ -67,7 +73,7 @@ impl Entry {
         policy: IntegrationPolicy,
         credential: Option<Credential>,
     ) -> Self {
-        let config_revision = config_revision(generation, &spec, credential.as_ref());
+        let config_revision = config_revision(generation, &spec, credential.as_ref(), None);
         Self {
             namespace: policy.id.namespace.clone(),
             name: policy.id.name.clone(),
@@ -77,14 +83,40 @@ impl Entry {
             policy: Arc::new(policy),
             credential,
             credential_held: false,
+            client_certificate: None,
+            client_certificate_held: false,
         }
+    }
+
+    /// The client certificate to present to the partner; its Secret version enters the config
+    /// revision. Call before the `with_held_*` methods.
+    pub fn with_client_certificate(mut self, certificate: Option<Credential>) -> Self {
+        self.config_revision = config_revision(
+            self.generation,
+            &self.spec,
+            self.credential.as_ref(),
+            certificate.as_ref(),
+        );
+        self.client_certificate = certificate;
+        self
+    }
+
+    /// As [`Entry::with_held_credential`], for the client certificate.
+    pub fn with_held_client_certificate(mut self) -> Self {
+        self.client_certificate_held = true;
+        if !self.config_revision.ends_with("-held") {
+            self.config_revision = format!("{}-held", self.config_revision);
+        }
+        self
     }
 
     /// An entry whose credential this replica cannot read now and never read before:
     /// sidecars keep the one they hold.
     pub fn with_held_credential(mut self) -> Self {
         self.credential_held = true;
-        self.config_revision = format!("{}-held", self.config_revision);
+        if !self.config_revision.ends_with("-held") {
+            self.config_revision = format!("{}-held", self.config_revision);
+        }
         self
     }
 
@@ -113,12 +145,17 @@ pub fn config_revision(
     generation: i64,
     spec: &PartnerIntegrationSpec,
     credential: Option<&Credential>,
+    client_certificate: Option<&Credential>,
 ) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     // Struct fields serialize in declaration order and maps are BTreeMaps: deterministic.
     ctx.update(&serde_json::to_vec(spec).unwrap_or_default());
     ctx.update(b"\0");
     if let Some(c) = credential {
+        ctx.update(c.secret_version.as_bytes());
+    }
+    if let Some(c) = client_certificate {
+        ctx.update(b"\0tls:");
         ctx.update(c.secret_version.as_bytes());
     }
     format!("{generation}-{}", &hex(ctx.finish().as_ref())[..10])
@@ -234,6 +271,8 @@ impl CatalogHandle {
                 old.config_revision == entry.config_revision
                     && old.credential == entry.credential
                     && old.credential_held == entry.credential_held
+                    && old.client_certificate == entry.client_certificate
+                    && old.client_certificate_held == entry.client_certificate_held
             });
             if same {
                 return false;
@@ -301,6 +340,7 @@ mod tests {
                 secret_version: "7".into(),
                 secret_name: "s".into(),
                 allowed_hosts: None,
+                certificate: None,
             }),
         )
     }

@@ -255,6 +255,37 @@ enum SecretRead {
     Unusable(String),
 }
 
+/// A Secret a spec reads: the credential it injects, or the client certificate it presents.
+#[derive(Clone, Copy, Debug)]
+enum SecretUse<'a> {
+    Credential(&'a SecretKeyRef),
+    ClientCertificate(&'a str),
+}
+
+impl SecretUse<'_> {
+    fn name(&self) -> &str {
+        match self {
+            SecretUse::Credential(r) => &r.name,
+            SecretUse::ClientCertificate(name) => name,
+        }
+    }
+
+    /// The spec field that names the Secret.
+    fn field(&self) -> &'static str {
+        match self {
+            SecretUse::Credential(_) => "spec.credentials.secretRef",
+            SecretUse::ClientCertificate(_) => "spec.upstream.clientCertificate.secretName",
+        }
+    }
+
+    fn read(&self, ns: &str, secret: Option<&Secret>) -> SecretRead {
+        match self {
+            SecretUse::Credential(r) => read_secret(ns, r, secret),
+            SecretUse::ClientCertificate(name) => read_tls_secret(ns, name, secret),
+        }
+    }
+}
+
 fn read_secret(ns: &str, r: &SecretKeyRef, secret: Option<&Secret>) -> SecretRead {
     let Some(secret) = secret else {
         return SecretRead::NotOptedIn;
@@ -274,7 +305,50 @@ fn read_secret(ns: &str, r: &SecretKeyRef, secret: Option<&Secret>) -> SecretRea
     };
     // Files made with `echo` end in a newline that no API key contains.
     let text = text.trim_end_matches(['\n', '\r']);
-    let allowed_hosts = secret
+    SecretRead::Found(Credential {
+        value: SecretValue::new(text),
+        secret_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+        secret_name: r.name.clone(),
+        allowed_hosts: allowed_hosts(secret),
+        certificate: None,
+    })
+}
+
+/// A `kubernetes.io/tls` Secret: `tls.crt` and `tls.key`, checked to parse as a certificate
+/// chain and a private key. Messages never echo the content.
+fn read_tls_secret(ns: &str, name: &str, secret: Option<&Secret>) -> SecretRead {
+    let Some(secret) = secret else {
+        return SecretRead::NotOptedIn;
+    };
+    let text = |key: &str| -> Result<&str, String> {
+        let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| {
+            format!(
+                "Secret {ns}/{name} has no key {key:?} (spec.upstream.clientCertificate.secretName \
+                 names a kubernetes.io/tls Secret: tls.crt and tls.key)"
+            )
+        })?;
+        std::str::from_utf8(&bytes.0)
+            .map_err(|_| format!("Secret {ns}/{name} key {key:?} is not PEM text"))
+    };
+    let (cert, key) = match (text("tls.crt"), text("tls.key")) {
+        (Ok(c), Ok(k)) => (c, k),
+        (Err(why), _) | (_, Err(why)) => return SecretRead::Unusable(why),
+    };
+    if let Err(why) = tollgate_crds::policy::client_identity(cert, key) {
+        return SecretRead::Unusable(format!("Secret {ns}/{name}: {why}"));
+    }
+    SecretRead::Found(Credential {
+        value: SecretValue::new(key),
+        secret_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+        secret_name: name.to_string(),
+        allowed_hosts: allowed_hosts(secret),
+        certificate: Some(cert.to_string()),
+    })
+}
+
+/// The hosts a Secret's `tollgate.dev/credential-hosts` annotation allows; `None`: any.
+fn allowed_hosts(secret: &Secret) -> Option<Vec<String>> {
+    secret
         .metadata
         .annotations
         .as_ref()
@@ -284,22 +358,18 @@ fn read_secret(ns: &str, r: &SecretKeyRef, secret: Option<&Secret>) -> SecretRea
                 .map(normalise_host)
                 .filter(|h| !h.is_empty())
                 .collect()
-        });
-    SecretRead::Found(Credential {
-        value: SecretValue::new(text),
-        secret_version: secret.metadata.resource_version.clone().unwrap_or_default(),
-        secret_name: r.name.clone(),
-        allowed_hosts,
-    })
+        })
 }
 
 /// How to opt a Secret in, for messages.
-fn opt_in_hint(ns: &str, name: &str) -> String {
+fn opt_in_hint(ns: &str, use_: SecretUse<'_>) -> String {
+    let name = use_.name();
     format!(
-        "spec.credentials.secretRef: Secret {ns}/{name} is not a Tollgate credential (no Secret \
+        "{}: Secret {ns}/{name} is not a Tollgate credential (no Secret \
          of that name labelled {CREDENTIAL_SELECTOR} exists); Tollgate reads only Secrets that \
          opt in: `kubectl label secret -n {ns} {name} {CREDENTIAL_SELECTOR}` (optionally \
-         annotate it {CREDENTIAL_HOSTS}=<upstream hosts it may be sent to>)"
+         annotate it {CREDENTIAL_HOSTS}=<upstream hosts it may be sent to>)",
+        use_.field()
     )
 }
 
@@ -407,8 +477,85 @@ fn affected_by(ctx: &Context, changed: &PartnerIntegration) -> Vec<ObjectRef<Par
         .collect()
 }
 
-/// Resolves the credential of a valid, unconflicted spec and puts it in force. Returns why the
-/// spec is refused, if it is (then the previous revision stays).
+/// What resolving one Secret of a spec decided.
+enum Resolved {
+    /// Distribute this value (`None`: none is known).
+    Value(Option<Credential>),
+    /// Never read by this replica: sidecars keep what they hold. The status says why.
+    Held(Invalid),
+    /// Refuse the spec; the previous revision stays.
+    Refuse(Invalid),
+}
+
+/// Reads one Secret a valid spec names. `previous`: the value of the same use in the entry in
+/// force. A Secret that becomes unreadable leaves the previous value in force (and says why in
+/// `secret_problem`); another Secret than the one in force must be readable.
+async fn resolve_secret(
+    ctx: &Context,
+    ns: &str,
+    use_: SecretUse<'_>,
+    previous: Option<&Credential>,
+    upstream: &str,
+    secret_problem: &mut Option<String>,
+) -> Result<Resolved> {
+    let name = use_.name();
+    // The value this replica holds for the same Secret, if the Secret allows the upstream.
+    let kept = previous
+        .filter(|c| c.secret_name == name)
+        .filter(|c| c.allows(upstream))
+        .cloned();
+    let secret = ctx.labelled_secret(ns, name).await?;
+    Ok(match use_.read(ns, secret.as_deref()) {
+        SecretRead::Found(found) if !found.allows(upstream) => {
+            let message = format!(
+                "spec.upstream.url: Secret {ns}/{name} may be sent only to {} (annotation \
+                 {CREDENTIAL_HOSTS}), not to {upstream}",
+                found
+                    .allowed_hosts
+                    .as_deref()
+                    .unwrap_or_default()
+                    .join(", ")
+            );
+            info!(why = %message, "credential not allowed for this upstream; the previous revision stays in force");
+            Resolved::Refuse(Invalid {
+                reason: reason::CREDENTIAL_HOST_NOT_ALLOWED,
+                message,
+            })
+        }
+        SecretRead::Found(found) => Resolved::Value(Some(found)),
+        SecretRead::Unusable(why) => {
+            info!(%why, "credential unavailable; the previous one stays in force");
+            *secret_problem = Some(why);
+            Resolved::Value(kept)
+        }
+        SecretRead::NotOptedIn => {
+            let message = opt_in_hint(ns, use_);
+            if kept.is_some() {
+                info!(why = %message, "credential Secret gone; the previous credential stays in force");
+                *secret_problem = Some(message);
+                Resolved::Value(kept)
+            } else if previous.is_some() {
+                // Another Secret than the one in force: refuse the change.
+                info!(why = %message, "credential Secret not opted in; the previous revision stays in force");
+                Resolved::Refuse(Invalid {
+                    reason: reason::SECRET_NOT_OPTED_IN,
+                    message,
+                })
+            } else {
+                // Never read by this replica (it may have started while the Secret was
+                // unavailable): sidecars keep what they hold for this reference.
+                info!(why = %message, "credential Secret not opted in; sidecars keep what they hold");
+                Resolved::Held(Invalid {
+                    reason: reason::SECRET_NOT_OPTED_IN,
+                    message,
+                })
+            }
+        }
+    })
+}
+
+/// Resolves the credential and client certificate of a valid, unconflicted spec and puts it
+/// in force. Returns why the spec is refused, if it is (then the previous revision stays).
 async fn resolve_and_upsert(
     ctx: &Context,
     pi: &PartnerIntegration,
@@ -416,80 +563,60 @@ async fn resolve_and_upsert(
     previous: Option<&Entry>,
     secret_problem: &mut Option<String>,
 ) -> Result<Option<Invalid>> {
-    let ns = &policy.id.namespace;
+    let ns = policy.id.namespace.clone();
     let generation = pi.metadata.generation.unwrap_or(0);
     let upstream = normalise_host(&policy.upstream.host);
-    // The credential this replica holds for the same Secret, if the Secret allows the upstream.
-    let kept = previous
-        .and_then(|p| p.credential.clone())
-        .filter(|c| {
-            policy
-                .credentials
-                .as_ref()
-                .is_some_and(|p| p.secret_ref.name == c.secret_name)
-        })
-        .filter(|c| c.allows(&upstream));
-    let mut held = false;
     let mut invalid = None;
-    let credential = match &policy.credentials {
-        None => None,
-        Some(c) => {
-            let secret = ctx.labelled_secret(ns, &c.secret_ref.name).await?;
-            match read_secret(ns, &c.secret_ref, secret.as_deref()) {
-                SecretRead::Found(found) if !found.allows(&upstream) => {
-                    let message = format!(
-                        "spec.upstream.url: Secret {ns}/{} may be sent only to {} (annotation \
-                         {CREDENTIAL_HOSTS}), not to {upstream}",
-                        c.secret_ref.name,
-                        found
-                            .allowed_hosts
-                            .as_deref()
-                            .unwrap_or_default()
-                            .join(", ")
-                    );
-                    info!(why = %message, "credential not allowed for this upstream; the previous revision stays in force");
-                    return Ok(Some(Invalid {
-                        reason: reason::CREDENTIAL_HOST_NOT_ALLOWED,
-                        message,
-                    }));
-                }
-                SecretRead::Found(found) => Some(found),
-                SecretRead::Unusable(why) => {
-                    info!(%why, "credential unavailable; the previous one stays in force");
-                    *secret_problem = Some(why);
-                    kept
-                }
-                SecretRead::NotOptedIn => {
-                    let message = opt_in_hint(ns, &c.secret_ref.name);
-                    if kept.is_some() {
-                        info!(why = %message, "credential Secret gone; the previous credential stays in force");
-                        *secret_problem = Some(message);
-                        kept
-                    } else if previous.is_some_and(|p| p.credential.is_some()) {
-                        // Another Secret than the one in force: refuse the change.
-                        info!(why = %message, "credential Secret not opted in; the previous revision stays in force");
-                        return Ok(Some(Invalid {
-                            reason: reason::SECRET_NOT_OPTED_IN,
-                            message,
-                        }));
-                    } else {
-                        // Never read by this replica (it may have started while the Secret
-                        // was unavailable): sidecars keep what they hold for this reference.
-                        info!(why = %message, "credential Secret not opted in; sidecars keep what they hold");
-                        invalid = Some(Invalid {
-                            reason: reason::SECRET_NOT_OPTED_IN,
-                            message,
-                        });
-                        held = true;
-                        None
+    let mut resolve =
+        async |use_: Option<SecretUse<'_>>,
+               previous: Option<&Credential>|
+               -> Result<std::result::Result<(Option<Credential>, bool), Invalid>> {
+            let Some(use_) = use_ else {
+                return Ok(Ok((None, false)));
+            };
+            Ok(
+                match resolve_secret(ctx, &ns, use_, previous, &upstream, secret_problem).await? {
+                    Resolved::Value(v) => Ok((v, false)),
+                    Resolved::Refuse(why) => Err(why),
+                    Resolved::Held(why) => {
+                        invalid.get_or_insert(why);
+                        Ok((None, true))
                     }
-                }
-            }
-        }
+                },
+            )
+        };
+    let credential = resolve(
+        policy
+            .credentials
+            .as_ref()
+            .map(|c| SecretUse::Credential(&c.secret_ref)),
+        previous.and_then(|p| p.credential.as_ref()),
+    )
+    .await?;
+    let (credential, credential_held) = match credential {
+        Ok(v) => v,
+        Err(refused) => return Ok(Some(refused)),
     };
-    let mut entry = Entry::new(generation, pi.spec.clone(), policy, credential);
-    if held {
+    let certificate = resolve(
+        policy
+            .upstream
+            .client_certificate
+            .as_deref()
+            .map(SecretUse::ClientCertificate),
+        previous.and_then(|p| p.client_certificate.as_ref()),
+    )
+    .await?;
+    let (certificate, certificate_held) = match certificate {
+        Ok(v) => v,
+        Err(refused) => return Ok(Some(refused)),
+    };
+    let mut entry = Entry::new(generation, pi.spec.clone(), policy, credential)
+        .with_client_certificate(certificate);
+    if credential_held {
         entry = entry.with_held_credential();
+    }
+    if certificate_held {
+        entry = entry.with_held_client_certificate();
     }
     let revision = entry.config_revision.clone();
     if ctx.catalog.upsert(entry) {
@@ -1132,6 +1259,136 @@ mod tests {
         assert!(ctx.metrics.encode().contains("reason=\"api_unreachable\""));
         assert!(backoff(1) >= Duration::from_secs(2) && backoff(1) < Duration::from_secs(3));
         assert!(backoff(30) <= Duration::from_secs(360));
+    }
+
+    /// A labelled `kubernetes.io/tls` Secret `payments/stripe-mtls` holding a fresh
+    /// certificate, and its key's PEM; `key: false` leaves out `tls.key`.
+    fn tls_secret(key: bool) -> (Secret, String) {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client.example".to_string()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        let mut s = secret("unused");
+        s.metadata.name = Some("stripe-mtls".into());
+        s.metadata.resource_version = Some("77".into());
+        s.type_ = Some("kubernetes.io/tls".into());
+        let mut data = std::collections::BTreeMap::new();
+        data.insert(
+            "tls.crt".to_string(),
+            k8s_openapi::ByteString(cert.pem().into_bytes()),
+        );
+        if key {
+            data.insert(
+                "tls.key".to_string(),
+                k8s_openapi::ByteString(pair.serialize_pem().into_bytes()),
+            );
+        }
+        s.data = Some(data);
+        (s, pair.serialize_pem())
+    }
+
+    fn mtls_spec() -> serde_json::Value {
+        let mut s = spec(false);
+        s["upstream"]["clientCertificate"] = json!({"secretName": "stripe-mtls"});
+        s
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_is_read_from_its_labelled_tls_secret_and_distributed() {
+        let (tls, key_pem) = tls_secret(true);
+        let (ctx, mut api, catalog) =
+            context_with(true, vec![secret("sk_live_1"), tls], Vec::new());
+        let pi = integration(mtls_spec(), 1);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(mtls_spec(), 1)).await;
+            api.done().await;
+            status
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let status = server.await.unwrap();
+        assert_eq!(cond(&status, condition::READY).status, "True");
+        let entry = catalog.get(&key()).unwrap();
+        let cert = entry
+            .client_certificate
+            .as_ref()
+            .expect("a client certificate");
+        assert_eq!(cert.value.expose(), key_pem);
+        assert!(
+            cert.certificate
+                .as_deref()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        assert!(!format!("{entry:?}").contains(key_pem.lines().nth(1).unwrap()));
+        // The Secret's version enters the revision: a rotation reaches the sidecars.
+        let without = Entry::new(
+            1,
+            entry.spec.clone(),
+            (*entry.policy).clone(),
+            entry.credential.clone(),
+        );
+        assert_ne!(without.config_revision, entry.config_revision);
+    }
+
+    #[tokio::test]
+    async fn an_unlabelled_client_certificate_secret_is_named_with_the_fix() {
+        let (ctx, mut api, catalog) = context_with(true, vec![secret("sk_live_1")], Vec::new());
+        let pi = integration(mtls_spec(), 1);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(mtls_spec(), 1)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, (_, why, _)) = server.await.unwrap();
+        let invalid = cond(&status, condition::INVALID);
+        assert_eq!(invalid.reason.as_deref(), Some(reason::SECRET_NOT_OPTED_IN));
+        let message = invalid.message.as_deref().unwrap();
+        assert!(
+            message.starts_with("spec.upstream.clientCertificate.secretName"),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "kubectl label secret -n payments stripe-mtls tollgate.dev/credential=true"
+            ),
+            "{message}"
+        );
+        assert_eq!(why, reason::SECRET_NOT_OPTED_IN);
+        let entry = catalog.get(&key()).unwrap();
+        assert!(entry.client_certificate.is_none());
+        assert!(
+            entry.client_certificate_held,
+            "sidecars keep what they hold"
+        );
+        assert!(!entry.credential_held, "the credential was read");
+    }
+
+    #[tokio::test]
+    async fn a_tls_secret_without_its_key_is_named_and_never_echoed() {
+        let (tls, _) = tls_secret(false);
+        let (ctx, mut api, catalog) =
+            context_with(true, vec![secret("sk_live_1"), tls], Vec::new());
+        let pi = integration(mtls_spec(), 1);
+        let server = tokio::spawn(async move {
+            let status = api.status_apply(&integration(mtls_spec(), 1)).await;
+            let event = api.event_create().await;
+            api.done().await;
+            (status, event)
+        });
+        reconcile(Arc::new(pi), ctx).await.unwrap();
+        let (status, _) = server.await.unwrap();
+        let ready = cond(&status, condition::READY);
+        assert_eq!(ready.reason.as_deref(), Some(reason::SECRET_MISSING));
+        let message = ready.message.as_deref().unwrap();
+        assert!(
+            message.contains("Secret payments/stripe-mtls has no key \"tls.key\""),
+            "{message}"
+        );
+        assert!(!message.contains("BEGIN"), "{message}");
+        assert!(catalog.get(&key()).unwrap().client_certificate.is_none());
     }
 
     #[tokio::test]

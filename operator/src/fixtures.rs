@@ -81,6 +81,7 @@ pub fn previous_entry(spec: Value, generation: i64, credential: &str) -> Entry {
             secret_version: "41".into(),
             secret_name: "stripe-api".into(),
             allowed_hosts: None,
+            certificate: None,
         }),
     )
 }

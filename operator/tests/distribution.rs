@@ -44,6 +44,7 @@ fn entry(
             secret_version: format!("rv-{v}"),
             secret_name: "stripe-api".into(),
             allowed_hosts: None,
+            certificate: None,
         }),
     )
 }

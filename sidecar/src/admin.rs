@@ -214,6 +214,12 @@ pub fn config_json(rev: &Revision) -> Value {
             if let Some(c) = v.get_mut("credentials").and_then(Value::as_object_mut) {
                 c.insert("loaded".into(), Value::Bool(i.credential.is_some()));
             }
+            if let Some(name) = &i.policy.upstream.client_certificate {
+                v["upstream"]["clientCertificate"] = json!({
+                    "secretName": name,
+                    "loaded": i.state.client_identity().is_some(),
+                });
+            }
             v
         })
         .collect();

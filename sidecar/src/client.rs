@@ -12,6 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use tower::Service;
 
@@ -66,41 +67,89 @@ pub fn roots(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<RootCertStore> {
 
 /// A client configuration trusting `roots`.
 pub fn config_from_roots(roots: RootCertStore) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+    let config = builder()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
+/// The certificate and key an integration presents to its partner (`upstream.clientCertificate`),
+/// held in memory only. `Debug` shows the chain's length, never the key.
+pub struct ClientIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl ClientIdentity {
+    /// From a `kubernetes.io/tls` Secret's `tls.crt` and `tls.key`; the error names the key at
+    /// fault and never echoes the text.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, String> {
+        let (chain, key) = tollgate_crds::policy::client_identity(cert_pem, key_pem)?;
+        Ok(ClientIdentity { chain, key })
+    }
+}
+
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.chain == other.chain && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
 /// One integration's TLS to its partner: `base` (the sidecar's roots), plus the integration's
-/// own `caBundle`, trusted for it alone. The bundle was checked when the spec was compiled.
+/// own `caBundle`, trusted for it alone, and its client certificate when it has one. The
+/// bundle was checked when the spec was compiled.
 pub fn integration_tls(
     base: &Arc<ClientConfig>,
     base_roots: &RootCertStore,
     ca_bundle: Option<&str>,
+    identity: Option<&ClientIdentity>,
 ) -> Arc<ClientConfig> {
-    let Some(pem) = ca_bundle else {
+    if ca_bundle.is_none() && identity.is_none() {
         return base.clone();
-    };
-    let mut roots = base_roots.clone();
-    match tollgate_crds::policy::ca_bundle_certificates(pem) {
-        Ok(certs) => {
-            let (_, ignored) = roots.add_parsable_certificates(certs);
-            if ignored > 0 {
-                tracing::warn!(
-                    ignored,
-                    "caBundle: certificates not usable as trust anchors"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "caBundle not trusted"),
     }
-    config_from_roots(roots).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "caBundle: TLS configuration failed; the sidecar's roots only");
-        base.clone()
+    let mut roots = base_roots.clone();
+    if let Some(pem) = ca_bundle {
+        match tollgate_crds::policy::ca_bundle_certificates(pem) {
+            Ok(certs) => {
+                let (_, ignored) = roots.add_parsable_certificates(certs);
+                if ignored > 0 {
+                    tracing::warn!(
+                        ignored,
+                        "caBundle: certificates not usable as trust anchors"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "caBundle not trusted"),
+        }
+    }
+    let built = match identity {
+        None => config_from_roots(roots.clone()),
+        Some(id) => builder()
+            .map(|b| b.with_root_certificates(roots.clone()))
+            .and_then(|b| {
+                b.with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                    .map_err(|e| anyhow::anyhow!("client certificate: {e}"))
+            })
+            .map(Arc::new),
+    };
+    built.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "partner TLS configuration failed; no client certificate is presented");
+        config_from_roots(roots).unwrap_or_else(|_| base.clone())
     })
+}
+
+fn builder() -> anyhow::Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?)
 }
 
 pub type HttpClient = Client<TimeoutConnector<HttpsConnector<HttpConnector>>, ReqBody>;

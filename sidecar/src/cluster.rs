@@ -250,6 +250,27 @@ pub fn keep_held_credentials(s: &mut Snapshot, previous: Option<&Snapshot>) {
             i.credential = Some(value);
         }
     }
+    // The same for a held client certificate: same Secret name and upstream URL.
+    for i in s
+        .integrations
+        .iter_mut()
+        .filter(|i| i.client_certificate_held)
+    {
+        let same = |o: &&DistributedIntegration| {
+            o.namespace == i.namespace
+                && o.name == i.name
+                && o.spec.upstream.url == i.spec.upstream.url
+                && o.spec.upstream.client_certificate == i.spec.upstream.client_certificate
+        };
+        if let Some(value) = previous
+            .integrations
+            .iter()
+            .find(same)
+            .and_then(|o| o.client_certificate.clone())
+        {
+            i.client_certificate = Some(value);
+        }
+    }
 }
 
 impl ClusterClient {
@@ -656,6 +677,8 @@ mod tests {
             spec,
             credential: value.map(SecretValue::new),
             credential_held: value.is_none(),
+            client_certificate: None,
+            client_certificate_held: false,
             quota_share: None,
         }
     }
@@ -709,6 +732,8 @@ mod tests {
             spec: Default::default(),
             credential: Some(SecretValue::new("sk_live")),
             credential_held: false,
+            client_certificate: None,
+            client_certificate_held: false,
             quota_share: None,
         });
         save_snapshot(&path, &s).unwrap();

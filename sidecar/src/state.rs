@@ -17,7 +17,7 @@ use tollgate_crds::policy::{
 };
 
 use crate::answer::Reason;
-use crate::client::{self, HttpClient, PoolOptions};
+use crate::client::{self, ClientIdentity, HttpClient, PoolOptions};
 use crate::engine::breaker::Breaker;
 use crate::engine::budget::RetryBudget;
 use crate::engine::limiter::Limiter;
@@ -89,8 +89,9 @@ pub struct IntegrationState {
     pub client: HttpClient,
     /// Where attempts go, parsed once.
     pub upstream: Upstream,
-    /// What the pooled client was built from: connect deadline and `caBundle`.
-    client_key: (Duration, Option<String>),
+    /// What the pooled client was built from: connect deadline, `caBundle` and client
+    /// certificate.
+    client_key: (Duration, Option<String>, Option<Arc<ClientIdentity>>),
     /// The integration's account-wide quota.
     pub quota: Option<Quota>,
     pub route_quotas: Vec<Option<Quota>>,
@@ -107,18 +108,25 @@ pub struct IntegrationState {
 }
 
 impl IntegrationState {
+    /// `identity`: the client certificate presented to the partner, if any.
     pub fn build(
         policy: &IntegrationPolicy,
         old: Option<&IntegrationState>,
+        identity: Option<Arc<ClientIdentity>>,
         ctx: &StateContext,
     ) -> Self {
         let share = ctx.share(&policy.id);
         let connect_timeout = policy.upstream.connect_timeout;
-        let client_key = (connect_timeout, policy.upstream.ca_bundle.clone());
+        let client_key = (connect_timeout, policy.upstream.ca_bundle.clone(), identity);
         let client = match old {
             Some(o) if o.client_key == client_key => o.client.clone(),
             _ => client::build(
-                client::integration_tls(&ctx.tls, &ctx.roots, client_key.1.as_deref()),
+                client::integration_tls(
+                    &ctx.tls,
+                    &ctx.roots,
+                    client_key.1.as_deref(),
+                    client_key.2.as_deref(),
+                ),
                 connect_timeout,
                 &ctx.pool,
             ),
@@ -188,6 +196,11 @@ impl IntegrationState {
             route_names: (0..routes).map(|i| route(i).name.clone()).collect(),
             route_metrics: (0..routes).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// The client certificate this integration presents to its partner, if any.
+    pub fn client_identity(&self) -> Option<&Arc<ClientIdentity>> {
+        self.client_key.2.as_ref()
     }
 
     /// The breaker governing a route, if any.

@@ -422,6 +422,8 @@ fn integration(name: &str, spec_yaml: &str) -> DistributedIntegration {
         credential: None,
         quota_share: None,
         credential_held: false,
+        client_certificate: None,
+        client_certificate_held: false,
     }
 }
 

@@ -88,6 +88,32 @@ impl TestCa {
         self.issue(&["localhost", "127.0.0.1"]).server_config()
     }
 
+    /// A server config with a leaf for `localhost` and `127.0.0.1` that requires every client
+    /// to present a certificate signed by `clients` (a partner that wants mutual TLS).
+    pub fn mtls_server_config(&self, clients: &TestCa) -> Arc<rustls::ServerConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        let der =
+            CertificateDer::from_pem_slice(clients.ca_pem.as_bytes()).expect("the CA's PEM parses");
+        roots.add(der).expect("the CA is a valid root");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .expect("a client verifier");
+        let leaf = self.issue(&["localhost", "127.0.0.1"]);
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("default protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![leaf.cert_der.clone()],
+                PrivateKeyDer::Pkcs8(leaf.key_der.clone().into()),
+            )
+            .expect("the leaf and its key match");
+        Arc::new(cfg)
+    }
+
     /// Writes this CA and a leaf for `names` into `dir` (`ca.crt`, `tls.crt`, `tls.key`).
     pub fn write_serving_cert(&self, dir: &Path, names: &[&str]) -> std::io::Result<ServingCert> {
         let leaf = self.issue(names);

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tollgate_crds::distribution::{
-    DistributedIntegration, Hello, PROTOCOL_VERSION, QuotaShare, Report, Snapshot, StreamMessage,
+    ClientCertificateValue, DistributedIntegration, Hello, PROTOCOL_VERSION, QuotaShare, Report,
+    Snapshot, StreamMessage,
 };
 
 use crate::catalog::{Catalog, CatalogHandle, Key, hex};
@@ -91,6 +92,14 @@ impl View {
                 spec: e.spec.clone(),
                 credential: e.credential.as_ref().map(|c| c.value.clone()),
                 credential_held: e.credential_held,
+                client_certificate: e
+                    .client_certificate
+                    .as_ref()
+                    .map(|c| ClientCertificateValue {
+                        certificate: c.certificate.clone().unwrap_or_default(),
+                        key: c.value.clone(),
+                    }),
+                client_certificate_held: e.client_certificate_held,
                 quota_share: share,
             });
         }

@@ -106,9 +106,7 @@ impl FileSource {
                 .as_deref()
                 .unwrap_or(DEFAULT_NAMESPACE);
             let name = pi.metadata.name.as_deref().unwrap_or_default();
-            if let Some(c) = &pi.spec.credentials {
-                refs.push(c.secret_ref.clone());
-            }
+            refs.extend(super::secret_refs(&pi.spec));
             match tollgate_crds::compile(ns, name, &pi.spec) {
                 Ok(policy) => candidates.push(Candidate::Compiled(Box::new(policy))),
                 Err(source) if strict => {
@@ -166,7 +164,7 @@ impl FileSource {
         {
             refs = items
                 .iter()
-                .filter_map(|pi| pi.spec.credentials.as_ref().map(|c| c.secret_ref.clone()))
+                .flat_map(|pi| super::secret_refs(&pi.spec))
                 .collect();
             seen = Seen {
                 secrets: self.secrets.snapshot(&refs),

@@ -18,6 +18,7 @@ use http::HeaderValue;
 use tollgate_crds::policy::{HostMatch, IntegrationId, IntegrationPolicy, path_has_prefix};
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
+use crate::client::ClientIdentity;
 use crate::state::{IntegrationState, StateContext};
 
 /// One integration as the data plane runs it.
@@ -155,6 +156,37 @@ impl Revision {
 /// A secret's value by reference, from files or from the operator.
 pub trait SecretSource {
     fn get(&self, namespace: &str, secret: &SecretKeyRef) -> Option<String>;
+
+    /// A `kubernetes.io/tls` Secret's `tls.crt` and `tls.key`.
+    fn tls(&self, namespace: &str, secret_name: &str) -> Option<(String, String)> {
+        let key = |key: &str| SecretKeyRef {
+            name: secret_name.to_string(),
+            key: key.to_string(),
+        };
+        Some((
+            self.get(namespace, &key("tls.crt"))?,
+            self.get(namespace, &key("tls.key"))?,
+        ))
+    }
+}
+
+/// The secrets an integration's spec reads: its credential, and its client certificate's
+/// `tls.crt` and `tls.key`.
+pub fn secret_refs(spec: &tollgate_crds::PartnerIntegrationSpec) -> Vec<SecretKeyRef> {
+    let mut refs: Vec<SecretKeyRef> = spec
+        .credentials
+        .iter()
+        .map(|c| c.secret_ref.clone())
+        .collect();
+    if let Some(c) = &spec.upstream.client_certificate {
+        for key in ["tls.crt", "tls.key"] {
+            refs.push(SecretKeyRef {
+                name: c.secret_name.clone(),
+                key: key.to_string(),
+            });
+        }
+    }
+    refs
 }
 
 /// Builds a revision, carrying over shared state whose configuration is unchanged from
@@ -205,7 +237,8 @@ pub fn build_revision(
                 .map(|(_, owner)| format!("spec.upstream.hosts: {h} is already claimed by {owner}"))
         })
     };
-    let mut chosen: Vec<(IntegrationPolicy, Option<Option<HeaderValue>>)> = Vec::new();
+    type Kept = (Option<HeaderValue>, Option<Arc<ClientIdentity>>);
+    let mut chosen: Vec<(IntegrationPolicy, Option<Kept>)> = Vec::new();
     let mut refused = Vec::new();
     let mut seen_ids: Vec<IntegrationId> = Vec::new();
     for c in order {
@@ -234,7 +267,8 @@ pub fn build_revision(
         let old = in_force(&cid).filter(|o| clash(&claimed, &reserved, &o.policy).is_none());
         if let Some(o) = old {
             claimed.extend(o.policy.hosts.iter().map(|h| (h.clone(), cid.clone())));
-            chosen.push((o.policy.clone(), Some(o.credential.clone())));
+            let identity = o.state.client_identity().cloned();
+            chosen.push((o.policy.clone(), Some((o.credential.clone(), identity))));
         }
         tracing::warn!(integration = %cid, %error, kept_previous = old.is_some(), "integration refused; the others apply");
         refused.push(Refused {
@@ -246,19 +280,22 @@ pub fn build_revision(
 
     let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
     let mut integrations = Vec::with_capacity(chosen.len());
-    for (i, (policy, kept_credential)) in chosen.into_iter().enumerate() {
+    for (i, (policy, kept)) in chosen.into_iter().enumerate() {
         for h in &policy.hosts {
             let entry = by_host.entry(h.host.clone()).or_default();
             if !entry.contains(&i) {
                 entry.push(i);
             }
         }
-        let credential = match kept_credential {
-            Some(c) => c,
-            None => resolve_credential(&policy, secrets),
+        let (credential, identity) = match kept {
+            Some(kept) => kept,
+            None => (
+                resolve_credential(&policy, secrets),
+                resolve_identity(&policy, secrets),
+            ),
         };
         let old = in_force(&policy.id);
-        let state = IntegrationState::build(&policy, old.map(|o| &o.state), ctx);
+        let state = IntegrationState::build(&policy, old.map(|o| &o.state), identity, ctx);
         integrations.push(Arc::new(Integration {
             label: Arc::from(policy.id.to_string()),
             policy,
@@ -290,6 +327,26 @@ fn resolve_credential(
         tracing::error!(integration = %policy.id, secret = %c.secret_ref.name, "credential is not a valid header value; not injected");
     }
     rendered
+}
+
+/// The client certificate of `upstream.clientCertificate`, parsed. A missing or unreadable
+/// Secret is logged (by name, never its content) and the partner is called without one.
+fn resolve_identity(
+    policy: &IntegrationPolicy,
+    secrets: &dyn SecretSource,
+) -> Option<Arc<ClientIdentity>> {
+    let name = policy.upstream.client_certificate.as_deref()?;
+    let Some((cert, key)) = secrets.tls(&policy.id.namespace, name) else {
+        tracing::warn!(integration = %policy.id, secret = %name, "client certificate secret not found (tls.crt and tls.key); the partner is called without one");
+        return None;
+    };
+    match ClientIdentity::from_pem(&cert, &key) {
+        Ok(id) => Some(Arc::new(id)),
+        Err(why) => {
+            tracing::error!(integration = %policy.id, secret = %name, %why, "client certificate unusable; the partner is called without one");
+            None
+        }
+    }
 }
 
 /// The revision in force, swapped whole.

@@ -39,6 +39,22 @@ impl SecretSource for SnapshotSecrets<'_> {
             .and_then(|i| i.credential.as_ref())
             .map(|v| v.expose().to_string())
     }
+
+    fn tls(&self, namespace: &str, secret_name: &str) -> Option<(String, String)> {
+        self.snapshot
+            .integrations
+            .iter()
+            .filter(|i| {
+                i.namespace == namespace
+                    && i.spec
+                        .upstream
+                        .client_certificate
+                        .as_ref()
+                        .is_some_and(|c| c.secret_name == secret_name)
+            })
+            .find_map(|i| i.client_certificate.as_ref())
+            .map(|c| (c.certificate.clone(), c.key.expose().to_string()))
+    }
 }
 
 /// Counters as last reported, to send deltas.
