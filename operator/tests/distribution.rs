@@ -254,6 +254,38 @@ async fn a_revision_change_reaches_both_sidecars() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_travels_with_its_integration() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let api = FakeApi::default();
+    let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
+    let catalog = CatalogHandle::new();
+    let mut spec = stripe(false);
+    spec["upstream"]["clientCertificate"] = json!({"secretName": "stripe-mtls"});
+    let tls = Credential {
+        value: SecretValue::new("-----BEGIN PRIVATE KEY-----\nk3y\n-----END PRIVATE KEY-----\n"),
+        secret_version: "9".into(),
+        secret_name: "stripe-mtls".into(),
+        allowed_hosts: None,
+        certificate: Some("-----BEGIN CERTIFICATE-----\nc3rt\n-----END CERTIFICATE-----\n".into()),
+    };
+    catalog.upsert(
+        entry("payments", "stripe", 1, spec, Some("sk_live_1")).with_client_certificate(Some(tls)),
+    );
+    let addr = free_addr();
+    let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
+    let mut a = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &t1);
+    let snap = a.next().await;
+    let got = snap.integrations[0]
+        .client_certificate
+        .as_ref()
+        .expect("the client certificate");
+    assert!(got.certificate.contains("c3rt"));
+    assert!(got.key.expose().contains("k3y"));
+    assert!(!snap.integrations[0].client_certificate_held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs(dir.path());

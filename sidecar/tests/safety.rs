@@ -21,7 +21,8 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tollgate_crds::distribution::{
-    DistributedIntegration, Hello, PROTOCOL_VERSION, Snapshot, StreamMessage,
+    ClientCertificateValue, DistributedIntegration, Hello, PROTOCOL_VERSION, SecretValue, Snapshot,
+    StreamMessage,
 };
 use tollgate_crds::v1alpha1::PartnerIntegrationSpec;
 use tollgate_testkit::http::get;
@@ -409,6 +410,60 @@ async fn credentials_to_a_loopback_http_upstream_are_injected() {
     );
 }
 
+// === mutual TLS from the operator's snapshot ===
+
+#[tokio::test]
+async fn a_client_certificate_from_the_operator_is_presented_and_kept_while_held() {
+    let server = TestCa::new();
+    let clients = TestCa::named("partner client CA");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let partner = Partner::start_on(listener, Some(server.mtls_server_config(&clients)));
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &server.ca_pem).unwrap();
+    let op = FakeOperator::start().await;
+    let sidecar =
+        ClusterSidecar::start_with(&op, &["--ca-bundle", ca.path().to_str().unwrap()]).await;
+    let leaf = clients.issue(&["tollgate-client"]);
+    let mtls = |value: Option<&tollgate_testkit::ca::Leaf>, held: bool| {
+        let mut i = integration(
+            "mtls",
+            &format!(
+                "upstream: {{url: 'https://localhost:{port}', clientCertificate: {{secretName: partner-mtls}}}}\nretries: {{maxAttempts: 1}}"
+            ),
+        );
+        i.client_certificate = value.map(|l| ClientCertificateValue {
+            certificate: l.cert_pem.clone(),
+            key: SecretValue::new(l.key_pem.clone()),
+        });
+        i.client_certificate_held = held;
+        i
+    };
+    let url = format!("http://localhost:{port}/v1/x");
+
+    op.push(snapshot(1, "d1", vec![mtls(Some(&leaf), false)]));
+    op.wait_ack(1, &sidecar).await;
+    assert_eq!(sidecar.get(&url).await.status, 200);
+    let config = sidecar.config().await.to_string();
+    assert!(config.contains(r#""loaded":true"#), "{config}");
+    let key_line = leaf.key_pem.lines().nth(1).unwrap();
+    assert!(!config.contains(key_line));
+
+    // An operator that restarted while the Secret was unreadable holds it back: the sidecar
+    // keeps presenting the certificate it has.
+    op.push(snapshot(2, "d2", vec![mtls(None, true)]));
+    op.wait_ack(2, &sidecar).await;
+    assert_eq!(sidecar.get(&url).await.status, 200);
+
+    // Without a certificate, the partner refuses the handshake.
+    op.push(snapshot(3, "d3", vec![mtls(None, false)]));
+    op.wait_ack(3, &sidecar).await;
+    let refused = sidecar.get(&url).await;
+    assert_eq!(refused.status, 502, "{refused:?}");
+    assert_eq!(partner.count(), 2);
+    assert!(!sidecar.log_text().contains(key_line));
+}
+
 // === a stand-in operator: the distribution protocol over HTTP/2 and TLS ===
 
 fn integration(name: &str, spec_yaml: &str) -> DistributedIntegration {
@@ -573,6 +628,10 @@ struct ClusterSidecar {
 
 impl ClusterSidecar {
     async fn start(op: &FakeOperator) -> ClusterSidecar {
+        Self::start_with(op, &[]).await
+    }
+
+    async fn start_with(op: &FakeOperator, args: &[&str]) -> ClusterSidecar {
         let dir = tempfile::tempdir().unwrap();
         let token: PathBuf = dir.path().join("token");
         let ca = dir.path().join("ca.crt");
@@ -593,6 +652,7 @@ impl ClusterSidecar {
                 .args(["--pod-name", "app-0", "--pod-namespace", "test"])
                 .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
                 .args(["--log-format", "json"])
+                .args(args)
                 .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
