@@ -9,7 +9,8 @@
 //! Every wait is a poll with a deadline; nothing sleeps for timing.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Method;
@@ -349,6 +350,141 @@ fn a_restarting_operator_never_makes_a_sidecar_drop_the_kill_switch() {
         holds(&a, &want);
     }
     assert_eq!(s.partner.count(), 0, "a call reached the partner");
+}
+
+/// What the load generator got for one call: which target, and the answer or the failure.
+type Call = (usize, Result<Resp, String>);
+
+/// Calls `targets` in turn through the sidecar at `listen`, `rate` calls a second (each on a
+/// fresh connection, at most 256 in flight), until `stop`; `answered` counts calls as they
+/// end. A call that does not end within 5 s is a failure.
+fn load(
+    listen: SocketAddr,
+    targets: &[String],
+    rate: u32,
+    stop: &AtomicBool,
+    answered: &Arc<AtomicUsize>,
+) -> Vec<Call> {
+    tollgate_e2e::net::runtime().block_on(async {
+        let permits = Arc::new(tokio::sync::Semaphore::new(256));
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut calls = Vec::new();
+        let mut n = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let permit = permits.clone().acquire_owned().await.expect("open");
+            let target = n % targets.len();
+            let url = targets[target].clone();
+            let answered = answered.clone();
+            calls.push(tokio::spawn(async move {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tollgate_testkit::http::send(listen, Method::GET, &url, &[], ""),
+                )
+                .await;
+                answered.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+                let r = match r {
+                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Err(e)) => Err(format!("{e:#}")),
+                    Err(_) => Err("no answer within 5 s".to_string()),
+                };
+                (target, r)
+            }));
+            n += 1;
+        }
+        let mut out = Vec::with_capacity(calls.len());
+        for c in calls {
+            out.push(c.await.expect("call task"));
+        }
+        out
+    })
+}
+
+#[test]
+fn an_operator_killed_under_load_loses_no_call_and_keeps_every_policy() {
+    const OPEN: &str = "open.partner.test";
+    let mut s = Setup::start("restart-load", 1, |ns, partner| {
+        let mut open = spec(partner, json!({}));
+        open["upstream"]["hosts"] = json!([OPEN]);
+        vec![
+            objects::partner_integration(
+                ns,
+                "partner",
+                spec(
+                    partner,
+                    json!({"killSwitch": {"enabled": true, "reason": "INC-9 load"}}),
+                ),
+            ),
+            objects::partner_integration(ns, "open", open),
+        ]
+    });
+    let a = s.sidecar(0);
+    let want = vec![format!("{}/open", s.ns), format!("{}/partner", s.ns)];
+    holds(&a, &want);
+    let targets = [url("/v1/killed"), format!("http://{OPEN}/v1/open")];
+
+    let stop = AtomicBool::new(false);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let calls = std::thread::scope(|scope| {
+        let generator = scope.spawn(|| load(a.listen, &targets, 1000, &stop, &answered));
+        let at_least = |n: usize, what: &str| {
+            eventually(what, Duration::from_secs(120), || {
+                let got = answered.load(Ordering::Relaxed);
+                anyhow::ensure!(got >= n, "{got} calls answered");
+                Ok(())
+            })
+        };
+        at_least(1000, "load to run");
+        s.operator.kill();
+        let down = answered.load(Ordering::Relaxed);
+        at_least(down + 2000, "calls while the operator is down");
+        s.operator.restart().unwrap();
+        let admin = s.operator.admin;
+        eventually("the sidecar to reconnect", SETTLE, || {
+            let m = metric(
+                &tollgate_e2e::net::get(admin, "/metrics")?.body,
+                "tollgate_operator_connected_sidecars",
+                &[],
+            );
+            anyhow::ensure!(m >= 1.0, "{m} sidecars connected");
+            Ok(())
+        });
+        let back = answered.load(Ordering::Relaxed);
+        at_least(back + 2000, "calls after the operator is back");
+        stop.store(true, Ordering::Relaxed);
+        generator.join().unwrap()
+    });
+    let rate = calls.len() as f64 / started.elapsed().as_secs_f64();
+    eprintln!("{} calls, {rate:.0} calls/s", calls.len());
+    for (n, (target, r)) in calls.iter().enumerate() {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("call {n} failed: {e}\n{}", a.tail()));
+        if *target == 0 {
+            assert!(
+                r.status == 503 && r.reason() == Some("kill-switch"),
+                "call {n} to the killed partner: {} {:?} {}",
+                r.status,
+                r.reason(),
+                r.body
+            );
+        } else {
+            partner_ok(r).unwrap_or_else(|e| panic!("call {n} to the open partner: {e:#}"));
+        }
+    }
+    let seen = s.partner.seen();
+    assert!(
+        seen.iter().all(|c| c.path == "/v1/open"),
+        "a killed call got through"
+    );
+    assert_eq!(
+        seen.len(),
+        calls.len() / 2,
+        "every open call reached the partner once"
+    );
 }
 
 #[test]
