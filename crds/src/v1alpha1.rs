@@ -602,6 +602,9 @@ pub mod condition {
     pub const KILL_SWITCH_ACTIVE: &str = "KillSwitchActive";
     pub const CIRCUIT_OPEN: &str = "CircuitOpen";
     pub const SLA_BREACHED: &str = "SLABreached";
+    /// The partner announces, in its responses' `Deprecation` or `Sunset` headers, that a
+    /// route is deprecated or will stop answering; the message names the routes and dates.
+    pub const DEPRECATED: &str = "Deprecated";
 }
 
 /// Condition reasons.
@@ -630,4 +633,10 @@ pub mod reason {
     pub const LATENCY_ABOVE_TARGET: &str = "LatencyAboveTarget";
     pub const WITHIN_TARGET: &str = "WithinTarget";
     pub const NO_TRAFFIC: &str = "NoTraffic";
+    /// The partner sent `Deprecation` (and no `Sunset`) on some route.
+    pub const DEPRECATION_ANNOUNCED: &str = "DeprecationAnnounced";
+    /// The partner sent `Sunset` on some route: it stops answering at the date in the message.
+    pub const SUNSET_ANNOUNCED: &str = "SunsetAnnounced";
+    /// No sidecar reports a `Deprecation` or `Sunset` from the partner.
+    pub const NOT_DEPRECATED: &str = "NotDeprecated";
 }

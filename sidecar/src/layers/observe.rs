@@ -87,6 +87,16 @@ where
                             None if resp.status().as_u16() < 400 => ("success", None),
                             None => ("partner-error", None),
                         };
+                        // Only the partner's own answers speak for its lifecycle (a stale
+                        // fallback repeats an old one).
+                        if resp.extensions().get::<ServedFallback>().is_none() {
+                            call.integration.state.lifecycle.observe(
+                                &metrics,
+                                &call.integration.label,
+                                call.route_name(),
+                                resp.headers(),
+                            );
+                        }
                         if let Some(f) = resp.extensions().get::<ServedFallback>() {
                             tracing::Span::current().record("tollgate.fallback", f.kind);
                         }
