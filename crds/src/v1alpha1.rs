@@ -530,6 +530,11 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub redact_headers: Vec<String>,
+    /// Print one JSON line per partner call on the sidecar's stdout: integration, route,
+    /// method, path (without the query), status, attempts, duration_ms, outcome, trace_id.
+    /// Never headers or bodies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// Observed state, written by the operator from what the sidecars report.

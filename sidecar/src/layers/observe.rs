@@ -13,7 +13,20 @@ use tracing::Instrument;
 use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
+use crate::telemetry::access_log;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
+
+/// The trace id of an exported call span (none when spans are not exported).
+fn span_trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
 
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +85,15 @@ where
             call.route_name(),
             req.headers(),
         );
+        let access = call.integration.policy.access_log.then(|| {
+            let trace_id = span_trace_id(&span).or_else(|| {
+                req.headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(access_log::traceparent_trace_id)
+            });
+            access_log::Start::new(req.method(), req.uri(), trace_id)
+        });
         let fut = {
             let _enter = span.enter();
             self.inner.call(req)
@@ -126,6 +148,24 @@ where
                             ),
                         };
                         record(&metrics, &call, &span, status, outcome, reason);
+                        if let Some(a) = &access {
+                            access_log::write(
+                                &access_log::Line {
+                                    integration: &call.integration.label,
+                                    route: call.route_name(),
+                                    method: &a.method,
+                                    path: &a.path,
+                                    status,
+                                    attempts: call.attempts(),
+                                    duration_ms: (call.started.elapsed().as_secs_f64() * 1e6)
+                                        .round()
+                                        / 1e3,
+                                    outcome,
+                                    trace_id: a.trace_id.as_deref(),
+                                },
+                                &metrics,
+                            );
+                        }
                     })
                 }))
             }

@@ -122,6 +122,8 @@ pub struct Metrics {
     pub partner_deprecation: Family<RouteLabels, Gauge>,
     /// The date the partner's `Sunset` gave, Unix seconds.
     pub partner_sunset: Family<RouteLabels, Gauge>,
+    /// Access log lines dropped because stdout did not keep up.
+    pub access_log_dropped: Counter,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -276,8 +278,15 @@ impl Default for Metrics {
             "When the partner stops answering the route, Unix seconds (Sunset response header)",
             partner_sunset.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "tollgate_access_log_dropped",
+            "Access log lines dropped because stdout did not keep up",
+            access_log_dropped.clone(),
+        );
         Metrics {
             registry,
+            access_log_dropped,
             partner_deprecated,
             partner_deprecation,
             partner_sunset,
