@@ -546,7 +546,7 @@ pub struct PartnerIntegrationStatus {
     /// The revision sidecars report they run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_revision: Option<String>,
-    /// Ready, Invalid, KillSwitchActive, CircuitOpen, SLABreached.
+    /// Ready, Invalid, KillSwitchActive, CircuitOpen, SLABreached, Deprecated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
