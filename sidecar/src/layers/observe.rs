@@ -16,18 +16,6 @@ use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::telemetry::access_log;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
-/// The trace id of an exported call span (none when spans are not exported).
-fn span_trace_id(span: &tracing::Span) -> Option<String> {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    if span.is_disabled() {
-        return None;
-    }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
 pub struct ServedFallback {
@@ -86,7 +74,7 @@ where
             req.headers(),
         );
         let access = call.integration.policy.access_log.then(|| {
-            let trace_id = span_trace_id(&span).or_else(|| {
+            let trace_id = crate::trace::trace_id(&span).or_else(|| {
                 req.headers()
                     .get("traceparent")
                     .and_then(|v| v.to_str().ok())
