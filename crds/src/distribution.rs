@@ -335,6 +335,44 @@ pub struct IntegrationReport {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub latency_buckets: Vec<u64>,
     pub breaker: BreakerState,
+    /// What the partner announced about the lifecycle of its routes (`Deprecation`, `Sunset`,
+    /// `Link` response headers), as last seen since the sidecar started: one entry per route
+    /// with an announcement, at most [`MAX_LIFECYCLE_ROUTES`]. Empty from sidecars that
+    /// predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lifecycle: Vec<RouteLifecycle>,
+}
+
+/// Most routes a report may carry lifecycle announcements for.
+pub const MAX_LIFECYCLE_ROUTES: usize = 64;
+/// Longest route name or link a lifecycle announcement may carry.
+pub const MAX_LIFECYCLE_TEXT_BYTES: usize = 512;
+
+/// A partner's announcement about one route: RFC 9745 `Deprecation`, RFC 8594 `Sunset`, and
+/// the `Link` relations `deprecation` and `sunset` that point to their documentation.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteLifecycle {
+    pub route: String,
+    /// The partner sent a `Deprecation` header.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deprecated: bool,
+    /// When the route is (or was) deprecated, Unix seconds, when the header gave a date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecation_timestamp: Option<i64>,
+    /// When the route stops answering, Unix seconds (`Sunset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sunset_timestamp: Option<i64>,
+    /// The `rel="deprecation"` link, else the `rel="sunset"` one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+impl RouteLifecycle {
+    /// Nothing announced.
+    pub fn is_empty(&self) -> bool {
+        !self.deprecated && self.sunset_timestamp.is_none()
+    }
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ pub struct IntegrationPolicy {
     /// credential header.
     #[serde(serialize_with = "ser::header_names")]
     pub redact_headers: Vec<HeaderName>,
+    /// `spec.telemetry.accessLog`: one JSON line per call on the sidecar's stdout.
+    pub access_log: bool,
 }
 
 impl IntegrationPolicy {
@@ -838,6 +840,7 @@ impl Compiler {
             default_route,
             sla,
             redact_headers,
+            access_log: spec.telemetry.as_ref().is_some_and(|t| t.access_log),
         })
     }
 

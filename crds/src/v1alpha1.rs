@@ -545,6 +545,11 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub redact_headers: Vec<String>,
+    /// Print one JSON line per partner call on the sidecar's stdout: integration, route,
+    /// method, path (without the query), status, attempts, duration_ms, outcome, trace_id.
+    /// Never headers or bodies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// Observed state, written by the operator from what the sidecars report.
@@ -556,7 +561,7 @@ pub struct PartnerIntegrationStatus {
     /// The revision sidecars report they run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_revision: Option<String>,
-    /// Ready, Invalid, KillSwitchActive, CircuitOpen, SLABreached.
+    /// Ready, Invalid, KillSwitchActive, CircuitOpen, SLABreached, Deprecated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -617,6 +622,9 @@ pub mod condition {
     pub const KILL_SWITCH_ACTIVE: &str = "KillSwitchActive";
     pub const CIRCUIT_OPEN: &str = "CircuitOpen";
     pub const SLA_BREACHED: &str = "SLABreached";
+    /// The partner announces, in its responses' `Deprecation` or `Sunset` headers, that a
+    /// route is deprecated or will stop answering; the message names the routes and dates.
+    pub const DEPRECATED: &str = "Deprecated";
 }
 
 /// Condition reasons.
@@ -645,4 +653,10 @@ pub mod reason {
     pub const LATENCY_ABOVE_TARGET: &str = "LatencyAboveTarget";
     pub const WITHIN_TARGET: &str = "WithinTarget";
     pub const NO_TRAFFIC: &str = "NoTraffic";
+    /// The partner sent `Deprecation` (and no `Sunset`) on some route.
+    pub const DEPRECATION_ANNOUNCED: &str = "DeprecationAnnounced";
+    /// The partner sent `Sunset` on some route: it stops answering at the date in the message.
+    pub const SUNSET_ANNOUNCED: &str = "SunsetAnnounced";
+    /// No sidecar reports a `Deprecation` or `Sunset` from the partner.
+    pub const NOT_DEPRECATED: &str = "NotDeprecated";
 }

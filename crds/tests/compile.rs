@@ -20,6 +20,7 @@ const MINIMAL: &str = "upstream: {url: https://api.partner.example}";
 #[test]
 fn minimal_spec_gets_documented_defaults() {
     let p = ok(MINIMAL);
+    assert!(!p.access_log, "the access log is off by default");
     assert_eq!(p.id.to_string(), "ns/partner");
     assert_eq!(p.upstream.scheme, Scheme::Https);
     assert_eq!(p.upstream.host, "api.partner.example");
@@ -204,7 +205,7 @@ workloadSelector: {matchLabels: {app: checkout}}
 upstream: {url: https://api.partner.example, hosts: [api.partner.example, 'alt.partner.example:8443']}
 versioning: {pinHeaders: {Stripe-Version: '2024-06-20'}, deniedPathPrefixes: [/v0]}
 sla: {availabilityPercent: '99.9', latencyP95: 800ms}
-telemetry: {redactHeaders: [X-Account]}
+telemetry: {redactHeaders: [X-Account], accessLog: true}
 ");
     let labels = |pairs: &[(&str, &str)]| {
         pairs
@@ -224,6 +225,7 @@ telemetry: {redactHeaders: [X-Account]}
     assert_eq!(sla.availability_percent, Some(99.9));
     assert_eq!(sla.latency_p95, Some(Duration::from_millis(800)));
     assert_eq!(p.redact_headers[0].as_str(), "x-account");
+    assert!(p.access_log);
 }
 
 /// Each case: a spec, the field path the error must name, and a fragment of the message.

@@ -2,7 +2,7 @@
 //! functions of what the reconcile found, so they are tested without an API server.
 
 use k8s_openapi::jiff::{Timestamp, Unit};
-use tollgate_crds::distribution::BreakerState;
+use tollgate_crds::distribution::{BreakerState, RouteLifecycle};
 use tollgate_crds::duration;
 use tollgate_crds::v1alpha1::{Condition, PartnerIntegrationStatus, condition, reason};
 
@@ -121,6 +121,12 @@ pub fn build(
         conditions.push(sla_condition(sla, f.observed));
     }
 
+    if f.in_force.is_some() {
+        conditions.push(lifecycle_condition(
+            f.observed.map_or(&[], |o| &o.lifecycle),
+        ));
+    }
+
     for c in &mut conditions {
         c.observed_generation = Some(f.generation);
         let carried = previous
@@ -188,6 +194,70 @@ fn sla_condition(sla: &tollgate_crds::policy::SlaPolicy, observed: Option<&Obser
     }
 }
 
+/// Routes named in a `Deprecated` message; the rest are counted.
+const MAX_ROUTES_IN_MESSAGE: usize = 5;
+
+/// `Deprecated`: true while sidecars report that the partner announces a deprecation or a
+/// sunset; the message names each route with its dates and link, earliest sunset first.
+fn lifecycle_condition(routes: &[RouteLifecycle]) -> Condition {
+    let mut announced: Vec<&RouteLifecycle> = routes.iter().filter(|r| !r.is_empty()).collect();
+    if announced.is_empty() {
+        return cond(
+            condition::DEPRECATED,
+            false,
+            reason::NOT_DEPRECATED,
+            String::new(),
+        );
+    }
+    announced.sort_by_key(|r| (r.sunset_timestamp.unwrap_or(i64::MAX), r.route.clone()));
+    let date = |t: i64| {
+        Timestamp::from_second(t)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| t.to_string())
+    };
+    let mut parts: Vec<String> = announced
+        .iter()
+        .take(MAX_ROUTES_IN_MESSAGE)
+        .map(|r| {
+            let mut p = format!("route {}", r.route);
+            if r.deprecated {
+                p.push_str(" deprecated");
+                if let Some(t) = r.deprecation_timestamp {
+                    p.push_str(&format!(" as of {}", date(t)));
+                }
+            }
+            if let Some(t) = r.sunset_timestamp {
+                p.push_str(&format!(
+                    "{}sunset on {}",
+                    if r.deprecated { ", " } else { " " },
+                    date(t)
+                ));
+            }
+            if let Some(l) = &r.link {
+                p.push_str(&format!(" (see {l})"));
+            }
+            p
+        })
+        .collect();
+    if announced.len() > MAX_ROUTES_IN_MESSAGE {
+        parts.push(format!(
+            "and {} more routes",
+            announced.len() - MAX_ROUTES_IN_MESSAGE
+        ));
+    }
+    let sunset = announced.iter().any(|r| r.sunset_timestamp.is_some());
+    cond(
+        condition::DEPRECATED,
+        true,
+        if sunset {
+            reason::SUNSET_ANNOUNCED
+        } else {
+            reason::DEPRECATION_ANNOUNCED
+        },
+        format!("the partner announces: {}", parts.join("; ")),
+    )
+}
+
 fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
     Condition {
         r#type: type_.to_string(),
@@ -234,7 +304,8 @@ fn invalid_reason(r: Option<&str>) -> &'static str {
 }
 
 /// Events for: the kill switch flipping, the spec becoming invalid (or invalid differently),
-/// a Secret going missing. Nothing for a status that merely stays as it was.
+/// a Secret going missing, the partner announcing (or no longer announcing) a deprecation or
+/// sunset. Nothing for a status that merely stays as it was.
 pub fn notices(
     old: Option<&PartnerIntegrationStatus>,
     new: &PartnerIntegrationStatus,
@@ -278,6 +349,33 @@ pub fn notices(
                 reason: invalid_reason(inv.reason.as_deref()),
                 action: "Validate",
                 note: inv.message.clone().unwrap_or_default(),
+            });
+        }
+    }
+
+    if let Some(dep) = find(Some(new), condition::DEPRECATED) {
+        let before = find(old, condition::DEPRECATED);
+        let was = before.is_some_and(|b| b.status == "True");
+        if dep.status == "True"
+            && before.is_none_or(|b| b.status != "True" || b.message != dep.message)
+        {
+            out.push(Notice {
+                warning: true,
+                reason: if dep.reason.as_deref() == Some(reason::SUNSET_ANNOUNCED) {
+                    reason::SUNSET_ANNOUNCED
+                } else {
+                    reason::DEPRECATION_ANNOUNCED
+                },
+                action: "PartnerLifecycle",
+                note: dep.message.clone().unwrap_or_default(),
+            });
+        } else if dep.status != "True" && was {
+            out.push(Notice {
+                warning: false,
+                reason: reason::NOT_DEPRECATED,
+                action: "PartnerLifecycle",
+                note: "no sidecar reports a Deprecation or Sunset from the partner any more"
+                    .to_string(),
             });
         }
     }
@@ -385,6 +483,7 @@ mod tests {
             circuit: BreakerState::Open,
             availability_percent: Some(97.5),
             latency_p95: Some(std::time::Duration::from_millis(900)),
+            lifecycle: Vec::new(),
         };
         let f = Findings {
             generation: 2,
@@ -407,5 +506,104 @@ mod tests {
             "True"
         );
         assert_eq!(s.circuit.as_deref(), Some("open"));
+    }
+
+    #[test]
+    fn partner_lifecycle_shows_as_deprecated_condition_and_one_event_per_change() {
+        let e = entry(false, false);
+        let observed = |lifecycle: Vec<RouteLifecycle>| Observed {
+            lifecycle,
+            ..Observed::default()
+        };
+        let f = |o| Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(o),
+        };
+        let now = t("2026-01-01T00:00:00Z");
+        let quiet = observed(Vec::new());
+        let s0 = build(&f(&quiet), None, now);
+        let c = find(Some(&s0), condition::DEPRECATED).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason.as_deref(), Some(reason::NOT_DEPRECATED));
+        assert!(notices(None, &s0).is_empty());
+
+        let deprecated = observed(vec![RouteLifecycle {
+            route: "tracking".into(),
+            deprecated: true,
+            deprecation_timestamp: Some(1_688_169_599),
+            sunset_timestamp: None,
+            link: Some("https://partner.example/deprecation".into()),
+        }]);
+        let s1 = build(&f(&deprecated), Some(&s0), now);
+        let c = find(Some(&s1), condition::DEPRECATED).unwrap();
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::DEPRECATION_ANNOUNCED));
+        let msg = c.message.as_deref().unwrap();
+        assert!(
+            msg.contains("route tracking deprecated as of 2023-06-30T23:59:59Z")
+                && msg.contains("https://partner.example/deprecation"),
+            "{msg}"
+        );
+        let n = notices(Some(&s0), &s1);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].warning);
+        assert_eq!(n[0].reason, reason::DEPRECATION_ANNOUNCED);
+        assert_eq!(n[0].note, msg);
+        // The same announcement again: no event.
+        let again = build(&f(&deprecated), Some(&s1), now);
+        assert!(notices(Some(&s1), &again).is_empty());
+
+        // A sunset date is a change: the reason says so and one more event names the date.
+        let mut sunset = deprecated.clone();
+        sunset.lifecycle[0].sunset_timestamp = Some(2_556_143_999);
+        let s2 = build(&f(&sunset), Some(&s1), now);
+        let c = find(Some(&s2), condition::DEPRECATED).unwrap();
+        assert_eq!(c.reason.as_deref(), Some(reason::SUNSET_ANNOUNCED));
+        assert!(
+            c.message
+                .as_deref()
+                .unwrap()
+                .contains("sunset on 2050-12-31T23:59:59Z"),
+            "{c:?}"
+        );
+        // Still True: the transition time stays.
+        assert_eq!(
+            c.last_transition_time,
+            find(Some(&s1), condition::DEPRECATED)
+                .unwrap()
+                .last_transition_time
+        );
+        let n = notices(Some(&s1), &s2);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].reason, reason::SUNSET_ANNOUNCED);
+
+        // No longer announced: back to False, one Normal event.
+        let s3 = build(&f(&quiet), Some(&s2), now);
+        assert_eq!(
+            find(Some(&s3), condition::DEPRECATED).unwrap().status,
+            "False"
+        );
+        let n = notices(Some(&s2), &s3);
+        assert_eq!(n.len(), 1);
+        assert!(!n[0].warning);
+    }
+
+    #[test]
+    fn deprecated_message_is_bounded() {
+        let many: Vec<RouteLifecycle> = (0..64)
+            .map(|i| RouteLifecycle {
+                route: format!("r{i}"),
+                deprecated: true,
+                link: Some(format!("https://e.com/{}", "x".repeat(400))),
+                ..RouteLifecycle::default()
+            })
+            .collect();
+        let c = lifecycle_condition(&many);
+        let msg = c.message.unwrap();
+        assert!(msg.len() < 3_000, "{}", msg.len());
+        assert!(msg.ends_with("and 59 more routes"), "{msg}");
     }
 }

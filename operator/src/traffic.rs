@@ -16,7 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_crds::distribution::{
-    BreakerState, IntegrationReport, LATENCY_BUCKETS_MS, bucket_quantile,
+    BreakerState, IntegrationReport, LATENCY_BUCKETS_MS, MAX_LIFECYCLE_ROUTES,
+    MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle, bucket_quantile,
 };
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
 
@@ -52,6 +53,10 @@ pub enum ReportRefused {
     Buckets(u64, u64),
     #[error("configRevision: longer than {MAX_REVISION_BYTES} bytes")]
     Revision,
+    #[error(
+        "lifecycle: more than {MAX_LIFECYCLE_ROUTES} routes, or a route or link longer than {MAX_LIFECYCLE_TEXT_BYTES} bytes"
+    )]
+    Lifecycle,
 }
 
 impl ReportRefused {
@@ -61,6 +66,7 @@ impl ReportRefused {
             ReportRefused::Latency(_) => "latency",
             ReportRefused::Buckets(..) => "buckets",
             ReportRefused::Revision => "revision",
+            ReportRefused::Lifecycle => "lifecycle",
         }
     }
 }
@@ -93,6 +99,16 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     if r.config_revision.len() > MAX_REVISION_BYTES {
         return Err(ReportRefused::Revision);
     }
+    if r.lifecycle.len() > MAX_LIFECYCLE_ROUTES
+        || r.lifecycle.iter().any(|l| {
+            l.route.len() > MAX_LIFECYCLE_TEXT_BYTES
+                || l.link
+                    .as_ref()
+                    .is_some_and(|k| k.len() > MAX_LIFECYCLE_TEXT_BYTES)
+        })
+    {
+        return Err(ReportRefused::Lifecycle);
+    }
     Ok(())
 }
 
@@ -113,6 +129,8 @@ struct PodTraffic {
     samples: VecDeque<Sample>,
     config_revision: String,
     breaker: BreakerState,
+    /// The partner's lifecycle announcements, as the pod last reported them.
+    lifecycle: Vec<RouteLifecycle>,
     last_report: Option<Instant>,
 }
 
@@ -127,6 +145,9 @@ pub struct Observed {
     /// Successful share of calls in the window, percent; `None` without calls.
     pub availability_percent: Option<f64>,
     pub latency_p95: Option<Duration>,
+    /// What the partner announced about its routes (deprecation, sunset), merged over the
+    /// fresh reports of subscribed sidecars, by route name.
+    pub lifecycle: Vec<RouteLifecycle>,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -169,6 +190,9 @@ pub struct Partial {
     /// Some pod reported in the window.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reported: bool,
+    /// Lifecycle announcements of fresh reports, merged by route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lifecycle: Vec<RouteLifecycle>,
 }
 
 impl Partial {
@@ -188,6 +212,7 @@ impl Partial {
         self.p95_weighted_millis += finite(o.p95_weighted_millis);
         self.p95_weight = self.p95_weight.saturating_add(o.p95_weight);
         self.reported |= o.reported;
+        merge_lifecycle(&mut self.lifecycle, &o.lifecycle);
     }
 
     /// What the status shows, against the revision in force.
@@ -226,6 +251,7 @@ impl Partial {
             circuit,
             availability_percent: (self.requests > 0).then_some(100.0 - error_rate),
             latency_p95,
+            lifecycle: self.lifecycle.clone(),
         }
     }
 }
@@ -298,6 +324,7 @@ impl TrafficStore {
         });
         t.config_revision = r.config_revision.clone();
         t.breaker = r.breaker;
+        t.lifecycle = r.lifecycle.clone();
         t.last_report = Some(now);
         let cutoff = now.checked_sub(self.window);
         while let (Some(front), Some(cutoff)) = (t.samples.front(), cutoff) {
@@ -372,6 +399,7 @@ impl TrafficStore {
                 }
                 BreakerState::Closed => {}
             }
+            merge_lifecycle(&mut p.lifecycle, &t.lifecycle);
         }
 
         // Traffic counts every pod that reported in the window, subscribed now or not: the
@@ -431,6 +459,40 @@ impl TrafficStore {
     }
 }
 
+/// Merges `more` into `sum` by route: deprecated when any says so, the earliest dates, the
+/// first link. Entries beyond [`MAX_LIFECYCLE_ROUTES`] (or oversized, from a peer) are dropped.
+pub fn merge_lifecycle(sum: &mut Vec<RouteLifecycle>, more: &[RouteLifecycle]) {
+    let earliest = |a: Option<i64>, b: Option<i64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    for m in more {
+        if m.is_empty()
+            || m.route.len() > MAX_LIFECYCLE_TEXT_BYTES
+            || m.link
+                .as_ref()
+                .is_some_and(|k| k.len() > MAX_LIFECYCLE_TEXT_BYTES)
+        {
+            continue;
+        }
+        match sum.iter().position(|s| s.route == m.route) {
+            Some(k) => {
+                let s = &mut sum[k];
+                s.deprecated |= m.deprecated;
+                s.deprecation_timestamp =
+                    earliest(s.deprecation_timestamp, m.deprecation_timestamp);
+                s.sunset_timestamp = earliest(s.sunset_timestamp, m.sunset_timestamp);
+                if s.link.is_none() {
+                    s.link.clone_from(&m.link);
+                }
+            }
+            None if sum.len() < MAX_LIFECYCLE_ROUTES => sum.push(m.clone()),
+            None => {}
+        }
+    }
+    sum.sort_by(|a, b| a.route.cmp(&b.route));
+}
+
 /// Adds `more` into `sum` bucket by bucket.
 fn add_buckets(sum: &mut Vec<u64>, more: &[u64]) {
     // Our layout has this many; longer (from a peer's annotation) is cut.
@@ -482,6 +544,7 @@ mod tests {
             latency_p95_millis: Some(p95),
             latency_buckets: Vec::new(),
             breaker,
+            lifecycle: Vec::new(),
         }
     }
 
@@ -635,5 +698,46 @@ mod tests {
         assert_eq!(o.sidecars.breaker_open, 0);
         let o = store.observe(&key, &pods, "1-x", now + Duration::from_secs(120));
         assert_eq!(o.traffic, None);
+    }
+
+    #[test]
+    fn lifecycle_merges_over_pods_and_oversized_reports_are_refused() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(30));
+        let key = ("ns".to_string(), "a".to_string());
+        let now = Instant::now();
+        let route = |deprecated, sunset: Option<i64>, link: Option<&str>| RouteLifecycle {
+            route: "tracking".into(),
+            deprecated,
+            deprecation_timestamp: None,
+            sunset_timestamp: sunset,
+            link: link.map(str::to_string),
+        };
+        let mut a = report(1, 0, 5.0, BreakerState::Closed);
+        a.lifecycle = vec![route(true, Some(2_000), None)];
+        let mut b = report(1, 0, 5.0, BreakerState::Closed);
+        b.lifecycle = vec![route(false, Some(1_000), Some("https://e.com/s"))];
+        store.record("ns/p1", &a, now).unwrap();
+        store.record("ns/p2", &b, now).unwrap();
+        let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];
+        let o = store.observe(&key, &pods, "1-x", now);
+        assert_eq!(
+            o.lifecycle,
+            vec![route(true, Some(1_000), Some("https://e.com/s"))]
+        );
+        // Only subscribed pods count.
+        let o = store.observe(&key, &pods[..1], "1-x", now);
+        assert_eq!(o.lifecycle, vec![route(true, Some(2_000), None)]);
+
+        let mut big = report(1, 0, 5.0, BreakerState::Closed);
+        big.lifecycle = vec![route(true, None, Some(&"x".repeat(600)))];
+        assert_eq!(check_report(&big), Err(ReportRefused::Lifecycle));
+        big.lifecycle = (0..65)
+            .map(|i| RouteLifecycle {
+                route: format!("r{i}"),
+                deprecated: true,
+                ..RouteLifecycle::default()
+            })
+            .collect();
+        assert_eq!(check_report(&big), Err(ReportRefused::Lifecycle));
     }
 }

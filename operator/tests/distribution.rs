@@ -238,6 +238,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             latency_p95_millis: Some(120.0),
             latency_buckets: Vec::new(),
             breaker: BreakerState::Closed,
+            lifecycle: Vec::new(),
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());

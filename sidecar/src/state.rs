@@ -23,6 +23,7 @@ use crate::engine::budget::RetryBudget;
 use crate::engine::limiter::Limiter;
 use crate::engine::stale_cache::StaleCache;
 use crate::layers::client::Upstream;
+use crate::lifecycle::Lifecycle;
 use crate::telemetry::metrics::RouteMetrics;
 
 /// What building state needs from the process.
@@ -101,6 +102,8 @@ pub struct IntegrationState {
     pub budgets: Vec<(BudgetPolicy, Arc<RetryBudget>)>,
     pub cache: Option<Arc<StaleCache>>,
     pub traffic: Arc<Traffic>,
+    /// What the partner announced about its routes' lifecycle; kept across revisions.
+    pub lifecycle: Arc<Lifecycle>,
     /// Route names by index; state is matched by name across revisions, not by position.
     route_names: Vec<String>,
     /// Per route: its call metrics, resolved on the route's first call in this revision.
@@ -193,6 +196,7 @@ impl IntegrationState {
             budgets,
             cache,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
+            lifecycle: old.map(|o| o.lifecycle.clone()).unwrap_or_default(),
             route_names: (0..routes).map(|i| route(i).name.clone()).collect(),
             route_metrics: (0..routes).map(|_| OnceLock::new()).collect(),
         }

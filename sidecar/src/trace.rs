@@ -69,6 +69,18 @@ pub fn call_span(
     span
 }
 
+/// The trace id of an exported span, in hex; `None` when spans are not exported.
+pub fn trace_id(span: &Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
 /// The span of one attempt, child of the current (call) span.
 pub fn attempt_span(attempt: u32) -> Span {
     tracing::info_span!(

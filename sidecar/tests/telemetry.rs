@@ -16,7 +16,7 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     let spec = manifest(
         "payments",
         &format!(
-            "upstream: {{url: '{}'}}\nretries: {{maxAttempts: 2, backoff: {{base: 1ms, max: 2ms}}}}\ncredentials: {{secretRef: {{name: api, key: token}}, format: 'Bearer {{value}}'}}\ntelemetry: {{redactHeaders: [x-account]}}\nroutes:\n- name: charges\n  match: {{pathPrefix: /v1/charges}}",
+            "upstream: {{url: '{}'}}\nretries: {{maxAttempts: 2, backoff: {{base: 1ms, max: 2ms}}}}\ncredentials: {{secretRef: {{name: api, key: token}}, format: 'Bearer {{value}}'}}\ntelemetry: {{redactHeaders: [x-account], accessLog: true}}\nroutes:\n- name: charges\n  match: {{pathPrefix: /v1/charges}}",
             partner.url()
         ),
     );
@@ -107,6 +107,16 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     let calls = receiver.wait_for("tollgate.call", 2).await;
     assert!(calls.iter().any(|c| c.attributes.get("tollgate.reason").map(String::as_str) == Some("kill-switch")));
 
+    let lines = tollgate_testkit::wait::eventually_async(
+        "access log lines",
+        std::time::Duration::from_secs(10),
+        async || {
+            let lines = sidecar.stdout_lines();
+            anyhow::ensure!(lines.len() >= 2, "{lines:?}");
+            Ok(lines)
+        },
+    )
+    .await;
     let raw = receiver.raw();
     for secret in [SECRET, "acct_secret_value"] {
         assert!(
@@ -114,5 +124,13 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
             "{secret} exported"
         );
         assert!(!sidecar.log_text().contains(secret), "{secret} logged");
+        assert!(
+            !lines.join("\n").contains(secret),
+            "{secret} in the access log"
+        );
     }
+    // The access log names the exported call's trace, the app's.
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["trace_id"], trace_id);
+    assert_eq!(first["attempts"], 2);
 }

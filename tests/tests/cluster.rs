@@ -19,6 +19,7 @@ use tollgate_e2e::{
     ControlPlane, Operator, OperatorConfig, Partner, Sidecar, SidecarConfig, eventually,
     eventually_every,
 };
+use tollgate_testkit::Reply;
 
 use crate::crd::install_crd;
 
@@ -918,4 +919,83 @@ fn a_relabelled_pod_gets_the_integrations_its_new_labels_select() {
         "{}",
         sidecar.tail()
     );
+}
+
+// === 9. the partner's lifecycle signals ===
+
+/// The partner answers one call with `Deprecation`, `Sunset` and a deprecation link: the
+/// sidecar reports it, and the PartnerIntegration shows condition `Deprecated` naming the route,
+/// the dates and the link, with one `SunsetAnnounced` event, however many reconciles follow.
+#[test]
+fn a_partners_deprecation_and_sunset_reach_the_status_and_one_event() {
+    let c = Cluster::start("lifecycle", base_spec);
+    let link = "https://partner.example/deprecations/v1";
+    c.partner.queue([Reply::Full {
+        status: 200,
+        headers: vec![
+            ("deprecation".into(), "@1688169599".into()),
+            ("sunset".into(), "Sat, 31 Dec 2050 23:59:59 GMT".into()),
+            ("link".into(), format!("<{link}>; rel=\"deprecation\"")),
+        ],
+        body: "ok".into(),
+    }]);
+    let r = c.a.get(&url("/v1/tracking")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("sunset"), Some("Sat, 31 Dec 2050 23:59:59 GMT"));
+
+    let cond = eventually("condition Deprecated", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "Deprecated").cloned();
+        anyhow::ensure!(
+            cond.as_ref().is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(cond.unwrap())
+    });
+    assert_eq!(cond["reason"], "SunsetAnnounced");
+    let msg = cond["message"].as_str().unwrap();
+    assert!(
+        msg.contains("route default deprecated as of 2023-06-30T23:59:59Z")
+            && msg.contains("sunset on 2050-12-31T23:59:59Z")
+            && msg.contains(link),
+        "{msg}"
+    );
+
+    let lifecycle_events = || -> anyhow::Result<Vec<Value>> {
+        let out =
+            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
+        let all: Value = serde_json::from_str(&out)?;
+        Ok(all["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == "SunsetAnnounced")
+            .cloned()
+            .collect())
+    };
+    let events = eventually("a SunsetAnnounced event", SETTLE, || {
+        let e = lifecycle_events()?;
+        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
+        Ok(e)
+    });
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["note"], msg);
+    assert_eq!(events[0]["regarding"]["name"], "partner");
+
+    // More reconciles (a kill switch flip, with its own event) bring no second one.
+    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "drill"}}}));
+    eventually("a KillSwitchEnabled event", SETTLE, || {
+        let out =
+            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
+        anyhow::ensure!(out.contains("KillSwitchEnabled"), "{out}");
+        Ok(())
+    });
+    let events = lifecycle_events().unwrap();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(
+        events[0]["series"]["count"].as_u64().unwrap_or(1) <= 1,
+        "{events:#?}"
+    );
+    assert_eq!(condition(&c.pi(), "Deprecated").unwrap()["status"], "True");
 }

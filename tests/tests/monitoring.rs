@@ -20,6 +20,7 @@ use tollgate_e2e::objects;
 use tollgate_e2e::tools::{build_tool, workspace_root};
 use tollgate_e2e::{ControlPlane, Operator, OperatorConfig, Partner, Sidecar, SidecarConfig};
 use tollgate_e2e::{eventually, eventually_every};
+use tollgate_testkit::Reply;
 
 use crate::crd::install_crd;
 
@@ -394,9 +395,18 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
         },
     );
 
-    // A success; a partner failure, retried; on the scarce route a failure whose retry finds
+    // A success that announces a deprecation and a sunset; a partner failure, retried; on the scarce route a failure whose retry finds
     // no quota token, then a call the quota refuses; and a subscription refused.
     let url = |path: &str| format!("http://{PARTNER_HOST}{path}");
+    // The first answer announces the route's deprecation and sunset.
+    partner.queue([Reply::Full {
+        status: 200,
+        headers: vec![
+            ("deprecation".into(), "@1688169599".into()),
+            ("sunset".into(), "Sat, 31 Dec 2050 23:59:59 GMT".into()),
+        ],
+        body: "ok".into(),
+    }]);
     assert_eq!(sidecar.get(&url("/ok")).unwrap().status, 200);
     assert_eq!(sidecar.get(&url("/fail")).unwrap().status, 500);
     assert_eq!(sidecar.get(&url("/fail-scarce")).unwrap().status, 500);
@@ -463,8 +473,8 @@ fn monitoring_objects_render_and_dry_run_on_and_off() {
             "at '/monitoring/prometheusRule/killSwitch/for'",
         ),
         (
-            "monitoring.prometheusRule.vendorLifecycle.sunsetWithin=30d",
-            "at '/monitoring/prometheusRule/vendorLifecycle'",
+            "monitoring.prometheusRule.vendorLifecycle.sunsetWithinDays=0",
+            "at '/monitoring/prometheusRule/vendorLifecycle/sunsetWithinDays'",
         ),
         (
             "sidecar.telemetry.otlpProtocol=thrift",

@@ -207,6 +207,7 @@ impl OperatorSource {
                 latency_p95_millis: bucket_quantile(&delta, 0.95),
                 latency_buckets: delta,
                 breaker,
+                lifecycle: i.state.lifecycle.routes(),
             });
             reported.insert(i.policy.id.clone(), current);
         }

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
+use crate::telemetry::access_log;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// Put on a response served from fallback, so the call is recorded as such.
@@ -72,6 +73,15 @@ where
             call.route_name(),
             req.headers(),
         );
+        let access = call.integration.policy.access_log.then(|| {
+            let trace_id = crate::trace::trace_id(&span).or_else(|| {
+                req.headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(access_log::traceparent_trace_id)
+            });
+            access_log::Start::new(req.method(), req.uri(), trace_id)
+        });
         let fut = {
             let _enter = span.enter();
             self.inner.call(req)
@@ -87,6 +97,16 @@ where
                             None if resp.status().as_u16() < 400 => ("success", None),
                             None => ("partner-error", None),
                         };
+                        // Only the partner's own answers speak for its lifecycle (a stale
+                        // fallback repeats an old one).
+                        if resp.extensions().get::<ServedFallback>().is_none() {
+                            call.integration.state.lifecycle.observe(
+                                &metrics,
+                                &call.integration.label,
+                                call.route_name(),
+                                resp.headers(),
+                            );
+                        }
                         if let Some(f) = resp.extensions().get::<ServedFallback>() {
                             tracing::Span::current().record("tollgate.fallback", f.kind);
                         }
@@ -116,6 +136,24 @@ where
                             ),
                         };
                         record(&metrics, &call, &span, status, outcome, reason);
+                        if let Some(a) = &access {
+                            access_log::write(
+                                &access_log::Line {
+                                    integration: &call.integration.label,
+                                    route: call.route_name(),
+                                    method: &a.method,
+                                    path: &a.path,
+                                    status,
+                                    attempts: call.attempts(),
+                                    duration_ms: (call.started.elapsed().as_secs_f64() * 1e6)
+                                        .round()
+                                        / 1e3,
+                                    outcome,
+                                    trace_id: a.trace_id.as_deref(),
+                                },
+                                &metrics,
+                            );
+                        }
                     })
                 }))
             }

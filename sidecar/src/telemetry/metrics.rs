@@ -116,6 +116,14 @@ pub struct Metrics {
     /// 1 when the pod asked for interception but this start splices partner TLS because the
     /// CA could not be made or the trust files written.
     pub tls_interception_fallback: Gauge,
+    /// 1 for a route whose partner sent `Deprecation` (see [`crate::lifecycle`]).
+    pub partner_deprecated: Family<RouteLabels, Gauge>,
+    /// The date the partner's `Deprecation` gave, Unix seconds.
+    pub partner_deprecation: Family<RouteLabels, Gauge>,
+    /// The date the partner's `Sunset` gave, Unix seconds.
+    pub partner_sunset: Family<RouteLabels, Gauge>,
+    /// Access log lines dropped because stdout did not keep up.
+    pub access_log_dropped: Counter,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -252,8 +260,36 @@ impl Default for Metrics {
             "1 when interception was asked for but this start splices partner TLS (the pod CA could not be made or the trust files written)",
             tls_interception_fallback.clone(),
         );
+        let partner_deprecated = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "tollgate_partner_deprecated",
+            "1 for a route whose partner announced its deprecation (Deprecation response header)",
+            partner_deprecated.clone(),
+        );
+        let partner_deprecation = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "tollgate_partner_deprecation_timestamp_seconds",
+            "When the partner deprecates the route, Unix seconds (Deprecation response header, when it carries a date)",
+            partner_deprecation.clone(),
+        );
+        let partner_sunset = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "tollgate_partner_sunset_timestamp_seconds",
+            "When the partner stops answering the route, Unix seconds (Sunset response header)",
+            partner_sunset.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "tollgate_access_log_dropped",
+            "Access log lines dropped because stdout did not keep up",
+            access_log_dropped.clone(),
+        );
         Metrics {
             registry,
+            access_log_dropped,
+            partner_deprecated,
+            partner_deprecation,
+            partner_sunset,
             requests,
             duration,
             rate_limited,

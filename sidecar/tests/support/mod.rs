@@ -7,9 +7,11 @@ pub mod otlp;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Method;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tollgate_testkit::sidecar::{self, Logs};
 use tollgate_testkit::wait::eventually_async;
@@ -27,6 +29,8 @@ pub struct Sidecar {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub logs: Logs,
+    /// Its stdout, line by line (the access log).
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Sidecar {
@@ -74,17 +78,26 @@ impl Sidecar {
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
         let sidecar::Started {
-            child,
+            mut child,
             listen,
             admin,
             logs,
         } = sidecar::start(&mut cmd, Duration::from_secs(30)).await;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout is piped");
+        let lines = stdout.clone();
+        tokio::spawn(async move {
+            let mut out = BufReader::new(out).lines();
+            while let Ok(Some(line)) = out.next_line().await {
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
         Sidecar {
             child,
             listen,
@@ -92,6 +105,7 @@ impl Sidecar {
             dir,
             config_path,
             logs,
+            stdout,
         }
     }
 
@@ -104,6 +118,14 @@ impl Sidecar {
         let tmp = self.dir.path().join(".integrations.yaml.tmp");
         std::fs::write(&tmp, yaml).unwrap();
         std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Every line the sidecar printed on stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn log_text(&self) -> String {
