@@ -18,6 +18,7 @@ pub mod engine;
 pub mod intercept;
 mod io;
 pub mod layers;
+pub mod pool;
 pub mod proxy;
 pub mod setup;
 pub mod state;
