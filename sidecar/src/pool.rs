@@ -405,7 +405,7 @@ impl Inner {
     }
 
     async fn connect(&self, key: &Key) -> Result<SendRequest<ReqBody>, BoxError> {
-        let tcp = tcp_connect(&key.host, key.port).await?;
+        let tcp = tcp_connect(&key.host, key.port, self.connect_timeout).await?;
         let _ = tcp.set_nodelay(true);
         if key.https {
             let name = ServerName::try_from(key.host.to_string())?;
@@ -417,14 +417,34 @@ impl Inner {
     }
 }
 
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, BoxError> {
+/// Tries each address of `host` in turn; with several, each but the last gets its share of
+/// `budget`, so one unreachable address (an IPv6 route that drops packets) cannot use up the
+/// whole connect deadline.
+async fn tcp_connect(host: &str, port: u16, budget: Duration) -> Result<TcpStream, BoxError> {
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await?
+            .take(8)
+            .collect(),
     };
+    let n = addrs.len();
+    let share = budget / u32::try_from(n.max(1)).unwrap_or(1);
     let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
+    for (i, addr) in addrs.into_iter().enumerate() {
+        let attempt = TcpStream::connect(addr);
+        let result = if i + 1 < n {
+            match tokio::time::timeout(share, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr}: no answer within {share:?}"),
+                )),
+            }
+        } else {
+            attempt.await
+        };
+        match result {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }

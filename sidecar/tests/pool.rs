@@ -282,3 +282,32 @@ async fn connect_failures_and_resets_stay_apart_for_retries() {
     assert_eq!(retried("refused"), 0.0, "{m}");
     assert_eq!(retried("refused-retried"), 2.0, "{m}");
 }
+
+#[tokio::test]
+async fn idle_connections_beyond_the_idle_cap_are_closed() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Delay(Duration::from_millis(500), Box::new(Reply::ok("slow"))));
+    let sidecar = Sidecar::start_with(
+        &spec(&partner.url()),
+        args(&["--pool-max-idle-per-host", "1"]),
+    )
+    .await;
+    let calls: Vec<_> = (0..3)
+        .map(|i| {
+            let (listen, url) = (sidecar.listen, format!("{}/v1/slow/{i}", partner.url()));
+            tokio::spawn(async move { request(listen, http::Method::GET, &url, &[], "").await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        partner.accepted(),
+        3,
+        "three calls at once, three connections"
+    );
+    until("one idle connection kept", Duration::from_secs(10), || {
+        partner.open_connections() == 1
+    })
+    .await;
+}
