@@ -28,7 +28,11 @@ pub fn empty() -> RespBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-pub fn incoming(body: Incoming) -> RespBody {
+/// A body received from a peer (hyper's, or the upstream pool's).
+pub fn incoming<B>(body: B) -> RespBody
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+{
     body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 

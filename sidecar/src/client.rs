@@ -1,38 +1,13 @@
-//! Connections to partners: one pool per integration, TLS origination with rustls, and a
-//! connect deadline that covers TCP and the TLS handshake together.
+//! Connections to partners: one pool per integration ([`crate::pool`]), TLS origination with
+//! rustls, and a connect deadline that covers TCP and the TLS handshake together.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
-use tower::Service;
 
-use crate::body::{BoxError, ReqBody};
-
-/// Pool settings shared by every integration's client.
-#[derive(Debug, Clone)]
-pub struct PoolOptions {
-    pub idle_timeout: Duration,
-    pub max_idle_per_host: usize,
-}
-
-impl Default for PoolOptions {
-    fn default() -> Self {
-        PoolOptions {
-            idle_timeout: Duration::from_secs(90),
-            max_idle_per_host: 64,
-        }
-    }
-}
+pub use crate::pool::{Pool, PoolOptions};
 
 /// The trust anchors for partner TLS: the system's roots, the bundled Mozilla roots when the
 /// system has none, and an optional extra CA bundle (`--ca-bundle`).
@@ -152,66 +127,18 @@ fn builder() -> anyhow::Result<rustls::ConfigBuilder<ClientConfig, rustls::Wants
     Ok(ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?)
 }
 
-pub type HttpClient = Client<TimeoutConnector<HttpsConnector<HttpConnector>>, ReqBody>;
+/// One integration's client: its own connection pool.
+pub type HttpClient = Pool;
 
 /// Builds one integration's client.
 pub fn build(tls: Arc<ClientConfig>, connect_timeout: Duration, pool: &PoolOptions) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    // ALPN http/1.1 to the partner (the builder would send none for an HTTP/1-only client).
-    let mut tls = (*tls).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let https = HttpsConnector::from((http, tls));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(pool.idle_timeout)
-        .pool_max_idle_per_host(pool.max_idle_per_host)
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .set_host(false)
-        .build(TimeoutConnector {
-            inner: https,
-            timeout: connect_timeout,
-        })
-}
-
-/// Bounds a whole connect (TCP and TLS) by one deadline.
-#[derive(Clone, Debug)]
-pub struct TimeoutConnector<C> {
-    inner: C,
-    timeout: Duration,
+    Pool::new(tls, connect_timeout, pool)
 }
 
 /// The connect deadline passed.
 #[derive(Debug, thiserror::Error)]
 #[error("connect timed out after {0:?}")]
 pub struct ConnectTimeout(pub Duration);
-
-impl<C> Service<Uri> for TimeoutConnector<C>
-where
-    C: Service<Uri> + Send,
-    C::Future: Send + 'static,
-    C::Error: Into<BoxError>,
-{
-    type Response = C::Response;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.timeout;
-        let fut = self.inner.call(uri);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Ok(r) => r.map_err(Into::into),
-                Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
-            }
-        })
-    }
-}
 
 /// How an attempt failed below HTTP, for retry and breaker decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +150,7 @@ pub enum TransportFailure {
 }
 
 /// Classifies a client error.
-pub fn classify(err: &hyper_util::client::legacy::Error) -> TransportFailure {
+pub fn classify(err: &crate::pool::Error) -> TransportFailure {
     if err.is_connect() {
         TransportFailure::Connect
     } else {

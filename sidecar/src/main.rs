@@ -114,6 +114,19 @@ struct Args {
     /// On SIGTERM, how long open connections may finish.
     #[arg(long, default_value = "15s", value_parser = duration_arg)]
     drain_timeout: Duration,
+    /// An idle connection to a partner is closed after this long.
+    #[arg(long, default_value = "90s", value_parser = duration_arg)]
+    pool_idle_timeout: Duration,
+    /// Idle connections kept per partner (scheme, host, port).
+    #[arg(long, default_value_t = 64)]
+    pool_max_idle_per_host: usize,
+    /// Connections open per partner (scheme, host, port), in use and idle; beyond it a call
+    /// waits, within its deadline, for one to free up.
+    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pool_max_per_host: usize,
+    /// A partner connection older than this is not reused (default: no limit).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pool_ttl: Option<Duration>,
     /// How often the config file and secrets are checked for changes.
     #[arg(long, default_value = "500ms", value_parser = duration_arg)]
     reload_interval: Duration,
@@ -162,7 +175,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tls = client::config_from_roots(roots.clone())?;
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::default());
-    let ctx = StateContext::new(tls.clone()).with_roots(roots);
+    let mut ctx = StateContext::new(tls.clone()).with_roots(roots);
+    ctx.pool = client::PoolOptions {
+        idle_timeout: args.pool_idle_timeout,
+        max_idle_per_host: args.pool_max_idle_per_host,
+        max_per_host: args.pool_max_per_host,
+        ttl: args.pool_ttl.filter(|t| !t.is_zero()),
+    };
 
     match (&args.config, &args.operator) {
         (Some(config_path), None) => {

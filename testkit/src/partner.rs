@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -73,7 +74,47 @@ pub struct Partner {
     seen: Arc<Mutex<Vec<Seen>>>,
     script: Arc<Mutex<Script>>,
     queue: Arc<Mutex<VecDeque<Reply>>>,
+    conns: Arc<Conns>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The partner's connections: how many it accepted, how many are open, the most open at once,
+/// and a signal that closes every open one.
+#[derive(Debug)]
+struct Conns {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+    close: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            accepted: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(0),
+            close: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// Counts one open connection until dropped.
+struct OpenGuard(Arc<Conns>);
+
+impl OpenGuard {
+    fn new(conns: Arc<Conns>) -> OpenGuard {
+        conns.accepted.fetch_add(1, Ordering::SeqCst);
+        let open = conns.open.fetch_add(1, Ordering::SeqCst) + 1;
+        conns.max_open.fetch_max(open, Ordering::SeqCst);
+        OpenGuard(conns)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Partner {
@@ -124,7 +165,8 @@ impl Partner {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let script: Arc<Mutex<Script>> = Arc::new(Mutex::new(Box::new(|_, _| Reply::ok("ok"))));
         let queue: Arc<Mutex<VecDeque<Reply>>> = Arc::default();
-        let (s, sc, q) = (seen.clone(), script.clone(), queue.clone());
+        let conns: Arc<Conns> = Arc::default();
+        let (s, sc, q, c) = (seen.clone(), script.clone(), queue.clone(), conns.clone());
         let task = tokio::spawn(async move {
             let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
             loop {
@@ -132,21 +174,31 @@ impl Partner {
                     continue;
                 };
                 let (s, sc, q, acceptor) = (s.clone(), sc.clone(), q.clone(), acceptor.clone());
+                let guard = OpenGuard::new(c.clone());
+                let mut close = c.close.subscribe();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (s, sc, q) = (s.clone(), sc.clone(), q.clone());
                         async move { handle(req, s, sc, q).await }
                     });
                     let builder = hyper::server::conn::http1::Builder::new();
-                    match acceptor {
-                        Some(a) => {
-                            if let Ok(tls) = a.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                    let serve = async {
+                        match acceptor {
+                            Some(a) => {
+                                if let Ok(tls) = a.accept(stream).await {
+                                    let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                                }
+                            }
+                            None => {
+                                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                             }
                         }
-                        None => {
-                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                        }
+                    };
+                    // Dropping the connection closes it.
+                    tokio::select! {
+                        () = serve => {}
+                        _ = close.changed() => {}
                     }
                 });
             }
@@ -156,6 +208,7 @@ impl Partner {
             seen,
             script,
             queue,
+            conns,
             task,
         }
     }
@@ -183,6 +236,27 @@ impl Partner {
     /// How many requests it received.
     pub fn count(&self) -> usize {
         lock(&self.seen).len()
+    }
+
+    /// How many connections it accepted.
+    pub fn accepted(&self) -> usize {
+        self.conns.accepted.load(Ordering::SeqCst)
+    }
+
+    /// How many connections are open now.
+    pub fn open_connections(&self) -> usize {
+        self.conns.open.load(Ordering::SeqCst)
+    }
+
+    /// The most connections that were open at once.
+    pub fn max_open_connections(&self) -> usize {
+        self.conns.max_open.load(Ordering::SeqCst)
+    }
+
+    /// Closes every connection open now (as a partner's own idle timeout or a restart would),
+    /// whether idle or in the middle of a request.
+    pub fn close_connections(&self) {
+        self.conns.close.send_modify(|n| *n += 1);
     }
 
     /// Forgets the requests received so far.
@@ -325,6 +399,41 @@ mod tests {
         let second = crate::http::request(partner.addr, Method::GET, &url, &[], "").await;
         assert_eq!((first.status, second.status), (503, 201));
         assert_eq!(second.body, "partner says 201");
+    }
+
+    #[tokio::test]
+    async fn it_counts_and_closes_its_connections() {
+        let partner = Partner::start().await;
+        let stream = tokio::net::TcpStream::connect(partner.addr).await.unwrap();
+        let uri = format!("{}/x", partner.url());
+        let req = || {
+            Request::get(uri.as_str())
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        for _ in 0..3 {
+            let r = sender.send_request(req()).await.unwrap();
+            r.into_body().collect().await.unwrap();
+        }
+        crate::http::request(partner.addr, Method::GET, &uri, &[], "").await;
+        assert_eq!(partner.accepted(), 2);
+        assert_eq!(partner.max_open_connections(), 2);
+        crate::wait::until(
+            "only the kept-alive one open",
+            Duration::from_secs(5),
+            || partner.open_connections() == 1,
+        )
+        .await;
+        partner.close_connections();
+        let _ = conn.await;
+        crate::wait::until("no open connection", Duration::from_secs(5), || {
+            partner.open_connections() == 0
+        })
+        .await;
     }
 
     #[tokio::test]
