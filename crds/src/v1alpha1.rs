@@ -55,6 +55,11 @@ pub const DURATION_MAX_LEN: u32 = 32;
         json_path = ".status.traffic.errorRatePercent"
     ),
     printcolumn(
+        name = "REFUSED",
+        type_ = "integer",
+        json_path = ".status.traffic.refusedPerMinute"
+    ),
+    printcolumn(
         name = "P95",
         type_ = "string",
         json_path = ".status.traffic.latencyP95"
@@ -607,12 +612,20 @@ pub struct SidecarSummary {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficSummary {
+    /// Every call the apps made, per minute.
     pub requests_per_minute: i64,
+    /// Failed share of the calls that reached (or failed to reach) the partner, percent: its
+    /// 5xx, timeouts, unreachable. The sidecar's own answers (kill switch, circuit open,
+    /// deprecated version, rate limited) are not counted, neither as calls nor as errors.
     pub error_rate_percent: f64,
     /// e.g. `120ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p95: Option<String>,
     pub rate_limited_per_minute: i64,
+    /// Calls per minute the sidecar answered itself without calling the partner, other than
+    /// rate limited: kill switch, circuit open, deprecated version, bad request.
+    #[serde(default)]
+    pub refused_per_minute: i64,
 }
 
 /// Condition types.

@@ -308,10 +308,13 @@ fn keyed_breaker(policy: &BreakerPolicy, old: Option<&KeyedBreaker>) -> KeyedBre
 #[derive(Debug, Default)]
 pub struct Traffic {
     pub requests: AtomicU64,
-    /// Calls that failed: the partner's 5xx and the sidecar's own error answers, except
-    /// rate limiting (the app's excess, not a partner failure).
+    /// Calls that reached (or failed to reach) the partner and failed: its 5xx, timeouts,
+    /// an unreachable partner.
     pub errors: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Calls the sidecar answered itself without calling the partner, rate limiting aside
+    /// ([`Reason::is_refusal`]).
+    pub refused: AtomicU64,
     /// Latency histogram, buckets of [`LATENCY_BUCKETS_MS`] plus one overflow bucket.
     pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
 }
@@ -325,6 +328,9 @@ impl Traffic {
         match reason {
             Some(Reason::RateLimited) => {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(r) if r.is_refusal() => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
             }
             Some(_) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -340,5 +346,36 @@ impl Traffic {
             .position(|b| ms <= *b)
             .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sidecar's own answers are refusals, not the partner's errors; timeouts and an
+    /// unreachable partner are.
+    #[test]
+    fn refusals_are_counted_apart_from_partner_errors() {
+        let t = Traffic::default();
+        let ms = Duration::from_millis(3);
+        for r in [
+            Reason::KillSwitch,
+            Reason::CircuitOpen,
+            Reason::DeprecatedVersion,
+        ] {
+            t.record(r.status().as_u16(), Some(r), ms);
+        }
+        t.record(429, Some(Reason::RateLimited), ms);
+        t.record(504, Some(Reason::Timeout), ms);
+        t.record(502, Some(Reason::UpstreamUnreachable), ms);
+        t.record(500, None, ms);
+        t.record(404, None, ms);
+        t.record(200, None, ms);
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(n(&t.requests), 9);
+        assert_eq!(n(&t.refused), 3);
+        assert_eq!(n(&t.rate_limited), 1);
+        assert_eq!(n(&t.errors), 3);
     }
 }
