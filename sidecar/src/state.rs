@@ -259,9 +259,11 @@ impl IntegrationState {
         _route: usize,
         status: u16,
         reason: Option<Reason>,
+        broken_contract: bool,
         elapsed: Duration,
     ) {
-        self.traffic.record(status, reason, elapsed);
+        self.traffic
+            .record(status, reason, broken_contract, elapsed);
     }
 }
 
@@ -323,7 +325,14 @@ pub struct Traffic {
 pub use tollgate_crds::distribution::LATENCY_BUCKETS_MS;
 
 impl Traffic {
-    pub fn record(&self, status: u16, reason: Option<Reason>, elapsed: Duration) {
+    /// `broken_contract`: a 2xx whose body breaks the route's `contract`, a partner failure.
+    pub fn record(
+        &self,
+        status: u16,
+        reason: Option<Reason>,
+        broken_contract: bool,
+        elapsed: Duration,
+    ) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         match reason {
             Some(Reason::RateLimited) => {
@@ -335,7 +344,7 @@ impl Traffic {
             Some(_) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
-            None if status >= 500 => {
+            None if status >= 500 || broken_contract => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
             None => {}
@@ -364,18 +373,19 @@ mod tests {
             Reason::CircuitOpen,
             Reason::DeprecatedVersion,
         ] {
-            t.record(r.status().as_u16(), Some(r), ms);
+            t.record(r.status().as_u16(), Some(r), false, ms);
         }
-        t.record(429, Some(Reason::RateLimited), ms);
-        t.record(504, Some(Reason::Timeout), ms);
-        t.record(502, Some(Reason::UpstreamUnreachable), ms);
-        t.record(500, None, ms);
-        t.record(404, None, ms);
-        t.record(200, None, ms);
+        t.record(429, Some(Reason::RateLimited), false, ms);
+        t.record(504, Some(Reason::Timeout), false, ms);
+        t.record(502, Some(Reason::UpstreamUnreachable), false, ms);
+        t.record(500, None, false, ms);
+        t.record(404, None, false, ms);
+        t.record(200, None, false, ms);
+        t.record(200, None, true, ms);
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        assert_eq!(n(&t.requests), 9);
+        assert_eq!(n(&t.requests), 10);
         assert_eq!(n(&t.refused), 3);
         assert_eq!(n(&t.rate_limited), 1);
-        assert_eq!(n(&t.errors), 3);
+        assert_eq!(n(&t.errors), 4);
     }
 }
