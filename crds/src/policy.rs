@@ -486,35 +486,84 @@ pub struct ContractPolicy {
     #[serde(skip)]
     pub path: Vec<PathStep>,
     pub equals: String,
+    /// Fields whose values are known; others are counted.
+    pub enums: Vec<EnumPolicy>,
     pub sample_rate: f64,
     pub max_body_bytes: usize,
 }
 
+/// A field of the partner's answers and the values it is known to take.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnumPolicy {
+    pub json_path: String,
+    #[serde(skip)]
+    pub path: Vec<PathStep>,
+    pub values: Vec<String>,
+}
+
+/// What a check of one body found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judgement {
+    /// The success rule holds.
+    pub kept: bool,
+    /// Enum fields present with a value not listed.
+    pub unknown_enums: usize,
+}
+
+/// The value at `path`, if any.
+fn walk<'a>(doc: &'a serde_json::Value, path: &[PathStep]) -> Option<&'a serde_json::Value> {
+    let mut v = doc;
+    for step in path {
+        v = match step {
+            PathStep::Field(f) => v.get(f.as_str())?,
+            PathStep::Index(i) => v.get(*i)?,
+        };
+    }
+    Some(v)
+}
+
+/// A scalar as the spec writes it: a string's text, or a number, `true`, `false`, `null`.
+fn scalar_text(v: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+    match v {
+        serde_json::Value::String(s) => Some(s.as_str().into()),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(_) | serde_json::Value::Null => {
+            Some(v.to_string().into())
+        }
+        _ => None,
+    }
+}
+
 impl ContractPolicy {
+    /// Checks a body: the success rule (a body that is not JSON breaks it) and the enums.
+    pub fn judge(&self, body: &[u8]) -> Judgement {
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Judgement {
+                kept: false,
+                unknown_enums: 0,
+            };
+        };
+        let kept = walk(&doc, &self.path)
+            .and_then(scalar_text)
+            .is_some_and(|t| t == self.equals);
+        let unknown_enums = self
+            .enums
+            .iter()
+            .filter(|e| {
+                walk(&doc, &e.path).is_some_and(|v| {
+                    scalar_text(v).is_none_or(|t| !e.values.iter().any(|k| *k == t))
+                })
+            })
+            .count();
+        Judgement {
+            kept,
+            unknown_enums,
+        }
+    }
+
     /// Whether a JSON body satisfies the success rule. Bodies that are not JSON do not.
     pub fn satisfied_by(&self, body: &[u8]) -> bool {
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return false;
-        };
-        let mut v = &doc;
-        for step in &self.path {
-            let next = match step {
-                PathStep::Field(f) => v.get(f.as_str()),
-                PathStep::Index(i) => v.get(*i),
-            };
-            match next {
-                Some(n) => v = n,
-                None => return false,
-            }
-        }
-        match v {
-            serde_json::Value::String(s) => *s == self.equals,
-            serde_json::Value::Number(_) | serde_json::Value::Bool(_) | serde_json::Value::Null => {
-                let text = v.to_string();
-                text == self.equals
-            }
-            _ => false,
-        }
+        self.judge(body).kept
     }
 }
 
@@ -988,10 +1037,25 @@ impl Compiler {
                 None
             }
         };
+        let mut enums = Vec::with_capacity(k.enums.len());
+        for (i, e) in k.enums.iter().enumerate() {
+            match parse_json_path(&e.json_path) {
+                Ok(path) => enums.push(EnumPolicy {
+                    json_path: e.json_path.clone(),
+                    path,
+                    values: e.values.clone(),
+                }),
+                Err(err) => self.err(
+                    format!("{base}.enums[{i}].jsonPath"),
+                    format!("{:?} {err}", e.json_path),
+                ),
+            }
+        }
         Some(ContractPolicy {
             json_path: k.success.json_path.clone(),
             path: path?,
             equals: k.success.equals.clone(),
+            enums,
             sample_rate: sample_rate?,
             max_body_bytes: max_body_bytes?,
         })

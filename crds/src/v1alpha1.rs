@@ -129,6 +129,11 @@ pub struct PartnerIntegrationSpec {
 pub struct Contract {
     /// A field of the JSON body that must hold a value on every 2xx answer.
     pub success: SuccessRule,
+    /// Fields of checked 2xx bodies that take known values: a value not listed is counted
+    /// (`kind="unknown-enum"`), not a failure. A field that is absent is not counted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub enums: Vec<EnumField>,
     /// Share of 2xx answers checked, a decimal above 0 and at most 1, e.g. `"0.1"`. Default
     /// `"1"`: every answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,6 +144,17 @@ pub struct Contract {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_body_bytes: Option<i64>,
+}
+
+/// A field (`jsonPath`, as in [`SuccessRule`]) and the values it is known to take, written as
+/// `equals` is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnumField {
+    #[schemars(length(min = 1, max = 256))]
+    pub json_path: String,
+    #[schemars(length(min = 1, max = 64), inner(length(max = 256)))]
+    pub values: Vec<String>,
 }
 
 /// `jsonPath` names one value of the JSON body; the answer succeeds when it `equals` the given

@@ -451,6 +451,11 @@ const BAD: &[(&str, &str, &str)] = &[
         "between 1 and 1048576",
     ),
     (
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: $.status, equals: ok}, enums: [{jsonPath: $.a, values: [x]}, {jsonPath: '$.b.', values: [y]}]}",
+        "spec.contract.enums[1].jsonPath",
+        "must be followed by a field name",
+    ),
+    (
         "upstream: {url: https://a.example}\ntelemetry: {redactHeaders: ['a b']}",
         "spec.telemetry.redactHeaders[0]",
         "not a valid HTTP header name",
@@ -880,4 +885,27 @@ fn contract_success_rule_compiles_and_matches() {
     assert!(b.satisfied_by(br#"{"ok":true}"#));
     assert!(!b.satisfied_by(br#"{"ok":"yes"}"#));
     assert!(ok(MINIMAL).default_route.contract.is_none());
+}
+
+/// Enum fields: a listed value or an absent field is fine; another value is counted.
+#[test]
+fn contract_enums_count_values_not_listed() {
+    let p = ok(
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: $.status, equals: ok}, enums: [{jsonPath: $.state, values: [pending, paid]}, {jsonPath: $.code, values: ['1', '2']}]}",
+    );
+    let k = p.default_route.contract.unwrap();
+    let judge = |b: &str| {
+        let j = k.judge(b.as_bytes());
+        (j.kept, j.unknown_enums)
+    };
+    assert_eq!(
+        judge(r#"{"status":"ok","state":"paid","code":2}"#),
+        (true, 0)
+    );
+    assert_eq!(judge(r#"{"status":"ok"}"#), (true, 0));
+    assert_eq!(
+        judge(r#"{"status":"ok","state":"refunded","code":3}"#),
+        (true, 2)
+    );
+    assert_eq!(judge(r#"{"status":"no","state":{"x":1}}"#), (false, 1));
 }

@@ -457,6 +457,38 @@ async fn answers_that_keep_the_contract_or_are_too_long_to_check_are_not_failure
 }
 
 #[tokio::test]
+async fn enum_values_never_seen_before_are_counted_not_failed() {
+    let partner = Partner::start().await;
+    partner.script(|n, _| {
+        json_reply(if n % 2 == 0 {
+            r#"{"status":"ok","state":"paid"}"#
+        } else {
+            r#"{"status":"ok","state":"partially_refunded"}"#
+        })
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}, enums: [{jsonPath: $.state, values: [pending, paid]}]}\ncircuitBreaker: {consecutiveFailures: 1, openDuration: 30s}",
+    ))
+    .await;
+    for _ in 0..4 {
+        let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    assert_eq!(partner.count(), 4, "the breaker stayed closed");
+    let m = sidecar.metrics().await;
+    let count = |kind| {
+        metric(
+            &m,
+            "tollgate_contract_violations_total",
+            &[("integration", "test/partner"), ("kind", kind)],
+        )
+    };
+    assert_eq!(count("unknown-enum"), 2.0, "{m}");
+    assert_eq!(count("success-rule"), 0.0, "{m}");
+}
+
+#[tokio::test]
 async fn the_success_rule_checks_the_sampled_share_of_answers() {
     let partner = Partner::start().await;
     partner.script(|_, _| json_reply(r#"{"status":"error"}"#));

@@ -114,16 +114,25 @@ impl Probe {
     pub fn verdict(&self) -> Verdict {
         *self.verdict.get_or_init(|| {
             let mut s = self.lock();
+            let mut unknown_enums = 0;
             let v = if s.skip {
                 Verdict::Unchecked
             } else if !s.complete {
                 Verdict::Unfinished
-            } else if self.rule.satisfied_by(&s.buf) {
-                Verdict::Kept
             } else {
-                Verdict::Broken
+                let j = self.rule.judge(&s.buf);
+                unknown_enums = j.unknown_enums;
+                if j.kept {
+                    Verdict::Kept
+                } else {
+                    Verdict::Broken
+                }
             };
             s.buf = Vec::new();
+            for _ in 0..unknown_enums {
+                self.metrics
+                    .contract_violation(&self.integration, &self.route, "unknown-enum");
+            }
             let kind = match v {
                 Verdict::Broken => Some("success-rule"),
                 Verdict::Unchecked => Some("unchecked"),
