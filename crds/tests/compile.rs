@@ -575,6 +575,12 @@ fn logistics_example_layers_the_tracking_quota_under_the_account_quota() {
     );
     let tracking = p.route_for(&Method::GET, "/v1/tracking/1Z999");
     assert_eq!(tracking.name, "tracking");
+    let contract = tracking.contract.as_ref().unwrap();
+    let judged = contract.judge(br#"{"status":"ok","shipment":{"state":"lost"}}"#);
+    assert!(judged.kept);
+    assert_eq!(judged.unknown_enums, 1);
+    assert!(!contract.satisfied_by(br#"{"status":"error"}"#));
+    assert!(p.default_route.contract.is_none());
     assert_eq!(tracking.rate_limit.as_ref().unwrap().bands[0].requests, 20);
     assert_eq!(
         tracking.rate_limit.as_ref().unwrap().bands[0].per,
