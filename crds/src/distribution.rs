@@ -320,11 +320,16 @@ pub struct IntegrationReport {
     pub interval_millis: u64,
     /// Calls the app made (each call once, however many attempts).
     pub requests: u64,
-    /// Calls that failed: the partner's 5xx, timeouts, unreachable, and the sidecar's own
-    /// answers other than `rate-limited` (kill switch, circuit open).
+    /// Calls that reached (or failed to reach) the partner and failed: its 5xx, timeouts,
+    /// unreachable. Sidecars that predate `refused` count their refusals here too.
     pub errors: u64,
     /// Calls answered `rate-limited` by the sidecar.
     pub rate_limited: u64,
+    /// Calls the sidecar answered itself without calling the partner, other than
+    /// `rate-limited`: kill switch, circuit open, deprecated version, bad request. Not
+    /// counted in `errors`. Zero from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: u64,
     /// 95th percentile of call duration in the interval, milliseconds; `None` without calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p95_millis: Option<f64>,
@@ -341,6 +346,10 @@ pub struct IntegrationReport {
     /// predate the field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lifecycle: Vec<RouteLifecycle>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Most routes a report may carry lifecycle announcements for.

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::duration;
 use crate::v1alpha1::{
-    Backoff, CircuitBreaker, Fallback, KillSwitch, OnLimit, PartnerIntegrationSpec, RateLimit,
-    RateLimitScope, Retries, SecretKeyRef, Timeouts,
+    Backoff, CircuitBreaker, Contract, Fallback, KillSwitch, OnLimit, PartnerIntegrationSpec,
+    RateLimit, RateLimitScope, Retries, SecretKeyRef, Timeouts,
 };
 
 // === defaults (documented in docs/policy.md and on the spec fields) ===
@@ -463,6 +463,153 @@ pub enum BreakerScope {
     Route(BreakerPolicy),
 }
 
+/// Default of `contract.maxBodyBytes`.
+pub const DEFAULT_CONTRACT_BODY_BYTES: usize = 64 * 1024;
+/// Most `contract.maxBodyBytes` may ask for.
+pub const MAX_CONTRACT_BODY_BYTES: usize = 1024 * 1024;
+/// Most steps a `contract.success.jsonPath` may take.
+pub const MAX_JSON_PATH_STEPS: usize = 16;
+
+/// One step of a success rule's path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathStep {
+    Field(String),
+    Index(usize),
+}
+
+/// What a successful answer of the partner looks like (`spec.contract`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractPolicy {
+    pub json_path: String,
+    #[serde(skip)]
+    pub path: Vec<PathStep>,
+    pub equals: String,
+    /// Fields whose values are known; others are counted.
+    pub enums: Vec<EnumPolicy>,
+    pub sample_rate: f64,
+    pub max_body_bytes: usize,
+}
+
+/// A field of the partner's answers and the values it is known to take.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnumPolicy {
+    pub json_path: String,
+    #[serde(skip)]
+    pub path: Vec<PathStep>,
+    pub values: Vec<String>,
+}
+
+/// What a check of one body found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judgement {
+    /// The success rule holds.
+    pub kept: bool,
+    /// Enum fields present with a value not listed.
+    pub unknown_enums: usize,
+}
+
+/// The value at `path`, if any.
+fn walk<'a>(doc: &'a serde_json::Value, path: &[PathStep]) -> Option<&'a serde_json::Value> {
+    let mut v = doc;
+    for step in path {
+        v = match step {
+            PathStep::Field(f) => v.get(f.as_str())?,
+            PathStep::Index(i) => v.get(*i)?,
+        };
+    }
+    Some(v)
+}
+
+/// A scalar as the spec writes it: a string's text, or a number, `true`, `false`, `null`.
+fn scalar_text(v: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+    match v {
+        serde_json::Value::String(s) => Some(s.as_str().into()),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(_) | serde_json::Value::Null => {
+            Some(v.to_string().into())
+        }
+        _ => None,
+    }
+}
+
+impl ContractPolicy {
+    /// Checks a body: the success rule (a body that is not JSON breaks it) and the enums.
+    pub fn judge(&self, body: &[u8]) -> Judgement {
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Judgement {
+                kept: false,
+                unknown_enums: 0,
+            };
+        };
+        let kept = walk(&doc, &self.path)
+            .and_then(scalar_text)
+            .is_some_and(|t| t == self.equals);
+        let unknown_enums = self
+            .enums
+            .iter()
+            .filter(|e| {
+                walk(&doc, &e.path).is_some_and(|v| {
+                    scalar_text(v).is_none_or(|t| !e.values.iter().any(|k| *k == t))
+                })
+            })
+            .count();
+        Judgement {
+            kept,
+            unknown_enums,
+        }
+    }
+
+    /// Whether a JSON body satisfies the success rule. Bodies that are not JSON do not.
+    pub fn satisfied_by(&self, body: &[u8]) -> bool {
+        self.judge(body).kept
+    }
+}
+
+/// Parses `$.a.b[0].c`: `$`, then `.name` (letters, digits, `_`, `-`) and `[index]` steps.
+pub fn parse_json_path(text: &str) -> Result<Vec<PathStep>, String> {
+    let Some(mut rest) = text.strip_prefix('$') else {
+        return Err("must start with `$`".into());
+    };
+    let mut steps = Vec::new();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .unwrap_or(r.len());
+            if end == 0 {
+                return Err(
+                    "`.` must be followed by a field name (letters, digits, `_`, `-`)".into(),
+                );
+            }
+            steps.push(PathStep::Field(r[..end].to_string()));
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let Some(end) = r.find(']') else {
+                return Err("`[` without `]`".into());
+            };
+            let index = r[..end]
+                .parse::<usize>()
+                .map_err(|_| format!("[{}] must be an array index", &r[..end]))?;
+            steps.push(PathStep::Index(index));
+            rest = &r[end + 1..];
+        } else {
+            return Err(format!(
+                "unexpected {:?}: steps are `.field` or `[index]`",
+                rest.chars().next().unwrap_or_default()
+            ));
+        }
+        if steps.len() > MAX_JSON_PATH_STEPS {
+            return Err(format!("at most {MAX_JSON_PATH_STEPS} steps"));
+        }
+    }
+    if steps.is_empty() {
+        return Err("must name a field, e.g. `$.status`".into());
+    }
+    Ok(steps)
+}
+
 /// Everything that governs one route, resolved against the integration's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -480,6 +627,8 @@ pub struct RoutePolicy {
     pub rate_limit: Option<RateLimitPolicy>,
     pub breaker: BreakerScope,
     pub fallback: FallbackPolicy,
+    /// The route's contract, or the integration's.
+    pub contract: Option<ContractPolicy>,
 }
 
 impl RoutePolicy {
@@ -709,7 +858,11 @@ impl Compiler {
             .as_ref()
             .map(|b| self.breaker("spec.circuitBreaker", b, None));
 
-        let default_route = self.route_policy(
+        let contract = spec
+            .contract
+            .as_ref()
+            .and_then(|k| self.contract("spec.contract", k));
+        let mut default_route = self.route_policy(
             "spec",
             DEFAULT_ROUTE.to_string(),
             None,
@@ -717,6 +870,7 @@ impl Compiler {
             spec,
             &RouteOverrides::default(),
         );
+        default_route.contract = contract.clone();
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut seen = BTreeSet::new();
         for (i, r) in spec.routes.iter().enumerate() {
@@ -770,6 +924,10 @@ impl Compiler {
                     spec.circuit_breaker.as_ref(),
                 ));
             }
+            route.contract = match &r.contract {
+                Some(k) => self.contract(&format!("{base}.contract"), k),
+                None => contract.clone(),
+            };
             routes.push(route);
         }
         for (j, later) in routes.iter().enumerate() {
@@ -841,6 +999,65 @@ impl Compiler {
             sla,
             redact_headers,
             access_log: spec.telemetry.as_ref().is_some_and(|t| t.access_log),
+        })
+    }
+
+    fn contract(&mut self, base: &str, k: &Contract) -> Option<ContractPolicy> {
+        let path = match parse_json_path(&k.success.json_path) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.err(
+                    format!("{base}.success.jsonPath"),
+                    format!("{:?} {e}", k.success.json_path),
+                );
+                None
+            }
+        };
+        let sample_rate = match &k.sample_rate {
+            None => Some(1.0),
+            Some(s) => match s.parse::<f64>() {
+                Ok(v) if v > 0.0 && v <= 1.0 => Some(v),
+                _ => {
+                    self.err(
+                        format!("{base}.sampleRate"),
+                        format!("{s:?} must be a decimal above 0 and at most 1"),
+                    );
+                    None
+                }
+            },
+        };
+        let max_body_bytes = match k.max_body_bytes {
+            None => Some(DEFAULT_CONTRACT_BODY_BYTES),
+            Some(n) if n >= 1 && n as u64 <= MAX_CONTRACT_BODY_BYTES as u64 => Some(n as usize),
+            Some(n) => {
+                self.err(
+                    format!("{base}.maxBodyBytes"),
+                    format!("{n} must be between 1 and {MAX_CONTRACT_BODY_BYTES}"),
+                );
+                None
+            }
+        };
+        let mut enums = Vec::with_capacity(k.enums.len());
+        for (i, e) in k.enums.iter().enumerate() {
+            match parse_json_path(&e.json_path) {
+                Ok(path) => enums.push(EnumPolicy {
+                    json_path: e.json_path.clone(),
+                    path,
+                    values: e.values.clone(),
+                }),
+                Err(err) => self.err(
+                    format!("{base}.enums[{i}].jsonPath"),
+                    format!("{:?} {err}", e.json_path),
+                ),
+            }
+        }
+        Some(ContractPolicy {
+            json_path: k.success.json_path.clone(),
+            path: path?,
+            equals: k.success.equals.clone(),
+            enums,
+            sample_rate: sample_rate?,
+            max_body_bytes: max_body_bytes?,
         })
     }
 
@@ -1259,6 +1476,7 @@ impl Compiler {
                 BreakerScope::None
             },
             fallback,
+            contract: None,
         }
     }
 

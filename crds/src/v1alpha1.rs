@@ -55,6 +55,11 @@ pub const DURATION_MAX_LEN: u32 = 32;
         json_path = ".status.traffic.errorRatePercent"
     ),
     printcolumn(
+        name = "REFUSED",
+        type_ = "integer",
+        json_path = ".status.traffic.refusedPerMinute"
+    ),
+    printcolumn(
         name = "P95",
         type_ = "string",
         json_path = ".status.traffic.latencyP95"
@@ -110,6 +115,58 @@ pub struct PartnerIntegrationSpec {
     /// What telemetry must never contain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<Telemetry>,
+    /// What a successful answer of the partner looks like, beyond its status. Absent: any 2xx
+    /// is a success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<Contract>,
+}
+
+/// Checks on the partner's answers. A 2xx that breaks the contract counts as a failure for
+/// the breaker, the status's error rate and SLA, and
+/// `tollgate_contract_violations_total`; the app still gets the partner's answer unchanged.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Contract {
+    /// A field of the JSON body that must hold a value on every 2xx answer.
+    pub success: SuccessRule,
+    /// Fields of checked 2xx bodies that take known values: a value not listed is counted
+    /// (`kind="unknown-enum"`), not a failure. A field that is absent is not counted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub enums: Vec<EnumField>,
+    /// Share of 2xx answers checked, a decimal above 0 and at most 1, e.g. `"0.1"`. Default
+    /// `"1"`: every answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"), length(max = 16))]
+    pub sample_rate: Option<String>,
+    /// Largest body checked, bytes (default 65536, at most 1048576). A longer or compressed
+    /// body is not checked, and counted with `kind="unchecked"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_body_bytes: Option<i64>,
+}
+
+/// A field (`jsonPath`, as in [`SuccessRule`]) and the values it is known to take, written as
+/// `equals` is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnumField {
+    #[schemars(length(min = 1, max = 256))]
+    pub json_path: String,
+    #[schemars(length(min = 1, max = 64), inner(length(max = 256)))]
+    pub values: Vec<String>,
+}
+
+/// `jsonPath` names one value of the JSON body; the answer succeeds when it `equals` the given
+/// text (a JSON string equal to it, or a number, `true`, `false` or `null` written so).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SuccessRule {
+    /// `$` followed by `.field` and `[index]` steps, e.g. `$.status` or `$.data[0].state`.
+    #[schemars(length(min = 1, max = 256))]
+    pub json_path: String,
+    #[schemars(length(max = 256))]
+    pub equals: String,
 }
 
 /// Selects pods by label, as a Deployment's selector does.
@@ -502,6 +559,9 @@ pub struct Route {
     /// Stops this route alone (the integration's kill switch stops every route).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_switch: Option<KillSwitch>,
+    /// The route's own contract, in place of the integration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<Contract>,
 }
 
 /// Request matching; every given criterion must hold.
@@ -607,12 +667,20 @@ pub struct SidecarSummary {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficSummary {
+    /// Every call the apps made, per minute.
     pub requests_per_minute: i64,
+    /// Failed share of the calls that reached (or failed to reach) the partner, percent: its
+    /// 5xx, timeouts, unreachable. The sidecar's own answers (kill switch, circuit open,
+    /// deprecated version, rate limited) are not counted, neither as calls nor as errors.
     pub error_rate_percent: f64,
     /// e.g. `120ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p95: Option<String>,
     pub rate_limited_per_minute: i64,
+    /// Calls per minute the sidecar answered itself without calling the partner, other than
+    /// rate limited: kill switch, circuit open, deprecated version, bad request.
+    #[serde(default)]
+    pub refused_per_minute: i64,
 }
 
 /// Condition types.

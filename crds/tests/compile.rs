@@ -431,6 +431,31 @@ const BAD: &[(&str, &str, &str)] = &[
         "is not a duration",
     ),
     (
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: status, equals: ok}}",
+        "spec.contract.success.jsonPath",
+        "must start with `$`",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: '$.a[x]', equals: ok}}",
+        "spec.contract.success.jsonPath",
+        "must be an array index",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: $.status, equals: ok}, sampleRate: '1.5'}",
+        "spec.contract.sampleRate",
+        "at most 1",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: /a}, contract: {success: {jsonPath: $.ok, equals: 'true'}, maxBodyBytes: 0}}]",
+        "spec.routes[0].contract.maxBodyBytes",
+        "between 1 and 1048576",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: $.status, equals: ok}, enums: [{jsonPath: $.a, values: [x]}, {jsonPath: '$.b.', values: [y]}]}",
+        "spec.contract.enums[1].jsonPath",
+        "must be followed by a field name",
+    ),
+    (
         "upstream: {url: https://a.example}\ntelemetry: {redactHeaders: ['a b']}",
         "spec.telemetry.redactHeaders[0]",
         "not a valid HTTP header name",
@@ -550,6 +575,12 @@ fn logistics_example_layers_the_tracking_quota_under_the_account_quota() {
     );
     let tracking = p.route_for(&Method::GET, "/v1/tracking/1Z999");
     assert_eq!(tracking.name, "tracking");
+    let contract = tracking.contract.as_ref().unwrap();
+    let judged = contract.judge(br#"{"status":"ok","shipment":{"state":"lost"}}"#);
+    assert!(judged.kept);
+    assert_eq!(judged.unknown_enums, 1);
+    assert!(!contract.satisfied_by(br#"{"status":"error"}"#));
+    assert!(p.default_route.contract.is_none());
     assert_eq!(tracking.rate_limit.as_ref().unwrap().bands[0].requests, 20);
     assert_eq!(
         tracking.rate_limit.as_ref().unwrap().bands[0].per,
@@ -838,4 +869,49 @@ fn a_client_certificate_names_a_secret_and_needs_https() {
         assert!(err.contains(field), "{err}");
         assert!(err.contains(says), "{says}: {err}");
     }
+}
+
+/// A success rule: compiled with its defaults, inherited by routes without their own, and
+/// matched against JSON bodies by the named value.
+#[test]
+fn contract_success_rule_compiles_and_matches() {
+    let p = ok(
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: '$.data[1].state', equals: ok}}\nroutes: [{name: a, match: {pathPrefix: /a}}, {name: b, match: {pathPrefix: /b}, contract: {success: {jsonPath: $.ok, equals: 'true'}, sampleRate: '0.25', maxBodyBytes: 100}}]",
+    );
+    let k = p.default_route.contract.as_ref().unwrap();
+    assert_eq!(k.sample_rate, 1.0);
+    assert_eq!(k.max_body_bytes, 65536);
+    assert!(k.satisfied_by(br#"{"data":[{},{"state":"ok"}]}"#));
+    assert!(!k.satisfied_by(br#"{"data":[{},{"state":"error"}]}"#));
+    assert!(!k.satisfied_by(br#"{"data":[]}"#));
+    assert!(!k.satisfied_by(b"not json"));
+    assert_eq!(p.routes[0].contract.as_ref(), Some(k));
+    let b = p.routes[1].contract.as_ref().unwrap();
+    assert_eq!((b.sample_rate, b.max_body_bytes), (0.25, 100));
+    assert!(b.satisfied_by(br#"{"ok":true}"#));
+    assert!(!b.satisfied_by(br#"{"ok":"yes"}"#));
+    assert!(ok(MINIMAL).default_route.contract.is_none());
+}
+
+/// Enum fields: a listed value or an absent field is fine; another value is counted.
+#[test]
+fn contract_enums_count_values_not_listed() {
+    let p = ok(
+        "upstream: {url: https://a.example}\ncontract: {success: {jsonPath: $.status, equals: ok}, enums: [{jsonPath: $.state, values: [pending, paid]}, {jsonPath: $.code, values: ['1', '2']}]}",
+    );
+    let k = p.default_route.contract.unwrap();
+    let judge = |b: &str| {
+        let j = k.judge(b.as_bytes());
+        (j.kept, j.unknown_enums)
+    };
+    assert_eq!(
+        judge(r#"{"status":"ok","state":"paid","code":2}"#),
+        (true, 0)
+    );
+    assert_eq!(judge(r#"{"status":"ok"}"#), (true, 0));
+    assert_eq!(
+        judge(r#"{"status":"ok","state":"refunded","code":3}"#),
+        (true, 2)
+    );
+    assert_eq!(judge(r#"{"status":"no","state":{"x":1}}"#), (false, 1));
 }

@@ -184,7 +184,9 @@ fn crd_carries_the_contract() {
         .collect();
     assert_eq!(
         columns,
-        ["READY", "KILL", "CIRCUIT", "RPM", "ERR%", "P95", "AGE"]
+        [
+            "READY", "KILL", "CIRCUIT", "RPM", "ERR%", "REFUSED", "P95", "AGE"
+        ]
     );
 
     let spec = &schema()["properties"]["spec"]["properties"];

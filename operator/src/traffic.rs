@@ -75,7 +75,11 @@ impl ReportRefused {
 pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     // At least a second's worth, so short intervals are not refused for rounding.
     let most = MAX_CALLS_PER_SECOND.saturating_mul(r.interval_millis.max(1000)) / 1000;
-    for (field, value) in [("requests", r.requests), ("rateLimited", r.rate_limited)] {
+    for (field, value) in [
+        ("requests", r.requests),
+        ("rateLimited", r.rate_limited),
+        ("refused", r.refused),
+    ] {
         if value > most {
             return Err(ReportRefused::TooManyCalls {
                 field,
@@ -119,6 +123,7 @@ struct Sample {
     requests: u64,
     errors: u64,
     rate_limited: u64,
+    refused: u64,
     p95_ms: Option<f64>,
     /// Calls by duration bucket; empty from a sidecar that does not send them.
     buckets: Vec<u64>,
@@ -172,11 +177,19 @@ pub struct Partial {
     pub requests_per_second: f64,
     #[serde(skip_serializing_if = "is_zero_f64")]
     pub rate_limited_per_second: f64,
-    /// Calls and failed calls in the window.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub refused_per_second: f64,
+    /// Calls and failed partner calls in the window.
     #[serde(skip_serializing_if = "is_zero")]
     pub requests: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub errors: u64,
+    /// Calls of the window the sidecar answered itself (rate limited, refused): they never
+    /// reached the partner, so they count neither for nor against it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rate_limited: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub refused: u64,
     /// Calls in the window by duration bucket (the protocol's `LATENCY_BUCKETS_MS`, then
     /// overflow), summed over pods: the p95 is read from these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -206,8 +219,11 @@ impl Partial {
         self.breaker_half_open = self.breaker_half_open.saturating_add(o.breaker_half_open);
         self.requests_per_second += finite(o.requests_per_second);
         self.rate_limited_per_second += finite(o.rate_limited_per_second);
+        self.refused_per_second += finite(o.refused_per_second);
         self.requests = self.requests.saturating_add(o.requests);
         self.errors = self.errors.saturating_add(o.errors);
+        self.rate_limited = self.rate_limited.saturating_add(o.rate_limited);
+        self.refused = self.refused.saturating_add(o.refused);
         add_buckets(&mut self.latency_buckets, &o.latency_buckets);
         self.p95_weighted_millis += finite(o.p95_weighted_millis);
         self.p95_weight = self.p95_weight.saturating_add(o.p95_weight);
@@ -223,8 +239,13 @@ impl Partial {
                 Duration::from_secs_f64(self.p95_weighted_millis / self.p95_weight as f64 / 1000.0)
             }),
         };
-        let error_rate = if self.requests > 0 {
-            self.errors.min(self.requests) as f64 * 100.0 / self.requests as f64
+        // The partner's error rate is over the calls that reached (or failed to reach) it: the
+        // sidecar's own answers (kill switch, circuit open, rate limited, ...) are not its doing.
+        let partner_calls = self
+            .requests
+            .saturating_sub(self.rate_limited.saturating_add(self.refused));
+        let error_rate = if partner_calls > 0 {
+            self.errors.min(partner_calls) as f64 * 100.0 / partner_calls as f64
         } else {
             0.0
         };
@@ -247,9 +268,10 @@ impl Partial {
                 error_rate_percent: (error_rate * 100.0).round() / 100.0,
                 latency_p95: latency_p95.map(format_latency),
                 rate_limited_per_minute: (self.rate_limited_per_second * 60.0).round() as i64,
+                refused_per_minute: (self.refused_per_second * 60.0).round() as i64,
             }),
             circuit,
-            availability_percent: (self.requests > 0).then_some(100.0 - error_rate),
+            availability_percent: (partner_calls > 0).then_some(100.0 - error_rate),
             latency_p95,
             lifecycle: self.lifecycle.clone(),
         }
@@ -313,7 +335,8 @@ impl TrafficStore {
             interval: Duration::from_millis(r.interval_millis).min(self.window),
             requests: r.requests,
             errors: r.errors.min(r.requests),
-            rate_limited: r.rate_limited,
+            rate_limited: r.rate_limited.min(r.requests),
+            refused: r.refused.min(r.requests),
             p95_ms: r.latency_p95_millis,
             // Another bucket layout cannot be added up with ours: ignored.
             buckets: if r.latency_buckets.len() == LATENCY_BUCKETS_MS.len() + 1 {
@@ -423,14 +446,18 @@ impl TrafficStore {
                 |f: fn(&Sample) -> u64| in_window.iter().fold(0u64, |a, s| a.saturating_add(f(s)));
             let req = sum(|s| s.requests);
             let lim = sum(|s| s.rate_limited);
+            let refused = sum(|s| s.refused);
             // Reports whose intervals overlap cannot claim more than one sidecar can do.
             let most = MAX_CALLS_PER_SECOND as f64;
             if covered > 0.0 {
                 p.requests_per_second += (req as f64 / covered).min(most);
                 p.rate_limited_per_second += (lim as f64 / covered).min(most);
+                p.refused_per_second += (refused as f64 / covered).min(most);
             }
             p.requests = p.requests.saturating_add(req);
             p.errors = p.errors.saturating_add(sum(|s| s.errors));
+            p.rate_limited = p.rate_limited.saturating_add(lim);
+            p.refused = p.refused.saturating_add(refused);
             for s in &in_window {
                 if !s.buckets.is_empty() {
                     add_buckets(&mut p.latency_buckets, &s.buckets);
@@ -541,6 +568,7 @@ mod tests {
             requests,
             errors,
             rate_limited: 1,
+            refused: 0,
             latency_p95_millis: Some(p95),
             latency_buckets: Vec::new(),
             breaker,
@@ -644,6 +672,9 @@ mod tests {
         r.latency_buckets = vec![u64::MAX; LATENCY_BUCKETS_MS.len() + 1];
         absurd.push(("latencyBuckets", r));
         let mut r = report(1, 0, 10.0, BreakerState::Closed);
+        r.refused = u64::MAX;
+        absurd.push(("refused", r));
+        let mut r = report(1, 0, 10.0, BreakerState::Closed);
         r.config_revision = "x".repeat(10_000);
         absurd.push(("configRevision", r));
         for (field, r) in &absurd {
@@ -657,7 +688,8 @@ mod tests {
         let o = store.observe(&key, &pods, "1-x", now);
         let t = o.traffic.unwrap();
         assert_eq!(t.requests_per_minute, 600);
-        assert_eq!(t.error_rate_percent, 10.0);
+        // 5 failures among the 49 calls that reached the partner (one was rate limited).
+        assert_eq!(t.error_rate_percent, 10.2);
         assert_eq!(t.latency_p95.as_deref(), Some("100ms"));
         assert_eq!(o.sidecars.up_to_date, 1);
     }
@@ -683,13 +715,15 @@ mod tests {
         let traffic = o.traffic.unwrap();
         assert_eq!(traffic.requests_per_minute, 1200);
         assert_eq!(traffic.rate_limited_per_minute, 24);
-        assert_eq!(traffic.error_rate_percent, 5.0);
+        // 15 failures among the 294 calls that reached the partner (6 were rate limited).
+        assert_eq!(traffic.error_rate_percent, 5.1);
         assert_eq!(traffic.latency_p95.as_deref(), Some("200ms"));
         assert_eq!(o.sidecars.desired, 2);
         assert_eq!(o.sidecars.up_to_date, 2);
         assert_eq!(o.sidecars.breaker_open, 1);
         assert_eq!(o.circuit, BreakerState::Open);
-        assert_eq!(o.availability_percent, Some(95.0));
+        let availability = o.availability_percent.unwrap();
+        assert!((availability - (100.0 - 1500.0 / 294.0)).abs() < 1e-9);
 
         // A revision nobody runs yet; then reports go stale.
         let o = store.observe(&key, &pods, "2-y", now);
@@ -698,6 +732,53 @@ mod tests {
         assert_eq!(o.sidecars.breaker_open, 0);
         let o = store.observe(&key, &pods, "1-x", now + Duration::from_secs(120));
         assert_eq!(o.traffic, None);
+    }
+
+    /// A kill switch drill is not the partner failing: the sidecar's refusals show apart, the
+    /// partner's error rate and availability are over the calls that reached it, and with
+    /// every call refused there is nothing to judge the partner by.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_show_apart_and_do_not_count_against_the_partner() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        let key = ("ns".to_string(), "a".to_string());
+        let pods = ["ns/p1".to_string(), "ns/p2".to_string()];
+        let now = Instant::now();
+        // p1: 100 calls in 5 s, 90 refused (kill switch), 2 of the 10 sent failed.
+        let mut r = report(100, 2, 10.0, BreakerState::Closed);
+        r.rate_limited = 0;
+        r.refused = 90;
+        store.record("ns/p1", &r, now).unwrap();
+        // p2, through another replica: 100 calls, all refused.
+        let other = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(15));
+        let mut r = report(100, 0, 10.0, BreakerState::Closed);
+        r.rate_limited = 0;
+        r.refused = 100;
+        other.record("ns/p2", &r, now).unwrap();
+
+        let mut p = store.partial(&key, &pods[..1], now);
+        let sent = serde_json::to_string(&other.partial(&key, &pods[1..], now)).unwrap();
+        p.merge(&serde_json::from_str::<Partial>(&sent).unwrap());
+        let o = p.finish("1-x");
+        let t = o.traffic.unwrap();
+        assert_eq!(t.requests_per_minute, 2400);
+        assert_eq!(t.refused_per_minute, 2280);
+        assert_eq!(t.error_rate_percent, 20.0);
+        assert_eq!(o.availability_percent, Some(80.0));
+
+        // Every call refused: no partner error, and no availability to hold against a target.
+        let o = other.observe(&key, &pods[1..], "1-x", now);
+        let t = o.traffic.unwrap();
+        assert_eq!(t.error_rate_percent, 0.0);
+        assert_eq!(t.refused_per_minute, 1200);
+        assert_eq!(o.availability_percent, None);
+
+        // A sidecar that predates `refused` sends none; its report still reads.
+        let old: IntegrationReport = serde_json::from_value(serde_json::json!({
+            "namespace": "ns", "name": "a", "configRevision": "1-x", "intervalMillis": 5000,
+            "requests": 10, "errors": 1, "rateLimited": 0, "breaker": "closed"
+        }))
+        .unwrap();
+        assert_eq!(old.refused, 0);
     }
 
     #[test]

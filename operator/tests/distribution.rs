@@ -235,6 +235,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             requests: 10,
             errors: 1,
             rate_limited: 2,
+            refused: 0,
             latency_p95_millis: Some(120.0),
             latency_buckets: Vec::new(),
             breaker: BreakerState::Closed,
@@ -250,7 +251,8 @@ async fn a_revision_change_reaches_both_sidecars() {
     let o = op.hub.observe(&key, &rev);
     assert_eq!(o.sidecars.desired, 2);
     let t = o.traffic.unwrap();
-    assert_eq!(t.error_rate_percent, 10.0);
+    // 1 failure among the 8 calls that reached the partner (2 were rate limited).
+    assert_eq!(t.error_rate_percent, 12.5);
     assert_eq!(t.latency_p95.as_deref(), Some("120ms"));
 }
 

@@ -40,6 +40,20 @@ impl Reason {
         Reason::UnknownHost,
     ];
 
+    /// The sidecar answered in the partner's stead without calling it (kill switch, circuit
+    /// open, deprecated version, bad request, unknown host). Rate limiting is counted apart.
+    /// Timeouts and an unreachable partner are the partner's failures, not refusals.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Reason::KillSwitch
+                | Reason::CircuitOpen
+                | Reason::DeprecatedVersion
+                | Reason::BadRequest
+                | Reason::UnknownHost
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::KillSwitch => "kill-switch",

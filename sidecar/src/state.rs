@@ -259,9 +259,11 @@ impl IntegrationState {
         _route: usize,
         status: u16,
         reason: Option<Reason>,
+        broken_contract: bool,
         elapsed: Duration,
     ) {
-        self.traffic.record(status, reason, elapsed);
+        self.traffic
+            .record(status, reason, broken_contract, elapsed);
     }
 }
 
@@ -308,10 +310,13 @@ fn keyed_breaker(policy: &BreakerPolicy, old: Option<&KeyedBreaker>) -> KeyedBre
 #[derive(Debug, Default)]
 pub struct Traffic {
     pub requests: AtomicU64,
-    /// Calls that failed: the partner's 5xx and the sidecar's own error answers, except
-    /// rate limiting (the app's excess, not a partner failure).
+    /// Calls that reached (or failed to reach) the partner and failed: its 5xx, timeouts,
+    /// an unreachable partner.
     pub errors: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Calls the sidecar answered itself without calling the partner, rate limiting aside
+    /// ([`Reason::is_refusal`]).
+    pub refused: AtomicU64,
     /// Latency histogram, buckets of [`LATENCY_BUCKETS_MS`] plus one overflow bucket.
     pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
 }
@@ -320,16 +325,26 @@ pub struct Traffic {
 pub use tollgate_crds::distribution::LATENCY_BUCKETS_MS;
 
 impl Traffic {
-    pub fn record(&self, status: u16, reason: Option<Reason>, elapsed: Duration) {
+    /// `broken_contract`: a 2xx whose body breaks the route's `contract`, a partner failure.
+    pub fn record(
+        &self,
+        status: u16,
+        reason: Option<Reason>,
+        broken_contract: bool,
+        elapsed: Duration,
+    ) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         match reason {
             Some(Reason::RateLimited) => {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
+            Some(r) if r.is_refusal() => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
             Some(_) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
-            None if status >= 500 => {
+            None if status >= 500 || broken_contract => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
             None => {}
@@ -340,5 +355,37 @@ impl Traffic {
             .position(|b| ms <= *b)
             .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sidecar's own answers are refusals, not the partner's errors; timeouts and an
+    /// unreachable partner are.
+    #[test]
+    fn refusals_are_counted_apart_from_partner_errors() {
+        let t = Traffic::default();
+        let ms = Duration::from_millis(3);
+        for r in [
+            Reason::KillSwitch,
+            Reason::CircuitOpen,
+            Reason::DeprecatedVersion,
+        ] {
+            t.record(r.status().as_u16(), Some(r), false, ms);
+        }
+        t.record(429, Some(Reason::RateLimited), false, ms);
+        t.record(504, Some(Reason::Timeout), false, ms);
+        t.record(502, Some(Reason::UpstreamUnreachable), false, ms);
+        t.record(500, None, false, ms);
+        t.record(404, None, false, ms);
+        t.record(200, None, false, ms);
+        t.record(200, None, true, ms);
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(n(&t.requests), 10);
+        assert_eq!(n(&t.refused), 3);
+        assert_eq!(n(&t.rate_limited), 1);
+        assert_eq!(n(&t.errors), 4);
     }
 }

@@ -61,6 +61,7 @@ pub fn call_span(
         tollgate.attempts = Empty,
         tollgate.reason = Empty,
         tollgate.fallback = Empty,
+        tollgate.contract = Empty,
     );
     if !span.is_disabled() {
         let parent = propagator().extract(&HeaderExtractor(headers));

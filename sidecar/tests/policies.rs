@@ -375,6 +375,142 @@ async fn consecutive_failures_open_the_breaker_and_calls_fail_fast() {
     );
 }
 
+// === contract ===
+
+fn json_reply(body: &str) -> Reply {
+    Reply::Full {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_2xx_that_breaks_the_success_rule_opens_the_breaker_and_is_counted() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| json_reply(r#"{"status":"error","detail":"card declined"}"#));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}}\ncircuitBreaker: {consecutiveFailures: 2, openDuration: 30s}",
+    ))
+    .await;
+    let url = format!("{}/v1/charges", partner.url());
+    for _ in 0..2 {
+        let resp = sidecar.get(&url).await;
+        assert_eq!(resp.status, 200, "the app gets the partner's answer");
+        assert_eq!(resp.json()["detail"], "card declined");
+    }
+    let resp = sidecar.get(&url).await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.reason(), Some("circuit-open"));
+    assert_eq!(partner.count(), 2);
+    let m = sidecar.metrics().await;
+    let labels = [
+        ("integration", "test/partner"),
+        ("route", "default"),
+        ("kind", "success-rule"),
+    ];
+    assert_eq!(
+        metric(&m, "tollgate_contract_violations_total", &labels),
+        2.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn answers_that_keep_the_contract_or_are_too_long_to_check_are_not_failures() {
+    let partner = Partner::start().await;
+    partner.script(|_, seen| {
+        if seen.path.starts_with("/big") {
+            json_reply(&format!(
+                r#"{{"status":"error","pad":"{}"}}"#,
+                "x".repeat(200)
+            ))
+        } else {
+            json_reply(r#"{"status":"ok"}"#)
+        }
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}, maxBodyBytes: 100}\ncircuitBreaker: {consecutiveFailures: 1, openDuration: 30s}",
+    ))
+    .await;
+    for path in ["/v1/a", "/big", "/v1/b", "/big", "/v1/c"] {
+        let resp = sidecar.get(&format!("{}{path}", partner.url())).await;
+        assert_eq!(resp.status, 200, "{path}: {}", resp.body);
+    }
+    assert_eq!(partner.count(), 5, "the breaker stayed closed");
+    let m = sidecar.metrics().await;
+    let count = |kind| {
+        metric(
+            &m,
+            "tollgate_contract_violations_total",
+            &[
+                ("integration", "test/partner"),
+                ("route", "default"),
+                ("kind", kind),
+            ],
+        )
+    };
+    assert_eq!(count("unchecked"), 2.0, "{m}");
+    assert_eq!(count("success-rule"), 0.0, "{m}");
+}
+
+#[tokio::test]
+async fn enum_values_never_seen_before_are_counted_not_failed() {
+    let partner = Partner::start().await;
+    partner.script(|n, _| {
+        json_reply(if n % 2 == 0 {
+            r#"{"status":"ok","state":"paid"}"#
+        } else {
+            r#"{"status":"ok","state":"partially_refunded"}"#
+        })
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}, enums: [{jsonPath: $.state, values: [pending, paid]}]}\ncircuitBreaker: {consecutiveFailures: 1, openDuration: 30s}",
+    ))
+    .await;
+    for _ in 0..4 {
+        let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    assert_eq!(partner.count(), 4, "the breaker stayed closed");
+    let m = sidecar.metrics().await;
+    let count = |kind| {
+        metric(
+            &m,
+            "tollgate_contract_violations_total",
+            &[("integration", "test/partner"), ("kind", kind)],
+        )
+    };
+    assert_eq!(count("unknown-enum"), 2.0, "{m}");
+    assert_eq!(count("success-rule"), 0.0, "{m}");
+}
+
+#[tokio::test]
+async fn the_success_rule_checks_the_sampled_share_of_answers() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| json_reply(r#"{"status":"error"}"#));
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}, sampleRate: '0.5'}",
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    for _ in 0..200 {
+        assert_eq!(sidecar.get(&url).await.status, 200);
+    }
+    let m = sidecar.metrics().await;
+    let broken = metric(
+        &m,
+        "tollgate_contract_violations_total",
+        &[("integration", "test/partner"), ("kind", "success-rule")],
+    );
+    // Half of 200, give or take seven standard deviations.
+    assert!((50.0..=150.0).contains(&broken), "{broken}: {m}");
+}
+
 #[tokio::test]
 async fn client_errors_do_not_open_the_breaker() {
     let partner = Partner::start().await;

@@ -854,6 +854,76 @@ fn kubectl_get_pi_shows_live_numbers_from_the_sidecars() {
     eprintln!("{row}");
 }
 
+/// A kill switch drill is not the partner failing: `kubectl get pi` shows 0% partner errors
+/// and the refused calls apart, and the SLA is not breached by the sidecars' own answers.
+#[test]
+fn a_kill_switch_drill_shows_refusals_apart_from_partner_errors() {
+    let c = Cluster::start("drill", |p| {
+        let mut spec = base_spec(p);
+        spec["sla"] = json!({"availabilityPercent": "99"});
+        spec
+    });
+    let key = c.key();
+    for s in c.sidecars() {
+        for _ in 0..4 {
+            expect_partner_ok(&s.get(&url("/v1/ok")).unwrap()).unwrap();
+        }
+    }
+    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "drill"}}}));
+    for s in c.sidecars() {
+        eventually(
+            &format!("{} to answer kill-switch", s.name()),
+            SETTLE,
+            || expect_decision(&s.get(&url("/v1/ok"))?, 503, "kill-switch", &key),
+        );
+        for _ in 0..20 {
+            expect_decision(&s.get(&url("/v1/ok")).unwrap(), 503, "kill-switch", &key).unwrap();
+        }
+    }
+
+    let row = eventually("kubectl get pi to show the refusals", SETTLE, || {
+        let out = c.cp.kubectl(["-n", &c.ns, "get", "pi"])?;
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let values: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .and_then(|i| values.get(i).copied())
+                .unwrap_or("")
+        };
+        let rpm: i64 = col("RPM").parse().unwrap_or(0);
+        let refused: i64 = col("REFUSED").parse().unwrap_or(0);
+        anyhow::ensure!(col("KILL") == "true", "{out}");
+        // Every call of both sidecars reported (8 reached the partner, at least 42 refused).
+        anyhow::ensure!(rpm > 0 && refused > 0 && refused < rpm, "{out}");
+        anyhow::ensure!(col("ERR%") == "0", "{out}");
+        Ok(out)
+    });
+    eprintln!("{row}");
+    let pi = c.pi();
+    let traffic = &pi["status"]["traffic"];
+    assert_eq!(traffic["errorRatePercent"].as_f64(), Some(0.0), "{pi}");
+    assert!(traffic["refusedPerMinute"].as_i64().unwrap() > 0, "{pi}");
+    let sla = pi["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "SLABreached")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(sla["status"], "False", "{pi}");
+}
+
 /// A relabelled pod's sidecar follows its labels: the kubelet rewrites the downward-API labels
 /// file (here the test does, as no kubelet runs), the sidecar subscribes again, and the
 /// operator selects integrations by the labels the pod has now.

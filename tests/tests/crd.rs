@@ -112,6 +112,16 @@ fn the_api_server_refuses_bad_specs_naming_the_field() {
             "spec.circuitBreaker.failureRatePercent",
             "greater than or equal to 1",
         ),
+        (
+            "upstream: {url: 'https://a.example'}\ncontract: {success: {jsonPath: $.status, equals: ok}, maxBodyBytes: 0}",
+            "spec.contract.maxBodyBytes",
+            "greater than or equal to 1",
+        ),
+        (
+            "upstream: {url: 'https://a.example'}\ncontract: {maxBodyBytes: 10}",
+            "spec.contract.success",
+            "Required value",
+        ),
         ("timeouts: {request: 1s}", "spec.upstream", "Required value"),
     ];
     for (spec, field, message) in cases {
@@ -157,7 +167,7 @@ fn every_example_applies_and_reads_back_with_its_columns() {
         let out = cp.kubectl(["get", "pi", "-n", &ns]).unwrap();
         let header = out.lines().next().unwrap_or_default();
         for column in [
-            "NAME", "READY", "KILL", "CIRCUIT", "RPM", "ERR%", "P95", "AGE",
+            "NAME", "READY", "KILL", "CIRCUIT", "RPM", "ERR%", "REFUSED", "P95", "AGE",
         ] {
             assert!(
                 header.contains(column),

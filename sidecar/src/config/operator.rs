@@ -63,6 +63,7 @@ struct Reported {
     requests: u64,
     errors: u64,
     rate_limited: u64,
+    refused: u64,
     latency: Vec<u64>,
     at: Option<Instant>,
 }
@@ -171,6 +172,7 @@ impl OperatorSource {
                 requests: t.requests.load(Ordering::Relaxed),
                 errors: t.errors.load(Ordering::Relaxed),
                 rate_limited: t.rate_limited.load(Ordering::Relaxed),
+                refused: t.refused.load(Ordering::Relaxed),
                 latency: t
                     .latency
                     .iter()
@@ -204,6 +206,7 @@ impl OperatorSource {
                 requests: current.requests.saturating_sub(last.requests),
                 errors: current.errors.saturating_sub(last.errors),
                 rate_limited: current.rate_limited.saturating_sub(last.rate_limited),
+                refused: current.refused.saturating_sub(last.refused),
                 latency_p95_millis: bucket_quantile(&delta, 0.95),
                 latency_buckets: delta,
                 breaker,

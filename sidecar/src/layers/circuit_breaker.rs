@@ -5,7 +5,8 @@
 //! are the request's or the quota's fault and count as successes.
 //!
 //! A response counts when its body ends, not when its head arrives: a body cut at the total
-//! deadline is a timeout, and one the partner breaks off is a reset, both failures.
+//! deadline is a timeout, and one the partner breaks off is a reset, both failures. A 2xx
+//! whose body breaks the route's `contract` is a failure too (see [`super::contract`]).
 
 use std::task::{Context, Poll};
 
@@ -84,16 +85,22 @@ where
                 futures::future::Either::Right(Box::pin(async move {
                     let result = fut.await;
                     match (outcome(&result), result) {
-                        (Some(o), Ok(resp)) => Ok(resp.map(move |b| {
-                            body::on_end(b, move |end| {
-                                let o = match end {
-                                    BodyEnd::Done => o,
-                                    BodyEnd::Timeout | BodyEnd::Failed => CallOutcome::Failure,
-                                };
-                                let now = Instant::now();
-                                permit.record(o, now - started, now);
-                            })
-                        })),
+                        (Some(o), Ok(resp)) => {
+                            let probe = super::contract::probe(resp.extensions());
+                            Ok(resp.map(move |b| {
+                                body::on_end(b, move |end| {
+                                    let o = match end {
+                                        BodyEnd::Done if probe.is_some_and(|p| p.broken()) => {
+                                            CallOutcome::Failure
+                                        }
+                                        BodyEnd::Done => o,
+                                        BodyEnd::Timeout | BodyEnd::Failed => CallOutcome::Failure,
+                                    };
+                                    let now = Instant::now();
+                                    permit.record(o, now - started, now);
+                                })
+                            }))
+                        }
                         (Some(o), Err(e)) => {
                             let now = Instant::now();
                             permit.record(o, now - started, now);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! observe -> fallback -> kill switch -> version gate -> rate limit -> circuit breaker
-//!         -> retry -> attempt timeout -> credentials -> client
+//!         -> contract -> retry -> attempt timeout -> credentials -> client
 //! ```
 //!
 //! Layers are static; the policy for a request travels with it as a [`Call`] in the request's
@@ -12,6 +12,7 @@
 
 pub mod circuit_breaker;
 pub mod client;
+pub mod contract;
 pub mod credentials;
 pub mod fallback;
 pub mod kill_switch;
@@ -152,6 +153,7 @@ pub fn stack(ctx: StackContext) -> Stack {
         .layer(version_gate::layer())
         .layer(rate_limit::layer(ctx.metrics.clone()))
         .layer(circuit_breaker::layer())
+        .layer(contract::layer(ctx.metrics.clone()))
         .layer(retry::layer(ctx.metrics.clone()))
         .layer(timeout::layer())
         .layer(credentials::layer())

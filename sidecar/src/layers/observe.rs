@@ -122,6 +122,7 @@ where
                 // timeout, one the partner broke off an unreachable partner.
                 let span = tracing::Span::current();
                 let status = resp.status().as_u16();
+                let probe = super::contract::probe(resp.extensions());
                 Ok(resp.map(move |b| {
                     body::on_end(b, move |end| {
                         let (outcome, reason) = match end {
@@ -135,7 +136,9 @@ where
                                 Some(Reason::UpstreamUnreachable),
                             ),
                         };
-                        record(&metrics, &call, &span, status, outcome, reason);
+                        // A 2xx that breaks the contract is the partner's failure.
+                        let broken = end == BodyEnd::Done && probe.is_some_and(|p| p.broken());
+                        record(&metrics, &call, &span, status, outcome, reason, broken);
                         if let Some(a) = &access {
                             access_log::write(
                                 &access_log::Line {
@@ -170,6 +173,7 @@ fn record(
     status: u16,
     outcome: &'static str,
     reason: Option<Reason>,
+    broken: bool,
 ) {
     if !span.is_disabled() {
         span.record("http.response.status_code", status);
@@ -177,7 +181,10 @@ fn record(
         if let Some(r) = reason {
             span.record("tollgate.reason", r.as_str());
         }
-        if status >= 500 || reason.is_some() {
+        if broken {
+            span.record("tollgate.contract", "success-rule");
+        }
+        if status >= 500 || reason.is_some() || broken {
             span.record("otel.status_code", "ERROR");
         }
     }
@@ -187,7 +194,7 @@ fn record(
         .record(metrics, outcome, status, elapsed.as_secs_f64());
     call.integration
         .state
-        .record_call(call.route, status, reason, elapsed);
+        .record_call(call.route, status, reason, broken, elapsed);
 }
 
 /// The `outcome` label of a call served from fallback.

@@ -64,6 +64,16 @@ pub struct SkipLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContractLabels {
+    pub integration: String,
+    pub route: String,
+    /// `success-rule` (a 2xx whose body breaks `contract.success`), `unknown-enum` (a field of
+    /// `contract.enums` with a value not listed) or `unchecked` (a sampled 2xx whose body was
+    /// longer than `contract.maxBodyBytes`, or compressed).
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevisionLabels {
     pub revision: String,
     pub source: String,
@@ -124,6 +134,7 @@ pub struct Metrics {
     pub partner_sunset: Family<RouteLabels, Gauge>,
     /// Access log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
+    pub contract_violations: Family<ContractLabels, Counter>,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -284,9 +295,16 @@ impl Default for Metrics {
             "Access log lines dropped because stdout did not keep up",
             access_log_dropped.clone(),
         );
+        let contract_violations = Family::<ContractLabels, Counter>::default();
+        registry.register(
+            "tollgate_contract_violations",
+            "Partner 2xx answers that break the route's contract (kind=success-rule), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
+            contract_violations.clone(),
+        );
         Metrics {
             registry,
             access_log_dropped,
+            contract_violations,
             partner_deprecated,
             partner_deprecation,
             partner_sunset,
@@ -315,6 +333,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn contract_violation(&self, integration: &str, route: &str, kind: &str) {
+        self.contract_violations
+            .get_or_create(&ContractLabels {
+                integration: integration.to_string(),
+                route: route.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
     pub fn config_error(&self) {
         self.config_errors.inc();
     }
