@@ -2,23 +2,29 @@
 # Builds the fuzz targets with coverage instrumentation (libFuzzer via libfuzzer-sys, stable
 # toolchain) and runs each for a while on its committed seed corpus.
 #
-#   fuzz/run.sh [--seconds N] [--results FILE] [targets...]
+#   fuzz/run.sh [--seconds N] [--runs N] [--results FILE] [--append] [targets...]
 #
-# Defaults: 60 seconds per target, every target, results in fuzz/results.txt. Prints and
-# writes one line per target: name, executions, seconds, corpus size, and "ok" or "CRASH".
+# Defaults: 60 seconds per target, every target, results in fuzz/results.txt. With --runs, a
+# target stops at that many executions (--seconds still caps it). --append adds to the results
+# file instead of replacing it. Prints and writes one line per target: name, executions, the
+# seconds it ran, corpus size, and "ok" or "CRASH".
 # Exits non-zero when a target crashes; the input is kept in fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")"
 root=$(pwd)
 
 seconds=60
+runs=-1
+append=0
 results="$root/results.txt"
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    --append) append=1; shift ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
@@ -53,8 +59,9 @@ for t in "${targets[@]}"; do
   mkdir -p "$root/artifacts/$t"
   log=$(mktemp)
   status=ok
+  started=$(date +%s)
   # Seeds are read-only input; new coverage goes to a scratch corpus.
-  if ! "$target_dir/$triple/release/$t" "$work" "$seeds" -max_total_time="$seconds" \
+  if ! "$target_dir/$triple/release/$t" "$work" "$seeds" -max_total_time="$seconds" -runs="$runs" \
       -max_len=65536 -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
       -artifact_prefix="$root/artifacts/$t/" >"$log" 2>&1; then
     status=CRASH
@@ -63,17 +70,22 @@ for t in "${targets[@]}"; do
   fi
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   corpus=$(find "$work" -type f | wc -l)
-  line=$(printf '%-22s %12s execs  %5ss  corpus %6s  %s' "$t" "${execs:-0}" "$seconds" "$corpus" "$status")
+  took=$(( $(date +%s) - started ))
+  line=$(printf '%-22s %12s execs  %5ss  corpus %6s  %s' "$t" "${execs:-0}" "$took" "$corpus" "$status")
   echo "$line"
   echo "$line" >>"$results.tmp"
   rm -rf "$work" "$log"
   rmdir "$root/artifacts/$t" 2>/dev/null || true
 done
+[ "$append" = 1 ] && [ -s "$results" ] && echo >>"$results"
+[ "$append" = 1 ] || : >"$results"
 {
-  echo "# fuzz/run.sh --seconds $seconds ${targets[*]}"
+  args="--seconds $seconds"
+  [ "$runs" -ge 0 ] && args="$args --runs $runs"
+  echo "# fuzz/run.sh $args ${targets[*]}"
   echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(rustc --version)"
   cat "$results.tmp"
-} >"$results"
+} >>"$results"
 rm -f "$results.tmp"
 rmdir "$root/artifacts" 2>/dev/null || true
 exit $failed

@@ -395,6 +395,35 @@ async fn connections_over_the_limit_are_closed() {
 }
 
 #[tokio::test]
+async fn runtime_tasks_follow_the_open_connections_and_come_back_down() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&passthrough_spec(&partner.url())).await;
+    let before = metric(&sidecar.metrics().await, "tollgate_runtime_tasks", &[]);
+    assert!(before >= 1.0, "the gauge is exported");
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(
+            tokio::net::TcpStream::connect(sidecar.listen)
+                .await
+                .unwrap(),
+        );
+    }
+    sidecar
+        .wait_metrics("a task per open connection", |m| {
+            metric(m, "tollgate_open_connections", &[]) == 20.0
+                && metric(m, "tollgate_runtime_tasks", &[]) >= before + 20.0
+        })
+        .await;
+    drop(conns);
+    sidecar
+        .wait_metrics("the connection tasks ended", |m| {
+            metric(m, "tollgate_open_connections", &[]) == 0.0
+                && metric(m, "tollgate_runtime_tasks", &[]) <= before
+        })
+        .await;
+}
+
+#[tokio::test]
 async fn sigterm_drains_the_request_in_flight() {
     let partner = Partner::start().await;
     partner.script(|_, _| {

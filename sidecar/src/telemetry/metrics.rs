@@ -118,6 +118,8 @@ pub struct Metrics {
     pub config_refused: Family<IntegrationLabels, Gauge>,
     pub tunnels: Family<TunnelLabels, Counter>,
     pub open_connections: Gauge,
+    /// Tasks alive in the runtime (connections, calls, background work), read at each scrape.
+    pub runtime_tasks: Gauge,
     pub rejected_connections: Counter,
     pub intercepted: Family<InterceptLabels, Counter>,
     /// 1 while partner TLS is intercepted (the pod CA is in memory), 0 when it is spliced (the
@@ -259,6 +261,12 @@ impl Default for Metrics {
             "Connections redirected to the transparent listener, by protocol and outcome",
             intercepted.clone(),
         );
+        let runtime_tasks = Gauge::default();
+        registry.register(
+            "tollgate_runtime_tasks",
+            "Tasks alive in the sidecar's async runtime",
+            runtime_tasks.clone(),
+        );
         let tls_interception = Gauge::default();
         registry.register(
             "tollgate_tls_interception_active",
@@ -323,6 +331,7 @@ impl Default for Metrics {
             config_refused,
             tunnels,
             open_connections,
+            runtime_tasks,
             rejected_connections,
             intercepted,
             tls_interception,
@@ -374,6 +383,10 @@ impl Metrics {
         self.circuit_state.clear();
         self.kill_switch.clear();
         self.partitions.clear();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks
+                .set(i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
         let now = tokio::time::Instant::now();
         for i in &revision.integrations {
             for (route, quota, count) in i.state.partition_counts(now) {
