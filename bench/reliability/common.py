@@ -131,7 +131,7 @@ class Partner:
 class Sidecar:
     """tollgate-sidecar --config FILE on free loopback ports."""
 
-    def __init__(self, binary, manifest, args=()):
+    def __init__(self, binary, manifest, args=(), env=None):
         self.dir = tempfile.mkdtemp(prefix="tollgate-reliability-")
         self.config = os.path.join(self.dir, "integrations.yaml")
         with open(self.config, "w") as f:
@@ -141,7 +141,7 @@ class Sidecar:
             [binary, "--config", self.config, "--listen", "127.0.0.1:0",
              "--admin", "127.0.0.1:0", "--log-format", "json", *args],
             stdout=subprocess.DEVNULL, stderr=self.log,
-            env={**os.environ, "RUST_LOG": "info", "OTEL_SDK_DISABLED": "true"},
+            env={**os.environ, "RUST_LOG": "info", "OTEL_SDK_DISABLED": "true", **(env or {})},
         )
         deadline = time.time() + 30
         import json

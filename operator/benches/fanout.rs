@@ -329,6 +329,7 @@ fn main() {
     // Kill-switch flips to every stream.
     let mut samples = Vec::with_capacity(streams * flips as usize);
     let mut per_flip = Vec::new();
+    let cpu_flips = cpu();
     for flip in 0..flips {
         let generation = flip + 2;
         std::thread::sleep(Duration::from_millis(200));
@@ -342,6 +343,9 @@ fn main() {
         per_flip.push(lat.iter().max().copied().unwrap_or_default());
         samples.extend(lat);
     }
+    let cpu_per_flip = (cpu() - cpu_flips) / flips.max(1) as u32;
+    let per_flip_in_order: Vec<f64> = per_flip.iter().map(|d| ms(*d)).collect();
+    eprintln!("fanout: the last stream to apply each flip, ms: {per_flip_in_order:?}");
     samples.sort();
     per_flip.sort();
 
@@ -355,7 +359,10 @@ fn main() {
             "p99": ms(percentile(&samples, 0.99)),
             "max": ms(samples.last().copied().unwrap_or_default()),
             "last_stream_p50": ms(percentile(&per_flip, 0.50)),
+            "per_flip_last_ms": per_flip_in_order,
         },
+        // Includes the 200 ms pause before each flip (an idle operator costs ~nothing).
+        "operator_cpu_ms_per_flip": ms(cpu_per_flip),
         "subscribe_all_s": (subscribe_all.as_secs_f64() * 10.0).round() / 10.0,
         "operator_rss_kib": {"before": rss_before, "after": rss_after},
         "operator_kib_per_stream": (per_stream_kib * 10.0).round() / 10.0,
