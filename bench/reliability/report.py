@@ -118,14 +118,14 @@ def soak_block():
     checks = d["checks"]
     out = [
         "| measure | value |", "|---|---|",
-        f"| load | {d['seconds'] // 60} min at {n(d['rate'])} calls/s offered on {d['connections']} keep-alive connections; {n(d['calls'])} calls, {d['rps']:.0f} calls/s held |",
+        f"| load | {d['seconds'] // 60} min at {n(d['rate'])} calls/s offered on {d['connections']} keep-alive connections; {n(d['calls'])} calls, {d['rps']:,.0f} calls/s held |",
         f"| answers | {', '.join(f'{n(v)} × {k}' for k, v in d['codes'].items())}; errors: {sum(d['errors'].values()) if d['errors'] else 0} |",
         f"| latency p50 / p99 / p99.9 | {lat.get('p50')} / {lat.get('p99')} / {lat.get('p99.9')} ms |",
         f"| configuration edits applied | {d['edits']} ({d['revisions_seen']} distinct revisions sampled) |",
-        f"| credential rotations | {d['rotations']}; {d['probes']} probes, {len(d['wrong_probes'])} with a stale or missing credential |",
+        f"| credential rotations | {d['rotations']}; {n(d['probes'])} probes, {len(d['wrong_probes'])} with a stale or missing credential |",
         f"| resident set, first third → last third (median) | {fl['rss_kib'][0] / 1024:.1f} → {fl['rss_kib'][1] / 1024:.1f} MiB |",
-        f"| open descriptors, first third → last third | {fl['fds'][0]} → {fl['fds'][1]} |",
-        f"| runtime tasks, first third → last third | {fl['tasks'][0]} → {fl['tasks'][1]} |",
+        f"| open descriptors, first third → last third | {fl['fds'][0]:.0f} → {fl['fds'][1]:.0f} |",
+        f"| runtime tasks, first third → last third | {fl['tasks'][0]:.0f} → {fl['tasks'][1]:.0f} |",
         f"| idle before → after the load (descriptors, tasks, resident set) | {d['idle_before']['fds']}, {d['idle_before']['tasks']}, {d['idle_before']['rss_kib'] // 1024} MiB → {d['idle_after']['fds']}, {d['idle_after']['tasks']}, {d['idle_after']['rss_kib'] // 1024} MiB |",
         f"| checks | {'all passed' if d['ok'] else 'FAILED: ' + ', '.join(k for k, v in checks.items() if not v)} |",
         "",
