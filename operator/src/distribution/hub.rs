@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tollgate_crds::distribution::{
@@ -19,7 +20,7 @@ use tollgate_crds::distribution::{
     Snapshot, StreamMessage,
 };
 
-use crate::catalog::{Catalog, CatalogHandle, Key, hex};
+use crate::catalog::{Catalog, CatalogHandle, Entry, Key, hex};
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::traffic::{Observed, Partial, PodKey, TrafficStore};
@@ -41,6 +42,9 @@ impl PodIdentity {
     }
 }
 
+/// Serialized integration lists of one view, by digest.
+type Rendered = Arc<Mutex<HashMap<String, Arc<RawValue>>>>;
+
 /// The catalog and the subscriber counts, as of `changed_at`.
 #[derive(Clone, Debug)]
 pub struct View {
@@ -50,30 +54,56 @@ pub struct View {
     /// Sidecars subscribed per integration on the other replicas.
     pub remote: BTreeMap<Key, u32>,
     pub changed_at: Instant,
+    /// Pods that run the same integrations get the same content: it is serialized once per
+    /// view (bounded by the streams open), not once per stream.
+    rendered: Rendered,
 }
 
 impl View {
-    /// The integrations `pod` should run, and the digest of that content.
-    pub fn snapshot_for(&self, pod: &PodIdentity) -> (Vec<DistributedIntegration>, String) {
-        let mut out = Vec::new();
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    fn new(
+        catalog: Arc<Catalog>,
+        subscribers: BTreeMap<Key, Vec<PodKey>>,
+        remote: BTreeMap<Key, u32>,
+        changed_at: Instant,
+    ) -> Self {
+        View {
+            catalog,
+            subscribers,
+            remote,
+            changed_at,
+            rendered: Rendered::default(),
+        }
+    }
+
+    /// The entries `pod` runs, each with its quota share.
+    fn selected<'a>(
+        &'a self,
+        pod: &'a PodIdentity,
+    ) -> impl Iterator<Item = (&'a Entry, Option<QuotaShare>)> + 'a {
         let lower = (pod.namespace.clone(), String::new());
-        for (key, e) in self.catalog.entries.range(lower..) {
-            if key.0 != pod.namespace {
-                break;
-            }
-            if !e.policy.selects(&pod.labels) {
-                continue;
-            }
-            let share = e.has_global_quota().then(|| {
-                let local = self.subscribers.get(key).map_or(1, Vec::len);
-                let remote = self.remote.get(key).copied().unwrap_or(0);
-                QuotaShare::equal(
-                    u32::try_from(local)
-                        .unwrap_or(u32::MAX)
-                        .saturating_add(remote),
-                )
-            });
+        self.catalog
+            .entries
+            .range(lower..)
+            .take_while(move |(key, _)| key.0 == pod.namespace)
+            .filter(move |(_, e)| e.policy.selects(&pod.labels))
+            .map(move |(key, e)| {
+                let share = e.has_global_quota().then(|| {
+                    let local = self.subscribers.get(key).map_or(1, Vec::len);
+                    let remote = self.remote.get(key).copied().unwrap_or(0);
+                    QuotaShare::equal(
+                        u32::try_from(local)
+                            .unwrap_or(u32::MAX)
+                            .saturating_add(remote),
+                    )
+                });
+                (&**e, share)
+            })
+    }
+
+    /// The digest of what `pod` should run: changes whenever the content does.
+    pub fn digest_for(&self, pod: &PodIdentity) -> String {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for (e, share) in self.selected(pod) {
             // The config revision covers spec, generation and the Secret's version.
             digest.update(e.namespace.as_bytes());
             digest.update(b"/");
@@ -84,26 +114,49 @@ impl View {
                 digest.update(format!("#{}", s.subscribers).as_bytes());
             }
             digest.update(b"\n");
-            out.push(DistributedIntegration {
-                namespace: e.namespace.clone(),
-                name: e.name.clone(),
-                generation: e.generation,
-                config_revision: e.config_revision.clone(),
-                spec: e.spec.clone(),
-                credential: e.credential.as_ref().map(|c| c.value.clone()),
-                credential_held: e.credential_held,
-                client_certificate: e
-                    .client_certificate
-                    .as_ref()
-                    .map(|c| ClientCertificateValue {
-                        certificate: c.certificate.clone().unwrap_or_default(),
-                        key: c.value.clone(),
-                    }),
-                client_certificate_held: e.client_certificate_held,
-                quota_share: share,
-            });
         }
-        (out, hex(&digest.finish().as_ref()[..16]))
+        hex(&digest.finish().as_ref()[..16])
+    }
+
+    /// The integrations `pod` should run, and the digest of that content.
+    pub fn snapshot_for(&self, pod: &PodIdentity) -> (Vec<DistributedIntegration>, String) {
+        let out =
+            self.selected(pod)
+                .map(|(e, share)| DistributedIntegration {
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    generation: e.generation,
+                    config_revision: e.config_revision.clone(),
+                    spec: e.spec.clone(),
+                    credential: e.credential.as_ref().map(|c| c.value.clone()),
+                    credential_held: e.credential_held,
+                    client_certificate: e.client_certificate.as_ref().map(|c| {
+                        ClientCertificateValue {
+                            certificate: c.certificate.clone().unwrap_or_default(),
+                            key: c.value.clone(),
+                        }
+                    }),
+                    client_certificate_held: e.client_certificate_held,
+                    quota_share: share,
+                })
+                .collect();
+        (out, self.digest_for(pod))
+    }
+
+    /// [`View::snapshot_for`] serialized, shared by every stream whose pod runs the same
+    /// integrations.
+    fn rendered_for(&self, pod: &PodIdentity, digest: &str) -> serde_json::Result<Arc<RawValue>> {
+        if let Some(r) = self.rendered().get(digest) {
+            return Ok(r.clone());
+        }
+        let (integrations, d) = self.snapshot_for(pod);
+        let raw: Arc<RawValue> = serde_json::value::to_raw_value(&integrations)?.into();
+        self.rendered().insert(d, raw.clone());
+        Ok(raw)
+    }
+
+    fn rendered(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<RawValue>>> {
+        self.rendered.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -200,12 +253,12 @@ impl Hub {
         peers: watch::Receiver<Arc<Peers>>,
     ) -> Arc<Self> {
         let published = catalog.subscribe().borrow().clone();
-        let (view, _) = watch::channel(Arc::new(View {
-            catalog: published.catalog,
-            subscribers: BTreeMap::new(),
-            remote: BTreeMap::new(),
-            changed_at: published.changed_at,
-        }));
+        let (view, _) = watch::channel(Arc::new(View::new(
+            published.catalog,
+            BTreeMap::new(),
+            BTreeMap::new(),
+            published.changed_at,
+        )));
         let traffic = TrafficStore::new(
             Duration::from_secs(60),
             settings.report_interval * 3 + Duration::from_secs(1),
@@ -335,12 +388,7 @@ impl Hub {
             {
                 return false;
             }
-            *v = Arc::new(View {
-                catalog,
-                subscribers,
-                remote,
-                changed_at,
-            });
+            *v = Arc::new(View::new(catalog, subscribers, remote, changed_at));
             true
         });
         self.covered.send_replace(covers);
@@ -464,19 +512,21 @@ impl Hub {
         heartbeat.reset();
         loop {
             let view = views.borrow_and_update().clone();
-            let (integrations, d) = view.snapshot_for(pod);
-            let message = if d != digest {
+            let d = view.digest_for(pod);
+            let line = if d != digest {
+                let integrations = match view.rendered_for(pod, &d) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot serialize a snapshot");
+                        return None;
+                    }
+                };
                 revision = tollgate_crds::distribution::next_revision(revision);
                 digest = d;
                 self.sent(session, revision, view.changed_at);
-                Some(StreamMessage::Snapshot(Snapshot {
-                    protocol: PROTOCOL_VERSION,
-                    revision,
-                    digest: digest.clone(),
-                    integrations,
-                }))
+                snapshot_line(revision, &digest, &integrations)
             } else if first {
-                Some(StreamMessage::Unchanged {
+                line(&StreamMessage::Unchanged {
                     revision,
                     digest: digest.clone(),
                 })
@@ -484,8 +534,8 @@ impl Hub {
                 None
             };
             first = false;
-            if let Some(m) = message {
-                if !send(&tx, &m).await {
+            if let Some(l) = line {
+                if tx.send(l).await.is_err() {
                     return None;
                 }
                 tracing::debug!(pod = %pod.key(), revision, "pushed");
@@ -607,15 +657,45 @@ async fn next_check(recheck: &mut Option<(Recheck, tokio::time::Interval)>) -> V
 }
 
 async fn send(tx: &mpsc::Sender<Bytes>, m: &StreamMessage) -> bool {
-    let mut line = match serde_json::to_vec(m) {
-        Ok(l) => l,
+    match line(m) {
+        Some(l) => tx.send(l).await.is_ok(),
+        None => false,
+    }
+}
+
+/// One NDJSON line.
+fn line<T: serde::Serialize>(m: &T) -> Option<Bytes> {
+    match serde_json::to_vec(m) {
+        Ok(mut l) => {
+            l.push(b'\n');
+            Some(Bytes::from(l))
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot serialize stream message");
-            return false;
+            None
         }
-    };
-    line.push(b'\n');
-    tx.send(Bytes::from(line)).await.is_ok()
+    }
+}
+
+/// A [`StreamMessage::Snapshot`] line around integrations already serialized.
+fn snapshot_line(revision: u64, digest: &str, integrations: &RawValue) -> Option<Bytes> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Line<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        protocol: u32,
+        revision: u64,
+        digest: &'a str,
+        integrations: &'a RawValue,
+    }
+    line(&Line {
+        kind: "snapshot",
+        protocol: PROTOCOL_VERSION,
+        revision,
+        digest,
+        integrations,
+    })
 }
 
 fn secs(d: Duration) -> u32 {
@@ -700,6 +780,71 @@ mod tests {
         }
         let recounts = hub.recomputes() - before;
         assert!(recounts <= 3, "{recounts} recomputes for 100 opens");
+    }
+
+    fn selecting(name: &str, app: &str) -> Entry {
+        let spec: tollgate_crds::PartnerIntegrationSpec =
+            serde_json::from_value(serde_json::json!({
+                "workloadSelector": {"matchLabels": {"app": app}},
+                "upstream": {"url": format!("http://{name}.internal")},
+            }))
+            .unwrap();
+        let policy = tollgate_crds::compile("shop", name, &spec).unwrap();
+        Entry::new(1, spec, policy, None)
+    }
+
+    /// The serialized content is shared between pods that run the same integrations, and
+    /// only between them: a pod never gets another workload's integrations.
+    #[tokio::test]
+    async fn pods_share_a_rendered_snapshot_only_when_they_run_the_same_integrations() {
+        let catalog = CatalogHandle::new();
+        catalog.upsert(selecting("pay", "checkout"));
+        catalog.upsert(selecting("mail", "newsletter"));
+        let hub = Hub::new(catalog, Arc::new(Metrics::new()), HubSettings::default());
+        tokio::spawn(hub.clone().run());
+        let pod = |name: &str, app: &str| PodIdentity {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: None,
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            token_expiry: None,
+        };
+        let pods = [
+            pod("checkout-1", "checkout"),
+            pod("newsletter-1", "newsletter"),
+            pod("checkout-2", "checkout"),
+        ];
+        let mut got = Vec::new();
+        for p in &pods {
+            let mut rx = hub.open(p.clone(), None).1;
+            assert!(matches!(
+                next_message(&mut rx).await,
+                StreamMessage::Hello(_)
+            ));
+            let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
+                panic!("snapshot expected")
+            };
+            got.push((s, rx));
+        }
+        let names = |s: &Snapshot| -> Vec<String> {
+            s.integrations.iter().map(|i| i.name.clone()).collect()
+        };
+        assert_eq!(names(&got[0].0), ["pay"]);
+        assert_eq!(names(&got[1].0), ["mail"]);
+        assert_eq!(names(&got[2].0), ["pay"]);
+        assert_ne!(got[0].0.digest, got[1].0.digest);
+        assert_eq!(got[0].0.digest, got[2].0.digest);
+        // The line carries exactly what the typed snapshot would.
+        let view = hub.view();
+        let (typed, digest) = view.snapshot_for(&pods[1]);
+        assert_eq!(digest, got[1].0.digest);
+        assert_eq!(typed, got[1].0.integrations);
+        assert_eq!(got[1].0.protocol, PROTOCOL_VERSION);
+        let d0 = view.digest_for(&pods[0]);
+        assert_eq!(d0, view.digest_for(&pods[2]));
+        let a = view.rendered_for(&pods[0], &d0).unwrap();
+        let b = view.rendered_for(&pods[2], &d0).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "rendered once for both pods");
     }
 
     #[tokio::test]
