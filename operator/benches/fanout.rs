@@ -239,9 +239,21 @@ fn churn_cost(
     let clients = spawn_clients(addr, ca, dir, first, churn, tx);
     wait_generation(events, first..first + churn, generation);
     drop(clients);
-    // Let the operator notice the closed connections and re-divide global quotas.
-    std::thread::sleep(Duration::from_millis(500));
+    // The operator notices the closed connections and re-divides global quotas: every
+    // remaining stream gets its new share.
+    settle(events);
     (cpu() - c0) / churn as u32
+}
+
+/// Drains snapshots until none came for a second; returns how long after the call the last
+/// one was applied.
+fn settle(events: &Events) -> Duration {
+    let t0 = Instant::now();
+    let mut last = Duration::ZERO;
+    while events.recv_timeout(Duration::from_secs(1)).is_ok() {
+        last = t0.elapsed();
+    }
+    last
 }
 
 fn main() {
@@ -325,6 +337,12 @@ fn main() {
         subscribe_all.as_secs_f64()
     );
     let churn_all_all = churn_cost(addr, &ca, dir.path(), next, churn, 1, &events, &tx);
+    // One more batch leaving, timed: until every stream has its new share.
+    let leaving = spawn_clients(addr, &ca, dir.path(), next + churn, churn, &tx);
+    wait_generation(&events, next + churn..next + 2 * churn, 1);
+    settle(&events);
+    drop(leaving);
+    let redivide = settle(&events);
 
     // Kill-switch flips to every stream.
     let mut samples = Vec::with_capacity(streams * flips as usize);
@@ -354,6 +372,7 @@ fn main() {
         "streams": streams,
         "integrations": integrations,
         "flips": flips,
+        "churn": churn,
         "fanout_ms": {
             "p50": ms(percentile(&samples, 0.50)),
             "p99": ms(percentile(&samples, 0.99)),
@@ -364,6 +383,7 @@ fn main() {
         // Includes the 200 ms pause before each flip (an idle operator costs ~nothing).
         "operator_cpu_ms_per_flip": ms(cpu_per_flip),
         "subscribe_all_s": (subscribe_all.as_secs_f64() * 10.0).round() / 10.0,
+        "redivide_after_leave_ms": ms(redivide),
         "operator_rss_kib": {"before": rss_before, "after": rss_after},
         "operator_kib_per_stream": (per_stream_kib * 10.0).round() / 10.0,
         "join_leave_cpu_ms": {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tollgate_crds::distribution::{
     ClientCertificateValue, DistributedIntegration, Hello, PROTOCOL_VERSION, QuotaShare, Report,
-    Snapshot, StreamMessage,
+    StreamMessage,
 };
 
 use crate::catalog::{Catalog, CatalogHandle, Entry, Key, hex};
@@ -713,6 +713,7 @@ mod tests {
     use crate::catalog::Entry;
     use crate::peers::PeerState;
     use crate::traffic::Partial;
+    use tollgate_crds::distribution::Snapshot;
 
     fn global_entry() -> Entry {
         let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(serde_json::json!({
