@@ -118,8 +118,6 @@ impl OperatorSource {
                 },
             );
         }
-        // Shares are read while building state, so they are set first.
-        *self.ctx.shares.write().unwrap_or_else(|e| e.into_inner()) = shares;
         let id = snapshot.short_id();
         let previous = self.store.load_full();
         let revision = build_revision(
@@ -129,6 +127,7 @@ impl OperatorSource {
             &SnapshotSecrets { snapshot },
             &previous,
             &self.ctx,
+            &shares,
         );
         if !revision.refused.is_empty() {
             self.metrics.config_error();

@@ -63,12 +63,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let Some(breaker) = call
-            .integration
-            .state
-            .breaker(&call.integration.policy, call.route)
-            .cloned()
-        else {
+        let Some(breaker) = call.route_state().breaker.clone() else {
             return futures::future::Either::Left(self.inner.call(req));
         };
         let started = Instant::now();

@@ -47,7 +47,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 #[derive(Debug)]
 pub struct Call {
     pub integration: Arc<Integration>,
-    /// Index of the matched route (`routes.len()` = default route).
+    /// Index of the matched route ([`crate::config::routes_in_order`]).
     pub route: usize,
     /// When the whole call (queueing, attempts, backoff) must be over: `timeouts.total`.
     pub deadline: Instant,
@@ -59,6 +59,11 @@ pub struct Call {
 impl Call {
     pub fn route_policy(&self) -> &tollgate_crds::policy::RoutePolicy {
         self.integration.route(self.route)
+    }
+
+    /// The matched route's state (quota, breaker, budget, metrics) in the call's revision.
+    pub fn route_state(&self) -> &crate::state::RouteState {
+        self.integration.state.route(self.route)
     }
 
     pub fn route_name(&self) -> &str {

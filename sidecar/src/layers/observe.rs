@@ -189,12 +189,13 @@ fn record(
         }
     }
     let elapsed = call.started.elapsed();
-    call.integration.state.route_metrics[call.route]
+    call.route_state()
+        .metrics
         .get_or_init(|| RouteMetrics::new(metrics, &call.integration.label, call.route_name()))
         .record(metrics, outcome, status, elapsed.as_secs_f64());
     call.integration
         .state
-        .record_call(call.route, status, reason, broken, elapsed);
+        .record_call(status, reason, broken, elapsed);
 }
 
 /// The `outcome` label of a call served from fallback.

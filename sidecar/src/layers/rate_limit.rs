@@ -78,9 +78,8 @@ pub struct Refused {
 
 /// The quotas `call` is under, route first, each with its policy and kind.
 fn quotas(call: &Call) -> impl Iterator<Item = (&Quota, QuotaKind)> {
-    let state = &call.integration.state;
-    let route = state.route_quotas.get(call.route).and_then(Option::as_ref);
-    let account = state.quota.as_ref();
+    let route = call.route_state().quota.as_ref();
+    let account = call.integration.state.quota.as_ref();
     route
         .map(|q| (q, QuotaKind::Route))
         .into_iter()

@@ -124,12 +124,7 @@ where
             req.headers_mut()
                 .insert(policy.idempotency_header.clone(), new_idempotency_key());
         }
-        let budget = call
-            .integration
-            .state
-            .budgets
-            .get(call.route)
-            .map(|(_, b)| b.clone());
+        let budget = Some(call.route_state().budget.clone());
         if let Some(b) = &budget {
             b.record_request(Instant::now());
         }

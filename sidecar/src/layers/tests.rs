@@ -31,6 +31,7 @@ fn integration(spec_yaml: &str) -> Arc<crate::config::Integration> {
         &NoSecrets,
         &Revision::empty(),
         &ctx,
+        &Default::default(),
     );
     rev.integrations[0].clone()
 }

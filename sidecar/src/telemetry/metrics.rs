@@ -393,8 +393,7 @@ impl Metrics {
                     })
                     .set(state);
             }
-            for index in 0..=i.policy.routes.len() {
-                let r = i.route(index);
+            for r in i.routes() {
                 self.kill_switch
                     .get_or_create(&RouteLabels {
                         integration: i.label.to_string(),
