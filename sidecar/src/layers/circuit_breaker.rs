@@ -12,25 +12,16 @@ use std::task::{Context, Poll};
 
 use http::Request;
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::engine::breaker::CallOutcome;
 
-pub fn layer() -> CircuitBreakerLayer {
-    CircuitBreakerLayer
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct CircuitBreakerLayer;
-
-impl<S> Layer<S> for CircuitBreakerLayer {
-    type Service = CircuitBreaker<S>;
-    fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker { inner }
-    }
+pub fn layer<S>() -> LayerFn<fn(S) -> CircuitBreaker<S>> {
+    layer_fn(|inner| CircuitBreaker { inner })
 }
 
 #[derive(Clone, Debug)]

@@ -17,29 +17,18 @@ use http::Request;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tollgate_crds::policy::ContractPolicy;
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::body::{BoxError, ReqBody, RespBody};
 use crate::telemetry::metrics::Metrics;
 
-pub fn layer(metrics: Arc<Metrics>) -> ContractLayer {
-    ContractLayer { metrics }
-}
-
-#[derive(Clone, Debug)]
-pub struct ContractLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Layer<S> for ContractLayer {
-    type Service = ContractCheck<S>;
-    fn layer(&self, inner: S) -> ContractCheck<S> {
-        ContractCheck {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
+pub fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> ContractCheck<S> + Clone> {
+    layer_fn(move |inner| ContractCheck {
+        inner,
+        metrics: metrics.clone(),
+    })
 }
 
 #[derive(Clone, Debug)]

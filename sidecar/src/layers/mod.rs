@@ -15,6 +15,7 @@ pub mod client;
 pub mod contract;
 pub mod credentials;
 pub mod fallback;
+pub mod gate;
 pub mod kill_switch;
 pub mod observe;
 pub mod rate_limit;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 use tracing::Instrument;
 
 use super::{BoxFuture, Call, CallError};
@@ -24,23 +25,11 @@ pub struct ServedFallback {
     pub reason: Option<Reason>,
 }
 
-pub fn layer(metrics: Arc<Metrics>) -> ObserveLayer {
-    ObserveLayer { metrics }
-}
-
-#[derive(Clone, Debug)]
-pub struct ObserveLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
+pub fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Observe<S> + Clone> {
+    layer_fn(move |inner| Observe {
+        inner,
+        metrics: metrics.clone(),
+    })
 }
 
 #[derive(Clone, Debug)]
