@@ -42,7 +42,8 @@ use crate::config::Integration;
 use crate::proxy::UnknownHosts;
 use crate::proxy::handler::Proxy;
 use crate::proxy::server;
-use crate::telemetry::metrics::{InterceptLabels, TunnelLabels};
+use crate::proxy::tunnel::{self, Refusal};
+use crate::telemetry::metrics::InterceptLabels;
 
 /// The transparent listener's flag.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -378,51 +379,42 @@ async fn partner_tls(
         network.peer.address = %orig.ip(),
         tollgate.reason = Empty,
     );
-    let tunnel = |outcome: &str| {
-        proxy
-            .metrics
-            .tunnels
-            .get_or_create(&TunnelLabels {
-                integration: label.clone(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
-    };
     async {
-        let ks = &integration.policy.default_route.kill_switch;
-        if ks.enabled {
-            tunnel("kill-switch");
-            tracing::Span::current().record("tollgate.reason", "kill-switch");
-            tracing::info!(reason = ks.reason.as_deref().unwrap_or(""), "kill switch is on: TLS connection refused");
-            refuse_tls(app).await;
-            return;
-        }
-        let Ok(_permit) = proxy.tunnels.clone().try_acquire_owned() else {
-            tunnel("limited");
-            tracing::Span::current().record("tollgate.reason", "rate-limited");
-            tracing::warn!(limit = proxy.options.max_tunnels, "tunnel limit reached (--max-tunnels); closing");
-            return;
+        let refused = |refusal: &Refusal| {
+            tracing::Span::current().record("tollgate.reason", refusal.reason().as_str());
+        };
+        let _permit = match tunnel::admit(proxy, Some(&integration), &label) {
+            Ok(p) => p,
+            Err(refusal @ Refusal::KillSwitch(_)) => {
+                refused(&refusal);
+                let ks = &integration.policy.default_route.kill_switch;
+                tracing::info!(reason = ks.reason.as_deref().unwrap_or(""), "kill switch is on: TLS connection refused");
+                refuse_tls(app).await;
+                return;
+            }
+            Err(refusal) => {
+                refused(&refusal);
+                tracing::warn!(limit = proxy.options.max_tunnels, "tunnel limit reached (--max-tunnels); closing");
+                return;
+            }
         };
         let connect_timeout = integration.policy.upstream.connect_timeout;
-        let upstream =
-            match tokio::time::timeout(connect_timeout, TcpStream::connect(orig)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tunnel("upstream-unreachable");
-                    tracing::Span::current().record("tollgate.reason", "upstream-unreachable");
-                    tracing::info!(error = %e, "partner unreachable; closing");
-                    return;
+        let mut upstream = match tunnel::connect(proxy, &label, orig, connect_timeout).await {
+            Ok(s) => s,
+            Err(refusal) => {
+                refused(&refusal);
+                match refusal {
+                    Refusal::Unreachable(e) => {
+                        tracing::info!(error = %e, "partner unreachable; closing");
+                    }
+                    _ => {
+                        tracing::info!(timeout = %tollgate_crds::duration::format(connect_timeout), "no connection to the partner in time; closing");
+                    }
                 }
-                Err(_) => {
-                    tunnel("timeout");
-                    tracing::Span::current().record("tollgate.reason", "timeout");
-                    tracing::info!(timeout = %tollgate_crds::duration::format(connect_timeout), "no connection to the partner in time; closing");
-                    return;
-                }
-            };
-        let _ = upstream.set_nodelay(true);
-        tunnel("established");
-        let (mut app, mut upstream) = (app, upstream);
+                return;
+            }
+        };
+        let mut app = app;
         if let Err(e) = tokio::io::copy_bidirectional(&mut app, &mut upstream).await {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
