@@ -24,7 +24,6 @@ pub mod proxy;
 pub mod setup;
 pub mod state;
 pub mod telemetry;
-pub mod trace;
 pub mod transparent;
 
 /// Parses a Go-form duration flag (`500ms`, `15s`).

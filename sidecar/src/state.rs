@@ -20,11 +20,11 @@ use tollgate_crds::policy::{
 use crate::answer::Reason;
 use crate::client::{self, ClientIdentity, HttpClient, PoolOptions};
 use crate::config::routes_in_order;
-use crate::engine::breaker::Breaker;
+use crate::engine::breaker::{Breaker, BreakerState};
 use crate::engine::budget::RetryBudget;
 use crate::engine::limiter::Limiter;
 use crate::engine::stale_cache::StaleCache;
-use crate::layers::client::Upstream;
+use crate::layers::send::Upstream;
 use crate::lifecycle::Lifecycle;
 use crate::telemetry::metrics::RouteMetrics;
 
@@ -227,16 +227,15 @@ impl IntegrationState {
         self.client_key.2.as_ref()
     }
 
-    /// `(route label, state number)` for every breaker; the integration-wide breaker is
-    /// labelled `*`.
-    pub fn breaker_states(&self, _policy: &IntegrationPolicy, now: Instant) -> Vec<(String, i64)> {
+    /// `(route label, state)` for every breaker; the integration-wide breaker is labelled `*`.
+    pub fn breaker_states(&self, now: Instant) -> Vec<(String, BreakerState)> {
         let mut out = Vec::new();
         if let Some(k) = &self.breaker {
-            out.push(("*".to_string(), k.breaker.state(now).as_gauge()));
+            out.push(("*".to_string(), k.breaker.state(now)));
         }
         for r in &self.routes {
             if let Some(k) = &r.own_breaker {
-                out.push((r.name.clone(), k.breaker.state(now).as_gauge()));
+                out.push((r.name.clone(), k.breaker.state(now)));
             }
         }
         out

@@ -28,22 +28,17 @@ const BUCKETS: usize = 10;
 /// probes in flight decide within about a request's time, and `Retry-After` counts seconds.
 pub const PROBES_BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The breaker's state, as the `tollgate_circuit_state` gauge shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum BreakerState {
-    /// Calls flow; outcomes are counted.
-    Closed = 0,
-    /// At most `half_open_probes` probe calls flow; the rest are refused.
-    HalfOpen = 1,
-    /// Every call is refused until `open_duration` has passed.
-    Open = 2,
-}
+/// The breaker's state: closed (calls flow; outcomes are counted), half-open (at most
+/// `half_open_probes` probe calls flow; the rest are refused) or open (every call is refused
+/// until `open_duration` has passed). One type for the metrics and the status report.
+pub use tollgate_crds::distribution::BreakerState;
 
-impl BreakerState {
-    /// The value of the `tollgate_circuit_state` gauge: 0 closed, 1 half-open, 2 open.
-    pub fn as_gauge(self) -> i64 {
-        self as i64
+/// The value of the `tollgate_circuit_state` gauge: 0 closed, 1 half-open, 2 open.
+pub fn gauge(state: BreakerState) -> i64 {
+    match state {
+        BreakerState::Closed => 0,
+        BreakerState::HalfOpen => 1,
+        BreakerState::Open => 2,
     }
 }
 
@@ -458,7 +453,7 @@ mod tests {
         assert_eq!(refused(&b), MS);
         advance(MS).await;
         assert_eq!(state(&b), BreakerState::HalfOpen);
-        assert_eq!(state(&b).as_gauge(), 1);
+        assert_eq!(gauge(state(&b)), 1);
         assert!(b.try_acquire(Instant::now()).is_ok());
     }
 
@@ -514,7 +509,7 @@ mod tests {
             call(&b, Success);
         }
         assert_eq!(state(&b), BreakerState::Closed);
-        assert_eq!(state(&b).as_gauge(), 0);
+        assert_eq!(gauge(state(&b)), 0);
         // The four old failures are 15 s old, inside the 60 s window; had the window been
         // kept, 5 failures of 8 calls would reopen now. It was reset: 1 of 1, under minimum.
         call(&b, Failure);
@@ -570,6 +565,6 @@ mod tests {
         assert_eq!(state(&b), BreakerState::Closed);
         call(&b, Failure);
         assert_eq!(state(&b), BreakerState::Open);
-        assert_eq!(state(&b).as_gauge(), 2);
+        assert_eq!(gauge(state(&b)), 2);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! observe -> fallback -> kill switch -> version gate -> rate limit -> circuit breaker
-//!         -> contract -> retry -> attempt timeout -> credentials -> client
+//!         -> contract -> retry -> attempt timeout -> credentials -> send
 //! ```
 //!
 //! Layers are static; the policy for a request travels with it as a [`Call`] in the request's
@@ -11,7 +11,6 @@
 //! the sidecar's answer (api.md section 3).
 
 pub mod circuit_breaker;
-pub mod client;
 pub mod contract;
 pub mod credentials;
 pub mod fallback;
@@ -20,6 +19,7 @@ pub mod kill_switch;
 pub mod observe;
 pub mod rate_limit;
 pub mod retry;
+pub mod send;
 pub mod timeout;
 pub mod version_gate;
 
@@ -163,6 +163,6 @@ pub fn stack(ctx: StackContext) -> Stack {
         .layer(retry::layer(ctx.metrics.clone()))
         .layer(timeout::layer())
         .layer(credentials::layer())
-        .service(client::Client);
+        .service(send::SendAttempt);
     BoxCloneSyncService::new(svc)
 }

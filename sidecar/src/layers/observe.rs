@@ -56,14 +56,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let span = crate::trace::call_span(
+        let span = crate::telemetry::spans::call_span(
             req.method(),
             &call.integration.label,
             call.route_name(),
             req.headers(),
         );
         let access = call.integration.policy.access_log.then(|| {
-            let trace_id = crate::trace::trace_id(&span).or_else(|| {
+            let trace_id = crate::telemetry::spans::trace_id(&span).or_else(|| {
                 req.headers()
                     .get("traceparent")
                     .and_then(|v| v.to_str().ok())

@@ -193,7 +193,7 @@ where
     S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
 {
     let svc = inner.ready().await?;
-    let span = crate::trace::attempt_span(n);
+    let span = crate::telemetry::spans::attempt_span(n);
     let fut = {
         let _enter = span.enter();
         svc.call(req)

@@ -285,7 +285,7 @@ impl Proxy {
             }
             Err(e) => Answer::new(
                 Reason::UpstreamUnreachable,
-                format!("{authority}: {}", crate::layers::client::error_chain(&e)),
+                format!("{authority}: {}", crate::layers::send::error_chain(&e)),
             )
             .into_response(),
         }

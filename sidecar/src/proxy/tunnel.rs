@@ -92,7 +92,7 @@ pub async fn handle(
             target.host.clone()
         }
     );
-    let span = tracing::info_span!(target: crate::trace::TARGET, "tollgate.tunnel", otel.kind = "client", tollgate.integration = %label, server.address = %target.host, server.port = port);
+    let span = tracing::info_span!(target: crate::telemetry::spans::TARGET, "tollgate.tunnel", otel.kind = "client", tollgate.integration = %label, server.address = %target.host, server.port = port);
     let upstream = match connect(&proxy, &label, addr.as_str(), connect_timeout)
         .instrument(span.clone())
         .await

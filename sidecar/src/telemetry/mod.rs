@@ -2,4 +2,5 @@
 
 pub mod access_log;
 pub mod metrics;
-pub mod tracing;
+pub mod spans;
+pub mod subscriber;

@@ -145,7 +145,7 @@ pub async fn serve(
 
 /// What the transparent listener did with a connection, for `tollgate_intercepted_connections_total`.
 #[derive(Debug, Clone, Copy)]
-enum Outcome {
+enum Handling {
     /// Served by the forward proxy's handler.
     Proxy,
     /// A partner's TLS, at L4.
@@ -157,20 +157,20 @@ enum Outcome {
     Closed,
 }
 
-impl Outcome {
+impl Handling {
     fn as_str(self) -> &'static str {
         match self {
-            Outcome::Proxy => "proxy",
-            Outcome::Tunnel => "tunnel",
-            Outcome::Intercept => "intercept",
-            Outcome::Splice => "splice",
-            Outcome::Denied => "denied",
-            Outcome::Closed => "closed",
+            Handling::Proxy => "proxy",
+            Handling::Tunnel => "tunnel",
+            Handling::Intercept => "intercept",
+            Handling::Splice => "splice",
+            Handling::Denied => "denied",
+            Handling::Closed => "closed",
         }
     }
 }
 
-fn count(proxy: &Proxy, protocol: &str, outcome: Outcome) {
+fn count(proxy: &Proxy, protocol: &str, outcome: Handling) {
     proxy
         .metrics
         .intercepted
@@ -207,7 +207,7 @@ async fn intercept(
         Ok(_) | Err(_) => {
             // Dialled directly, not redirected: there is nowhere to send it (and dialling our
             // own address would loop).
-            count(&proxy, "none", Outcome::Closed);
+            count(&proxy, "none", Handling::Closed);
             tracing::warn!(%peer, "connection to the transparent listener was not redirected; closing");
             return;
         }
@@ -222,12 +222,12 @@ async fn intercept(
     {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            count(&proxy, "none", Outcome::Closed);
+            count(&proxy, "none", Handling::Closed);
             tracing::debug!(%peer, %orig, error = %e, "redirected connection failed before it could be classified");
             return;
         }
         Err(_) => {
-            count(&proxy, "none", Outcome::Closed);
+            count(&proxy, "none", Handling::Closed);
             tracing::debug!(%peer, %orig, "redirected connection sent no request head or ClientHello in time; closing");
             return;
         }
@@ -242,14 +242,14 @@ async fn intercept(
                     &proxy,
                     "http",
                     if partner {
-                        Outcome::Proxy
+                        Handling::Proxy
                     } else {
-                        Outcome::Denied
+                        Handling::Denied
                     },
                 );
                 serve_http(app, proxy, &builder, drain, peer).await;
             } else {
-                count(&proxy, "http", Outcome::Splice);
+                count(&proxy, "http", Handling::Splice);
                 let watched = {
                     let p = proxy.clone();
                     Watched::new(app, max_head, move |req| {
@@ -261,7 +261,7 @@ async fn intercept(
         }
         First::HttpTooLarge => {
             // Its host cannot be read: the handler refuses it (431), as on --listen.
-            count(&proxy, "http", Outcome::Proxy);
+            count(&proxy, "http", Handling::Proxy);
             serve_http(app, proxy, &builder, drain, peer).await;
         }
         First::Tls { sni } => {
@@ -271,30 +271,30 @@ async fn intercept(
             let host = sni.clone().unwrap_or_default();
             match integration {
                 Some(i) if proxy.intercept.for_integration(&i).is_some() => {
-                    count(&proxy, "tls", Outcome::Intercept);
+                    count(&proxy, "tls", Handling::Intercept);
                     let interceptor = proxy.intercept.clone();
                     if let Some(ca) = interceptor.for_integration(&i) {
                         crate::intercept::serve(app, ca, &host, proxy, Some(drain)).await;
                     }
                 }
                 Some(i) => {
-                    count(&proxy, "tls", Outcome::Tunnel);
+                    count(&proxy, "tls", Handling::Tunnel);
                     partner_tls(&proxy, i, app, orig, host).await;
                 }
                 None if deny => {
-                    count(&proxy, "tls", Outcome::Denied);
+                    count(&proxy, "tls", Handling::Denied);
                     refuse_tls(app).await;
                 }
                 None => {
-                    count(&proxy, "tls", Outcome::Splice);
+                    count(&proxy, "tls", Handling::Splice);
                     splice(app, orig, proxy.options.passthrough_connect_timeout).await;
                 }
             }
         }
         // `peek` returns NeedMore never: it decides at the end of the stream or the limit.
-        First::Opaque | First::NeedMore if deny => count(&proxy, "opaque", Outcome::Denied),
+        First::Opaque | First::NeedMore if deny => count(&proxy, "opaque", Handling::Denied),
         First::Opaque | First::NeedMore => {
-            count(&proxy, "opaque", Outcome::Splice);
+            count(&proxy, "opaque", Handling::Splice);
             splice(app, orig, proxy.options.passthrough_connect_timeout).await;
         }
     }
@@ -369,7 +369,7 @@ async fn partner_tls(
 ) {
     let label = integration.label.to_string();
     let span = tracing::info_span!(
-        target: crate::trace::TARGET,
+        target: crate::telemetry::spans::TARGET,
         "tollgate.tunnel",
         otel.kind = "client",
         tollgate.integration = %label,

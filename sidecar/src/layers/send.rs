@@ -14,7 +14,7 @@ use crate::proxy::headers::strip_hop_by_hop;
 use tollgate_crds::policy::{Scheme, UpstreamPolicy};
 
 #[derive(Clone, Copy, Debug)]
-pub struct Client;
+pub struct SendAttempt;
 
 /// `scheme://host:port` + the upstream's base path + the request's path and query.
 pub fn upstream_uri(
@@ -89,7 +89,7 @@ impl Upstream {
     }
 }
 
-impl Service<Request<ReqBody>> for Client {
+impl Service<Request<ReqBody>> for SendAttempt {
     type Response = Response<RespBody>;
     type Error = CallError;
     type Future = BoxFuture<CallResult>;
@@ -116,7 +116,7 @@ impl Service<Request<ReqBody>> for Client {
         }
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
-        crate::trace::inject_context(req.headers_mut());
+        crate::telemetry::spans::inject_context(req.headers_mut());
         let client = call.integration.state.client.clone();
         Box::pin(async move {
             match client.request(req).await {
