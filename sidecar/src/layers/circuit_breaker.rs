@@ -20,17 +20,17 @@ use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::engine::breaker::CallOutcome;
 
-pub fn layer<S>() -> LayerFn<fn(S) -> CircuitBreaker<S>> {
+pub(crate) fn layer<S>() -> LayerFn<fn(S) -> CircuitBreaker<S>> {
     layer_fn(|inner| CircuitBreaker { inner })
 }
 
 #[derive(Clone, Debug)]
-pub struct CircuitBreaker<S> {
+pub(crate) struct CircuitBreaker<S> {
     inner: S,
 }
 
 /// The breaker's view of a call's result; `None`: neither (the sidecar's own decision).
-pub fn outcome(result: &CallResult) -> Option<CallOutcome> {
+pub(crate) fn outcome(result: &CallResult) -> Option<CallOutcome> {
     match result {
         Ok(resp) if resp.status().is_server_error() => Some(CallOutcome::Failure),
         Ok(_) => Some(CallOutcome::Success),

@@ -7,12 +7,12 @@ use super::gate::{Admit, Gate, GateLayer};
 use super::{Call, CallError};
 use crate::body::ReqBody;
 
-pub fn layer() -> GateLayer<Credentials> {
+pub(crate) fn layer() -> GateLayer<Credentials> {
     GateLayer::new(Credentials)
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct Credentials;
+pub(crate) struct Credentials;
 
 impl Gate for Credentials {
     fn check(&self, req: &mut Request<ReqBody>, call: &Call) -> Result<Admit, CallError> {

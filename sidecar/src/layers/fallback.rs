@@ -28,14 +28,14 @@ use crate::client::TransportFailure;
 use crate::engine::stale_cache::{CachedResponse, StaleCache};
 
 /// Responses larger than this are not stored for stale-if-error.
-pub const MAX_CACHED_BODY: u64 = 1024 * 1024;
+pub(crate) const MAX_CACHED_BODY: u64 = 1024 * 1024;
 
-pub fn layer<S>() -> LayerFn<fn(S) -> Fallback<S>> {
+pub(crate) fn layer<S>() -> LayerFn<fn(S) -> Fallback<S>> {
     layer_fn(|inner| Fallback { inner })
 }
 
 #[derive(Clone, Debug)]
-pub struct Fallback<S> {
+pub(crate) struct Fallback<S> {
     inner: S,
 }
 

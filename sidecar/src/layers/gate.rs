@@ -15,26 +15,26 @@ use crate::body::{ReqBody, RespBody};
 
 /// What a gate decided for a request it lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     Now,
     /// Sent once this wait is over (a queued rate-limit slot).
     After(Duration),
 }
 
 /// A policy that decides before the call.
-pub trait Gate {
+pub(crate) trait Gate {
     /// `Err`: the call ends here with this error (the inner service is never called).
     fn check(&self, req: &mut Request<ReqBody>, call: &Call) -> Result<Admit, CallError>;
 }
 
 /// The layer of a [`Gate`].
 #[derive(Clone, Debug)]
-pub struct GateLayer<G> {
+pub(crate) struct GateLayer<G> {
     gate: G,
 }
 
 impl<G> GateLayer<G> {
-    pub fn new(gate: G) -> Self {
+    pub(crate) fn new(gate: G) -> Self {
         GateLayer { gate }
     }
 }
@@ -51,7 +51,7 @@ impl<G: Clone, S> Layer<S> for GateLayer<G> {
 
 /// A service behind a [`Gate`].
 #[derive(Clone, Debug)]
-pub struct Gated<G, S> {
+pub(crate) struct Gated<G, S> {
     gate: G,
     inner: S,
 }

@@ -8,15 +8,15 @@ use super::{Call, CallError};
 use crate::answer::Reason;
 use crate::body::ReqBody;
 
-pub fn layer() -> GateLayer<KillSwitch> {
+pub(crate) fn layer() -> GateLayer<KillSwitch> {
     GateLayer::new(KillSwitch)
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct KillSwitch;
+pub(crate) struct KillSwitch;
 
 /// What the app is told while `ks` is on; `None`: it is off. Tunnels say the same.
-pub fn refusal(ks: &KillSwitchPolicy) -> Option<String> {
+pub(crate) fn refusal(ks: &KillSwitchPolicy) -> Option<String> {
     if !ks.enabled {
         return None;
     }

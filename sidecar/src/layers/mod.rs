@@ -10,18 +10,18 @@
 //! total deadline). Every layer's error is a [`CallError`]; `observe` turns what remains into
 //! the sidecar's answer (api.md section 3).
 
-pub mod circuit_breaker;
-pub mod contract;
-pub mod credentials;
-pub mod fallback;
-pub mod gate;
-pub mod kill_switch;
-pub mod observe;
-pub mod rate_limit;
-pub mod retry;
-pub mod send;
-pub mod timeout;
-pub mod version_gate;
+pub(crate) mod circuit_breaker;
+pub(crate) mod contract;
+pub(crate) mod credentials;
+pub(crate) mod fallback;
+pub(crate) mod gate;
+pub(crate) mod kill_switch;
+pub(crate) mod observe;
+pub(crate) mod rate_limit;
+pub(crate) mod retry;
+pub(crate) mod send;
+pub(crate) mod timeout;
+pub(crate) mod version_gate;
 
 #[cfg(test)]
 mod tests;

@@ -19,13 +19,13 @@ use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
-pub struct ServedFallback {
-    pub kind: &'static str,
+pub(crate) struct ServedFallback {
+    pub(crate) kind: &'static str,
     /// What the fallback stood in for.
-    pub reason: Option<Reason>,
+    pub(crate) reason: Option<Reason>,
 }
 
-pub fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Observe<S> + Clone> {
+pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Observe<S> + Clone> {
     layer_fn(move |inner| Observe {
         inner,
         metrics: metrics.clone(),
@@ -33,7 +33,7 @@ pub fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Observe<S> + Clo
 }
 
 #[derive(Clone, Debug)]
-pub struct Observe<S> {
+pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }

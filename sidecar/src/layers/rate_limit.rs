@@ -25,25 +25,25 @@ use crate::telemetry::metrics::{BandLabels, DecisionLabels, Metrics, RouteLabels
 use tollgate_crds::policy::RateLimitPolicy;
 use tollgate_crds::v1alpha1::OnLimit;
 
-pub fn layer(metrics: Arc<Metrics>) -> GateLayer<RateLimit> {
+pub(crate) fn layer(metrics: Arc<Metrics>) -> GateLayer<RateLimit> {
     GateLayer::new(RateLimit { metrics })
 }
 
 #[derive(Clone, Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     metrics: Arc<Metrics>,
 }
 
 /// Which of a call's quotas: the route's own (`spec.routes[].rateLimit`) or the integration's
 /// account quota (`spec.rateLimit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaKind {
+pub(crate) enum QuotaKind {
     Route,
     Integration,
 }
 
 impl QuotaKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             QuotaKind::Route => "route",
             QuotaKind::Integration => "integration",
@@ -53,10 +53,10 @@ impl QuotaKind {
 
 /// An attempt the quotas refused, with what the app is told about it.
 #[derive(Debug)]
-pub struct Refused {
-    pub denied: Denied,
+pub(crate) struct Refused {
+    pub(crate) denied: Denied,
     /// The refusing quota's spec path and partition header, for the answer's message.
-    pub which: String,
+    pub(crate) which: String,
 }
 
 /// The quotas `call` is under, route first, each with its policy and kind.
@@ -85,7 +85,7 @@ fn wait_policy(call: &Call) -> Option<&RateLimitPolicy> {
 ///
 /// Returns how long to wait before sending (`None`: no quota applies), and counts the decision
 /// in `tollgate_rate_limit_decisions_total` and `tollgate_rate_limit_partition_overflow_total`.
-pub fn charge(
+pub(crate) fn charge(
     call: &Call,
     headers: &HeaderMap,
     metrics: &Metrics,

@@ -31,7 +31,7 @@ use crate::engine::{backoff, retry_after};
 use crate::telemetry::metrics::{Metrics, RouteLabels, SkipLabels};
 use tollgate_crds::policy::RetryPolicy;
 
-pub fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Retry<S> + Clone> {
+pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Retry<S> + Clone> {
     layer_fn(move |inner| Retry {
         inner,
         metrics: metrics.clone(),
@@ -39,13 +39,13 @@ pub fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Retry<S> + Clone
 }
 
 #[derive(Clone, Debug)]
-pub struct Retry<S> {
+pub(crate) struct Retry<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
 
 /// Methods that may be repeated without changing the outcome (RFC 9110 section 9.2.2).
-pub fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -53,7 +53,7 @@ pub fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Whether the policy retries this result.
-pub fn should_retry(policy: &RetryPolicy, result: &CallResult) -> bool {
+pub(crate) fn should_retry(policy: &RetryPolicy, result: &CallResult) -> bool {
     let on = &policy.retry_on;
     match result {
         Ok(resp) => on.status(resp.status().as_u16()),
@@ -71,7 +71,7 @@ pub fn should_retry(policy: &RetryPolicy, result: &CallResult) -> bool {
 }
 
 /// A fresh idempotency key (random, UUID-shaped).
-pub fn new_idempotency_key() -> HeaderValue {
+pub(crate) fn new_idempotency_key() -> HeaderValue {
     let b: [u8; 16] = rand::random();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     let key = format!(
@@ -217,8 +217,7 @@ where
 /// How long to wait before retry `n + 1`: exponential backoff with full jitter, or the
 /// partner's `Retry-After` when it asks for longer.
 fn backoff(policy: &RetryPolicy, n: u32, result: &CallResult) -> Duration {
-    let mut delay =
-        backoff::Backoff::new(policy.backoff_base, policy.backoff_max).delay(n, &mut rand::rng());
+    let mut delay = backoff::Backoff::from_policy(policy).delay(n, &mut rand::rng());
     if policy.respect_retry_after
         && let Ok(resp) = result
         && let Some(asked) = retry_after::from_headers(resp.headers(), SystemTime::now())

@@ -14,12 +14,12 @@ use tower::layer::{LayerFn, layer_fn};
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::body::{self, ReqBody, RespBody};
 
-pub fn layer<S>() -> LayerFn<fn(S) -> Timeout<S>> {
+pub(crate) fn layer<S>() -> LayerFn<fn(S) -> Timeout<S>> {
     layer_fn(|inner| Timeout { inner })
 }
 
 #[derive(Clone, Debug)]
-pub struct Timeout<S> {
+pub(crate) struct Timeout<S> {
     inner: S,
 }
 

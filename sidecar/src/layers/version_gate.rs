@@ -8,12 +8,12 @@ use super::{Call, CallError};
 use crate::answer::Reason;
 use crate::body::ReqBody;
 
-pub fn layer() -> GateLayer<VersionGate> {
+pub(crate) fn layer() -> GateLayer<VersionGate> {
     GateLayer::new(VersionGate)
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct VersionGate;
+pub(crate) struct VersionGate;
 
 impl Gate for VersionGate {
     fn check(&self, req: &mut Request<ReqBody>, call: &Call) -> Result<Admit, CallError> {

@@ -26,10 +26,10 @@
 //!    recorded (metrics, span, access log, breaker) when its body ends.
 
 pub mod handler;
-pub mod headers;
+pub(crate) mod headers;
 pub mod server;
 pub mod sniff;
-pub mod tunnel;
+pub(crate) mod tunnel;
 
 use std::net::SocketAddr;
 use std::time::Duration;

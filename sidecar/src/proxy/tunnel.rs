@@ -21,7 +21,7 @@ use crate::body::{self, RespBody};
 use crate::config::Integration;
 use crate::telemetry::metrics::TunnelLabels;
 
-pub async fn handle(
+pub(crate) async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
     target: Target,
@@ -123,7 +123,7 @@ pub async fn handle(
 
 /// Why an opaque tunnel was not opened.
 #[derive(Debug)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The integration's kill switch is on; what the app is told.
     KillSwitch(String),
     /// `--max-tunnels` are open.
@@ -135,7 +135,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The sidecar's reason for it (`tollgate.reason` on the tunnel's span).
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
             Refusal::KillSwitch(_) => Reason::KillSwitch,
             Refusal::Limited => Reason::RateLimited,
@@ -179,7 +179,7 @@ impl Refusal {
 /// transparent listener: the integration's kill switch (none for a host no integration claims),
 /// then the tunnel limit. `Ok`: the tunnel's slot, held while it is open. A refusal is counted
 /// in `tollgate_tunnels_total` under `label`.
-pub fn admit(
+pub(crate) fn admit(
     proxy: &Proxy,
     integration: Option<&Integration>,
     label: &str,
@@ -199,7 +199,7 @@ pub fn admit(
 
 /// The second half: connects to the tunnel's far end within `connect_timeout`, counting
 /// `established` or why not.
-pub async fn connect(
+pub(crate) async fn connect(
     proxy: &Proxy,
     label: &str,
     addr: impl ToSocketAddrs,

@@ -21,7 +21,7 @@
 //! handler, other TLS an `access_denied` alert, anything else is closed.
 
 pub mod detect;
-pub mod io;
+pub(crate) mod io;
 pub mod tls;
 
 use std::net::SocketAddr;
