@@ -7,8 +7,12 @@
 //!
 //! Layers are static; the policy for a request travels with it as a [`Call`] in the request's
 //! extensions (the integration and route it matched, in the revision it started under, and its
-//! total deadline). Every layer's error is a [`CallError`]; `observe` turns what remains into
-//! the sidecar's answer (api.md section 3).
+//! total deadline). A layer reads its policy from [`Call::route_policy`] and its route's state
+//! (quota, breaker, retry budget, metrics) from [`Call::route_state`]. Every layer's error is a
+//! [`CallError`]; `observe` turns what remains into the sidecar's answer (api.md section 3).
+//!
+//! Kill switch, version gate, rate limit and credentials decide before the call and share one
+//! shape, a [`gate::Gate`]; the others wrap the call (they see its result).
 
 pub(crate) mod circuit_breaker;
 pub(crate) mod contract;
