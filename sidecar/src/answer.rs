@@ -10,9 +10,9 @@ use serde::Serialize;
 use crate::body::{self, RespBody};
 
 /// Header naming why the sidecar answered.
-pub const REASON_HEADER: &str = "x-tollgate-reason";
+pub(crate) const REASON_HEADER: &str = "x-tollgate-reason";
 /// Header marking a response served from fallback: `static` or `stale`.
-pub const FALLBACK_HEADER: &str = "x-tollgate-fallback";
+pub(crate) const FALLBACK_HEADER: &str = "x-tollgate-fallback";
 
 /// Why the sidecar answered instead of the partner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,21 +29,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::KillSwitch,
-        Reason::RateLimited,
-        Reason::CircuitOpen,
-        Reason::Timeout,
-        Reason::DeprecatedVersion,
-        Reason::UpstreamUnreachable,
-        Reason::BadRequest,
-        Reason::UnknownHost,
-    ];
-
     /// The sidecar answered in the partner's stead without calling it (kill switch, circuit
     /// open, deprecated version, bad request, unknown host). Rate limiting is counted apart.
     /// Timeouts and an unreachable partner are the partner's failures, not refusals.
-    pub fn is_refusal(self) -> bool {
+    pub(crate) fn is_refusal(self) -> bool {
         matches!(
             self,
             Reason::KillSwitch
@@ -54,7 +43,7 @@ impl Reason {
         )
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::KillSwitch => "kill-switch",
             Reason::RateLimited => "rate-limited",
@@ -67,7 +56,7 @@ impl Reason {
         }
     }
 
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             Reason::KillSwitch | Reason::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -90,17 +79,17 @@ impl fmt::Display for Reason {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct Answer {
-    pub reason: Reason,
+    pub(crate) reason: Reason,
     /// `namespace/name`, when the request matched an integration.
-    pub integration: Option<String>,
-    pub route: Option<String>,
-    pub message: String,
+    pub(crate) integration: Option<String>,
+    pub(crate) route: Option<String>,
+    pub(crate) message: String,
     /// Sent as `Retry-After` (whole seconds, rounded up).
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl Answer {
-    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: Reason, message: impl Into<String>) -> Self {
         Answer {
             reason,
             integration: None,
@@ -110,18 +99,18 @@ impl Answer {
         }
     }
 
-    pub fn at(mut self, integration: impl fmt::Display, route: &str) -> Self {
+    pub(crate) fn at(mut self, integration: impl fmt::Display, route: &str) -> Self {
         self.integration = Some(integration.to_string());
         self.route = Some(route.to_string());
         self
     }
 
-    pub fn retry_after(mut self, d: Duration) -> Self {
+    pub(crate) fn retry_after(mut self, d: Duration) -> Self {
         self.retry_after = Some(d);
         self
     }
 
-    pub fn into_response(self) -> Response<RespBody> {
+    pub(crate) fn into_response(self) -> Response<RespBody> {
         let mut resp = Response::new(body::full(self.json()));
         *resp.status_mut() = self.reason.status();
         let h = resp.headers_mut();
@@ -143,7 +132,7 @@ impl Answer {
     /// The same answer as raw HTTP/1.1 bytes, closing the connection: for where the sidecar
     /// must answer below hyper (a request head over the limit, which hyper would otherwise
     /// answer itself, without the contract's header and body).
-    pub fn to_http1_closing(&self) -> Vec<u8> {
+    pub(crate) fn to_http1_closing(&self) -> Vec<u8> {
         let status = self.reason.status();
         let json = self.json();
         let mut out = format!(
@@ -186,7 +175,7 @@ impl Answer {
 }
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1 (0 would invite a hot loop).
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
 }

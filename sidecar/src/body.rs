@@ -13,23 +13,23 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the app and the partner see as a response body.
-pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 
-pub fn full(bytes: impl Into<Bytes>) -> RespBody {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> RespBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
-pub fn empty() -> RespBody {
+pub(crate) fn empty() -> RespBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// A body received from a peer (hyper's, or the upstream pool's).
-pub fn incoming<B>(body: B) -> RespBody
+pub(crate) fn incoming<B>(body: B) -> RespBody
 where
     B: Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
 {
@@ -52,12 +52,13 @@ pub enum ReqBody {
 }
 
 impl ReqBody {
-    pub fn empty() -> Self {
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
         ReqBody::Full(Bytes::new())
     }
 
     /// A copy for another attempt, if the body is replayable.
-    pub fn try_clone(&self) -> Option<ReqBody> {
+    pub(crate) fn try_clone(&self) -> Option<ReqBody> {
         match self {
             ReqBody::Full(b) => Some(ReqBody::Full(b.clone())),
             ReqBody::Stream { .. } => None,
@@ -68,7 +69,7 @@ impl ReqBody {
 /// The body exceeded the size limit while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the limit")]
-pub struct TooLarge;
+pub(crate) struct TooLarge;
 
 impl Body for ReqBody {
     type Data = Bytes;
@@ -139,7 +140,7 @@ impl Body for ReqBody {
 
 /// Reads a request body: buffered whole when it fits `replay_limit`, else streamed (bounded by
 /// `max`). Errors when the body is larger than `max` or the app's stream fails.
-pub async fn prepare(
+pub(crate) async fn prepare(
     mut body: Incoming,
     replay_limit: usize,
     max: u64,
@@ -180,7 +181,7 @@ pub async fn prepare(
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("request body is larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("reading the request body failed: {0}")]
@@ -192,17 +193,17 @@ pub enum BodyError {
 /// A response body was still streaming when `timeouts.total` passed; it was cut there.
 #[derive(Debug, thiserror::Error)]
 #[error("response body still streaming at the total deadline (timeouts.total); cut")]
-pub struct BodyTimeout;
+pub(crate) struct BodyTimeout;
 
 /// Whether a response body error is the total deadline cutting it.
-pub fn is_body_timeout(e: &BoxError) -> bool {
+pub(crate) fn is_body_timeout(e: &BoxError) -> bool {
     e.is::<BodyTimeout>()
 }
 
 /// Cuts `body` at `deadline`: from then on it yields [`BodyTimeout`] and ends. The app's
 /// connection then closes (the status line is already sent), which is how the app learns the
 /// response is incomplete.
-pub fn with_deadline(body: RespBody, deadline: tokio::time::Instant) -> RespBody {
+pub(crate) fn with_deadline(body: RespBody, deadline: tokio::time::Instant) -> RespBody {
     if body.is_end_stream() {
         return body;
     }
@@ -250,7 +251,7 @@ impl Body for Deadline {
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyEnd {
+pub(crate) enum BodyEnd {
     /// Every byte was delivered, or the app stopped reading (the body was dropped).
     Done,
     /// Cut at the total deadline.
@@ -261,7 +262,7 @@ pub enum BodyEnd {
 
 /// Calls `on_end` once, when `body` ends, fails or is dropped: what happens after the response
 /// head (the breaker and the call's metrics) is recorded only then.
-pub fn on_end(body: RespBody, on_end: impl FnOnce(BodyEnd) + Send + 'static) -> RespBody {
+pub(crate) fn on_end(body: RespBody, on_end: impl FnOnce(BodyEnd) + Send + 'static) -> RespBody {
     OnEnd {
         inner: body,
         on_end: Some(Box::new(on_end)),

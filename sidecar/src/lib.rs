@@ -9,8 +9,8 @@
 //! `setup-iptables` sub-command) installs.
 
 pub mod admin;
-pub mod answer;
-pub mod body;
+pub(crate) mod answer;
+pub(crate) mod body;
 pub mod client;
 pub mod cluster;
 pub mod config;
@@ -19,12 +19,11 @@ pub mod intercept;
 mod io;
 pub mod layers;
 pub mod lifecycle;
-pub mod pool;
+pub(crate) mod pool;
 pub mod proxy;
 pub mod setup;
 pub mod state;
 pub mod telemetry;
-pub mod trace;
 pub mod transparent;
 
 /// Parses a Go-form duration flag (`500ms`, `15s`).

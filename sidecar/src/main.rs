@@ -20,7 +20,7 @@ use tollgate_sidecar::proxy::handler::Proxy;
 use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
 use tollgate_sidecar::state::StateContext;
 use tollgate_sidecar::telemetry::metrics::Metrics;
-use tollgate_sidecar::telemetry::tracing::{self as telemetry, LogFormat};
+use tollgate_sidecar::telemetry::subscriber::{self as telemetry, LogFormat};
 use tollgate_sidecar::{client, duration_arg, intercept, setup, transparent};
 
 /// Governs this pod's outbound calls to partner APIs.

@@ -74,7 +74,7 @@ pub enum Error {
 
 impl Error {
     /// Whether no connection could be made (as opposed to one that broke).
-    pub fn is_connect(&self) -> bool {
+    pub(crate) fn is_connect(&self) -> bool {
         matches!(self, Error::Connect(_))
     }
 }
@@ -182,7 +182,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Pool {
     /// A pool whose TLS connections use `tls` (ALPN set to http/1.1 here) and whose connects
     /// must finish within `connect_timeout`.
-    pub fn new(tls: Arc<ClientConfig>, connect_timeout: Duration, opts: &PoolOptions) -> Pool {
+    pub(crate) fn new(
+        tls: Arc<ClientConfig>,
+        connect_timeout: Duration,
+        opts: &PoolOptions,
+    ) -> Pool {
         let mut tls = (*tls).clone();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut opts = opts.clone();
@@ -201,7 +205,10 @@ impl Pool {
     /// Sends `req` (an absolute `http`/`https` URL; it goes out in origin-form, headers as
     /// given) and returns the partner's response. Its body hands the connection back to the
     /// pool once read to the end.
-    pub async fn request(&self, mut req: Request<ReqBody>) -> Result<Response<PoolBody>, Error> {
+    pub(crate) async fn request(
+        &self,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<PoolBody>, Error> {
         let key = Key::from_uri(req.uri())?;
         let pq = req
             .uri()
@@ -469,7 +476,7 @@ where
 }
 
 /// A partner's response body; once read to the end it returns its connection to the pool.
-pub struct PoolBody {
+pub(crate) struct PoolBody {
     inner: Incoming,
     conn: Option<Conn>,
 }

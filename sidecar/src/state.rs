@@ -7,22 +7,24 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustls::ClientConfig;
 use tokio::time::Instant;
 use tollgate_crds::policy::{
     BreakerPolicy, BreakerScope, BudgetPolicy, IntegrationId, IntegrationPolicy, RateLimitPolicy,
+    RoutePolicy,
 };
 
 use crate::answer::Reason;
 use crate::client::{self, ClientIdentity, HttpClient, PoolOptions};
-use crate::engine::breaker::Breaker;
+use crate::config::routes_in_order;
+use crate::engine::breaker::{Breaker, BreakerState};
 use crate::engine::budget::RetryBudget;
 use crate::engine::limiter::Limiter;
 use crate::engine::stale_cache::StaleCache;
-use crate::layers::client::Upstream;
+use crate::layers::send::Upstream;
 use crate::lifecycle::Lifecycle;
 use crate::telemetry::metrics::RouteMetrics;
 
@@ -37,10 +39,11 @@ pub struct StateContext {
     pub max_partitions: usize,
     pub cache_max_entries: usize,
     pub cache_max_bytes: usize,
-    /// Share of each global quota this process may use, per integration (cluster mode: set by
-    /// the operator). Absent: the whole quota.
-    pub shares: Arc<RwLock<HashMap<IntegrationId, f64>>>,
 }
+
+/// Share of each global quota this process may use, per integration (cluster mode: set by the
+/// operator). Absent: the whole quota.
+pub type QuotaShares = HashMap<IntegrationId, f64>;
 
 impl StateContext {
     pub fn new(tls: Arc<ClientConfig>) -> Self {
@@ -51,7 +54,6 @@ impl StateContext {
             max_partitions: 10_000,
             cache_max_entries: 1_000,
             cache_max_bytes: 32 * 1024 * 1024,
-            shares: Arc::default(),
         }
     }
 
@@ -59,15 +61,6 @@ impl StateContext {
     pub fn with_roots(mut self, roots: rustls::RootCertStore) -> Self {
         self.roots = Arc::new(roots);
         self
-    }
-
-    fn share(&self, id: &IntegrationId) -> f64 {
-        self.shares
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .copied()
-            .unwrap_or(1.0)
     }
 }
 
@@ -84,8 +77,67 @@ struct KeyedBreaker {
     breaker: Arc<Breaker>,
 }
 
-/// Per-integration state. Route-indexed vectors have `routes.len() + 1` entries (the last is the
-/// default route).
+/// One route's policy state, resolved when the revision is built. The layers read only their
+/// own piece of it through [`crate::layers::Call::route_state`].
+pub struct RouteState {
+    /// The route's name; state is matched by name across revisions, not by position.
+    pub name: String,
+    /// The route's own quota (`spec.routes[].rateLimit`).
+    pub quota: Option<Quota>,
+    /// The breaker governing the route: its own, the integration's, or none.
+    pub breaker: Option<Arc<Breaker>>,
+    /// The route's own breaker (`circuitBreaker` scoped to the route), kept for carry-over.
+    own_breaker: Option<KeyedBreaker>,
+    /// The retry budget, and the policy it was built from.
+    pub budget: Arc<RetryBudget>,
+    budget_policy: BudgetPolicy,
+    /// Its call metrics, resolved on the route's first call in this revision.
+    pub metrics: OnceLock<RouteMetrics>,
+}
+
+impl RouteState {
+    /// `old`: the state of the route of the same name in the previous revision, if any; each
+    /// piece whose policy is unchanged carries over.
+    fn build(
+        route: &RoutePolicy,
+        old: Option<&RouteState>,
+        integration_breaker: Option<&KeyedBreaker>,
+        ctx: &StateContext,
+        share: f64,
+    ) -> Self {
+        let quota = route
+            .rate_limit
+            .as_ref()
+            .map(|p| build_quota(p, old.and_then(|o| o.quota.as_ref()), ctx, share));
+        let own_breaker = match &route.breaker {
+            BreakerScope::Route(p) => {
+                Some(keyed_breaker(p, old.and_then(|o| o.own_breaker.as_ref())))
+            }
+            _ => None,
+        };
+        let breaker = match &route.breaker {
+            BreakerScope::None => None,
+            BreakerScope::Integration => integration_breaker.map(|k| k.breaker.clone()),
+            BreakerScope::Route(_) => own_breaker.as_ref().map(|k| k.breaker.clone()),
+        };
+        let policy = &route.retries.budget;
+        let budget = match old {
+            Some(o) if &o.budget_policy == policy => o.budget.clone(),
+            _ => Arc::new(RetryBudget::new(policy)),
+        };
+        RouteState {
+            name: route.name.clone(),
+            quota,
+            breaker,
+            own_breaker,
+            budget,
+            budget_policy: policy.clone(),
+            metrics: OnceLock::new(),
+        }
+    }
+}
+
+/// Per-integration state, with one [`RouteState`] per route.
 pub struct IntegrationState {
     pub client: HttpClient,
     /// Where attempts go, parsed once.
@@ -95,30 +147,25 @@ pub struct IntegrationState {
     client_key: (Duration, Option<String>, Option<Arc<ClientIdentity>>),
     /// The integration's account-wide quota.
     pub quota: Option<Quota>,
-    pub route_quotas: Vec<Option<Quota>>,
     breaker: Option<KeyedBreaker>,
-    route_breakers: Vec<Option<KeyedBreaker>>,
-    /// Per route: the budget policy it was built from, and the budget.
-    pub budgets: Vec<(BudgetPolicy, Arc<RetryBudget>)>,
+    /// The declared routes in order, then the default route (see [`IntegrationState::route`]).
+    routes: Vec<RouteState>,
     pub cache: Option<Arc<StaleCache>>,
     pub traffic: Arc<Traffic>,
     /// What the partner announced about its routes' lifecycle; kept across revisions.
     pub lifecycle: Arc<Lifecycle>,
-    /// Route names by index; state is matched by name across revisions, not by position.
-    route_names: Vec<String>,
-    /// Per route: its call metrics, resolved on the route's first call in this revision.
-    pub route_metrics: Vec<OnceLock<RouteMetrics>>,
 }
 
 impl IntegrationState {
-    /// `identity`: the client certificate presented to the partner, if any.
+    /// `identity`: the client certificate presented to the partner, if any. `share`: the
+    /// fraction of each global quota this process may use (cluster mode; 1.0 otherwise).
     pub fn build(
         policy: &IntegrationPolicy,
         old: Option<&IntegrationState>,
         identity: Option<Arc<ClientIdentity>>,
         ctx: &StateContext,
+        share: f64,
     ) -> Self {
-        let share = ctx.share(&policy.id);
         let connect_timeout = policy.upstream.connect_timeout;
         let client_key = (connect_timeout, policy.upstream.ca_bundle.clone(), identity);
         let client = match old {
@@ -138,48 +185,17 @@ impl IntegrationState {
             .rate_limit
             .as_ref()
             .map(|p| build_quota(p, old.and_then(|o| o.quota.as_ref()), ctx, share));
-        let routes = policy.routes.len() + 1;
-        let route = |i: usize| {
-            if i < policy.routes.len() {
-                &policy.routes[i]
-            } else {
-                &policy.default_route
-            }
-        };
-        let old_index = |name: &str| old.and_then(|o| o.route_names.iter().position(|n| n == name));
-        let route_quotas = (0..routes)
-            .map(|i| {
-                let prev = old_index(&route(i).name).and_then(|j| old?.route_quotas[j].as_ref());
-                route(i)
-                    .rate_limit
-                    .as_ref()
-                    .map(|p| build_quota(p, prev, ctx, share))
-            })
-            .collect();
         let breaker = policy
             .circuit_breaker
             .as_ref()
             .map(|p| keyed_breaker(p, old.and_then(|o| o.breaker.as_ref())));
-        let route_breakers = (0..routes)
-            .map(|i| match &route(i).breaker {
-                BreakerScope::Route(p) => {
-                    let prev =
-                        old_index(&route(i).name).and_then(|j| old?.route_breakers[j].as_ref());
-                    Some(keyed_breaker(p, prev))
-                }
-                _ => None,
+        let routes: Vec<RouteState> = routes_in_order(policy)
+            .map(|r| {
+                let prev = old.and_then(|o| o.routes.iter().find(|s| s.name == r.name));
+                RouteState::build(r, prev, breaker.as_ref(), ctx, share)
             })
             .collect();
-        let budgets = (0..routes)
-            .map(|i| {
-                let b = &route(i).retries.budget;
-                match old_index(&route(i).name).and_then(|j| old?.budgets.get(j)) {
-                    Some((prev_policy, prev)) if prev_policy == b => (b.clone(), prev.clone()),
-                    _ => (b.clone(), Arc::new(RetryBudget::new(b))),
-                }
-            })
-            .collect();
-        let wants_cache = (0..routes).any(|i| route(i).fallback.stale_if_error.is_some());
+        let wants_cache = routes_in_order(policy).any(|r| r.fallback.stale_if_error.is_some());
         let cache = wants_cache.then(|| {
             old.and_then(|o| o.cache.clone()).unwrap_or_else(|| {
                 Arc::new(StaleCache::new(ctx.cache_max_entries, ctx.cache_max_bytes))
@@ -190,16 +206,20 @@ impl IntegrationState {
             upstream: Upstream::new(&policy.upstream),
             client_key,
             quota,
-            route_quotas,
             breaker,
-            route_breakers,
-            budgets,
+            routes,
             cache,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
             lifecycle: old.map(|o| o.lifecycle.clone()).unwrap_or_default(),
-            route_names: (0..routes).map(|i| route(i).name.clone()).collect(),
-            route_metrics: (0..routes).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// The state of route `index`, numbered as in [`routes_in_order`].
+    pub fn route(&self, index: usize) -> &RouteState {
+        self.routes
+            .get(index)
+            .or(self.routes.last())
+            .expect("every integration has a default route")
     }
 
     /// The client certificate this integration presents to its partner, if any.
@@ -207,26 +227,15 @@ impl IntegrationState {
         self.client_key.2.as_ref()
     }
 
-    /// The breaker governing a route, if any.
-    pub fn breaker(&self, policy: &IntegrationPolicy, route: usize) -> Option<&Arc<Breaker>> {
-        let r = policy.routes.get(route).unwrap_or(&policy.default_route);
-        match r.breaker {
-            BreakerScope::None => None,
-            BreakerScope::Integration => self.breaker.as_ref().map(|k| &k.breaker),
-            BreakerScope::Route(_) => self.route_breakers.get(route)?.as_ref().map(|k| &k.breaker),
-        }
-    }
-
-    /// `(route label, state number)` for every breaker; the integration-wide breaker is
-    /// labelled `*`.
-    pub fn breaker_states(&self, _policy: &IntegrationPolicy, now: Instant) -> Vec<(String, i64)> {
+    /// `(route label, state)` for every breaker; the integration-wide breaker is labelled `*`.
+    pub fn breaker_states(&self, now: Instant) -> Vec<(String, BreakerState)> {
         let mut out = Vec::new();
         if let Some(k) = &self.breaker {
-            out.push(("*".to_string(), k.breaker.state(now).as_gauge()));
+            out.push(("*".to_string(), k.breaker.state(now)));
         }
-        for (i, k) in self.route_breakers.iter().enumerate() {
-            if let Some(k) = k {
-                out.push((self.route_names[i].clone(), k.breaker.state(now).as_gauge()));
+        for r in &self.routes {
+            if let Some(k) = &r.own_breaker {
+                out.push((r.name.clone(), k.breaker.state(now)));
             }
         }
         out
@@ -244,10 +253,10 @@ impl IntegrationState {
                 q.limiter.live_partitions(now),
             ));
         }
-        for (i, q) in self.route_quotas.iter().enumerate() {
-            if let Some(q) = q.as_ref().filter(partitioned) {
+        for r in &self.routes {
+            if let Some(q) = r.quota.as_ref().filter(partitioned) {
                 let count = q.limiter.live_partitions(now);
-                out.push((self.route_names[i].clone(), "route", count));
+                out.push((r.name.clone(), "route", count));
             }
         }
         out
@@ -256,7 +265,6 @@ impl IntegrationState {
     /// Counts a finished call for status reports.
     pub fn record_call(
         &self,
-        _route: usize,
         status: u16,
         reason: Option<Reason>,
         broken_contract: bool,

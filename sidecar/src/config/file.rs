@@ -16,7 +16,7 @@ use tollgate_crds::v1alpha1::SecretKeyRef;
 
 use super::secrets::SecretsDir;
 use super::{Candidate, Source, Store, build_revision, fingerprint};
-use crate::state::StateContext;
+use crate::state::{QuotaShares, StateContext};
 use crate::telemetry::metrics::Metrics;
 
 /// Namespace given to manifests that name none, as `kubectl apply` would in the default context.
@@ -134,6 +134,7 @@ impl FileSource {
             &self.secrets,
             &previous,
             &self.ctx,
+            &QuotaShares::new(),
         );
         if strict && let Some(r) = revision.refused.first() {
             return Err(ConfigError::Refused {

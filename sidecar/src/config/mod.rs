@@ -19,7 +19,7 @@ use tollgate_crds::policy::{HostMatch, IntegrationId, IntegrationPolicy, path_ha
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
 use crate::client::ClientIdentity;
-use crate::state::{IntegrationState, StateContext};
+use crate::state::{IntegrationState, QuotaShares, StateContext};
 
 /// One integration as the data plane runs it.
 pub struct Integration {
@@ -40,8 +40,17 @@ impl std::fmt::Debug for Integration {
     }
 }
 
+/// An integration's routes as the data plane numbers them: the declared routes in order, then
+/// the default route (index `routes.len()`). Route state ([`IntegrationState::route`]) and
+/// [`Integration::route_index`] use this numbering.
+pub fn routes_in_order(
+    policy: &IntegrationPolicy,
+) -> impl Iterator<Item = &tollgate_crds::policy::RoutePolicy> {
+    policy.routes.iter().chain([&policy.default_route])
+}
+
 impl Integration {
-    /// Index of the route a request takes: a declared route, or `routes.len()` for the default.
+    /// Index of the route a request takes (see [`routes_in_order`]).
     /// `path` is in normal form ([`tollgate_crds::policy::normalize_path`]).
     pub fn route_index(&self, method: &http::Method, path: &str) -> usize {
         self.policy
@@ -51,11 +60,17 @@ impl Integration {
             .unwrap_or(self.policy.routes.len())
     }
 
+    /// The policy of route `index` (see [`routes_in_order`]).
     pub fn route(&self, index: usize) -> &tollgate_crds::policy::RoutePolicy {
         self.policy
             .routes
             .get(index)
             .unwrap_or(&self.policy.default_route)
+    }
+
+    /// Every route's policy, in [`routes_in_order`].
+    pub fn routes(&self) -> impl Iterator<Item = &tollgate_crds::policy::RoutePolicy> {
+        routes_in_order(&self.policy)
     }
 
     /// Whether `path` (in normal form) falls under a denied prefix.
@@ -204,6 +219,7 @@ pub fn build_revision(
     secrets: &dyn SecretSource,
     previous: &Revision,
     ctx: &StateContext,
+    shares: &QuotaShares,
 ) -> Revision {
     let in_force = |id: &IntegrationId| previous.integrations.iter().find(|o| &o.policy.id == id);
     // Integrations in force first: they keep the hosts they hold.
@@ -295,7 +311,8 @@ pub fn build_revision(
             ),
         };
         let old = in_force(&policy.id);
-        let state = IntegrationState::build(&policy, old.map(|o| &o.state), identity, ctx);
+        let share = shares.get(&policy.id).copied().unwrap_or(1.0);
+        let state = IntegrationState::build(&policy, old.map(|o| &o.state), identity, ctx, share);
         integrations.push(Arc::new(Integration {
             label: Arc::from(policy.id.to_string()),
             policy,
@@ -479,9 +496,9 @@ mod tests {
         #[test]
         fn revision_build_never_panics_and_hosts_have_one_owner(first in specs(), second in specs()) {
             let ctx = StateContext::new(crate::client::tls_config(None).unwrap());
-            let r1 = build_revision("1".into(), Source::Empty, candidates(&first), &NoSecrets, &Revision::empty(), &ctx);
+            let r1 = build_revision("1".into(), Source::Empty, candidates(&first), &NoSecrets, &Revision::empty(), &ctx, &QuotaShares::new());
             check(&r1, first.len())?;
-            let r2 = build_revision("2".into(), Source::Empty, candidates(&second), &NoSecrets, &r1, &ctx);
+            let r2 = build_revision("2".into(), Source::Empty, candidates(&second), &NoSecrets, &r1, &ctx, &QuotaShares::new());
             check(&r2, second.len())?;
             // What was in force keeps its hosts when it is offered again unchanged.
             for i in &r1.integrations {

@@ -11,11 +11,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
-use tollgate_crds::distribution::{BreakerState, IntegrationReport, Snapshot, bucket_quantile};
+use tollgate_crds::distribution::{IntegrationReport, Snapshot, bucket_quantile};
 use tollgate_crds::policy::IntegrationId;
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
 use super::{Candidate, SecretSource, Source, Store, build_revision};
+use crate::engine::breaker::gauge;
 use crate::state::StateContext;
 use crate::telemetry::metrics::Metrics;
 
@@ -118,8 +119,6 @@ impl OperatorSource {
                 },
             );
         }
-        // Shares are read while building state, so they are set first.
-        *self.ctx.shares.write().unwrap_or_else(|e| e.into_inner()) = shares;
         let id = snapshot.short_id();
         let previous = self.store.load_full();
         let revision = build_revision(
@@ -129,6 +128,7 @@ impl OperatorSource {
             &SnapshotSecrets { snapshot },
             &previous,
             &self.ctx,
+            &shares,
         );
         if !revision.refused.is_empty() {
             self.metrics.config_error();
@@ -189,15 +189,11 @@ impl OperatorSource {
                 .collect();
             let breaker = i
                 .state
-                .breaker_states(&i.policy, now)
+                .breaker_states(now)
                 .into_iter()
                 .map(|(_, s)| s)
-                .max()
-                .map_or(BreakerState::Closed, |s| match s {
-                    2 => BreakerState::Open,
-                    1 => BreakerState::HalfOpen,
-                    _ => BreakerState::Closed,
-                });
+                .max_by_key(|s| gauge(*s))
+                .unwrap_or_default();
             out.push(IntegrationReport {
                 namespace: i.policy.id.namespace.clone(),
                 name: i.policy.id.name.clone(),

@@ -11,23 +11,23 @@ use tollgate_crds::policy::RetryPolicy;
 /// Full jitter spreads the retries of many clients that failed together, so they do not come
 /// back in step. The ceiling saturates at `max` for any `n`, without overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         Self { base, max }
     }
 
-    pub fn from_policy(policy: &RetryPolicy) -> Self {
+    pub(crate) fn from_policy(policy: &RetryPolicy) -> Self {
         Self::new(policy.backoff_base, policy.backoff_max)
     }
 
     /// The longest delay before retry `retry` (1-based; 0 is taken as 1):
     /// `min(max, base * 2^(retry-1))`.
-    pub fn ceiling(&self, retry: u32) -> Duration {
+    pub(crate) fn ceiling(&self, retry: u32) -> Duration {
         let shift = retry.saturating_sub(1);
         let grown = 1u128
             .checked_shl(shift)
@@ -40,7 +40,7 @@ impl Backoff {
 
     /// A delay before retry `retry`, drawn uniformly from `[0, ceiling(retry)]` with `rng`
     /// (pass `rand::rng()` in production, a seeded RNG in tests).
-    pub fn delay<R: Rng + ?Sized>(&self, retry: u32, rng: &mut R) -> Duration {
+    pub(crate) fn delay<R: Rng + ?Sized>(&self, retry: u32, rng: &mut R) -> Duration {
         let ceiling = self.ceiling(retry);
         // Ceilings past u64 nanoseconds (584 years) are clamped; no policy comes near it.
         let ceiling = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);

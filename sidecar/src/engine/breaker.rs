@@ -26,30 +26,25 @@ const BUCKETS: usize = 10;
 
 /// What [`CircuitOpen::retry_after`] says while half-open with every probe slot taken: the
 /// probes in flight decide within about a request's time, and `Retry-After` counts seconds.
-pub const PROBES_BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const PROBES_BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The breaker's state, as the `tollgate_circuit_state` gauge shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum BreakerState {
-    /// Calls flow; outcomes are counted.
-    Closed = 0,
-    /// At most `half_open_probes` probe calls flow; the rest are refused.
-    HalfOpen = 1,
-    /// Every call is refused until `open_duration` has passed.
-    Open = 2,
-}
+/// The breaker's state: closed (calls flow; outcomes are counted), half-open (at most
+/// `half_open_probes` probe calls flow; the rest are refused) or open (every call is refused
+/// until `open_duration` has passed). One type for the metrics and the status report.
+pub(crate) use tollgate_crds::distribution::BreakerState;
 
-impl BreakerState {
-    /// The value of the `tollgate_circuit_state` gauge: 0 closed, 1 half-open, 2 open.
-    pub fn as_gauge(self) -> i64 {
-        self as i64
+/// The value of the `tollgate_circuit_state` gauge: 0 closed, 1 half-open, 2 open.
+pub(crate) fn gauge(state: BreakerState) -> i64 {
+    match state {
+        BreakerState::Closed => 0,
+        BreakerState::HalfOpen => 1,
+        BreakerState::Open => 2,
     }
 }
 
 /// How a call went, as the caller judges it (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallOutcome {
+pub(crate) enum CallOutcome {
     Success,
     Failure,
 }
@@ -57,10 +52,10 @@ pub enum CallOutcome {
 /// The breaker refused a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("circuit open; retry after {retry_after:?}")]
-pub struct CircuitOpen {
+pub(crate) struct CircuitOpen {
     /// Time until the breaker goes half-open, or [`PROBES_BUSY_RETRY_AFTER`] when it is
     /// half-open already and every probe slot is taken.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 /// One circuit breaker, shared behind an `Arc` by every call it governs.
@@ -103,7 +98,7 @@ struct Tally {
 /// (a cancelled call) counts as neither success nor failure, and frees its probe slot.
 #[derive(Debug)]
 #[must_use = "a permit records the call's outcome; dropping it discards the call"]
-pub struct Permit {
+pub(crate) struct Permit {
     breaker: Arc<Breaker>,
     generation: u64,
     recorded: bool,
@@ -113,7 +108,7 @@ pub struct Permit {
 
 impl Breaker {
     /// A closed breaker. Its window is measured from now (tokio time).
-    pub fn new(policy: BreakerPolicy) -> Self {
+    pub(crate) fn new(policy: BreakerPolicy) -> Self {
         let window = Buckets::new(policy.window, Instant::now());
         Self {
             policy,
@@ -128,7 +123,7 @@ impl Breaker {
     }
 
     /// Leave for one call, or the time to come back.
-    pub fn try_acquire(self: &Arc<Self>, now: Instant) -> Result<Permit, CircuitOpen> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, now: Instant) -> Result<Permit, CircuitOpen> {
         let mut inner = self.lock();
         inner.refresh(now);
         match &mut inner.state {
@@ -158,7 +153,7 @@ impl Breaker {
     }
 
     /// The state at `now` (an open breaker whose time is up is half-open).
-    pub fn state(&self, now: Instant) -> BreakerState {
+    pub(crate) fn state(&self, now: Instant) -> BreakerState {
         let mut inner = self.lock();
         inner.refresh(now);
         match inner.state {
@@ -168,13 +163,10 @@ impl Breaker {
         }
     }
 
+    #[cfg(test)]
     /// How many times the breaker has opened (from closed or from half-open).
-    pub fn opened_total(&self) -> u64 {
+    pub(crate) fn opened_total(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
-    }
-
-    pub fn policy(&self) -> &BreakerPolicy {
-        &self.policy
     }
 
     fn record(&self, generation: u64, outcome: CallOutcome, elapsed: Duration, now: Instant) {
@@ -285,7 +277,7 @@ impl Inner {
 impl Permit {
     /// Reports how the call went. `elapsed` is the call's duration (for `slow_call_duration`);
     /// `now` is when it ended.
-    pub fn record(mut self, outcome: CallOutcome, elapsed: Duration, now: Instant) {
+    pub(crate) fn record(mut self, outcome: CallOutcome, elapsed: Duration, now: Instant) {
         self.recorded = true;
         self.breaker.record(self.generation, outcome, elapsed, now);
     }
@@ -458,7 +450,7 @@ mod tests {
         assert_eq!(refused(&b), MS);
         advance(MS).await;
         assert_eq!(state(&b), BreakerState::HalfOpen);
-        assert_eq!(state(&b).as_gauge(), 1);
+        assert_eq!(gauge(state(&b)), 1);
         assert!(b.try_acquire(Instant::now()).is_ok());
     }
 
@@ -514,7 +506,7 @@ mod tests {
             call(&b, Success);
         }
         assert_eq!(state(&b), BreakerState::Closed);
-        assert_eq!(state(&b).as_gauge(), 0);
+        assert_eq!(gauge(state(&b)), 0);
         // The four old failures are 15 s old, inside the 60 s window; had the window been
         // kept, 5 failures of 8 calls would reopen now. It was reset: 1 of 1, under minimum.
         call(&b, Failure);
@@ -570,6 +562,6 @@ mod tests {
         assert_eq!(state(&b), BreakerState::Closed);
         call(&b, Failure);
         assert_eq!(state(&b), BreakerState::Open);
-        assert_eq!(state(&b).as_gauge(), 2);
+        assert_eq!(gauge(state(&b)), 2);
     }
 }

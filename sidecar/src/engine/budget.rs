@@ -10,7 +10,7 @@ use tollgate_crds::policy::BudgetPolicy;
 use super::window::Buckets;
 
 /// The sliding window the budget looks at.
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 const BUCKETS: usize = 10;
 
 /// A retry budget over a sliding window of [`WINDOW`] (ten 1 s buckets).
@@ -42,7 +42,7 @@ struct Tally {
 impl RetryBudget {
     /// An empty budget (only the floor is available). Its window is measured from now (tokio
     /// time).
-    pub fn new(policy: &BudgetPolicy) -> Self {
+    pub(crate) fn new(policy: &BudgetPolicy) -> Self {
         Self {
             percent: u64::from(policy.percent),
             floor: u64::from(policy.min_per_second) * WINDOW.as_secs(),
@@ -52,12 +52,12 @@ impl RetryBudget {
     }
 
     /// Counts one original request.
-    pub fn record_request(&self, now: Instant) {
+    pub(crate) fn record_request(&self, now: Instant) {
         self.lock().current(now).requests += 1;
     }
 
     /// Withdraws one retry if the budget allows it.
-    pub fn try_retry(&self, now: Instant) -> bool {
+    pub(crate) fn try_retry(&self, now: Instant) -> bool {
         let mut window = self.lock();
         let (requests, retries) = window
             .live(now)
@@ -73,8 +73,9 @@ impl RetryBudget {
         }
     }
 
+    #[cfg(test)]
     /// Retries refused since the budget was built.
-    pub fn exhausted_total(&self) -> u64 {
+    pub(crate) fn exhausted_total(&self) -> u64 {
         self.exhausted.load(Ordering::Relaxed)
     }
 

@@ -37,41 +37,42 @@ use tollgate_crds::policy::BandPolicy;
 /// A request that no band would admit within the allowed wait. Nothing was consumed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("rate limited by band {band:?}; retry after {retry_after:?}")]
-pub struct Denied {
+pub(crate) struct Denied {
     /// Index, in the slice given to [`acquire`], of the quota whose band refused.
-    pub quota: usize,
+    pub(crate) quota: usize,
     /// The band that needed the longest wait.
-    pub band: Arc<str>,
+    pub(crate) band: Arc<str>,
     /// How long until this request would have been admitted.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 /// `share` outside `(0, 1]`.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 #[error("quota share must be in (0, 1], got {0}")]
-pub struct InvalidShare(pub f64);
+pub(crate) struct InvalidShare(pub f64);
 
+#[cfg(test)]
 /// Totals since the limiter was built, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LimiterCounters {
+pub(crate) struct LimiterCounters {
     /// Requests admitted, at once or after a wait.
-    pub admitted: u64,
+    pub(crate) admitted: u64,
     /// Admitted requests that had to wait.
-    pub queued: u64,
+    pub(crate) queued: u64,
     /// Requests refused because this quota would have made them wait too long.
-    pub denied: u64,
+    pub(crate) denied: u64,
     /// Admitted requests whose key was charged to the overflow partition.
-    pub overflowed: u64,
+    pub(crate) overflowed: u64,
 }
 
 /// A request admitted by [`admit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// How long the caller must wait before sending (zero: at once).
-    pub wait: Duration,
+    pub(crate) wait: Duration,
     /// Whether some quota charged the request to its overflow partition (its key found no
     /// partition of its own).
-    pub overflow: bool,
+    pub(crate) overflow: bool,
 }
 
 /// One quota: every band must admit a request.
@@ -123,7 +124,7 @@ type KeyHash = u128;
 
 /// A request's partition key in one quota: `None` when the quota is not partitioned or the
 /// request lacks the header. Any bytes; arbitrary length.
-pub type Key<'a> = Option<&'a [u8]>;
+pub(crate) type Key<'a> = Option<&'a [u8]>;
 
 #[derive(Debug)]
 struct State {
@@ -140,6 +141,7 @@ struct State {
     sweep_after: Option<Instant>,
 }
 
+#[cfg(test)]
 /// Admits a request against every quota in `quotas`, all or nothing.
 ///
 /// Each entry is a limiter and the request's partition key in it (`None` when the limiter is
@@ -152,7 +154,7 @@ struct State {
 /// Otherwise `Err(Denied)` names the quota and band needing the longest wait, and nothing is
 /// consumed anywhere. List each limiter at most once: a repeated limiter is locked once and
 /// charged per entry, but its wait is computed as if for one token.
-pub fn acquire(
+pub(crate) fn acquire(
     quotas: &[(&Limiter, Key<'_>)],
     now: Instant,
     max_wait: Duration,
@@ -161,7 +163,7 @@ pub fn acquire(
 }
 
 /// [`acquire`], also telling whether the request was charged to an overflow partition.
-pub fn admit<'l>(
+pub(crate) fn admit<'l>(
     quotas: &[(&'l Limiter, Key<'_>)],
     now: Instant,
     max_wait: Duration,
@@ -268,7 +270,7 @@ fn guard_for<'g>(
 
 impl Limiter {
     /// A quota of `bands`, at full share, with at most `max_partitions` keyed partitions.
-    pub fn new(bands: &[BandPolicy], max_partitions: usize) -> Self {
+    pub(crate) fn new(bands: &[BandPolicy], max_partitions: usize) -> Self {
         let bands: Box<[Band]> = bands
             .iter()
             .map(|b| Band {
@@ -296,8 +298,9 @@ impl Limiter {
         }
     }
 
+    #[cfg(test)]
     /// [`acquire`] against this quota alone.
-    pub fn acquire(
+    pub(crate) fn acquire(
         &self,
         key: Key<'_>,
         now: Instant,
@@ -308,7 +311,7 @@ impl Limiter {
 
     /// Limits this process to `share` of the quota, as [`Limiter::set_share_at`] at the
     /// current (tokio) time.
-    pub fn set_share(&self, share: f64) -> Result<(), InvalidShare> {
+    pub(crate) fn set_share(&self, share: f64) -> Result<(), InvalidShare> {
         self.set_share_at(share, Instant::now())
     }
 
@@ -319,7 +322,7 @@ impl Limiter {
     /// Every bucket keeps the tokens it holds (capped at the new burst); a deficit refills at
     /// the new rate. So a change never hands out a burst of free tokens, and reservations of
     /// queued requests stay reserved.
-    pub fn set_share_at(&self, share: f64, now: Instant) -> Result<(), InvalidShare> {
+    pub(crate) fn set_share_at(&self, share: f64, now: Instant) -> Result<(), InvalidShare> {
         if !(share > 0.0 && share <= 1.0) {
             return Err(InvalidShare(share));
         }
@@ -348,8 +351,9 @@ impl Limiter {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Admission totals since this limiter was built.
-    pub fn counters(&self) -> LimiterCounters {
+    pub(crate) fn counters(&self) -> LimiterCounters {
         LimiterCounters {
             admitted: self.admitted.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
@@ -358,14 +362,15 @@ impl Limiter {
         }
     }
 
+    #[cfg(test)]
     /// How many keyed partitions hold state (idle ones included until evicted).
-    pub fn partition_count(&self) -> usize {
+    pub(crate) fn partition_count(&self) -> usize {
         self.lock().partitions.len()
     }
 
     /// Evicts the partitions idle at `now` (cheaply: only when one can be) and returns how
     /// many remain.
-    pub fn live_partitions(&self, now: Instant) -> usize {
+    pub(crate) fn live_partitions(&self, now: Instant) -> usize {
         let mut state = self.lock();
         if state.sweep_after.is_none_or(|t| now >= t) {
             state.sweep(now);

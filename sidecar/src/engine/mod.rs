@@ -5,10 +5,10 @@
 //! state sits in small `Send + Sync` structs meant to live behind an `Arc`, with short critical
 //! sections and no await under a lock.
 
-pub mod backoff;
-pub mod breaker;
-pub mod budget;
-pub mod limiter;
+pub(crate) mod backoff;
+pub(crate) mod breaker;
+pub(crate) mod budget;
+pub(crate) mod limiter;
 pub mod retry_after;
-pub mod stale_cache;
+pub(crate) mod stale_cache;
 mod window;

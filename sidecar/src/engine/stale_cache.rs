@@ -26,20 +26,20 @@ use tokio::time::Instant;
 
 /// A stored response. The cache hands it out behind an `Arc`, so serving it copies nothing.
 #[derive(Debug, Clone)]
-pub struct CachedResponse {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct CachedResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
     /// When the partner sent it; its age is measured from here.
-    pub stored_at: Instant,
+    pub(crate) stored_at: Instant,
     /// The request headers the response varies on, and a fingerprint of their values then.
-    pub vary: Vary,
+    pub(crate) vary: Vary,
 }
 
 /// Which request headers a stored response was selected by (its `Vary`), and a keyed
 /// fingerprint of the values they had.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Vary {
+pub(crate) struct Vary {
     names: Vec<HeaderName>,
     fingerprint: u128,
 }
@@ -53,7 +53,7 @@ const CREDENTIAL_HEADERS: [HeaderName; 3] = [
 
 /// Why a response is not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotStored {
+pub(crate) enum NotStored {
     /// The request or the response says `no-store`, or the response is `private`.
     Forbidden(&'static str),
     /// `Vary: *`: no later request can be known to match.
@@ -78,7 +78,7 @@ fn has_directive(headers: &HeaderMap, name: &str) -> bool {
 }
 
 /// The request-side and response-side reasons not to store, in RFC 9111 terms.
-pub fn storable(request: &HeaderMap, response: &HeaderMap) -> Result<(), NotStored> {
+pub(crate) fn storable(request: &HeaderMap, response: &HeaderMap) -> Result<(), NotStored> {
     if has_directive(request, "no-store") {
         return Err(NotStored::Forbidden("request Cache-Control: no-store"));
     }
@@ -119,7 +119,7 @@ impl CachedResponse {
     /// The bytes this response counts for against the cache's bound: body, header names and
     /// values, and the names it varies on. (Allocation overhead is not counted; size the bound
     /// with some room.)
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
@@ -132,9 +132,9 @@ impl CachedResponse {
 
 /// A hit: the response and how old it is.
 #[derive(Debug, Clone)]
-pub struct Stale {
-    pub response: Arc<CachedResponse>,
-    pub age: Duration,
+pub(crate) struct Stale {
+    pub(crate) response: Arc<CachedResponse>,
+    pub(crate) age: Duration,
 }
 
 /// A least-recently-used cache of responses, bounded in entries and in bytes.
@@ -171,7 +171,7 @@ struct Entry {
 // === impl StaleCache ===
 
 impl StaleCache {
-    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+    pub(crate) fn new(max_entries: usize, max_bytes: usize) -> Self {
         Self {
             max_entries,
             max_bytes,
@@ -203,7 +203,7 @@ impl StaleCache {
 
     /// The key a GET is stored and looked up under: its path and query and who asks (a
     /// fingerprint of its credentials, none when it carries none).
-    pub fn key(&self, path_and_query: &str, request: &HeaderMap) -> String {
+    pub(crate) fn key(&self, path_and_query: &str, request: &HeaderMap) -> String {
         let anonymous = CREDENTIAL_HEADERS.iter().all(|n| !request.contains_key(n));
         if anonymous {
             format!("{path_and_query} anonymous")
@@ -216,7 +216,7 @@ impl StaleCache {
     /// Stores a good response to `request` under `key` when HTTP caching allows, without its
     /// `Set-Cookie`. A response that may not be stored also drops what was stored under `key`:
     /// the partner no longer wants it kept.
-    pub fn store(
+    pub(crate) fn store(
         &self,
         key: &str,
         request: &HeaderMap,
@@ -255,7 +255,7 @@ impl StaleCache {
 
     /// The response stored under `key` for a request like `request` (same varying header
     /// values), at most `max_age` old at `now`.
-    pub fn lookup(
+    pub(crate) fn lookup(
         &self,
         key: &str,
         request: &HeaderMap,
@@ -270,7 +270,7 @@ impl StaleCache {
     /// Stores `response` under `key`, replacing what was there. Returns whether it was stored:
     /// a response too large for the cache is not, and then the older response under `key` is
     /// dropped too (it is no longer the last good one).
-    pub fn insert(&self, key: &str, response: CachedResponse) -> bool {
+    pub(crate) fn insert(&self, key: &str, response: CachedResponse) -> bool {
         let size = key.len() + response.size();
         let fits = size <= self.max_bytes && self.max_entries > 0;
         // Built outside the lock.
@@ -294,7 +294,7 @@ impl StaleCache {
 
     /// The response under `key` if it is at most `max_age` old at `now`; a hit counts as a use.
     /// (No `Vary` check: see [`StaleCache::lookup`].)
-    pub fn get(&self, key: &str, max_age: Duration, now: Instant) -> Option<Stale> {
+    pub(crate) fn get(&self, key: &str, max_age: Duration, now: Instant) -> Option<Stale> {
         let mut lru = self.lock();
         let lru = &mut *lru;
         let entry = lru.entries.get_mut(key)?;
@@ -312,16 +312,19 @@ impl StaleCache {
         })
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.lock().entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    #[cfg(test)]
     /// The bytes counted against the bound.
-    pub fn total_bytes(&self) -> usize {
+    pub(crate) fn total_bytes(&self) -> usize {
         self.lock().bytes
     }
 

@@ -15,11 +15,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// How long the pod CA is valid. Apps read it once at start; a pod that lives longer must be
 /// restarted to get a fresh one.
-pub const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long a minted leaf is valid.
-pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A cached leaf is re-minted once it has less than this left.
-pub const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
+pub(crate) const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(3600);
 /// Certificates start this far in the past, for app clocks slightly behind the sidecar's.
 const BACKDATE: Duration = Duration::from_secs(300);
 /// Cached leaves at most (one per partner host in use); the cache is emptied when full.
@@ -27,7 +27,7 @@ const MAX_LEAVES: usize = 1024;
 
 /// Why no certificate could be made.
 #[derive(Debug, thiserror::Error)]
-pub enum CaError {
+pub(crate) enum CaError {
     #[error("cannot generate the pod CA: {0}")]
     Generate(rcgen::Error),
     #[error("cannot mint a certificate for {host}: {reason}")]
@@ -61,7 +61,7 @@ impl std::fmt::Debug for PodCa {
 impl PodCa {
     /// A fresh CA (ECDSA P-256), valid from now for [`CA_LIFETIME`], that may sign leaves only
     /// (path length 0).
-    pub fn generate() -> Result<PodCa, CaError> {
+    pub(crate) fn generate() -> Result<PodCa, CaError> {
         let now = SystemTime::now();
         let key = KeyPair::generate().map_err(CaError::Generate)?;
         let mut params = CertificateParams::default();
@@ -93,18 +93,18 @@ impl PodCa {
     }
 
     /// The CA certificate (PEM) apps must trust.
-    pub fn cert_pem(&self) -> &str {
+    pub(crate) fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
     /// The CA certificate (DER).
-    pub fn cert_der(&self) -> &[u8] {
+    pub(crate) fn cert_der(&self) -> &[u8] {
         self.cert_der.as_ref()
     }
 
     /// The TLS server side for `host`, with a leaf for it from the cache or freshly minted.
     /// The caller decides that `host` is a declared partner host: this never checks.
-    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
+    pub(crate) fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
         let now = SystemTime::now();
         {
             let cache = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,8 +132,9 @@ impl PodCa {
         Ok(config)
     }
 
+    #[cfg(test)]
     /// Leaves in the cache (for tests and metrics).
-    pub fn cached_leaves(&self) -> usize {
+    pub(crate) fn cached_leaves(&self) -> usize {
         self.leaves.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
@@ -196,7 +197,7 @@ fn hostname() -> String {
 }
 
 /// PEM text for DER certificates, 64 columns.
-pub fn pem_certificates<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> String {
+pub(crate) fn pem_certificates<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> String {
     let mut out = String::new();
     for der in certs {
         out.push_str("-----BEGIN CERTIFICATE-----\n");

@@ -8,8 +8,8 @@
 //! made or the trust files written at start; otherwise the partner's TLS gets the connection-level policies only, as
 //! before. Leaves are minted only for names the caller found in the revision in force.
 
-pub mod ca;
-pub mod p12;
+pub(crate) mod ca;
+pub(crate) mod p12;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

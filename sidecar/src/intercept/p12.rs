@@ -17,7 +17,7 @@ const JAVA_TRUSTED_KEY_USAGE: &[u64] = &[2, 16, 840, 1, 113_894, 746_875, 1, 1];
 const ANY_EXTENDED_KEY_USAGE: &[u64] = &[2, 5, 29, 37, 0];
 
 /// The store holding `certs` (DER), each under its alias.
-pub fn trust_store<'a>(certs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
+pub(crate) fn trust_store<'a>(certs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
     let bags: Vec<u8> = certs
         .into_iter()
         .flat_map(|(alias, der)| cert_bag(alias, der))

@@ -12,34 +12,25 @@ use std::task::{Context, Poll};
 
 use http::Request;
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::engine::breaker::CallOutcome;
 
-pub fn layer() -> CircuitBreakerLayer {
-    CircuitBreakerLayer
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct CircuitBreakerLayer;
-
-impl<S> Layer<S> for CircuitBreakerLayer {
-    type Service = CircuitBreaker<S>;
-    fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker { inner }
-    }
+pub(crate) fn layer<S>() -> LayerFn<fn(S) -> CircuitBreaker<S>> {
+    layer_fn(|inner| CircuitBreaker { inner })
 }
 
 #[derive(Clone, Debug)]
-pub struct CircuitBreaker<S> {
+pub(crate) struct CircuitBreaker<S> {
     inner: S,
 }
 
 /// The breaker's view of a call's result; `None`: neither (the sidecar's own decision).
-pub fn outcome(result: &CallResult) -> Option<CallOutcome> {
+pub(crate) fn outcome(result: &CallResult) -> Option<CallOutcome> {
     match result {
         Ok(resp) if resp.status().is_server_error() => Some(CallOutcome::Failure),
         Ok(_) => Some(CallOutcome::Success),
@@ -63,12 +54,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let Some(breaker) = call
-            .integration
-            .state
-            .breaker(&call.integration.policy, call.route)
-            .cloned()
-        else {
+        let Some(breaker) = call.route_state().breaker.clone() else {
             return futures::future::Either::Left(self.inner.call(req));
         };
         let started = Instant::now();

@@ -17,40 +17,29 @@ use http::Request;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tollgate_crds::policy::ContractPolicy;
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::body::{BoxError, ReqBody, RespBody};
 use crate::telemetry::metrics::Metrics;
 
-pub fn layer(metrics: Arc<Metrics>) -> ContractLayer {
-    ContractLayer { metrics }
+pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> ContractCheck<S> + Clone> {
+    layer_fn(move |inner| ContractCheck {
+        inner,
+        metrics: metrics.clone(),
+    })
 }
 
 #[derive(Clone, Debug)]
-pub struct ContractLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Layer<S> for ContractLayer {
-    type Service = ContractCheck<S>;
-    fn layer(&self, inner: S) -> ContractCheck<S> {
-        ContractCheck {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct ContractCheck<S> {
+pub(crate) struct ContractCheck<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
 
 /// What the check of one answer found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Kept,
     Broken,
     /// Too long, or compressed.
@@ -68,7 +57,7 @@ struct Seen {
 }
 
 /// One answer under check; put on the response's extensions for the layers outside.
-pub struct Probe {
+pub(crate) struct Probe {
     rule: ContractPolicy,
     seen: Mutex<Seen>,
     verdict: OnceLock<Verdict>,
@@ -85,7 +74,7 @@ impl std::fmt::Debug for Probe {
 
 /// The response extension that carries a [`Probe`].
 #[derive(Clone, Debug)]
-pub struct ContractProbe(pub Arc<Probe>);
+pub(crate) struct ContractProbe(pub Arc<Probe>);
 
 impl Probe {
     fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -111,7 +100,7 @@ impl Probe {
 
     /// The verdict, judged once, when first asked after the body ended (every byte passed
     /// through the copy before any layer outside sees the end).
-    pub fn verdict(&self) -> Verdict {
+    pub(crate) fn verdict(&self) -> Verdict {
         *self.verdict.get_or_init(|| {
             let mut s = self.lock();
             let mut unknown_enums = 0;
@@ -146,13 +135,13 @@ impl Probe {
         })
     }
 
-    pub fn broken(&self) -> bool {
+    pub(crate) fn broken(&self) -> bool {
         self.verdict() == Verdict::Broken
     }
 }
 
 /// The probe of a checked answer, if it is checked.
-pub fn probe(extensions: &http::Extensions) -> Option<Arc<Probe>> {
+pub(crate) fn probe(extensions: &http::Extensions) -> Option<Arc<Probe>> {
     extensions.get::<ContractProbe>().map(|p| p.0.clone())
 }
 

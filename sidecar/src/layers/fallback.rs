@@ -17,7 +17,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 
 use super::observe::ServedFallback;
 use super::{BoxFuture, Call, CallError, CallResult};
@@ -27,24 +28,14 @@ use crate::client::TransportFailure;
 use crate::engine::stale_cache::{CachedResponse, StaleCache};
 
 /// Responses larger than this are not stored for stale-if-error.
-pub const MAX_CACHED_BODY: u64 = 1024 * 1024;
+pub(crate) const MAX_CACHED_BODY: u64 = 1024 * 1024;
 
-pub fn layer() -> FallbackLayer {
-    FallbackLayer
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct FallbackLayer;
-
-impl<S> Layer<S> for FallbackLayer {
-    type Service = Fallback<S>;
-    fn layer(&self, inner: S) -> Fallback<S> {
-        Fallback { inner }
-    }
+pub(crate) fn layer<S>() -> LayerFn<fn(S) -> Fallback<S>> {
+    layer_fn(|inner| Fallback { inner })
 }
 
 #[derive(Clone, Debug)]
-pub struct Fallback<S> {
+pub(crate) struct Fallback<S> {
     inner: S,
 }
 

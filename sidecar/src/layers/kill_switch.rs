@@ -1,62 +1,36 @@
 //! Kill switch: while on (for the integration or the route), nothing reaches the partner.
 
-use std::task::{Context, Poll};
-
 use http::Request;
-use tower::{Layer, Service};
+use tollgate_crds::policy::KillSwitchPolicy;
 
-use super::{Call, CallResult};
+use super::gate::{Admit, Gate, GateLayer};
+use super::{Call, CallError};
 use crate::answer::Reason;
 use crate::body::ReqBody;
 
-pub fn layer() -> KillSwitchLayer {
-    KillSwitchLayer
+pub(crate) fn layer() -> GateLayer<KillSwitch> {
+    GateLayer::new(KillSwitch)
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct KillSwitchLayer;
+pub(crate) struct KillSwitch;
 
-impl<S> Layer<S> for KillSwitchLayer {
-    type Service = KillSwitch<S>;
-    fn layer(&self, inner: S) -> KillSwitch<S> {
-        KillSwitch { inner }
+/// What the app is told while `ks` is on; `None`: it is off. Tunnels say the same.
+pub(crate) fn refusal(ks: &KillSwitchPolicy) -> Option<String> {
+    if !ks.enabled {
+        return None;
     }
+    Some(match ks.reason.as_deref().filter(|r| !r.is_empty()) {
+        Some(r) => format!("kill switch is on: {r}"),
+        None => "kill switch is on".to_string(),
+    })
 }
 
-#[derive(Clone, Debug)]
-pub struct KillSwitch<S> {
-    inner: S,
-}
-
-impl<S> Service<Request<ReqBody>> for KillSwitch<S>
-where
-    S: Service<
-            Request<ReqBody>,
-            Response = http::Response<crate::body::RespBody>,
-            Error = super::CallError,
-        >,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::Either<S::Future, std::future::Ready<CallResult>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let call = Call::from_request(&req);
-        let ks = &call.route_policy().kill_switch;
-        if ks.enabled {
-            let message = match ks.reason.as_deref().filter(|r| !r.is_empty()) {
-                Some(r) => format!("kill switch is on: {r}"),
-                None => "kill switch is on".to_string(),
-            };
-            return futures::future::Either::Right(std::future::ready(Err(call
-                .answer(Reason::KillSwitch, message)
-                .into())));
+impl Gate for KillSwitch {
+    fn check(&self, _req: &mut Request<ReqBody>, call: &Call) -> Result<Admit, CallError> {
+        match refusal(&call.route_policy().kill_switch) {
+            Some(message) => Err(call.answer(Reason::KillSwitch, message).into()),
+            None => Ok(Admit::Now),
         }
-        futures::future::Either::Left(self.inner.call(req))
     }
 }

@@ -2,25 +2,30 @@
 //!
 //! ```text
 //! observe -> fallback -> kill switch -> version gate -> rate limit -> circuit breaker
-//!         -> contract -> retry -> attempt timeout -> credentials -> client
+//!         -> contract -> retry -> attempt timeout -> credentials -> send
 //! ```
 //!
 //! Layers are static; the policy for a request travels with it as a [`Call`] in the request's
 //! extensions (the integration and route it matched, in the revision it started under, and its
-//! total deadline). Every layer's error is a [`CallError`]; `observe` turns what remains into
-//! the sidecar's answer (api.md section 3).
+//! total deadline). A layer reads its policy from [`Call::route_policy`] and its route's state
+//! (quota, breaker, retry budget, metrics) from [`Call::route_state`]. Every layer's error is a
+//! [`CallError`]; `observe` turns what remains into the sidecar's answer (api.md section 3).
+//!
+//! Kill switch, version gate, rate limit and credentials decide before the call and share one
+//! shape, a [`gate::Gate`]; the others wrap the call (they see its result).
 
-pub mod circuit_breaker;
-pub mod client;
-pub mod contract;
-pub mod credentials;
-pub mod fallback;
-pub mod kill_switch;
-pub mod observe;
-pub mod rate_limit;
-pub mod retry;
-pub mod timeout;
-pub mod version_gate;
+pub(crate) mod circuit_breaker;
+pub(crate) mod contract;
+pub(crate) mod credentials;
+pub(crate) mod fallback;
+pub(crate) mod gate;
+pub(crate) mod kill_switch;
+pub(crate) mod observe;
+pub(crate) mod rate_limit;
+pub(crate) mod retry;
+pub(crate) mod send;
+pub(crate) mod timeout;
+pub(crate) mod version_gate;
 
 #[cfg(test)]
 mod tests;
@@ -47,7 +52,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 #[derive(Debug)]
 pub struct Call {
     pub integration: Arc<Integration>,
-    /// Index of the matched route (`routes.len()` = default route).
+    /// Index of the matched route ([`crate::config::routes_in_order`]).
     pub route: usize,
     /// When the whole call (queueing, attempts, backoff) must be over: `timeouts.total`.
     pub deadline: Instant,
@@ -59,6 +64,11 @@ pub struct Call {
 impl Call {
     pub fn route_policy(&self) -> &tollgate_crds::policy::RoutePolicy {
         self.integration.route(self.route)
+    }
+
+    /// The matched route's state (quota, breaker, budget, metrics) in the call's revision.
+    pub fn route_state(&self) -> &crate::state::RouteState {
+        self.integration.state.route(self.route)
     }
 
     pub fn route_name(&self) -> &str {
@@ -157,6 +167,6 @@ pub fn stack(ctx: StackContext) -> Stack {
         .layer(retry::layer(ctx.metrics.clone()))
         .layer(timeout::layer())
         .layer(credentials::layer())
-        .service(client::Client);
+        .service(send::SendAttempt);
     BoxCloneSyncService::new(svc)
 }

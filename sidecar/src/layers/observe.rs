@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 use tracing::Instrument;
 
 use super::{BoxFuture, Call, CallError};
@@ -18,33 +19,21 @@ use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
-pub struct ServedFallback {
-    pub kind: &'static str,
+pub(crate) struct ServedFallback {
+    pub(crate) kind: &'static str,
     /// What the fallback stood in for.
-    pub reason: Option<Reason>,
+    pub(crate) reason: Option<Reason>,
 }
 
-pub fn layer(metrics: Arc<Metrics>) -> ObserveLayer {
-    ObserveLayer { metrics }
-}
-
-#[derive(Clone, Debug)]
-pub struct ObserveLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
+pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Observe<S> + Clone> {
+    layer_fn(move |inner| Observe {
+        inner,
+        metrics: metrics.clone(),
+    })
 }
 
 #[derive(Clone, Debug)]
-pub struct Observe<S> {
+pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
@@ -67,14 +56,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let span = crate::trace::call_span(
+        let span = crate::telemetry::spans::call_span(
             req.method(),
             &call.integration.label,
             call.route_name(),
             req.headers(),
         );
         let access = call.integration.policy.access_log.then(|| {
-            let trace_id = crate::trace::trace_id(&span).or_else(|| {
+            let trace_id = crate::telemetry::spans::trace_id(&span).or_else(|| {
                 req.headers()
                     .get("traceparent")
                     .and_then(|v| v.to_str().ok())
@@ -189,12 +178,13 @@ fn record(
         }
     }
     let elapsed = call.started.elapsed();
-    call.integration.state.route_metrics[call.route]
+    call.route_state()
+        .metrics
         .get_or_init(|| RouteMetrics::new(metrics, &call.integration.label, call.route_name()))
         .record(metrics, outcome, status, elapsed.as_secs_f64());
     call.integration
         .state
-        .record_call(call.route, status, reason, broken, elapsed);
+        .record_call(status, reason, broken, elapsed);
 }
 
 /// The `outcome` label of a call served from fallback.

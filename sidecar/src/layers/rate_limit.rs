@@ -10,57 +10,40 @@
 //! it, whatever the integration's says.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderMap, Request};
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
-use super::{BoxFuture, Call, CallError, CallResult};
+use super::gate::{Admit, Gate, GateLayer};
+use super::{Call, CallError};
 use crate::answer::Reason;
-use crate::body::{ReqBody, RespBody};
+use crate::body::ReqBody;
 use crate::engine::limiter::{self, Denied, Limiter};
 use crate::state::Quota;
 use crate::telemetry::metrics::{BandLabels, DecisionLabels, Metrics, RouteLabels};
 use tollgate_crds::policy::RateLimitPolicy;
 use tollgate_crds::v1alpha1::OnLimit;
 
-pub fn layer(metrics: Arc<Metrics>) -> RateLimitLayer {
-    RateLimitLayer { metrics }
+pub(crate) fn layer(metrics: Arc<Metrics>) -> GateLayer<RateLimit> {
+    GateLayer::new(RateLimit { metrics })
 }
 
 #[derive(Clone, Debug)]
-pub struct RateLimitLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct RateLimit<S> {
-    inner: S,
+pub(crate) struct RateLimit {
     metrics: Arc<Metrics>,
 }
 
 /// Which of a call's quotas: the route's own (`spec.routes[].rateLimit`) or the integration's
 /// account quota (`spec.rateLimit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaKind {
+pub(crate) enum QuotaKind {
     Route,
     Integration,
 }
 
 impl QuotaKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             QuotaKind::Route => "route",
             QuotaKind::Integration => "integration",
@@ -70,17 +53,16 @@ impl QuotaKind {
 
 /// An attempt the quotas refused, with what the app is told about it.
 #[derive(Debug)]
-pub struct Refused {
-    pub denied: Denied,
+pub(crate) struct Refused {
+    pub(crate) denied: Denied,
     /// The refusing quota's spec path and partition header, for the answer's message.
-    pub which: String,
+    pub(crate) which: String,
 }
 
 /// The quotas `call` is under, route first, each with its policy and kind.
 fn quotas(call: &Call) -> impl Iterator<Item = (&Quota, QuotaKind)> {
-    let state = &call.integration.state;
-    let route = state.route_quotas.get(call.route).and_then(Option::as_ref);
-    let account = state.quota.as_ref();
+    let route = call.route_state().quota.as_ref();
+    let account = call.integration.state.quota.as_ref();
     route
         .map(|q| (q, QuotaKind::Route))
         .into_iter()
@@ -103,7 +85,7 @@ fn wait_policy(call: &Call) -> Option<&RateLimitPolicy> {
 ///
 /// Returns how long to wait before sending (`None`: no quota applies), and counts the decision
 /// in `tollgate_rate_limit_decisions_total` and `tollgate_rate_limit_partition_overflow_total`.
-pub fn charge(
+pub(crate) fn charge(
     call: &Call,
     headers: &HeaderMap,
     metrics: &Metrics,
@@ -182,41 +164,19 @@ pub fn charge(
     }
 }
 
-impl<S> Service<Request<ReqBody>> for RateLimit<S>
-where
-    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::Either<S::Future, BoxFuture<CallResult>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let call = Call::from_request(&req);
+impl Gate for RateLimit {
+    fn check(&self, req: &mut Request<ReqBody>, call: &Call) -> Result<Admit, CallError> {
         let charged = charge(
-            &call,
+            call,
             req.headers(),
             &self.metrics,
             Instant::now(),
             Duration::ZERO,
         );
         match charged {
-            None => futures::future::Either::Left(self.inner.call(req)),
-            Some(Ok(wait)) if wait.is_zero() => futures::future::Either::Left(self.inner.call(req)),
-            Some(Ok(wait)) => {
-                let mut inner = self.inner.clone();
-                futures::future::Either::Right(Box::pin(async move {
-                    tokio::time::sleep(wait).await;
-                    inner.call(req).await
-                }))
-            }
+            None => Ok(Admit::Now),
+            Some(Ok(wait)) if wait.is_zero() => Ok(Admit::Now),
+            Some(Ok(wait)) => Ok(Admit::After(wait)),
             Some(Err(Refused { denied, which })) => {
                 self.metrics
                     .rate_limited
@@ -230,7 +190,7 @@ where
                 let answer = call
                     .answer(Reason::RateLimited, msg)
                     .retry_after(denied.retry_after);
-                futures::future::Either::Right(Box::pin(std::future::ready(Err(answer.into()))))
+                Err(answer.into())
             }
         }
     }

@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, Request};
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::layer::{LayerFn, layer_fn};
+use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::{BoxFuture, Call, CallError, CallResult, rate_limit};
@@ -30,41 +31,29 @@ use crate::engine::{backoff, retry_after};
 use crate::telemetry::metrics::{Metrics, RouteLabels, SkipLabels};
 use tollgate_crds::policy::RetryPolicy;
 
-pub fn layer(metrics: Arc<Metrics>) -> RetryLayer {
-    RetryLayer { metrics }
+pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Retry<S> + Clone> {
+    layer_fn(move |inner| Retry {
+        inner,
+        metrics: metrics.clone(),
+    })
 }
 
 #[derive(Clone, Debug)]
-pub struct RetryLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Retry<S> {
+pub(crate) struct Retry<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
 
 /// Methods that may be repeated without changing the outcome (RFC 9110 section 9.2.2).
-pub fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
 }
 
-/// Whether this result is one the policy retries.
-pub fn retryable(policy: &RetryPolicy, result: &CallResult) -> bool {
+/// Whether the policy retries this result.
+pub(crate) fn should_retry(policy: &RetryPolicy, result: &CallResult) -> bool {
     let on = &policy.retry_on;
     match result {
         Ok(resp) => on.status(resp.status().as_u16()),
@@ -82,7 +71,7 @@ pub fn retryable(policy: &RetryPolicy, result: &CallResult) -> bool {
 }
 
 /// A fresh idempotency key (random, UUID-shaped).
-pub fn new_idempotency_key() -> HeaderValue {
+pub(crate) fn new_idempotency_key() -> HeaderValue {
     let b: [u8; 16] = rand::random();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     let key = format!(
@@ -114,130 +103,174 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let inner = self.inner.clone();
-        let metrics = self.metrics.clone();
-        let policy = &call.route_policy().retries;
-        if policy.generate_idempotency_key
-            && matches!(*req.method(), Method::POST | Method::PATCH)
-            && !req.headers().contains_key(&policy.idempotency_header)
-        {
-            req.headers_mut()
-                .insert(policy.idempotency_header.clone(), new_idempotency_key());
-        }
-        let budget = call
-            .integration
-            .state
-            .budgets
-            .get(call.route)
-            .map(|(_, b)| b.clone());
-        if let Some(b) = &budget {
-            b.record_request(Instant::now());
-        }
-        Box::pin(async move {
-            let policy = &call.route_policy().retries;
-            let may_repeat = is_idempotent(req.method())
-                || req.headers().contains_key(&policy.idempotency_header);
-            let mut req = req;
-            let mut n: u32 = 0;
-            loop {
-                n += 1;
-                call.attempts.store(n, Ordering::Relaxed);
-                // Keep a copy for the next attempt while one may follow.
-                let spare = if n < policy.max_attempts && may_repeat {
-                    req.body().try_clone().map(|body| {
-                        let mut r = Request::new(body);
-                        *r.method_mut() = req.method().clone();
-                        *r.uri_mut() = req.uri().clone();
-                        *r.version_mut() = req.version();
-                        *r.headers_mut() = req.headers().clone();
-                        *r.extensions_mut() = req.extensions().clone();
-                        r
-                    })
-                } else {
-                    None
-                };
-                let span = crate::trace::attempt_span(n);
-                let fut = {
-                    let _enter = span.enter();
-                    inner.clone().call(req)
-                };
-                let result = fut.instrument(span.clone()).await;
-                match &result {
-                    Ok(r) => {
-                        span.record("http.response.status_code", r.status().as_u16());
-                        if r.status().is_server_error() {
-                            span.record("otel.status_code", "ERROR");
-                        }
-                    }
-                    Err(e) => {
-                        span.record("error.type", error_type(e));
-                        span.record("otel.status_code", "ERROR");
-                    }
-                }
-                let Some(next) = spare else { return result };
-                if !retryable(policy, &result) {
-                    return result;
-                }
-                let now = Instant::now();
-                let mut delay = backoff::Backoff::new(policy.backoff_base, policy.backoff_max)
-                    .delay(n, &mut rand::rng());
-                if policy.respect_retry_after
-                    && let Ok(resp) = &result
-                    && let Some(asked) =
-                        retry_after::from_headers(resp.headers(), SystemTime::now())
-                {
-                    delay = delay.max(asked);
-                }
-                let skipped = |reason: &str| {
-                    metrics
-                        .retries_skipped
-                        .get_or_create(&SkipLabels {
-                            integration: call.integration.label.to_string(),
-                            route: call.route_name().to_string(),
-                            reason: reason.to_string(),
-                        })
-                        .inc();
-                };
-                // A retry that cannot finish its wait before the deadline is not attempted.
-                if now + delay + Duration::from_millis(1) >= call.deadline {
-                    skipped("deadline");
-                    return result;
-                }
-                if let Some(b) = &budget
-                    && !b.try_retry(now)
-                {
-                    tracing::debug!(integration = %call.integration.label, "retry budget exhausted");
-                    skipped("budget");
-                    return result;
-                }
-                // The partner counts this attempt against its quota: so does the sidecar.
-                let charged = rate_limit::charge(&call, next.headers(), &metrics, now, delay);
-                match charged {
-                    None => {}
-                    Some(Ok(wait)) => delay = delay.max(wait),
-                    Some(Err(refused)) => {
-                        tracing::debug!(
-                            integration = %call.integration.label,
-                            band = %refused.denied.band,
-                            "no quota token for a retry"
-                        );
-                        skipped("rate-limited");
-                        return result;
-                    }
-                }
-                metrics
-                    .retries
-                    .get_or_create(&RouteLabels {
-                        integration: call.integration.label.to_string(),
-                        route: call.route_name().to_string(),
-                    })
-                    .inc();
-                drop(result);
-                tokio::time::sleep(delay).await;
-                req = next;
-            }
-        })
+        add_idempotency_key(&mut req, &call.route_policy().retries);
+        call.route_state().budget.record_request(Instant::now());
+        // The service polled ready goes with the call; a clone stays behind for the next
+        // `poll_ready` (tower's `Service::call` docs).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(attempts(inner, req, call, self.metrics.clone()))
     }
+}
+
+/// With `generate: true`, a POST or PATCH without an idempotency key gets a fresh one, sent
+/// on every attempt.
+fn add_idempotency_key(req: &mut Request<ReqBody>, policy: &RetryPolicy) {
+    if policy.generate_idempotency_key
+        && matches!(*req.method(), Method::POST | Method::PATCH)
+        && !req.headers().contains_key(&policy.idempotency_header)
+    {
+        req.headers_mut()
+            .insert(policy.idempotency_header.clone(), new_idempotency_key());
+    }
+}
+
+/// Sends the attempts of one call until one is not retried; returns the last one's result.
+async fn attempts<S>(
+    mut inner: S,
+    mut req: Request<ReqBody>,
+    call: Arc<Call>,
+    metrics: Arc<Metrics>,
+) -> CallResult
+where
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
+{
+    let policy = &call.route_policy().retries;
+    let may_repeat =
+        is_idempotent(req.method()) || req.headers().contains_key(&policy.idempotency_header);
+    let mut n: u32 = 0;
+    loop {
+        n += 1;
+        call.attempts.store(n, Ordering::Relaxed);
+        // Keep a copy for the next attempt while one may follow.
+        let spare = if n < policy.max_attempts && may_repeat {
+            spare_copy(&req)
+        } else {
+            None
+        };
+        let result = send_attempt(&mut inner, req, n).await;
+        let Some(next) = spare else { return result };
+        if !should_retry(policy, &result) {
+            return result;
+        }
+        let delay = match admit_retry(&call, &metrics, &result, next.headers(), n) {
+            Ok(delay) => delay,
+            Err(skipped) => {
+                count_skipped(&metrics, &call, skipped);
+                return result;
+            }
+        };
+        metrics
+            .retries
+            .get_or_create(&RouteLabels {
+                integration: call.integration.label.to_string(),
+                route: call.route_name().to_string(),
+            })
+            .inc();
+        drop(result);
+        tokio::time::sleep(delay).await;
+        req = next;
+    }
+}
+
+/// A copy of `req` for another attempt; `None` when its body cannot be replayed (too large to
+/// buffer).
+fn spare_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    req.body().try_clone().map(|body| {
+        let mut r = Request::new(body);
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.version_mut() = req.version();
+        *r.headers_mut() = req.headers().clone();
+        *r.extensions_mut() = req.extensions().clone();
+        r
+    })
+}
+
+/// Attempt `n`, in its own span, once the inner service is ready.
+async fn send_attempt<S>(inner: &mut S, req: Request<ReqBody>, n: u32) -> CallResult
+where
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
+{
+    let svc = inner.ready().await?;
+    let span = crate::telemetry::spans::attempt_span(n);
+    let fut = {
+        let _enter = span.enter();
+        svc.call(req)
+    };
+    let result = fut.instrument(span.clone()).await;
+    match &result {
+        Ok(r) => {
+            span.record("http.response.status_code", r.status().as_u16());
+            if r.status().is_server_error() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        Err(e) => {
+            span.record("error.type", error_type(e));
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    result
+}
+
+/// How long to wait before retry `n + 1`: exponential backoff with full jitter, or the
+/// partner's `Retry-After` when it asks for longer.
+fn backoff(policy: &RetryPolicy, n: u32, result: &CallResult) -> Duration {
+    let mut delay = backoff::Backoff::from_policy(policy).delay(n, &mut rand::rng());
+    if policy.respect_retry_after
+        && let Ok(resp) = result
+        && let Some(asked) = retry_after::from_headers(resp.headers(), SystemTime::now())
+    {
+        delay = delay.max(asked);
+    }
+    delay
+}
+
+/// Whether the retry after attempt `n` may go, and after how long: it must end its wait before
+/// the deadline, find room in the retry budget and a token in the call's quotas. `Err`: why it
+/// is skipped (the `reason` of `tollgate_retries_skipped_total`).
+fn admit_retry(
+    call: &Call,
+    metrics: &Metrics,
+    result: &CallResult,
+    headers: &http::HeaderMap,
+    n: u32,
+) -> Result<Duration, &'static str> {
+    let policy = &call.route_policy().retries;
+    let now = Instant::now();
+    let delay = backoff(policy, n, result);
+    if now + delay + Duration::from_millis(1) >= call.deadline {
+        return Err("deadline");
+    }
+    if !call.route_state().budget.try_retry(now) {
+        tracing::debug!(integration = %call.integration.label, "retry budget exhausted");
+        return Err("budget");
+    }
+    // The partner counts this attempt against its quota: so does the sidecar.
+    match rate_limit::charge(call, headers, metrics, now, delay) {
+        None => Ok(delay),
+        Some(Ok(wait)) => Ok(delay.max(wait)),
+        Some(Err(refused)) => {
+            tracing::debug!(
+                integration = %call.integration.label,
+                band = %refused.denied.band,
+                "no quota token for a retry"
+            );
+            Err("rate-limited")
+        }
+    }
+}
+
+fn count_skipped(metrics: &Metrics, call: &Call, reason: &str) {
+    metrics
+        .retries_skipped
+        .get_or_create(&SkipLabels {
+            integration: call.integration.label.to_string(),
+            route: call.route_name().to_string(),
+            reason: reason.to_string(),
+        })
+        .inc();
 }
 
 fn error_type(e: &CallError) -> &'static str {

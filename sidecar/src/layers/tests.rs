@@ -1,4 +1,6 @@
-//! Each layer alone, on a paused clock, against a scripted inner service.
+//! Each layer alone, on a paused clock, against a mock inner service (`tower-test`: it sees
+//! what the layer forwards, answers as told, and panics when called without being polled
+//! ready) or a scripted one that answers by itself.
 
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
@@ -13,10 +15,11 @@ use crate::body::{self, ReqBody, RespBody};
 use crate::config::{Candidate, Revision, SecretSource, Source, build_revision};
 use crate::state::StateContext;
 
-struct NoSecrets;
-impl SecretSource for NoSecrets {
+/// Every secret reads `s3cret`.
+struct Secrets;
+impl SecretSource for Secrets {
     fn get(&self, _: &str, _: &tollgate_crds::v1alpha1::SecretKeyRef) -> Option<String> {
-        None
+        Some("s3cret".into())
     }
 }
 
@@ -28,9 +31,10 @@ fn integration(spec_yaml: &str) -> Arc<crate::config::Integration> {
         "r".into(),
         Source::Empty,
         vec![Candidate::Compiled(Box::new(policy))],
-        &NoSecrets,
+        &Secrets,
         &Revision::empty(),
         &ctx,
+        &Default::default(),
     );
     rev.integrations[0].clone()
 }
@@ -123,20 +127,6 @@ impl Service<Request<ReqBody>> for Scripted {
 
 fn metrics() -> Arc<crate::telemetry::metrics::Metrics> {
     Arc::default()
-}
-
-#[tokio::test(start_paused = true)]
-async fn attempt_timeout_is_the_request_timeout() {
-    let i = integration("upstream: {url: 'http://a.example'}\ntimeouts: {request: 2s, total: 30s}");
-    let inner = Scripted::new(vec![Reply::Hang]);
-    let started = Instant::now();
-    let err = timeout::layer()
-        .layer(inner)
-        .oneshot(request(&i, http::Method::GET))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, CallError::AttemptTimeout));
-    assert_eq!(started.elapsed(), Duration::from_secs(2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -381,4 +371,360 @@ async fn a_retry_that_would_end_past_the_deadline_is_counted_as_skipped() {
         text.contains(r#"tollgate_retries_skipped_total{integration="ns/p",route="default",reason="deadline"} 1"#),
         "{text}"
     );
+}
+
+// === against a tower-test mock ===
+
+type MockError = Box<dyn std::error::Error + Send + Sync>;
+type MockHandle = tower_test::mock::Handle<Request<ReqBody>, Response<RespBody>>;
+
+/// The mock's errors are boxed: a `CallError` sent through the handle comes out as itself.
+fn unbox(e: MockError) -> CallError {
+    match e.downcast::<CallError>() {
+        Ok(e) => *e,
+        Err(other) => CallError::Transport {
+            kind: crate::client::TransportFailure::Reset,
+            message: other.to_string(),
+        },
+    }
+}
+
+type Mock = tower::util::MapErr<
+    tower_test::mock::Mock<Request<ReqBody>, Response<RespBody>>,
+    fn(MockError) -> CallError,
+>;
+
+fn mock() -> (Mock, MockHandle) {
+    let (m, h) = tower_test::mock::pair();
+    (m.map_err(unbox as fn(_) -> _), h)
+}
+
+fn status(code: u16) -> Response<RespBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap();
+    resp
+}
+
+fn reason_of(err: CallError) -> crate::answer::Answer {
+    match err {
+        CallError::Answer(a) => a,
+        other => panic!("expected the sidecar's answer, got {other:?}"),
+    }
+}
+
+/// The next request the mock receives (a minute at most, so a layer that never sends fails).
+async fn next_request(
+    handle: &mut MockHandle,
+) -> (
+    Request<ReqBody>,
+    tower_test::mock::SendResponse<Response<RespBody>>,
+) {
+    tokio::time::timeout(Duration::from_secs(60), handle.next_request())
+        .await
+        .expect("a request reaches the partner within a minute")
+        .expect("a request reaches the partner")
+}
+
+/// Once the layer under test is gone: no request reached the mock beyond those already taken.
+async fn nothing_more_reaches_the_partner(handle: &mut MockHandle) {
+    assert!(
+        handle.next_request().await.is_none(),
+        "a request reached the partner"
+    );
+}
+
+/// Answers the next request the mock receives with `code`; returns that request.
+async fn answer_next(handle: &mut MockHandle, code: u16) -> Request<ReqBody> {
+    let (req, send) = next_request(handle).await;
+    send.send_response(status(code));
+    req
+}
+
+#[tokio::test]
+async fn kill_switch_on_answers_503_and_never_calls_the_partner() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nkillSwitch: {enabled: true, reason: INC-7}",
+    );
+    let (inner, mut handle) = mock();
+    let err = kill_switch::layer()
+        .layer(inner)
+        .oneshot(request(&i, http::Method::GET))
+        .await
+        .unwrap_err();
+    let a = reason_of(err);
+    assert_eq!(a.reason, crate::answer::Reason::KillSwitch);
+    assert_eq!(a.reason.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.message, "kill switch is on: INC-7");
+    nothing_more_reaches_the_partner(&mut handle).await;
+}
+
+#[tokio::test]
+async fn kill_switch_off_forwards_the_request() {
+    let i = integration("upstream: {url: 'http://a.example'}");
+    let (inner, mut handle) = mock();
+    let call = tokio::spawn(
+        kill_switch::layer()
+            .layer(inner)
+            .oneshot(request(&i, http::Method::GET)),
+    );
+    answer_next(&mut handle, 204).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 204);
+}
+
+#[tokio::test]
+async fn a_gate_is_ready_only_when_its_inner_service_is() {
+    let i = integration("upstream: {url: 'http://a.example'}");
+    let (inner, mut handle) = mock();
+    handle.allow(0);
+    let mut svc = tower_test::mock::Spawn::new(kill_switch::layer().layer(inner));
+    assert!(svc.poll_ready().is_pending());
+    handle.allow(1);
+    assert!(svc.is_woken());
+    assert!(matches!(svc.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    let fut = svc.call(request(&i, http::Method::GET));
+    answer_next(&mut handle, 200).await;
+    assert_eq!(fut.await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn version_gate_refuses_a_denied_prefix_and_pins_headers_on_the_rest() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nversioning: {pinHeaders: {X-Api-Version: '2024-06-20'}, deniedPathPrefixes: [/v0]}",
+    );
+    let (inner, mut handle) = mock();
+    let svc = version_gate::layer().layer(inner);
+    let mut denied = request(&i, http::Method::GET);
+    *denied.uri_mut() = "/v0/charges".parse().unwrap();
+    let a = reason_of(svc.clone().oneshot(denied).await.unwrap_err());
+    assert_eq!(a.reason, crate::answer::Reason::DeprecatedVersion);
+    assert_eq!(a.reason.status(), StatusCode::GONE);
+
+    let mut req = request(&i, http::Method::GET);
+    req.headers_mut()
+        .insert("x-api-version", "1999-01-01".parse().unwrap());
+    let call = tokio::spawn(svc.oneshot(req));
+    let sent = answer_next(&mut handle, 200).await;
+    assert_eq!(
+        sent.uri().path(),
+        "/x",
+        "the denied one never reached the partner"
+    );
+    assert_eq!(sent.headers()["x-api-version"], "2024-06-20");
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn credentials_replace_whatever_the_app_sent() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\ncredentials: {secretRef: {name: api, key: token}, header: Authorization, format: 'Bearer {value}', allowInsecure: true}",
+    );
+    let (inner, mut handle) = mock();
+    let mut req = request(&i, http::Method::GET);
+    req.headers_mut()
+        .insert("authorization", "Bearer app-guess".parse().unwrap());
+    let call = tokio::spawn(credentials::layer().layer(inner).oneshot(req));
+    let sent = answer_next(&mut handle, 200).await;
+    let values: Vec<_> = sent.headers().get_all("authorization").iter().collect();
+    assert_eq!(values, ["Bearer s3cret"]);
+    call.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_over_the_quota_answers_429_without_calling_the_partner() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nrateLimit: {limits: [{name: b, requests: 1, per: 10s}]}",
+    );
+    let (inner, mut handle) = mock();
+    let svc = rate_limit::layer(metrics()).layer(inner);
+    let first = tokio::spawn(svc.clone().oneshot(request(&i, http::Method::GET)));
+    answer_next(&mut handle, 200).await;
+    first.await.unwrap().unwrap();
+    let a = reason_of(
+        svc.oneshot(request(&i, http::Method::GET))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(a.reason, crate::answer::Reason::RateLimited);
+    assert_eq!(a.retry_after, Some(Duration::from_secs(10)));
+    nothing_more_reaches_the_partner(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_propagates_readiness_and_a_queued_request_keeps_its_ready_service() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nrateLimit: {onLimit: queue, maxQueueWait: 5s, limits: [{name: b, requests: 1, per: 1s}]}",
+    );
+    let (inner, mut handle) = mock();
+    handle.allow(0);
+    let mut svc = tower_test::mock::Spawn::new(rate_limit::layer(metrics()).layer(inner));
+    assert!(
+        svc.poll_ready().is_pending(),
+        "not ready while the partner is not"
+    );
+    handle.allow(1);
+    assert!(matches!(svc.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    let first = svc.call(request(&i, http::Method::GET));
+    handle.allow(1);
+    assert!(matches!(svc.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    // Queued for the next token: the service polled ready goes with it (calling a clone that
+    // was never polled would panic in the mock).
+    let second = tokio::spawn(svc.call(request(&i, http::Method::GET)));
+    let started = Instant::now();
+    answer_next(&mut handle, 200).await;
+    assert_eq!(first.await.unwrap().status(), 200);
+    answer_next(&mut handle, 201).await;
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(1),
+        "waited for its token"
+    );
+    assert_eq!(second.await.unwrap().unwrap().status(), 201);
+}
+
+#[tokio::test(start_paused = true)]
+async fn circuit_breaker_open_answers_without_calling_the_partner() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\ncircuitBreaker: {consecutiveFailures: 1, openDuration: 10s}",
+    );
+    let (inner, mut handle) = mock();
+    let svc = circuit_breaker::layer().layer(inner);
+    let first = tokio::spawn(svc.clone().oneshot(request(&i, http::Method::GET)));
+    answer_next(&mut handle, 502).await;
+    assert_eq!(first.await.unwrap().unwrap().status(), 502);
+    let a = reason_of(
+        svc.oneshot(request(&i, http::Method::GET))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(a.reason, crate::answer::Reason::CircuitOpen);
+    nothing_more_reaches_the_partner(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_sends_a_retriable_failure_again_once_the_partner_is_ready() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 1ms}}",
+    );
+    let (inner, mut handle) = mock();
+    handle.allow(1);
+    let mut svc = tower_test::mock::Spawn::new(retry::layer(metrics()).layer(inner));
+    assert!(matches!(svc.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    let call = tokio::spawn(svc.call(request(&i, http::Method::GET)));
+    answer_next(&mut handle, 503).await;
+    // The retry waits for the partner to be ready again (the mock panics on a call made
+    // without it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!call.is_finished());
+    handle.allow(1);
+    answer_next(&mut handle, 200).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_never_repeats_a_post_without_an_idempotency_key() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nretries: {maxAttempts: 3, backoff: {base: 1ms, max: 1ms}}",
+    );
+    let (inner, mut handle) = mock();
+    let call = tokio::spawn(
+        retry::layer(metrics())
+            .layer(inner)
+            .oneshot(request(&i, http::Method::POST)),
+    );
+    answer_next(&mut handle, 503).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    nothing_more_reaches_the_partner(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_ends_an_attempt_the_partner_does_not_answer() {
+    let i = integration("upstream: {url: 'http://a.example'}\ntimeouts: {request: 2s, total: 30s}");
+    let (inner, mut handle) = mock();
+    let call = tokio::spawn(
+        timeout::layer()
+            .layer(inner)
+            .oneshot(request(&i, http::Method::GET)),
+    );
+    let (_req, _unanswered) = next_request(&mut handle).await;
+    let started = Instant::now();
+    assert!(matches!(
+        call.await.unwrap(),
+        Err(CallError::AttemptTimeout)
+    ));
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_answers_a_failed_call_with_the_static_response() {
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\nfallback:\n  response: {status: 200, body: degraded}",
+    );
+    let (inner, mut handle) = mock();
+    let call = tokio::spawn(
+        fallback::layer()
+            .layer(inner)
+            .oneshot(request(&i, http::Method::GET)),
+    );
+    let (_req, send) = next_request(&mut handle).await;
+    send.send_error(CallError::Transport {
+        kind: crate::client::TransportFailure::Connect,
+        message: "refused".into(),
+    });
+    let resp = call.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()[crate::answer::FALLBACK_HEADER], "static");
+    assert_eq!(
+        resp.headers()[crate::answer::REASON_HEADER],
+        "upstream-unreachable"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn contract_marks_a_2xx_that_breaks_the_rule() {
+    use http_body_util::BodyExt;
+    let i = integration(
+        "upstream: {url: 'http://a.example'}\ncontract: {success: {jsonPath: $.status, equals: ok}}",
+    );
+    let (inner, mut handle) = mock();
+    let m = metrics();
+    let call = tokio::spawn(
+        contract::layer(m.clone())
+            .layer(inner)
+            .oneshot(request(&i, http::Method::GET)),
+    );
+    let (_req, send) = next_request(&mut handle).await;
+    send.send_response(Response::new(body::full(r#"{"status": "failed"}"#)));
+    let resp = call.await.unwrap().unwrap();
+    let probe = contract::probe(resp.extensions()).expect("a 2xx is checked");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &body[..],
+        br#"{"status": "failed"}"#,
+        "the app's answer is unchanged"
+    );
+    assert!(probe.broken());
+    assert!(
+        m.encode().contains(r#"tollgate_contract_violations_total{integration="ns/p",route="default",kind="success-rule"} 1"#),
+        "{}",
+        m.encode()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn observe_turns_an_error_into_the_sidecars_answer() {
+    let i = integration("upstream: {url: 'http://a.example'}");
+    let (inner, mut handle) = mock();
+    let call = tokio::spawn(
+        observe::layer(metrics())
+            .layer(inner)
+            .oneshot(request(&i, http::Method::GET)),
+    );
+    let (req, send) = next_request(&mut handle).await;
+    let c = Call::from_request(&req);
+    send.send_error(CallError::Answer(
+        c.answer(crate::answer::Reason::KillSwitch, "off"),
+    ));
+    let resp = call.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()[crate::answer::REASON_HEADER], "kill-switch");
 }

@@ -8,27 +8,18 @@ use std::task::{Context, Poll};
 
 use http::Request;
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::Service;
+use tower::layer::{LayerFn, layer_fn};
 
 use super::{BoxFuture, Call, CallError, CallResult};
 use crate::body::{self, ReqBody, RespBody};
 
-pub fn layer() -> TimeoutLayer {
-    TimeoutLayer
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct TimeoutLayer;
-
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout { inner }
-    }
+pub(crate) fn layer<S>() -> LayerFn<fn(S) -> Timeout<S>> {
+    layer_fn(|inner| Timeout { inner })
 }
 
 #[derive(Clone, Debug)]
-pub struct Timeout<S> {
+pub(crate) struct Timeout<S> {
     inner: S,
 }
 

@@ -152,54 +152,49 @@ impl Proxy {
             };
         };
         drop(revision);
+        match self.prepare_call(integration, req).await {
+            Ok(req) => match self.stack.clone().oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+            Err(answer) => answer.into_response(),
+        }
+    }
 
+    /// A request to a partner made ready for the policy stack: its path in normal form (and in
+    /// origin form, the `send` layer builds the partner's URL), its route matched, its body
+    /// buffered up to `--replay-limit`, hop-by-hop headers gone, and its [`Call`] attached.
+    async fn prepare_call(
+        &self,
+        integration: Arc<crate::config::Integration>,
+        req: Request<Incoming>,
+    ) -> Result<Request<body::ReqBody>, Answer> {
         let (mut parts, incoming) = req.into_parts();
         let started = Instant::now();
+        let bad_path = |e: &dyn std::fmt::Display| {
+            Answer::new(Reason::BadRequest, format!("request path: {e}"))
+                .at(&integration.label, DEFAULT_ROUTE)
+        };
         // Policy matches the normal form of the path, and the partner receives that same form:
         // a spelling that matched nothing here (`//v0`, `/v1/../v0`) cannot mean more there.
-        let path = match normalize_path(parts.uri.path()) {
-            Ok(p) => p,
-            Err(e) => {
-                return Answer::new(Reason::BadRequest, format!("request path: {e}"))
-                    .at(&integration.label, DEFAULT_ROUTE)
-                    .into_response();
-            }
-        };
+        let path = normalize_path(parts.uri.path()).map_err(|e| bad_path(&e))?;
         let pq = match parts.uri.query() {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        let pq = match PathAndQuery::try_from(pq) {
-            Ok(pq) => pq,
-            Err(e) => {
-                return Answer::new(Reason::BadRequest, format!("request path: {e}"))
-                    .at(&integration.label, DEFAULT_ROUTE)
-                    .into_response();
-            }
-        };
+        let pq = PathAndQuery::try_from(pq).map_err(|e| bad_path(&e))?;
         let route = integration.route_index(&parts.method, pq.path());
         let route_policy = integration.route(route);
-        let label = integration.label.clone();
-        let body = match body::prepare(
+        let body = body::prepare(
             incoming,
             self.options.replay_limit,
             self.options.max_body_bytes,
         )
         .await
-        {
-            Ok(b) => b,
-            Err(e @ BodyError::TooLarge { .. }) => {
-                return Answer::new(Reason::BadRequest, e.to_string())
-                    .at(&label, &route_policy.name)
-                    .into_response();
-            }
-            Err(e @ BodyError::Read(_)) => {
-                return Answer::new(Reason::BadRequest, e.to_string())
-                    .at(&label, &route_policy.name)
-                    .into_response();
-            }
-        };
-        // Absolute-form becomes origin-form: the client layer builds the partner's URL.
+        .map_err(|e: BodyError| {
+            Answer::new(Reason::BadRequest, e.to_string())
+                .at(&integration.label, &route_policy.name)
+        })?;
         parts.uri = Uri::from(pq);
         strip_hop_by_hop(&mut parts.headers);
         let deadline = started + route_policy.timeouts.total;
@@ -211,11 +206,7 @@ impl Proxy {
             attempts: AtomicU32::new(0),
         });
         parts.extensions.insert(call);
-        let req = Request::from_parts(parts, body);
-        match self.stack.clone().oneshot(req).await {
-            Ok(resp) => resp,
-            Err(never) => match never {},
-        }
+        Ok(Request::from_parts(parts, body))
     }
 
     /// Whether `t` is this sidecar's listener, whatever address names it: the listener's port
@@ -285,7 +276,7 @@ impl Proxy {
             }
             Err(e) => Answer::new(
                 Reason::UpstreamUnreachable,
-                format!("{authority}: {}", crate::layers::client::error_chain(&e)),
+                format!("{authority}: {}", crate::layers::send::error_chain(&e)),
             )
             .into_response(),
         }

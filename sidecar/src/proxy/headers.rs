@@ -24,7 +24,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ///
 /// One pass over the (few) headers present finds what to remove, so the common message
 /// with none, or with only `Connection: keep-alive`, pays no lookups for absent names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if HOP_BY_HOP.contains(name) {

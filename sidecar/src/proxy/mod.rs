@@ -1,11 +1,35 @@
 //! The outbound listener: forward proxy (absolute-form, for `HTTP_PROXY`), origin-form routed by
 //! `Host`, and `CONNECT` tunnels.
+//!
+//! # From accept to answer
+//!
+//! 1. [`server::serve`] runs [`server::accept_loop`]: at most `--max-connections` at once, a
+//!    graceful drain at shutdown. The transparent listener ([`crate::transparent::serve`]) and
+//!    TLS interception ([`crate::intercept::serve`]) join the same path at step 2.
+//! 2. [`server::serve_connection`] serves the connection with hyper's HTTP/1.1 server behind the
+//!    smuggling guard ([`sniff::SniffIo`]), which gives one [`sniff::Verdict`] per request head.
+//! 3. [`handler::Proxy::handle`] takes each request: refuses a smuggling attempt, finds its
+//!    target ([`handler::target`]) and refuses a loop to this listener; a `CONNECT` goes to
+//!    [`tunnel::handle`] (interception, or the L4 policy of [`tunnel::admit`] and
+//!    [`tunnel::connect`], then a splice); a host no integration claims is passed through or
+//!    denied (`--unknown-hosts`).
+//! 4. [`handler::Proxy::prepare_call`] makes a partner request ready: the path in normal form,
+//!    the route matched, the body buffered up to `--replay-limit`, and a
+//!    [`crate::layers::Call`] attached (integration, route, total deadline).
+//! 5. The policy stack ([`crate::layers::stack`]) runs it, outermost first: `observe` (span,
+//!    metrics, errors into answers), `fallback`, the gates (kill switch, version gate, rate
+//!    limit: [`crate::layers::gate`]), `circuit_breaker`, `contract`, `retry`, `timeout`,
+//!    `credentials` (a gate too), and `send`, which sends one attempt over the integration's
+//!    connection pool ([`crate::pool`]). Each layer reads its route's state from
+//!    [`crate::layers::Call::route_state`].
+//! 6. The answer streams back to the app through the layers' body wrappers; the call is
+//!    recorded (metrics, span, access log, breaker) when its body ends.
 
 pub mod handler;
-pub mod headers;
+pub(crate) mod headers;
 pub mod server;
 pub mod sniff;
-pub mod tunnel;
+pub(crate) mod tunnel;
 
 use std::net::SocketAddr;
 use std::time::Duration;

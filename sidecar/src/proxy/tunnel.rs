@@ -10,16 +10,18 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::UnknownHosts;
 use super::handler::{Proxy, Target};
 use crate::answer::{Answer, Reason};
 use crate::body::{self, RespBody};
+use crate::config::Integration;
 use crate::telemetry::metrics::TunnelLabels;
 
-pub async fn handle(
+pub(crate) async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
     target: Target,
@@ -57,20 +59,7 @@ pub async fn handle(
         return resp;
     }
     let (label, connect_timeout) = match &integration {
-        Some(i) => {
-            let ks = &i.policy.default_route.kill_switch;
-            if ks.enabled {
-                count(&proxy, &i.label, "kill-switch");
-                let msg = match ks.reason.as_deref().filter(|r| !r.is_empty()) {
-                    Some(r) => format!("kill switch is on: {r}"),
-                    None => "kill switch is on".into(),
-                };
-                return Answer::new(Reason::KillSwitch, msg)
-                    .at(&i.label, "tunnel")
-                    .into_response();
-            }
-            (i.label.to_string(), i.policy.upstream.connect_timeout)
-        }
+        Some(i) => (i.label.to_string(), i.policy.upstream.connect_timeout),
         None if proxy.options.unknown_hosts == UnknownHosts::Deny => {
             return Answer::new(
                 Reason::UnknownHost,
@@ -83,25 +72,17 @@ pub async fn handle(
         }
         None => ("".to_string(), proxy.options.passthrough_connect_timeout),
     };
-    let answer_at = |reason: Reason, msg: String| {
-        let a = Answer::new(reason, msg);
+    let answer = |refusal: Refusal, addr: &str| {
+        let a = refusal.answer(addr, proxy.options.max_tunnels);
         if label.is_empty() {
             a
         } else {
             a.at(&label, "tunnel")
         }
     };
-    let Ok(permit) = proxy.tunnels.clone().try_acquire_owned() else {
-        count(&proxy, &label, "limited");
-        return answer_at(
-            Reason::RateLimited,
-            format!(
-                "{} tunnels already open (--max-tunnels)",
-                proxy.options.max_tunnels
-            ),
-        )
-        .retry_after(Duration::from_secs(1))
-        .into_response();
+    let permit = match admit(&proxy, integration.as_deref(), &label) {
+        Ok(p) => p,
+        Err(refusal) => return answer(refusal, &target.host).into_response(),
     };
     let addr = format!(
         "{}:{port}",
@@ -111,30 +92,14 @@ pub async fn handle(
             target.host.clone()
         }
     );
-    let span = tracing::info_span!(target: crate::trace::TARGET, "tollgate.tunnel", otel.kind = "client", tollgate.integration = %label, server.address = %target.host, server.port = port);
-    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(&addr))
+    let span = tracing::info_span!(target: crate::telemetry::spans::TARGET, "tollgate.tunnel", otel.kind = "client", tollgate.integration = %label, server.address = %target.host, server.port = port);
+    let upstream = match connect(&proxy, &label, addr.as_str(), connect_timeout)
         .instrument(span.clone())
         .await
     {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            count(&proxy, &label, "upstream-unreachable");
-            return answer_at(Reason::UpstreamUnreachable, format!("{addr}: {e}")).into_response();
-        }
-        Err(_) => {
-            count(&proxy, &label, "timeout");
-            return answer_at(
-                Reason::Timeout,
-                format!(
-                    "{addr}: no connection within {}",
-                    tollgate_crds::duration::format(connect_timeout)
-                ),
-            )
-            .into_response();
-        }
+        Ok(s) => s,
+        Err(refusal) => return answer(refusal, &addr).into_response(),
     };
-    let _ = upstream.set_nodelay(true);
-    count(&proxy, &label, "established");
     tokio::spawn(
         async move {
             let _permit = permit;
@@ -154,6 +119,103 @@ pub async fn handle(
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::OK;
     resp
+}
+
+/// Why an opaque tunnel was not opened.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The integration's kill switch is on; what the app is told.
+    KillSwitch(String),
+    /// `--max-tunnels` are open.
+    Limited,
+    Unreachable(std::io::Error),
+    /// No connection within the connect deadline.
+    Timeout(Duration),
+}
+
+impl Refusal {
+    /// The sidecar's reason for it (`tollgate.reason` on the tunnel's span).
+    pub(crate) fn reason(&self) -> Reason {
+        match self {
+            Refusal::KillSwitch(_) => Reason::KillSwitch,
+            Refusal::Limited => Reason::RateLimited,
+            Refusal::Unreachable(_) => Reason::UpstreamUnreachable,
+            Refusal::Timeout(_) => Reason::Timeout,
+        }
+    }
+
+    /// The `outcome` label of `tollgate_tunnels_total`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Refusal::Limited => "limited",
+            other => other.reason().as_str(),
+        }
+    }
+
+    /// The answer to a `CONNECT` refused for this reason; `addr`: where the tunnel was going.
+    fn answer(self, addr: &str, max_tunnels: usize) -> Answer {
+        match self {
+            Refusal::KillSwitch(message) => Answer::new(Reason::KillSwitch, message),
+            Refusal::Limited => Answer::new(
+                Reason::RateLimited,
+                format!("{max_tunnels} tunnels already open (--max-tunnels)"),
+            )
+            .retry_after(Duration::from_secs(1)),
+            Refusal::Unreachable(e) => {
+                Answer::new(Reason::UpstreamUnreachable, format!("{addr}: {e}"))
+            }
+            Refusal::Timeout(d) => Answer::new(
+                Reason::Timeout,
+                format!(
+                    "{addr}: no connection within {}",
+                    tollgate_crds::duration::format(d)
+                ),
+            ),
+        }
+    }
+}
+
+/// The first half of the L4 policy of an opaque tunnel, `CONNECT` or a partner's TLS on the
+/// transparent listener: the integration's kill switch (none for a host no integration claims),
+/// then the tunnel limit. `Ok`: the tunnel's slot, held while it is open. A refusal is counted
+/// in `tollgate_tunnels_total` under `label`.
+pub(crate) fn admit(
+    proxy: &Proxy,
+    integration: Option<&Integration>,
+    label: &str,
+) -> Result<OwnedSemaphorePermit, Refusal> {
+    let refusal = match integration
+        .and_then(|i| crate::layers::kill_switch::refusal(&i.policy.default_route.kill_switch))
+    {
+        Some(message) => Refusal::KillSwitch(message),
+        None => match proxy.tunnels.clone().try_acquire_owned() {
+            Ok(permit) => return Ok(permit),
+            Err(_) => Refusal::Limited,
+        },
+    };
+    count(proxy, label, refusal.outcome());
+    Err(refusal)
+}
+
+/// The second half: connects to the tunnel's far end within `connect_timeout`, counting
+/// `established` or why not.
+pub(crate) async fn connect(
+    proxy: &Proxy,
+    label: &str,
+    addr: impl ToSocketAddrs,
+    connect_timeout: Duration,
+) -> Result<TcpStream, Refusal> {
+    let refusal = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            count(proxy, label, "established");
+            return Ok(s);
+        }
+        Ok(Err(e)) => Refusal::Unreachable(e),
+        Err(_) => Refusal::Timeout(connect_timeout),
+    };
+    count(proxy, label, refusal.outcome());
+    Err(refusal)
 }
 
 fn count(proxy: &Proxy, integration: &str, outcome: &str) {

@@ -15,20 +15,20 @@ use serde::Serialize;
 use crate::telemetry::metrics::Metrics;
 
 /// Longest path logged; a longer one is cut at a character boundary.
-pub const MAX_PATH_BYTES: usize = 1024;
+pub(crate) const MAX_PATH_BYTES: usize = 1024;
 /// Lines waiting for the writer.
 const QUEUE: usize = 4096;
 
 /// What is known of a call when it starts.
 #[derive(Debug, Clone)]
-pub struct Start {
-    pub method: String,
-    pub path: String,
-    pub trace_id: Option<String>,
+pub(crate) struct Start {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) trace_id: Option<String>,
 }
 
 impl Start {
-    pub fn new(method: &http::Method, uri: &http::Uri, trace_id: Option<String>) -> Self {
+    pub(crate) fn new(method: &http::Method, uri: &http::Uri, trace_id: Option<String>) -> Self {
         Start {
             method: method.as_str().to_string(),
             path: cut(uri.path(), MAX_PATH_BYTES).to_string(),
@@ -39,20 +39,20 @@ impl Start {
 
 /// One line.
 #[derive(Debug, Serialize)]
-pub struct Line<'a> {
-    pub integration: &'a str,
-    pub route: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub status: u16,
-    pub attempts: u32,
-    pub duration_ms: f64,
-    pub outcome: &'a str,
-    pub trace_id: Option<&'a str>,
+pub(crate) struct Line<'a> {
+    pub(crate) integration: &'a str,
+    pub(crate) route: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) status: u16,
+    pub(crate) attempts: u32,
+    pub(crate) duration_ms: f64,
+    pub(crate) outcome: &'a str,
+    pub(crate) trace_id: Option<&'a str>,
 }
 
 /// Queues a line for stdout.
-pub fn write(line: &Line<'_>, metrics: &Metrics) {
+pub(crate) fn write(line: &Line<'_>, metrics: &Metrics) {
     let Ok(mut bytes) = serde_json::to_vec(line) else {
         return;
     };
@@ -90,7 +90,7 @@ fn writer() -> &'static SyncSender<Vec<u8>> {
 
 /// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed
 /// and not all zeros.
-pub fn traceparent_trace_id(v: &str) -> Option<String> {
+pub(crate) fn traceparent_trace_id(v: &str) -> Option<String> {
     let mut parts = v.trim().split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);

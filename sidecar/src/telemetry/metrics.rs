@@ -398,16 +398,15 @@ impl Metrics {
                     })
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
-            for (route, state) in i.state.breaker_states(&i.policy, now) {
+            for (route, state) in i.state.breaker_states(now) {
                 self.circuit_state
                     .get_or_create(&RouteLabels {
                         integration: i.label.to_string(),
                         route,
                     })
-                    .set(state);
+                    .set(crate::engine::breaker::gauge(state));
             }
-            for index in 0..=i.policy.routes.len() {
-                let r = i.route(index);
+            for r in i.routes() {
                 self.kill_switch
                     .get_or_create(&RouteLabels {
                         integration: i.label.to_string(),

@@ -1,5 +1,6 @@
 //! Metrics (Prometheus text on the admin listener) and traces (OTLP).
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod metrics;
-pub mod tracing;
+pub(crate) mod spans;
+pub mod subscriber;

@@ -14,14 +14,14 @@ use crate::proxy::sniff::{Framer, Verdicts};
 /// A connection whose first bytes were already read: reads return them first, then the rest
 /// of the stream, so whoever reads next sees the connection from its first byte.
 #[derive(Debug)]
-pub struct Prefixed<T> {
+pub(crate) struct Prefixed<T> {
     prefix: Vec<u8>,
     pos: usize,
     inner: T,
 }
 
 impl<T> Prefixed<T> {
-    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
+    pub(crate) fn new(prefix: Vec<u8>, inner: T) -> Self {
         Prefixed {
             prefix,
             pos: 0,
@@ -58,7 +58,7 @@ crate::io::write_through!(Prefixed);
 /// completes a head naming a partner fails instead of returning, so that request is never
 /// forwarded and the splice ends. The guard stops following where the framer does: after an
 /// upgrade or a `CONNECT`, or at a head it cannot parse within the head limit.
-pub struct Watched<T> {
+pub(crate) struct Watched<T> {
     inner: T,
     framer: Framer,
     verdicts: Verdicts,
@@ -66,7 +66,7 @@ pub struct Watched<T> {
 }
 
 impl<T> Watched<T> {
-    pub fn new(
+    pub(crate) fn new(
         inner: T,
         max_head: usize,
         is_partner: impl Fn(&httparse::Request<'_, '_>) -> bool + Send + 'static,

@@ -21,7 +21,7 @@
 //! handler, other TLS an `access_denied` alert, anything else is closed.
 
 pub mod detect;
-pub mod io;
+pub(crate) mod io;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -42,7 +42,8 @@ use crate::config::Integration;
 use crate::proxy::UnknownHosts;
 use crate::proxy::handler::Proxy;
 use crate::proxy::server;
-use crate::telemetry::metrics::{InterceptLabels, TunnelLabels};
+use crate::proxy::tunnel::{self, Refusal};
+use crate::telemetry::metrics::InterceptLabels;
 
 /// The transparent listener's flag.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -144,7 +145,7 @@ pub async fn serve(
 
 /// What the transparent listener did with a connection, for `tollgate_intercepted_connections_total`.
 #[derive(Debug, Clone, Copy)]
-enum Outcome {
+enum Handling {
     /// Served by the forward proxy's handler.
     Proxy,
     /// A partner's TLS, at L4.
@@ -156,20 +157,20 @@ enum Outcome {
     Closed,
 }
 
-impl Outcome {
+impl Handling {
     fn as_str(self) -> &'static str {
         match self {
-            Outcome::Proxy => "proxy",
-            Outcome::Tunnel => "tunnel",
-            Outcome::Intercept => "intercept",
-            Outcome::Splice => "splice",
-            Outcome::Denied => "denied",
-            Outcome::Closed => "closed",
+            Handling::Proxy => "proxy",
+            Handling::Tunnel => "tunnel",
+            Handling::Intercept => "intercept",
+            Handling::Splice => "splice",
+            Handling::Denied => "denied",
+            Handling::Closed => "closed",
         }
     }
 }
 
-fn count(proxy: &Proxy, protocol: &str, outcome: Outcome) {
+fn count(proxy: &Proxy, protocol: &str, outcome: Handling) {
     proxy
         .metrics
         .intercepted
@@ -206,7 +207,7 @@ async fn intercept(
         Ok(_) | Err(_) => {
             // Dialled directly, not redirected: there is nowhere to send it (and dialling our
             // own address would loop).
-            count(&proxy, "none", Outcome::Closed);
+            count(&proxy, "none", Handling::Closed);
             tracing::warn!(%peer, "connection to the transparent listener was not redirected; closing");
             return;
         }
@@ -221,12 +222,12 @@ async fn intercept(
     {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            count(&proxy, "none", Outcome::Closed);
+            count(&proxy, "none", Handling::Closed);
             tracing::debug!(%peer, %orig, error = %e, "redirected connection failed before it could be classified");
             return;
         }
         Err(_) => {
-            count(&proxy, "none", Outcome::Closed);
+            count(&proxy, "none", Handling::Closed);
             tracing::debug!(%peer, %orig, "redirected connection sent no request head or ClientHello in time; closing");
             return;
         }
@@ -241,14 +242,14 @@ async fn intercept(
                     &proxy,
                     "http",
                     if partner {
-                        Outcome::Proxy
+                        Handling::Proxy
                     } else {
-                        Outcome::Denied
+                        Handling::Denied
                     },
                 );
                 serve_http(app, proxy, &builder, drain, peer).await;
             } else {
-                count(&proxy, "http", Outcome::Splice);
+                count(&proxy, "http", Handling::Splice);
                 let watched = {
                     let p = proxy.clone();
                     Watched::new(app, max_head, move |req| {
@@ -260,7 +261,7 @@ async fn intercept(
         }
         First::HttpTooLarge => {
             // Its host cannot be read: the handler refuses it (431), as on --listen.
-            count(&proxy, "http", Outcome::Proxy);
+            count(&proxy, "http", Handling::Proxy);
             serve_http(app, proxy, &builder, drain, peer).await;
         }
         First::Tls { sni } => {
@@ -270,30 +271,30 @@ async fn intercept(
             let host = sni.clone().unwrap_or_default();
             match integration {
                 Some(i) if proxy.intercept.for_integration(&i).is_some() => {
-                    count(&proxy, "tls", Outcome::Intercept);
+                    count(&proxy, "tls", Handling::Intercept);
                     let interceptor = proxy.intercept.clone();
                     if let Some(ca) = interceptor.for_integration(&i) {
                         crate::intercept::serve(app, ca, &host, proxy, Some(drain)).await;
                     }
                 }
                 Some(i) => {
-                    count(&proxy, "tls", Outcome::Tunnel);
+                    count(&proxy, "tls", Handling::Tunnel);
                     partner_tls(&proxy, i, app, orig, host).await;
                 }
                 None if deny => {
-                    count(&proxy, "tls", Outcome::Denied);
+                    count(&proxy, "tls", Handling::Denied);
                     refuse_tls(app).await;
                 }
                 None => {
-                    count(&proxy, "tls", Outcome::Splice);
+                    count(&proxy, "tls", Handling::Splice);
                     splice(app, orig, proxy.options.passthrough_connect_timeout).await;
                 }
             }
         }
         // `peek` returns NeedMore never: it decides at the end of the stream or the limit.
-        First::Opaque | First::NeedMore if deny => count(&proxy, "opaque", Outcome::Denied),
+        First::Opaque | First::NeedMore if deny => count(&proxy, "opaque", Handling::Denied),
         First::Opaque | First::NeedMore => {
-            count(&proxy, "opaque", Outcome::Splice);
+            count(&proxy, "opaque", Handling::Splice);
             splice(app, orig, proxy.options.passthrough_connect_timeout).await;
         }
     }
@@ -368,7 +369,7 @@ async fn partner_tls(
 ) {
     let label = integration.label.to_string();
     let span = tracing::info_span!(
-        target: crate::trace::TARGET,
+        target: crate::telemetry::spans::TARGET,
         "tollgate.tunnel",
         otel.kind = "client",
         tollgate.integration = %label,
@@ -378,51 +379,42 @@ async fn partner_tls(
         network.peer.address = %orig.ip(),
         tollgate.reason = Empty,
     );
-    let tunnel = |outcome: &str| {
-        proxy
-            .metrics
-            .tunnels
-            .get_or_create(&TunnelLabels {
-                integration: label.clone(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
-    };
     async {
-        let ks = &integration.policy.default_route.kill_switch;
-        if ks.enabled {
-            tunnel("kill-switch");
-            tracing::Span::current().record("tollgate.reason", "kill-switch");
-            tracing::info!(reason = ks.reason.as_deref().unwrap_or(""), "kill switch is on: TLS connection refused");
-            refuse_tls(app).await;
-            return;
-        }
-        let Ok(_permit) = proxy.tunnels.clone().try_acquire_owned() else {
-            tunnel("limited");
-            tracing::Span::current().record("tollgate.reason", "rate-limited");
-            tracing::warn!(limit = proxy.options.max_tunnels, "tunnel limit reached (--max-tunnels); closing");
-            return;
+        let refused = |refusal: &Refusal| {
+            tracing::Span::current().record("tollgate.reason", refusal.reason().as_str());
+        };
+        let _permit = match tunnel::admit(proxy, Some(&integration), &label) {
+            Ok(p) => p,
+            Err(refusal @ Refusal::KillSwitch(_)) => {
+                refused(&refusal);
+                let ks = &integration.policy.default_route.kill_switch;
+                tracing::info!(reason = ks.reason.as_deref().unwrap_or(""), "kill switch is on: TLS connection refused");
+                refuse_tls(app).await;
+                return;
+            }
+            Err(refusal) => {
+                refused(&refusal);
+                tracing::warn!(limit = proxy.options.max_tunnels, "tunnel limit reached (--max-tunnels); closing");
+                return;
+            }
         };
         let connect_timeout = integration.policy.upstream.connect_timeout;
-        let upstream =
-            match tokio::time::timeout(connect_timeout, TcpStream::connect(orig)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tunnel("upstream-unreachable");
-                    tracing::Span::current().record("tollgate.reason", "upstream-unreachable");
-                    tracing::info!(error = %e, "partner unreachable; closing");
-                    return;
+        let mut upstream = match tunnel::connect(proxy, &label, orig, connect_timeout).await {
+            Ok(s) => s,
+            Err(refusal) => {
+                refused(&refusal);
+                match refusal {
+                    Refusal::Unreachable(e) => {
+                        tracing::info!(error = %e, "partner unreachable; closing");
+                    }
+                    _ => {
+                        tracing::info!(timeout = %tollgate_crds::duration::format(connect_timeout), "no connection to the partner in time; closing");
+                    }
                 }
-                Err(_) => {
-                    tunnel("timeout");
-                    tracing::Span::current().record("tollgate.reason", "timeout");
-                    tracing::info!(timeout = %tollgate_crds::duration::format(connect_timeout), "no connection to the partner in time; closing");
-                    return;
-                }
-            };
-        let _ = upstream.set_nodelay(true);
-        tunnel("established");
-        let (mut app, mut upstream) = (app, upstream);
+                return;
+            }
+        };
+        let mut app = app;
         if let Err(e) = tokio::io::copy_bidirectional(&mut app, &mut upstream).await {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }

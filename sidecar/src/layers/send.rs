@@ -14,18 +14,10 @@ use crate::proxy::headers::strip_hop_by_hop;
 use tollgate_crds::policy::{Scheme, UpstreamPolicy};
 
 #[derive(Clone, Copy, Debug)]
-pub struct Client;
-
-/// `scheme://host:port` + the upstream's base path + the request's path and query.
-pub fn upstream_uri(
-    up: &UpstreamPolicy,
-    path_and_query: Option<&PathAndQuery>,
-) -> Result<Uri, http::Error> {
-    Upstream::new(up).uri(path_and_query)
-}
+pub(crate) struct SendAttempt;
 
 /// `host` or `host:port` (port omitted when it is the scheme's default), IPv6 bracketed.
-pub fn authority(up: &UpstreamPolicy) -> Authority {
+pub(crate) fn authority(up: &UpstreamPolicy) -> Authority {
     let host = if up.host.contains(':') {
         format!("[{}]", up.host)
     } else {
@@ -53,11 +45,11 @@ pub struct Upstream {
     authority: Authority,
     base_path: String,
     /// The `Host` header the partner gets.
-    pub host: Option<HeaderValue>,
+    pub(crate) host: Option<HeaderValue>,
 }
 
 impl Upstream {
-    pub fn new(up: &UpstreamPolicy) -> Self {
+    pub(crate) fn new(up: &UpstreamPolicy) -> Self {
         let authority = authority(up);
         Upstream {
             scheme: match up.scheme {
@@ -71,7 +63,7 @@ impl Upstream {
     }
 
     /// The partner's URL for a request's path and query.
-    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    pub(crate) fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let path = if self.base_path.is_empty() {
             match path_and_query {
                 Some(pq) => pq.clone(),
@@ -89,7 +81,7 @@ impl Upstream {
     }
 }
 
-impl Service<Request<ReqBody>> for Client {
+impl Service<Request<ReqBody>> for SendAttempt {
     type Response = Response<RespBody>;
     type Error = CallError;
     type Future = BoxFuture<CallResult>;
@@ -116,7 +108,7 @@ impl Service<Request<ReqBody>> for Client {
         }
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
-        crate::trace::inject_context(req.headers_mut());
+        crate::telemetry::spans::inject_context(req.headers_mut());
         let client = call.integration.state.client.clone();
         Box::pin(async move {
             match client.request(req).await {
@@ -137,7 +129,7 @@ impl Service<Request<ReqBody>> for Client {
 }
 
 /// The error and its causes on one line (hyper's top-level messages alone say little).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

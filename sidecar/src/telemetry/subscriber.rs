@@ -88,7 +88,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry
                 .with_tracked_inactivity(false)
         })
         .with_filter(tracing_subscriber::filter::filter_fn(move |m| {
-            exporting && m.target().starts_with(crate::trace::TARGET)
+            exporting && m.target().starts_with(crate::telemetry::spans::TARGET)
         }));
     tracing_subscriber::registry()
         .with(otel)
@@ -107,7 +107,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry
 fn log_filter(default_filter: &str) -> EnvFilter {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    match format!("{}=off", crate::trace::TARGET).parse() {
+    match format!("{}=off", crate::telemetry::spans::TARGET).parse() {
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,
     }

@@ -9,7 +9,7 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The target of Tollgate's exported spans (the exporter takes only these).
-pub const TARGET: &str = "tollgate::trace";
+pub(crate) const TARGET: &str = "tollgate::trace";
 
 /// W3C trace context, the one propagation format the contract names. Made here (it is a unit
 /// struct) rather than looked up in OpenTelemetry's global registry, whose lock and dynamic
@@ -43,7 +43,7 @@ impl Injector for HeaderInjector<'_> {
 }
 
 /// The span of one call, child of the app's `traceparent` when it sent one.
-pub fn call_span(
+pub(crate) fn call_span(
     method: &http::Method,
     integration: &str,
     route: &str,
@@ -71,7 +71,7 @@ pub fn call_span(
 }
 
 /// The trace id of an exported span, in hex; `None` when spans are not exported.
-pub fn trace_id(span: &Span) -> Option<String> {
+pub(crate) fn trace_id(span: &Span) -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     if span.is_disabled() {
         return None;
@@ -83,7 +83,7 @@ pub fn trace_id(span: &Span) -> Option<String> {
 }
 
 /// The span of one attempt, child of the current (call) span.
-pub fn attempt_span(attempt: u32) -> Span {
+pub(crate) fn attempt_span(attempt: u32) -> Span {
     tracing::info_span!(
         target: TARGET,
         "tollgate.attempt",
@@ -98,7 +98,7 @@ pub fn attempt_span(attempt: u32) -> Span {
 /// Writes the current span's context as `traceparent` (and `tracestate`) into outbound
 /// headers. Without an exporter the propagator does nothing and the app's own header, if any,
 /// passes through unchanged.
-pub fn inject_context(headers: &mut HeaderMap) {
+pub(crate) fn inject_context(headers: &mut HeaderMap) {
     let span = Span::current();
     if span.is_disabled() {
         return;
