@@ -511,6 +511,83 @@ async fn the_success_rule_checks_the_sampled_share_of_answers() {
     assert!((50.0..=150.0).contains(&broken), "{broken}: {m}");
 }
 
+/// `result` on `tollgate_requests_total` and `tollgate_request_duration_seconds` tells the
+/// partner's doing (`ok`, `failure`: a 5xx, a contract-breaking 2xx, a stale answer standing in
+/// for a 5xx) from the sidecar's refusals (`refused`: kill switch, quota), so the partner's
+/// error rate is read over partner calls only.
+#[tokio::test]
+async fn the_partners_failures_and_the_sidecars_refusals_are_told_apart() {
+    let partner = Partner::start().await;
+    let cached = std::sync::atomic::AtomicUsize::new(0);
+    partner.script(move |_, seen| match seen.path.as_str() {
+        "/broken" => json_reply(r#"{"status":"error"}"#),
+        "/fail" => Reply::Status(500),
+        "/cached" if cached.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 => {
+            Reply::Status(500)
+        }
+        _ => json_reply(r#"{"status":"ok"}"#),
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}}
+routes:
+- name: killed
+  match: {pathPrefix: /killed}
+  killSwitch: {enabled: true}
+- name: scarce
+  match: {pathPrefix: /scarce}
+  rateLimit: {limits: [{name: tiny, requests: 1, per: 1h}]}
+- name: cached
+  match: {pathPrefix: /cached}
+  fallback: {staleIfError: 5m}",
+    ))
+    .await;
+    let url = |p: &str| format!("{}{p}", partner.url());
+    for (path, status) in [
+        ("/ok", 200),
+        ("/broken", 200),
+        ("/fail", 500),
+        ("/killed", 503),
+        ("/scarce", 200),
+        ("/scarce", 429),
+        ("/cached", 200),
+        ("/cached", 200),
+    ] {
+        assert_eq!(sidecar.get(&url(path)).await.status, status, "{path}");
+    }
+    let m = sidecar.metrics().await;
+    let calls = |labels: &[(&str, &str)]| metric(&m, "tollgate_requests_total", labels);
+    assert_eq!(calls(&[("result", "ok")]), 3.0, "{m}");
+    assert_eq!(calls(&[("result", "failure")]), 3.0, "{m}");
+    assert_eq!(calls(&[("result", "refused")]), 2.0, "{m}");
+    for (outcome, code, result) in [
+        ("contract-violation", "200", "failure"),
+        ("partner-error", "500", "failure"),
+        ("fallback-stale", "200", "failure"),
+        ("kill-switch", "503", "refused"),
+        ("rate-limited", "429", "refused"),
+    ] {
+        assert_eq!(
+            calls(&[("outcome", outcome), ("code", code), ("result", result)]),
+            1.0,
+            "{outcome}: {m}"
+        );
+    }
+    assert_eq!(calls(&[("outcome", "success")]), 3.0, "{m}");
+    let timed = |result| {
+        metric(
+            &m,
+            "tollgate_request_duration_seconds_count",
+            &[("integration", "test/partner"), ("result", result)],
+        )
+    };
+    assert_eq!(
+        (timed("ok"), timed("failure"), timed("refused")),
+        (3.0, 3.0, 2.0),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn client_errors_do_not_open_the_breaker() {
     let partner = Partner::start().await;
