@@ -693,6 +693,10 @@ pub mod condition {
     /// The partner announces, in its responses' `Deprecation` or `Sunset` headers, that a
     /// route is deprecated or will stop answering; the message names the routes and dates.
     pub const DEPRECATED: &str = "Deprecated";
+    /// Sidecars report checked partner answers that break a route's `contract` in the status
+    /// window; the message names the routes with counts per kind. Present when some route has
+    /// a `contract`.
+    pub const CONTRACT_VIOLATED: &str = "ContractViolated";
 }
 
 /// Condition reasons.
@@ -727,4 +731,12 @@ pub mod reason {
     pub const SUNSET_ANNOUNCED: &str = "SunsetAnnounced";
     /// No sidecar reports a `Deprecation` or `Sunset` from the partner.
     pub const NOT_DEPRECATED: &str = "NotDeprecated";
+    /// 2xx answers whose body breaks `contract.success` (partner failures).
+    pub const SUCCESS_RULE_BROKEN: &str = "SuccessRuleBroken";
+    /// Answers whose body does not match `contract.schema` (partner failures).
+    pub const SCHEMA_MISMATCH: &str = "SchemaMismatch";
+    /// Answers carrying values `contract.enums` does not list (counted, not failures).
+    pub const UNKNOWN_ENUM_VALUES: &str = "UnknownEnumValues";
+    /// No sidecar reports a contract violation in the status window.
+    pub const CONTRACT_KEPT: &str = "ContractKept";
 }

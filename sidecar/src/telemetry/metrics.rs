@@ -1,5 +1,6 @@
 //! The sidecar's metrics, named as api.md section 4 binds them.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -8,6 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use tollgate_crds::distribution::CONTRACT_VIOLATION_KINDS;
 
 use crate::config::Revision;
 
@@ -144,6 +147,9 @@ pub struct InterceptLabels {
     pub outcome: String,
 }
 
+/// Contract violations by (route, kind).
+pub type ContractTotals = BTreeMap<(String, String), u64>;
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<CallLabels, Counter>,
@@ -178,6 +184,9 @@ pub struct Metrics {
     /// Access log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
     pub contract_violations: Family<ContractLabels, Counter>,
+    /// The violation counts of `contract_violations` again, by integration, for the operator's
+    /// reports (a family cannot be listed).
+    contract_totals: Mutex<HashMap<String, ContractTotals>>,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -348,6 +357,7 @@ impl Default for Metrics {
             registry,
             access_log_dropped,
             contract_violations,
+            contract_totals: Mutex::default(),
             partner_deprecated,
             partner_deprecation,
             partner_sunset,
@@ -384,6 +394,28 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+        if CONTRACT_VIOLATION_KINDS.contains(&kind) {
+            let mut totals = self
+                .contract_totals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = totals
+                .entry(integration.to_string())
+                .or_default()
+                .entry((route.to_string(), kind.to_string()))
+                .or_default();
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// Contract violations of `integration` since the sidecar started, by (route, kind).
+    pub fn contract_totals(&self, integration: &str) -> ContractTotals {
+        self.contract_totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(integration)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn config_error(&self) {
