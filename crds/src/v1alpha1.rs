@@ -128,7 +128,13 @@ pub struct PartnerIntegrationSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Contract {
     /// A field of the JSON body that must hold a value on every 2xx answer.
-    pub success: SuccessRule,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<SuccessRule>,
+    /// A JSON Schema every checked 2xx body must match: a body that does not (or is not JSON)
+    /// is a failure, counted with `kind="schema"`. At least one of `success`, `schema` and
+    /// `enums` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<ContractSchema>,
     /// Fields of checked 2xx bodies that take known values: a value not listed is counted
     /// (`kind="unknown-enum"`), not a failure. A field that is absent is not counted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -144,6 +150,25 @@ pub struct Contract {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_body_bytes: Option<i64>,
+}
+
+/// Where a contract's JSON Schema comes from: a key of a ConfigMap of the integration's
+/// namespace labelled `tollgate.dev/contract-schema: "true"` (the operator reads it and
+/// distributes its text), or the schema inline. Exactly one of the two.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractSchema {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map_name: Option<String>,
+    /// The ConfigMap's key holding the schema (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
+    /// The schema itself, JSON text (at most 65536 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub inline: Option<String>,
 }
 
 /// A field (`jsonPath`, as in [`SuccessRule`]) and the values it is known to take, written as

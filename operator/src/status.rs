@@ -693,10 +693,10 @@ mod tests {
         let mut spec = PartnerIntegrationSpec::default();
         spec.upstream.url = "https://api.example.com".into();
         spec.contract = Some(tollgate_crds::v1alpha1::Contract {
-            success: tollgate_crds::v1alpha1::SuccessRule {
+            success: Some(tollgate_crds::v1alpha1::SuccessRule {
                 json_path: "$.status".into(),
                 equals: "ok".into(),
-            },
+            }),
             ..Default::default()
         });
         let policy = tollgate_crds::compile("ns", "a", &spec).unwrap();

@@ -417,6 +417,71 @@ async fn a_2xx_that_breaks_the_success_rule_opens_the_breaker_and_is_counted() {
     );
 }
 
+/// A 2xx whose body does not match the route's JSON Schema is counted (`kind="schema"`) and
+/// is a failure for the breaker; one that matches is neither. The app gets the partner's
+/// answer unchanged either way.
+#[tokio::test]
+async fn a_2xx_that_does_not_match_the_schema_is_counted_and_opens_the_breaker() {
+    let partner = Partner::start().await;
+    partner.script(|_, seen| {
+        if seen.path.starts_with("/v1/good") {
+            json_reply(r#"{"id":"o_1","amount":12}"#)
+        } else {
+            json_reply(r#"{"id":"o_2","amount":"twelve"}"#)
+        }
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        r#"contract: {schema: {inline: '{"type": "object", "required": ["id", "amount"], "properties": {"amount": {"type": "integer"}}}'}}
+circuitBreaker: {consecutiveFailures: 2, openDuration: 30s}"#,
+    ))
+    .await;
+    let get = async |path: &str| sidecar.get(&format!("{}{path}", partner.url())).await;
+    for _ in 0..3 {
+        let resp = get("/v1/good").await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["amount"], 12);
+    }
+    let m = sidecar.metrics().await;
+    let count = |m: &str, kind| {
+        metric(
+            m,
+            "tollgate_contract_violations_total",
+            &[
+                ("integration", "test/partner"),
+                ("route", "default"),
+                ("kind", kind),
+            ],
+        )
+    };
+    assert_eq!(count(&m, "schema"), 0.0, "{m}");
+    for _ in 0..2 {
+        let resp = get("/v1/bad").await;
+        assert_eq!(resp.status, 200, "the app gets the partner's answer");
+        assert_eq!(resp.json()["amount"], "twelve");
+    }
+    let resp = get("/v1/good").await;
+    assert_eq!(resp.reason(), Some("circuit-open"), "{}", resp.body);
+    assert_eq!(partner.count(), 5);
+    let m = sidecar.metrics().await;
+    assert_eq!(count(&m, "schema"), 2.0, "{m}");
+    assert_eq!(count(&m, "success-rule"), 0.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_requests_total",
+            &[("outcome", "contract-violation"), ("result", "failure")]
+        ),
+        2.0,
+        "{m}"
+    );
+    let config = sidecar.config().await;
+    assert_eq!(
+        config["integrations"][0]["defaultRoute"]["contract"]["schema"]["source"], "inline",
+        "{config}"
+    );
+}
+
 #[tokio::test]
 async fn answers_that_keep_the_contract_or_are_too_long_to_check_are_not_failures() {
     let partner = Partner::start().await;

@@ -114,7 +114,7 @@ impl OperatorSource {
             }
             revisions.insert(id.clone(), i.config_revision.clone());
             candidates.push(
-                match tollgate_crds::compile(&i.namespace, &i.name, &i.spec) {
+                match tollgate_crds::compile_enforceable(&i.namespace, &i.name, &i.spec) {
                     Ok(policy) => Candidate::Compiled(Box::new(policy)),
                     Err(e) => Candidate::Invalid {
                         id,
