@@ -740,6 +740,9 @@ pub mod reason {
     /// `spec.credentials.secretRef` names a Secret that is not labelled
     /// `tollgate.dev/credential: "true"` (or does not exist); the message says how to opt in.
     pub const SECRET_NOT_OPTED_IN: &str = "SecretNotOptedIn";
+    /// A contract schema's ConfigMap does not exist, is not labelled
+    /// `tollgate.dev/contract-schema: "true"`, or lacks the key; the message names the field.
+    pub const SCHEMA_UNAVAILABLE: &str = "SchemaUnavailable";
     /// The Secret's `tollgate.dev/credential-hosts` annotation does not list the upstream host.
     pub const CREDENTIAL_HOST_NOT_ALLOWED: &str = "CredentialHostNotAllowed";
     pub const KILL_SWITCH_ENABLED: &str = "KillSwitchEnabled";

@@ -364,6 +364,7 @@ fn invalid_reason(r: Option<&str>) -> &'static str {
         reason::HOST_CONFLICT,
         reason::SECRET_NOT_OPTED_IN,
         reason::CREDENTIAL_HOST_NOT_ALLOWED,
+        reason::SCHEMA_UNAVAILABLE,
     ]
     .into_iter()
     .find(|c| Some(*c) == r)
