@@ -1153,3 +1153,97 @@ fn a_contract_violation_reaches_the_status_and_one_event() {
         "{events:#?}"
     );
 }
+
+/// A route's JSON Schema from a ConfigMap labelled `tollgate.dev/contract-schema=true`: the
+/// operator distributes its text, a partner answer that does not match it is counted and shows
+/// as `ContractViolated` (reason `SchemaMismatch`), and an edit of the ConfigMap is a new
+/// revision that reaches the sidecars.
+#[test]
+fn a_schema_from_a_labelled_config_map_checks_answers_and_follows_edits() {
+    let c = Cluster::start("schema", base_spec);
+    let config_map = |schema: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "orders", "namespace": c.ns,
+                         "labels": {"tollgate.dev/contract-schema": "true"}},
+            "data": {"order.json": schema},
+        })
+        .to_string()
+    };
+    objects::apply(
+        c.cp,
+        &config_map(r#"{"type": "object", "required": ["id"]}"#),
+    )
+    .unwrap();
+    c.patch(
+        json!({"spec": {"contract": {"schema": {"configMapName": "orders", "key": "order.json"}}}}),
+    );
+    let revision = eventually("the schema in force on both sidecars", SETTLE, || {
+        let pi = c.pi();
+        anyhow::ensure!(
+            condition(&pi, "ContractViolated").is_some()
+                && pi["status"]["sidecars"]["upToDate"] == 2,
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(pi["status"]["configRevision"].as_str().unwrap().to_string())
+    });
+
+    c.partner.queue([Reply::Full {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: r#"{"amount":12}"#.into(),
+    }]);
+    let r = c.a.get(&url("/v1/orders/1")).unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the app gets the partner's answer: {}",
+        r.body
+    );
+    assert_eq!(r.body, r#"{"amount":12}"#);
+    let m = c.a.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_contract_violations_total",
+            &[("kind", "schema")]
+        ),
+        1.0,
+        "{m}"
+    );
+    let cond = eventually("condition ContractViolated, True", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "ContractViolated").cloned();
+        anyhow::ensure!(
+            cond.as_ref().is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(cond.unwrap())
+    });
+    assert_eq!(cond["reason"], "SchemaMismatch");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("route default: 1 schema"),
+        "{cond}"
+    );
+
+    // The ConfigMap is edited: a new revision, on both sidecars.
+    objects::apply(c.cp, &config_map(r#"{"type": "object"}"#)).unwrap();
+    eventually(
+        "the edited schema in force on both sidecars",
+        SETTLE,
+        || {
+            let pi = c.pi();
+            anyhow::ensure!(
+                pi["status"]["configRevision"] != revision.as_str()
+                    && pi["status"]["sidecars"]["upToDate"] == 2,
+                "{pi}\n{}",
+                c.logs()
+            );
+            Ok(())
+        },
+    );
+}

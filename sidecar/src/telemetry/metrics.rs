@@ -113,7 +113,8 @@ pub struct SkipLabels {
 pub struct ContractLabels {
     pub integration: String,
     pub route: String,
-    /// `success-rule` (a 2xx whose body breaks `contract.success`), `unknown-enum` (a field of
+    /// `success-rule` (a 2xx whose body breaks `contract.success`), `schema` (one that does not
+    /// match `contract.schema`), `unknown-enum` (a field of
     /// `contract.enums` with a value not listed) or `unchecked` (a sampled 2xx whose body was
     /// longer than `contract.maxBodyBytes`, or compressed).
     pub kind: String,
@@ -350,7 +351,7 @@ impl Default for Metrics {
         let contract_violations = Family::<ContractLabels, Counter>::default();
         registry.register(
             "tollgate_contract_violations",
-            "Partner 2xx answers that break the route's contract (kind=success-rule), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
+            "Partner 2xx answers that break the route's success rule (kind=success-rule) or schema (kind=schema), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
             contract_violations.clone(),
         );
         Metrics {
