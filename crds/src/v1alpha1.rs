@@ -124,8 +124,9 @@ pub struct PartnerIntegrationSpec {
 /// Checks on the partner's answers. A 2xx that breaks the contract counts as a failure for
 /// the breaker, the status's error rate and SLA, and
 /// `tollgate_contract_violations_total`; the app still gets the partner's answer unchanged.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.success) || has(self.schema) || (has(self.enums) && size(self.enums) > 0)").message("contract: give success, schema or enums"))]
 pub struct Contract {
     /// A field of the JSON body that must hold a value on every 2xx answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,8 +156,9 @@ pub struct Contract {
 /// Where a contract's JSON Schema comes from: a key of a ConfigMap of the integration's
 /// namespace labelled `tollgate.dev/contract-schema: "true"` (the operator reads it and
 /// distributes its text), or the schema inline. Exactly one of the two.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.inline) || (has(self.configMapName) && has(self.key))").message("contract.schema: give configMapName and key, or inline"))]
 pub struct ContractSchema {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
