@@ -346,6 +346,31 @@ pub struct IntegrationReport {
     /// predate the field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lifecycle: Vec<RouteLifecycle>,
+    /// Checked partner answers of the interval that broke a route's `contract`, per route and
+    /// kind (deltas, as the counts above), only those not zero: at most
+    /// [`MAX_CONTRACT_VIOLATION_ENTRIES`]. Empty from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contract_violations: Vec<ContractViolationCount>,
+}
+
+/// Most (route, kind) entries a report may carry contract violations for.
+pub const MAX_CONTRACT_VIOLATION_ENTRIES: usize = 64;
+
+/// The kinds of contract violation a report carries, as the sidecar's
+/// `tollgate_contract_violations_total{kind}` names them: `success-rule` (a 2xx whose body
+/// breaks `contract.success`: a partner failure), `schema` (a body that does not match
+/// `contract.schema`: a partner failure), `unknown-enum` (a value `contract.enums` does not
+/// list: counted, not a failure). Other kinds are not reported.
+pub const CONTRACT_VIOLATION_KINDS: [&str; 3] = ["success-rule", "schema", "unknown-enum"];
+
+/// How many checked answers on one route broke its contract in one way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractViolationCount {
+    pub route: String,
+    /// One of [`CONTRACT_VIOLATION_KINDS`].
+    pub kind: String,
+    pub count: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

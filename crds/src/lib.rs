@@ -7,7 +7,7 @@ pub mod manifest;
 pub mod policy;
 pub mod v1alpha1;
 
-pub use policy::{CompileError, FieldError, IntegrationPolicy, compile};
+pub use policy::{CompileError, FieldError, IntegrationPolicy, compile, compile_enforceable};
 pub use v1alpha1::{PartnerIntegration, PartnerIntegrationSpec, PartnerIntegrationStatus};
 
 use kube::CustomResourceExt;

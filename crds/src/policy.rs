@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::duration;
 use crate::v1alpha1::{
-    Backoff, CircuitBreaker, Contract, Fallback, KillSwitch, OnLimit, PartnerIntegrationSpec,
-    RateLimit, RateLimitScope, Retries, SecretKeyRef, Timeouts,
+    Backoff, CircuitBreaker, Contract, ContractSchema, Fallback, KillSwitch, OnLimit,
+    PartnerIntegrationSpec, RateLimit, RateLimitScope, Retries, SecretKeyRef, Timeouts,
 };
 
 // === defaults (documented in docs/policy.md and on the spec fields) ===
@@ -129,6 +129,25 @@ pub struct IntegrationPolicy {
 }
 
 impl IntegrationPolicy {
+    /// The field of a contract schema that names a ConfigMap whose text was never put in
+    /// (only the operator reads ConfigMaps), if any.
+    pub fn unresolved_schema(&self) -> Option<String> {
+        std::iter::once(("spec".to_string(), &self.default_route))
+            .chain(
+                self.routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("spec.routes[{i}]"), r)),
+            )
+            .find(|(_, r)| {
+                r.contract
+                    .as_ref()
+                    .and_then(|c| c.schema.as_ref())
+                    .is_some_and(SchemaPolicy::is_unresolved)
+            })
+            .map(|(base, _)| format!("{base}.contract.schema.configMapName"))
+    }
+
     /// The route a request takes: the first declared route that matches, else the default.
     pub fn route_for(&self, method: &Method, path: &str) -> &RoutePolicy {
         self.routes
@@ -482,14 +501,71 @@ pub enum PathStep {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContractPolicy {
-    pub json_path: String,
+    /// The success rule's path; `None`: no success rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub json_path: Option<String>,
     #[serde(skip)]
     pub path: Vec<PathStep>,
-    pub equals: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equals: Option<String>,
+    /// The JSON Schema checked bodies must match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<SchemaPolicy>,
     /// Fields whose values are known; others are counted.
     pub enums: Vec<EnumPolicy>,
     pub sample_rate: f64,
     pub max_body_bytes: usize,
+}
+
+/// Largest `contract.schema` text, bytes.
+pub const MAX_CONTRACT_SCHEMA_BYTES: usize = 65536;
+
+/// A contract's JSON Schema, compiled once per revision. `/config` shows where it came from and
+/// its size, not its text.
+#[derive(Clone)]
+pub struct SchemaPolicy {
+    /// `inline`, or `configMap <name> key <key>`.
+    pub source: String,
+    /// The schema text; `None` until the operator has put the ConfigMap's text in.
+    pub text: Option<std::sync::Arc<str>>,
+    validator: Option<std::sync::Arc<jsonschema::Validator>>,
+}
+
+impl SchemaPolicy {
+    /// Whether `doc` matches the schema (an unresolved schema matches nothing).
+    pub fn matches(&self, doc: &serde_json::Value) -> bool {
+        self.validator.as_ref().is_some_and(|v| v.is_valid(doc))
+    }
+
+    /// The schema names a ConfigMap whose text was never put in.
+    pub fn is_unresolved(&self) -> bool {
+        self.validator.is_none()
+    }
+}
+
+impl PartialEq for SchemaPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.text == other.text
+    }
+}
+
+impl fmt::Debug for SchemaPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchemaPolicy")
+            .field("source", &self.source)
+            .field("bytes", &self.text.as_ref().map(|t| t.len()))
+            .finish()
+    }
+}
+
+impl Serialize for SchemaPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("SchemaPolicy", 2)?;
+        st.serialize_field("source", &self.source)?;
+        st.serialize_field("bytes", &self.text.as_ref().map(|t| t.len()))?;
+        st.end()
+    }
 }
 
 /// A field of the partner's answers and the values it is known to take.
@@ -505,8 +581,10 @@ pub struct EnumPolicy {
 /// What a check of one body found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Judgement {
-    /// The success rule holds.
+    /// The success rule holds (or there is none).
     pub kept: bool,
+    /// The body matches the schema (or there is none).
+    pub schema_kept: bool,
     /// Enum fields present with a value not listed.
     pub unknown_enums: usize,
 }
@@ -535,17 +613,22 @@ fn scalar_text(v: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 impl ContractPolicy {
-    /// Checks a body: the success rule (a body that is not JSON breaks it) and the enums.
+    /// Checks a body: the success rule and the schema (a body that is not JSON breaks both)
+    /// and the enums.
     pub fn judge(&self, body: &[u8]) -> Judgement {
         let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
             return Judgement {
-                kept: false,
+                kept: self.equals.is_none(),
+                schema_kept: self.schema.is_none(),
                 unknown_enums: 0,
             };
         };
-        let kept = walk(&doc, &self.path)
-            .and_then(scalar_text)
-            .is_some_and(|t| t == self.equals);
+        let kept = self.equals.as_ref().is_none_or(|equals| {
+            walk(&doc, &self.path)
+                .and_then(scalar_text)
+                .is_some_and(|t| t == *equals)
+        });
+        let schema_kept = self.schema.as_ref().is_none_or(|s| s.matches(&doc));
         let unknown_enums = self
             .enums
             .iter()
@@ -557,6 +640,7 @@ impl ContractPolicy {
             .count();
         Judgement {
             kept,
+            schema_kept,
             unknown_enums,
         }
     }
@@ -685,6 +769,27 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 // === compile ===
+
+/// [`compile`], refusing a contract schema that names a ConfigMap whose text is not in: what a
+/// sidecar can enforce (only the operator reads ConfigMaps, and distributes their text).
+pub fn compile_enforceable(
+    namespace: &str,
+    name: &str,
+    spec: &PartnerIntegrationSpec,
+) -> Result<IntegrationPolicy, CompileError> {
+    let policy = compile(namespace, name, spec)?;
+    match policy.unresolved_schema() {
+        Some(path) => Err(CompileError {
+            errors: vec![FieldError {
+                path,
+                message: "the schema's text is not in: a sidecar reads no ConfigMap (the \
+                          operator distributes its text); standalone, give contract.schema.inline"
+                    .into(),
+            }],
+        }),
+        None => Ok(policy),
+    }
+}
 
 /// Compiles one spec. `namespace`/`name` identify it in answers and telemetry.
 pub fn compile(
@@ -1003,15 +1108,29 @@ impl Compiler {
     }
 
     fn contract(&mut self, base: &str, k: &Contract) -> Option<ContractPolicy> {
-        let path = match parse_json_path(&k.success.json_path) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                self.err(
-                    format!("{base}.success.jsonPath"),
-                    format!("{:?} {e}", k.success.json_path),
-                );
-                None
-            }
+        if k.success.is_none() && k.schema.is_none() && k.enums.is_empty() {
+            self.err(
+                base.to_string(),
+                "names no check: give success, schema or enums",
+            );
+            return None;
+        }
+        let path = match &k.success {
+            None => Some(Vec::new()),
+            Some(success) => match parse_json_path(&success.json_path) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.err(
+                        format!("{base}.success.jsonPath"),
+                        format!("{:?} {e}", success.json_path),
+                    );
+                    None
+                }
+            },
+        };
+        let schema = match &k.schema {
+            None => Some(None),
+            Some(schema) => self.schema(&format!("{base}.schema"), schema).map(Some),
         };
         let sample_rate = match &k.sample_rate {
             None => Some(1.0),
@@ -1052,13 +1171,78 @@ impl Compiler {
             }
         }
         Some(ContractPolicy {
-            json_path: k.success.json_path.clone(),
+            json_path: k.success.as_ref().map(|r| r.json_path.clone()),
             path: path?,
-            equals: k.success.equals.clone(),
+            equals: k.success.as_ref().map(|r| r.equals.clone()),
+            schema: schema?,
             enums,
             sample_rate: sample_rate?,
             max_body_bytes: max_body_bytes?,
         })
+    }
+
+    /// `contract.schema`: the inline text is parsed and compiled (no remote `$ref` is
+    /// fetched: one that is not in the schema fails here); a ConfigMap without its text yet
+    /// compiles to an unresolved schema, which a sidecar refuses.
+    fn schema(&mut self, base: &str, k: &ContractSchema) -> Option<SchemaPolicy> {
+        let from_map = match (&k.config_map_name, &k.key) {
+            (Some(name), Some(key)) => Some(format!("configMap {name} key {key}")),
+            (Some(_), None) => {
+                self.err(format!("{base}.key"), "required with configMapName");
+                return None;
+            }
+            (None, Some(_)) => {
+                self.err(format!("{base}.configMapName"), "required with key");
+                return None;
+            }
+            (None, None) => None,
+        };
+        let Some(text) = &k.inline else {
+            return match from_map {
+                Some(source) => Some(SchemaPolicy {
+                    source,
+                    text: None,
+                    validator: None,
+                }),
+                None => {
+                    self.err(base.to_string(), "give configMapName and key, or inline");
+                    None
+                }
+            };
+        };
+        // With a ConfigMap named too, the text is the one the operator read from it.
+        let (field, source) = match from_map {
+            Some(source) => (format!("{base}.configMapName"), source),
+            None => (format!("{base}.inline"), "inline".to_string()),
+        };
+        if text.len() > MAX_CONTRACT_SCHEMA_BYTES {
+            self.err(
+                field,
+                format!(
+                    "the schema is {} bytes, more than {MAX_CONTRACT_SCHEMA_BYTES}",
+                    text.len()
+                ),
+            );
+            return None;
+        }
+        let value: serde_json::Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                self.err(field, format!("the schema is not JSON: {e}"));
+                return None;
+            }
+        };
+        match jsonschema::validator_for(&value) {
+            Ok(v) => Some(SchemaPolicy {
+                source,
+                text: Some(std::sync::Arc::from(text.as_str())),
+                validator: Some(std::sync::Arc::new(v)),
+            }),
+            Err(e) => {
+                self.err(field, format!("the schema does not compile: {e}"));
+                None
+            }
+        }
     }
 
     fn upstream(&mut self, spec: &PartnerIntegrationSpec) -> Option<UpstreamPolicy> {

@@ -124,11 +124,18 @@ pub struct PartnerIntegrationSpec {
 /// Checks on the partner's answers. A 2xx that breaks the contract counts as a failure for
 /// the breaker, the status's error rate and SLA, and
 /// `tollgate_contract_violations_total`; the app still gets the partner's answer unchanged.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.success) || has(self.schema) || (has(self.enums) && size(self.enums) > 0)").message("contract: give success, schema or enums"))]
 pub struct Contract {
     /// A field of the JSON body that must hold a value on every 2xx answer.
-    pub success: SuccessRule,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<SuccessRule>,
+    /// A JSON Schema every checked 2xx body must match: a body that does not (or is not JSON)
+    /// is a failure, counted with `kind="schema"`. At least one of `success`, `schema` and
+    /// `enums` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<ContractSchema>,
     /// Fields of checked 2xx bodies that take known values: a value not listed is counted
     /// (`kind="unknown-enum"`), not a failure. A field that is absent is not counted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -144,6 +151,26 @@ pub struct Contract {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_body_bytes: Option<i64>,
+}
+
+/// Where a contract's JSON Schema comes from: a key of a ConfigMap of the integration's
+/// namespace labelled `tollgate.dev/contract-schema: "true"` (the operator reads it and
+/// distributes its text), or the schema inline. Exactly one of the two.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.inline) || (has(self.configMapName) && has(self.key))").message("contract.schema: give configMapName and key, or inline"))]
+pub struct ContractSchema {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map_name: Option<String>,
+    /// The ConfigMap's key holding the schema (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
+    /// The schema itself, JSON text (at most 65536 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub inline: Option<String>,
 }
 
 /// A field (`jsonPath`, as in [`SuccessRule`]) and the values it is known to take, written as
@@ -693,6 +720,10 @@ pub mod condition {
     /// The partner announces, in its responses' `Deprecation` or `Sunset` headers, that a
     /// route is deprecated or will stop answering; the message names the routes and dates.
     pub const DEPRECATED: &str = "Deprecated";
+    /// Sidecars report checked partner answers that break a route's `contract` in the status
+    /// window; the message names the routes with counts per kind. Present when some route has
+    /// a `contract`.
+    pub const CONTRACT_VIOLATED: &str = "ContractViolated";
 }
 
 /// Condition reasons.
@@ -711,6 +742,9 @@ pub mod reason {
     /// `spec.credentials.secretRef` names a Secret that is not labelled
     /// `tollgate.dev/credential: "true"` (or does not exist); the message says how to opt in.
     pub const SECRET_NOT_OPTED_IN: &str = "SecretNotOptedIn";
+    /// A contract schema's ConfigMap does not exist, is not labelled
+    /// `tollgate.dev/contract-schema: "true"`, or lacks the key; the message names the field.
+    pub const SCHEMA_UNAVAILABLE: &str = "SchemaUnavailable";
     /// The Secret's `tollgate.dev/credential-hosts` annotation does not list the upstream host.
     pub const CREDENTIAL_HOST_NOT_ALLOWED: &str = "CredentialHostNotAllowed";
     pub const KILL_SWITCH_ENABLED: &str = "KillSwitchEnabled";
@@ -727,4 +761,12 @@ pub mod reason {
     pub const SUNSET_ANNOUNCED: &str = "SunsetAnnounced";
     /// No sidecar reports a `Deprecation` or `Sunset` from the partner.
     pub const NOT_DEPRECATED: &str = "NotDeprecated";
+    /// 2xx answers whose body breaks `contract.success` (partner failures).
+    pub const SUCCESS_RULE_BROKEN: &str = "SuccessRuleBroken";
+    /// Answers whose body does not match `contract.schema` (partner failures).
+    pub const SCHEMA_MISMATCH: &str = "SchemaMismatch";
+    /// Answers carrying values `contract.enums` does not list (counted, not failures).
+    pub const UNKNOWN_ENUM_VALUES: &str = "UnknownEnumValues";
+    /// No sidecar reports a contract violation in the status window.
+    pub const CONTRACT_KEPT: &str = "ContractKept";
 }

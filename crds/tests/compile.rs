@@ -456,6 +456,36 @@ const BAD: &[(&str, &str, &str)] = &[
         "must be followed by a field name",
     ),
     (
+        "upstream: {url: https://a.example}\ncontract: {sampleRate: '0.5'}",
+        "spec.contract",
+        "names no check",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {schema: {inline: '{\"type\": \"nonsense\"}'}}",
+        "spec.contract.schema.inline",
+        "the schema does not compile",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: /a}, contract: {schema: {inline: '{not json'}}}]",
+        "spec.routes[0].contract.schema.inline",
+        "the schema is not JSON",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {schema: {inline: '{\"$ref\": \"https://schemas.example/order.json\"}'}}",
+        "spec.contract.schema.inline",
+        "the schema does not compile",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {schema: {configMapName: orders}}",
+        "spec.contract.schema.key",
+        "required with configMapName",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncontract: {schema: {}}",
+        "spec.contract.schema",
+        "give configMapName and key, or inline",
+    ),
+    (
         "upstream: {url: https://a.example}\ntelemetry: {redactHeaders: ['a b']}",
         "spec.telemetry.redactHeaders[0]",
         "not a valid HTTP header name",
@@ -891,6 +921,70 @@ fn contract_success_rule_compiles_and_matches() {
     assert!(b.satisfied_by(br#"{"ok":true}"#));
     assert!(!b.satisfied_by(br#"{"ok":"yes"}"#));
     assert!(ok(MINIMAL).default_route.contract.is_none());
+}
+
+/// A JSON Schema, inline or from a ConfigMap: compiled once; a body matches it or not (a
+/// body that is not JSON does not). A ConfigMap whose text is not in yet compiles unresolved,
+/// naming its field; with the text in (as the operator distributes it), it is compiled like an
+/// inline one and its errors name `configMapName`.
+#[test]
+fn contract_schema_compiles_and_matches() {
+    let schema = r#"{"type": "object", "required": ["id", "amount"], "properties": {"amount": {"type": "integer", "minimum": 0}}}"#;
+    let p = ok(&format!(
+        "upstream: {{url: https://a.example}}\ncontract: {{schema: {{inline: '{schema}'}}}}"
+    ));
+    let k = p.default_route.contract.as_ref().unwrap();
+    assert!(k.json_path.is_none() && k.equals.is_none());
+    let judge = |body: &[u8]| k.judge(body);
+    assert!(judge(br#"{"id":"o_1","amount":12}"#).schema_kept);
+    assert!(
+        judge(br#"{"id":"o_1","amount":12}"#).kept,
+        "no success rule: kept"
+    );
+    assert!(!judge(br#"{"id":"o_1","amount":-1}"#).schema_kept);
+    assert!(!judge(br#"{"amount":3}"#).schema_kept);
+    assert!(!judge(b"not json").schema_kept);
+    assert!(p.unresolved_schema().is_none());
+    let shown = serde_json::to_value(k).unwrap();
+    assert_eq!(
+        shown["schema"],
+        serde_json::json!({"source": "inline", "bytes": schema.len()})
+    );
+
+    let unresolved = ok(
+        "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: /a}, contract: {schema: {configMapName: orders, key: order.json}}}]",
+    );
+    assert_eq!(
+        unresolved.unresolved_schema().as_deref(),
+        Some("spec.routes[0].contract.schema.configMapName")
+    );
+    let resolved = ok(&format!(
+        "upstream: {{url: https://a.example}}\ncontract: {{schema: {{configMapName: orders, key: order.json, inline: '{schema}'}}}}"
+    ));
+    assert!(resolved.unresolved_schema().is_none());
+    assert_eq!(
+        resolved
+            .default_route
+            .contract
+            .as_ref()
+            .unwrap()
+            .schema
+            .as_ref()
+            .unwrap()
+            .source,
+        "configMap orders key order.json"
+    );
+    let err = compile(
+        "ns",
+        "partner",
+        &spec("upstream: {url: https://a.example}\ncontract: {schema: {configMapName: orders, key: order.json, inline: '[1'}}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("spec.contract.schema.configMapName") && err.contains("not JSON"),
+        "{err}"
+    );
 }
 
 /// Enum fields: a listed value or an absent field is fine; another value is counted.

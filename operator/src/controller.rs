@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -32,7 +32,7 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::time::Instant;
 use tollgate_crds::distribution::SecretValue;
 use tollgate_crds::policy::{HostMatch, IntegrationPolicy};
-use tollgate_crds::v1alpha1::{SecretKeyRef, reason};
+use tollgate_crds::v1alpha1::{Contract, PartnerIntegrationSpec, SecretKeyRef, reason};
 use tollgate_crds::{CRD_PATH, PartnerIntegration};
 use tracing::{Span, field, info, instrument, warn};
 
@@ -50,6 +50,12 @@ pub const CREDENTIAL_LABEL: &str = "tollgate.dev/credential";
 pub const CREDENTIAL_HOSTS: &str = "tollgate.dev/credential-hosts";
 /// The label selector of the Secret watch.
 pub const CREDENTIAL_SELECTOR: &str = "tollgate.dev/credential=true";
+
+/// The label a ConfigMap carries (value `"true"`) for its keys to be usable as contract
+/// schemas (`contract.schema.configMapName`).
+pub const SCHEMA_LABEL: &str = "tollgate.dev/contract-schema";
+/// The label selector of the ConfigMap watch.
+pub const SCHEMA_SELECTOR: &str = "tollgate.dev/contract-schema=true";
 
 /// How long a reconcile waits for the Secret cache's initial list before it fails (and is
 /// retried): reading a credential from a cache that is still filling would report it missing.
@@ -79,6 +85,8 @@ pub struct Context {
     secrets: RwLock<Vec<Store<Secret>>>,
     /// The PartnerIntegrations, one cache per watched scope (filled by [`run`]).
     integrations: RwLock<Vec<Store<PartnerIntegration>>>,
+    /// The labelled schema ConfigMaps, one cache per watched scope (filled by [`run`]).
+    schemas: RwLock<Vec<Store<ConfigMap>>>,
     /// Integrations refused for a host conflict: reconciled again when any integration of
     /// their namespace changes.
     conflicted: Mutex<BTreeSet<Key>>,
@@ -105,6 +113,7 @@ impl Context {
             failures: Mutex::default(),
             secrets: RwLock::default(),
             integrations: RwLock::default(),
+            schemas: RwLock::default(),
             conflicted: Mutex::default(),
         }
     }
@@ -127,6 +136,31 @@ impl Context {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .push(integrations);
+    }
+
+    /// Adds a cache of labelled schema ConfigMaps (one per watched scope).
+    pub fn add_schema_cache(&self, schemas: Store<ConfigMap>) {
+        self.schemas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(schemas);
+    }
+
+    /// The labelled ConfigMap `ns/name`, once every schema cache has its initial list.
+    async fn labelled_config_map(&self, ns: &str, name: &str) -> Result<Option<Arc<ConfigMap>>> {
+        let stores = self
+            .schemas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for s in &stores {
+            tokio::time::timeout(SECRET_CACHE_WAIT, s.wait_until_ready())
+                .await
+                .map_err(|_| Error::CacheNotReady("labelled ConfigMaps"))?
+                .map_err(|_| Error::CacheNotReady("labelled ConfigMaps"))?;
+        }
+        let r = ObjectRef::new(name).within(ns);
+        Ok(stores.iter().find_map(|s| s.get(&r)))
     }
 
     fn secret_stores(&self) -> Vec<Store<Secret>> {
@@ -554,11 +588,62 @@ async fn resolve_secret(
     })
 }
 
+/// The spec with the text of every contract schema taken from a ConfigMap put in
+/// (`contract.schema.inline`), as sidecars receive it; or why it cannot be (the ConfigMap is
+/// missing, not labelled [`SCHEMA_LABEL`], or lacks the key), naming the field.
+async fn resolve_schemas(
+    ctx: &Context,
+    ns: &str,
+    spec: &PartnerIntegrationSpec,
+) -> Result<std::result::Result<PartnerIntegrationSpec, Invalid>> {
+    let mut out = spec.clone();
+    let mut contracts: Vec<(String, &mut Contract)> = Vec::new();
+    if let Some(c) = out.contract.as_mut() {
+        contracts.push(("spec.contract".into(), c));
+    }
+    for (i, r) in out.routes.iter_mut().enumerate() {
+        if let Some(c) = r.contract.as_mut() {
+            contracts.push((format!("spec.routes[{i}].contract"), c));
+        }
+    }
+    for (base, contract) in contracts {
+        let Some(schema) = contract.schema.as_mut() else {
+            continue;
+        };
+        let (Some(name), Some(key)) = (&schema.config_map_name, &schema.key) else {
+            // Inline, or incomplete: the compile step says what is wrong.
+            continue;
+        };
+        let unavailable = |message: String| {
+            info!(why = %message, "contract schema unavailable; the previous revision stays in force");
+            Ok(Err(Invalid {
+                reason: reason::SCHEMA_UNAVAILABLE,
+                message,
+            }))
+        };
+        let Some(map) = ctx.labelled_config_map(ns, name).await? else {
+            return unavailable(format!(
+                "{base}.schema.configMapName: ConfigMap {ns}/{name} does not exist or is not \
+                 labelled {SCHEMA_LABEL}=true; label it: kubectl label configmap -n {ns} {name} \
+                 {SCHEMA_LABEL}=true"
+            ));
+        };
+        let Some(text) = map.data.as_ref().and_then(|d| d.get(key)) else {
+            return unavailable(format!(
+                "{base}.schema.key: ConfigMap {ns}/{name} has no key {key:?} in data"
+            ));
+        };
+        schema.inline = Some(text.clone());
+    }
+    Ok(Ok(out))
+}
+
 /// Resolves the credential and client certificate of a valid, unconflicted spec and puts it
 /// in force. Returns why the spec is refused, if it is (then the previous revision stays).
 async fn resolve_and_upsert(
     ctx: &Context,
     pi: &PartnerIntegration,
+    spec: &PartnerIntegrationSpec,
     policy: IntegrationPolicy,
     previous: Option<&Entry>,
     secret_problem: &mut Option<String>,
@@ -610,7 +695,7 @@ async fn resolve_and_upsert(
         Ok(v) => v,
         Err(refused) => return Ok(Some(refused)),
     };
-    let mut entry = Entry::new(generation, pi.spec.clone(), policy, credential)
+    let mut entry = Entry::new(generation, spec.clone(), policy, credential)
         .with_client_certificate(certificate);
     if credential_held {
         entry = entry.with_held_credential();
@@ -634,15 +719,20 @@ async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<A
     let previous = ctx.catalog.get(&key);
 
     let mut secret_problem = None;
-    let invalid = match tollgate_crds::compile(ns, name, &pi.spec) {
-        Err(e) => {
+    let spec = resolve_schemas(ctx, ns, &pi.spec).await?;
+    let invalid = match spec
+        .as_ref()
+        .map(|spec| (spec, tollgate_crds::compile(ns, name, spec)))
+    {
+        Err(why) => Some(why.clone()),
+        Ok((_, Err(e))) => {
             info!(error = %e, "spec invalid; the previous revision stays in force");
             Some(Invalid {
                 reason: reason::INVALID_SPEC,
                 message: e.to_string(),
             })
         }
-        Ok(policy) => match host_conflict(ctx, pi, &policy) {
+        Ok((spec, Ok(policy))) => match host_conflict(ctx, pi, &policy) {
             Some(conflict) => {
                 info!(why = %conflict.message, "host conflict; not distributed");
                 ctx.conflicted().insert(key.clone());
@@ -653,8 +743,15 @@ async fn apply(pi: &PartnerIntegration, ctx: &Context, leader: bool) -> Result<A
             }
             None => {
                 ctx.conflicted().remove(&key);
-                resolve_and_upsert(ctx, pi, policy, previous.as_deref(), &mut secret_problem)
-                    .await?
+                resolve_and_upsert(
+                    ctx,
+                    pi,
+                    spec,
+                    policy,
+                    previous.as_deref(),
+                    &mut secret_problem,
+                )
+                .await?
             }
         },
     };
@@ -796,6 +893,34 @@ fn referencing(
         .collect()
 }
 
+/// The PartnerIntegrations in `store` whose contract schema (the integration's or a route's)
+/// names `map`.
+fn referencing_schema(
+    store: &Store<PartnerIntegration>,
+    map: &ConfigMap,
+) -> Vec<ObjectRef<PartnerIntegration>> {
+    let (Some(ns), Some(name)) = (
+        map.metadata.namespace.as_deref(),
+        map.metadata.name.as_deref(),
+    ) else {
+        return Vec::new();
+    };
+    let names = |c: &Option<Contract>| {
+        c.as_ref()
+            .and_then(|c| c.schema.as_ref())
+            .is_some_and(|s| s.config_map_name.as_deref() == Some(name))
+    };
+    store
+        .state()
+        .into_iter()
+        .filter(|pi| {
+            pi.metadata.namespace.as_deref() == Some(ns)
+                && (names(&pi.spec.contract) || pi.spec.routes.iter().any(|r| names(&r.contract)))
+        })
+        .map(|pi| ObjectRef::from_obj(&*pi))
+        .collect()
+}
+
 /// Runs the controllers (one per namespace given, or one for the whole cluster) until they
 /// stop on a signal. Marks the catalog synced once the initial lists are reconciled, and drops
 /// catalog entries of objects that vanished without a cleanup.
@@ -809,17 +934,20 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     let mut secret_stores = Vec::new();
     let mut runs = Vec::new();
     for scope in scopes {
-        let (pis, others, secrets): (
+        let (pis, others, secrets, maps): (
             Api<PartnerIntegration>,
             Api<PartnerIntegration>,
             Api<Secret>,
+            Api<ConfigMap>,
         ) = match &scope {
             Some(ns) => (
                 Api::namespaced(ctx.client.clone(), ns),
                 Api::namespaced(ctx.client.clone(), ns),
                 Api::namespaced(ctx.client.clone(), ns),
+                Api::namespaced(ctx.client.clone(), ns),
             ),
             None => (
+                Api::all(ctx.client.clone()),
                 Api::all(ctx.client.clone()),
                 Api::all(ctx.client.clone()),
                 Api::all(ctx.client.clone()),
@@ -840,6 +968,14 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             .default_backoff(),
         )
         .touched_objects();
+        // Likewise only ConfigMaps that opted in as contract schemas.
+        let (schema_store, writer) = reflector::store();
+        let schema_events = reflector::reflector(
+            writer,
+            watcher(maps, watcher::Config::default().labels(SCHEMA_SELECTOR)).default_backoff(),
+        )
+        .touched_objects();
+        ctx.add_schema_cache(schema_store.clone());
         ctx.add_caches(secret_store.clone(), store.clone());
         stores.push(store.clone());
         secret_stores.push(secret_store);
@@ -852,9 +988,11 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             }
         });
         let by_secret = store.clone();
+        let by_schema = store.clone();
         let by_host = ctx.clone();
         let run = controller
             .watches_stream(secret_events, move |s| referencing(&by_secret, &s))
+            .watches_stream(schema_events, move |m| referencing_schema(&by_schema, &m))
             // An integration that changes or goes away may free or take a host another one
             // of its namespace claims.
             .watches(others, watcher::Config::default(), move |pi| {
@@ -933,7 +1071,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
 mod tests {
     use super::*;
     use crate::fixtures::{
-        NAME, NS, context, context_with, integration, previous_entry, secret, spec,
+        NAME, NS, cache, context, context_with, integration, previous_entry, secret, spec,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
@@ -1428,6 +1566,114 @@ mod tests {
         let entry = catalog.get(&key()).unwrap();
         assert!(entry.credential.is_none());
         assert!(entry.credential_held);
+    }
+
+    const ORDER_SCHEMA: &str = r#"{"type": "object", "required": ["id"]}"#;
+
+    /// The ConfigMap `payments/orders`, opted in as contract schemas, holding `order.json`.
+    fn schema_map(text: &str) -> ConfigMap {
+        let mut m = ConfigMap::default();
+        m.metadata.name = Some("orders".into());
+        m.metadata.namespace = Some(NS.into());
+        m.metadata.labels = Some(
+            [(SCHEMA_LABEL.to_string(), "true".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        m.data = Some(
+            [("order.json".to_string(), text.to_string())]
+                .into_iter()
+                .collect(),
+        );
+        m
+    }
+
+    fn schema_spec() -> serde_json::Value {
+        let mut s = spec(false);
+        s["routes"] = json!([{
+            "name": "orders",
+            "match": {"pathPrefix": "/v1/orders"},
+            "contract": {"schema": {"configMapName": "orders", "key": "order.json"}},
+        }]);
+        s
+    }
+
+    /// A route's contract schema is read from its labelled ConfigMap and distributed inline:
+    /// sidecars get the text, and a change of the text is a new revision.
+    #[tokio::test]
+    async fn a_contract_schema_is_read_from_its_labelled_config_map_and_distributed() {
+        let mut revisions = Vec::new();
+        for text in [ORDER_SCHEMA, r#"{"type": "object"}"#] {
+            let (ctx, mut api, catalog) = context(true);
+            ctx.add_schema_cache(cache(vec![schema_map(text)]));
+            let server = tokio::spawn(async move {
+                let status = api.status_apply(&integration(schema_spec(), 1)).await;
+                api.done().await;
+                status
+            });
+            reconcile(Arc::new(integration(schema_spec(), 1)), ctx)
+                .await
+                .unwrap();
+            let status = server.await.unwrap();
+            assert_eq!(cond(&status, condition::READY).status, "True", "{status:?}");
+            let entry = catalog.get(&key()).expect("in the catalog");
+            let schema = entry.spec.routes[0]
+                .contract
+                .as_ref()
+                .and_then(|c| c.schema.as_ref())
+                .unwrap();
+            assert_eq!(schema.inline.as_deref(), Some(text));
+            let compiled = entry.policy.routes[0].contract.as_ref().unwrap();
+            assert_eq!(
+                compiled.schema.as_ref().unwrap().source,
+                "configMap orders key order.json"
+            );
+            revisions.push(entry.config_revision.clone());
+        }
+        assert_ne!(
+            revisions[0], revisions[1],
+            "the schema text is part of the revision"
+        );
+    }
+
+    /// A ConfigMap that did not opt in (the label-selected cache has none), or whose schema does
+    /// not compile: the spec is refused naming the field (with the fix), nothing is distributed.
+    #[tokio::test]
+    async fn an_unusable_schema_config_map_is_refused_naming_the_field() {
+        for (maps, why, says) in [
+            (
+                Vec::new(),
+                reason::SCHEMA_UNAVAILABLE,
+                "spec.routes[0].contract.schema.configMapName: ConfigMap payments/orders does not exist or is not labelled tollgate.dev/contract-schema=true; label it: kubectl label configmap -n payments orders tollgate.dev/contract-schema=true",
+            ),
+            (
+                vec![schema_map(r#"{"type": 12}"#)],
+                reason::INVALID_SPEC,
+                "spec.routes[0].contract.schema.configMapName: the schema does not compile",
+            ),
+        ] {
+            let (ctx, mut api, catalog) = context(true);
+            ctx.add_schema_cache(cache(maps));
+            let server = tokio::spawn(async move {
+                let status = api.status_apply(&integration(schema_spec(), 1)).await;
+                let event = api.event_create().await;
+                api.done().await;
+                (status, event)
+            });
+            reconcile(Arc::new(integration(schema_spec(), 1)), ctx)
+                .await
+                .unwrap();
+            let (status, (kind, event_reason, _)) = server.await.unwrap();
+            let invalid = cond(&status, condition::INVALID);
+            assert_eq!(
+                (invalid.status.as_str(), invalid.reason.as_deref()),
+                ("True", Some(why))
+            );
+            let message = invalid.message.as_deref().unwrap();
+            assert!(message.contains(says), "{message}");
+            assert_eq!((kind.as_str(), event_reason.as_str()), ("Warning", why));
+            assert!(catalog.get(&key()).is_none(), "nothing distributed");
+        }
     }
 
     #[tokio::test]

@@ -57,6 +57,11 @@ pub struct SidecarsLabels {
     pub state: String,
 }
 
+/// Why a pushed snapshot counts in `push_failures_total`: `refused` (the sidecar acknowledged a
+/// later snapshot but not this one: it refused it, or its ack was lost), `unacknowledged` (the
+/// stream ended, or more snapshots were pending than the operator tracks, before its ack).
+pub const PUSH_FAILURE_REASONS: [&str; 2] = ["refused", "unacknowledged"];
+
 /// Every metric the operator exports. Cheap to clone-by-Arc; the registry is only for encoding.
 pub struct Metrics {
     registry: Registry,
@@ -70,6 +75,9 @@ pub struct Metrics {
     pub auth_rejections: Family<ReasonLabel, Counter>,
     /// From the change that produced a revision to the sidecar's ack of it.
     pub push_latency: Histogram,
+    /// Snapshots pushed to a sidecar that it never acknowledged, by reason (see
+    /// [`PUSH_FAILURE_REASONS`]).
+    pub push_failures: Family<ReasonLabel, Counter>,
     pub reports: Counter,
     /// 1 while this replica holds the lease.
     pub leader: Gauge,
@@ -140,6 +148,18 @@ impl Metrics {
             "From a revision's creation to its acknowledgement by a sidecar",
             push_latency.clone(),
         );
+        let push_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "push_failures",
+            "Snapshots pushed to sidecars and never acknowledged, by reason: refused (the sidecar acknowledged a later one instead), unacknowledged (its stream ended first, or too many were pending)",
+            push_failures.clone(),
+        );
+        // Exported at 0 from the start, so a rate over it exists before the first failure.
+        for reason in PUSH_FAILURE_REASONS {
+            let _ = push_failures.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            });
+        }
         let reports = Counter::default();
         registry.register("sidecar_reports", "Reports received", reports.clone());
         let leader = Gauge::default();
@@ -231,6 +251,7 @@ impl Metrics {
             connected_sidecars,
             auth_rejections,
             push_latency,
+            push_failures,
             reports,
             leader,
             webhook_admissions,
@@ -344,6 +365,17 @@ impl Metrics {
 
     pub fn observe_push(&self, latency: Duration) {
         self.push_latency.observe(latency.as_secs_f64());
+    }
+
+    /// `n` pushes failed for `reason`, one of [`PUSH_FAILURE_REASONS`].
+    pub fn push_failed(&self, reason: &'static str, n: usize) {
+        if n > 0 {
+            self.push_failures
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .inc_by(n as u64);
+        }
     }
 
     /// The Prometheus text exposition.

@@ -2,7 +2,7 @@
 //! functions of what the reconcile found, so they are tested without an API server.
 
 use k8s_openapi::jiff::{Timestamp, Unit};
-use tollgate_crds::distribution::{BreakerState, RouteLifecycle};
+use tollgate_crds::distribution::{BreakerState, ContractViolationCount, RouteLifecycle};
 use tollgate_crds::duration;
 use tollgate_crds::v1alpha1::{Condition, PartnerIntegrationStatus, condition, reason};
 
@@ -124,6 +124,15 @@ pub fn build(
     if f.in_force.is_some() {
         conditions.push(lifecycle_condition(
             f.observed.map_or(&[], |o| &o.lifecycle),
+        ));
+    }
+
+    if let Some(e) = f.in_force
+        && (e.policy.default_route.contract.is_some()
+            || e.policy.routes.iter().any(|r| r.contract.is_some()))
+    {
+        conditions.push(contract_condition(
+            f.observed.map_or(&[], |o| &o.contract_violations),
         ));
     }
 
@@ -258,6 +267,64 @@ fn lifecycle_condition(routes: &[RouteLifecycle]) -> Condition {
     )
 }
 
+/// `ContractViolated`: true while sidecars report answers that break a route's contract in the
+/// status window. The reason is the gravest kind reported (a broken success rule, then a schema
+/// mismatch, then unknown enum values); the message names each route (most violations first)
+/// with its counts per kind.
+fn contract_condition(counts: &[ContractViolationCount]) -> Condition {
+    let kinds = [
+        ("success-rule", reason::SUCCESS_RULE_BROKEN),
+        ("schema", reason::SCHEMA_MISMATCH),
+        ("unknown-enum", reason::UNKNOWN_ENUM_VALUES),
+    ];
+    let Some(gravest) = kinds
+        .iter()
+        .find(|(k, _)| counts.iter().any(|c| c.kind == *k && c.count > 0))
+        .map(|(_, r)| *r)
+    else {
+        return cond(
+            condition::CONTRACT_VIOLATED,
+            false,
+            reason::CONTRACT_KEPT,
+            String::new(),
+        );
+    };
+    let mut routes: Vec<(&str, u64, Vec<String>)> = Vec::new();
+    for (kind, _) in kinds {
+        for c in counts.iter().filter(|c| c.kind == kind && c.count > 0) {
+            let part = format!("{} {kind}", c.count);
+            match routes.iter_mut().find(|r| r.0 == c.route) {
+                Some(r) => {
+                    r.1 = r.1.saturating_add(c.count);
+                    r.2.push(part);
+                }
+                None => routes.push((&c.route, c.count, vec![part])),
+            }
+        }
+    }
+    routes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut parts: Vec<String> = routes
+        .iter()
+        .take(MAX_ROUTES_IN_MESSAGE)
+        .map(|(route, _, kinds)| format!("route {route}: {}", kinds.join(", ")))
+        .collect();
+    if routes.len() > MAX_ROUTES_IN_MESSAGE {
+        parts.push(format!(
+            "and {} more routes",
+            routes.len() - MAX_ROUTES_IN_MESSAGE
+        ));
+    }
+    cond(
+        condition::CONTRACT_VIOLATED,
+        true,
+        gravest,
+        format!(
+            "partner answers break the contract (over the status window): {}",
+            parts.join("; ")
+        ),
+    )
+}
+
 fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
     Condition {
         r#type: type_.to_string(),
@@ -297,15 +364,24 @@ fn invalid_reason(r: Option<&str>) -> &'static str {
         reason::HOST_CONFLICT,
         reason::SECRET_NOT_OPTED_IN,
         reason::CREDENTIAL_HOST_NOT_ALLOWED,
+        reason::SCHEMA_UNAVAILABLE,
     ]
     .into_iter()
     .find(|c| Some(*c) == r)
     .unwrap_or(reason::INVALID_SPEC)
 }
 
+/// The `&'static` reason constant a true `ContractViolated` condition carries.
+fn contract_reason(r: Option<&str>) -> &'static str {
+    [reason::SCHEMA_MISMATCH, reason::UNKNOWN_ENUM_VALUES]
+        .into_iter()
+        .find(|c| Some(*c) == r)
+        .unwrap_or(reason::SUCCESS_RULE_BROKEN)
+}
+
 /// Events for: the kill switch flipping, the spec becoming invalid (or invalid differently),
 /// a Secret going missing, the partner announcing (or no longer announcing) a deprecation or
-/// sunset. Nothing for a status that merely stays as it was.
+/// sunset, answers that start (or stop) breaking the contract. Nothing for a status that merely stays as it was.
 pub fn notices(
     old: Option<&PartnerIntegrationStatus>,
     new: &PartnerIntegrationStatus,
@@ -376,6 +452,27 @@ pub fn notices(
                 action: "PartnerLifecycle",
                 note: "no sidecar reports a Deprecation or Sunset from the partner any more"
                     .to_string(),
+            });
+        }
+    }
+
+    // One event when violations start or change kind, one when they stop: not one per count.
+    if let Some(c) = find(Some(new), condition::CONTRACT_VIOLATED) {
+        let before = find(old, condition::CONTRACT_VIOLATED);
+        let was = before.is_some_and(|b| b.status == "True");
+        if c.status == "True" && before.is_none_or(|b| b.status != "True" || b.reason != c.reason) {
+            out.push(Notice {
+                warning: true,
+                reason: contract_reason(c.reason.as_deref()),
+                action: "ContractCheck",
+                note: c.message.clone().unwrap_or_default(),
+            });
+        } else if c.status != "True" && was {
+            out.push(Notice {
+                warning: false,
+                reason: reason::CONTRACT_KEPT,
+                action: "ContractCheck",
+                note: "no sidecar reports answers that break the contract any more".to_string(),
             });
         }
     }
@@ -484,6 +581,7 @@ mod tests {
             availability_percent: Some(97.5),
             latency_p95: Some(std::time::Duration::from_millis(900)),
             lifecycle: Vec::new(),
+            contract_violations: Vec::new(),
         };
         let f = Findings {
             generation: 2,
@@ -589,6 +687,100 @@ mod tests {
         let n = notices(Some(&s2), &s3);
         assert_eq!(n.len(), 1);
         assert!(!n[0].warning);
+    }
+
+    #[test]
+    fn contract_violations_show_as_a_condition_and_one_event_per_change() {
+        let mut spec = PartnerIntegrationSpec::default();
+        spec.upstream.url = "https://api.example.com".into();
+        spec.contract = Some(tollgate_crds::v1alpha1::Contract {
+            success: Some(tollgate_crds::v1alpha1::SuccessRule {
+                json_path: "$.status".into(),
+                equals: "ok".into(),
+            }),
+            ..Default::default()
+        });
+        let policy = tollgate_crds::compile("ns", "a", &spec).unwrap();
+        let e = Entry::new(2, spec, policy, None);
+        let count = |route: &str, kind: &str, count| ContractViolationCount {
+            route: route.into(),
+            kind: kind.into(),
+            count,
+        };
+        let observed = |contract_violations| Observed {
+            contract_violations,
+            ..Observed::default()
+        };
+        let f = |o| Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(o),
+        };
+        let now = t("2026-01-01T00:00:00Z");
+        let quiet = observed(Vec::new());
+        let s0 = build(&f(&quiet), None, now);
+        let c = find(Some(&s0), condition::CONTRACT_VIOLATED).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("False", Some(reason::CONTRACT_KEPT))
+        );
+        assert!(notices(None, &s0).is_empty());
+        // Without a contract, no condition at all.
+        let plain = entry(false, false);
+        let none = build(
+            &Findings {
+                in_force: Some(&plain),
+                ..f(&quiet)
+            },
+            None,
+            now,
+        );
+        assert!(find(Some(&none), condition::CONTRACT_VIOLATED).is_none());
+
+        let enums = observed(vec![count("charges", "unknown-enum", 3)]);
+        let s1 = build(&f(&enums), Some(&s0), now);
+        let c = find(Some(&s1), condition::CONTRACT_VIOLATED).unwrap();
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::UNKNOWN_ENUM_VALUES));
+        let n = notices(Some(&s0), &s1);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].warning);
+        assert_eq!(n[0].reason, reason::UNKNOWN_ENUM_VALUES);
+        assert!(n[0].note.contains("route charges: 3 unknown-enum"), "{n:?}");
+
+        // More of the same kind: the message follows the counts, no new event.
+        let more = observed(vec![count("charges", "unknown-enum", 9)]);
+        let s2 = build(&f(&more), Some(&s1), now);
+        assert!(notices(Some(&s1), &s2).is_empty());
+
+        // A broken success rule is graver: the reason changes, one event, routes by count.
+        let broken = observed(vec![
+            count("charges", "success-rule", 2),
+            count("charges", "unknown-enum", 9),
+            count("refunds", "success-rule", 40),
+        ]);
+        let s3 = build(&f(&broken), Some(&s2), now);
+        let c = find(Some(&s3), condition::CONTRACT_VIOLATED).unwrap();
+        assert_eq!(c.reason.as_deref(), Some(reason::SUCCESS_RULE_BROKEN));
+        assert_eq!(
+            c.message.as_deref(),
+            Some(
+                "partner answers break the contract (over the status window): route refunds: 40 success-rule; route charges: 2 success-rule, 9 unknown-enum"
+            )
+        );
+        let n = notices(Some(&s2), &s3);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].reason, reason::SUCCESS_RULE_BROKEN);
+
+        // None any more: False, one Normal event.
+        let s4 = build(&f(&quiet), Some(&s3), now);
+        let n = notices(Some(&s3), &s4);
+        assert_eq!(n.len(), 1);
+        assert!(!n[0].warning);
+        assert_eq!(n[0].reason, reason::CONTRACT_KEPT);
+        assert!(notices(Some(&s4), &s4).is_empty());
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_crds::distribution::{
-    BreakerState, IntegrationReport, LATENCY_BUCKETS_MS, MAX_LIFECYCLE_ROUTES,
+    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, IntegrationReport,
+    LATENCY_BUCKETS_MS, MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES,
     MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle, bucket_quantile,
 };
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
@@ -57,6 +58,10 @@ pub enum ReportRefused {
         "lifecycle: more than {MAX_LIFECYCLE_ROUTES} routes, or a route or link longer than {MAX_LIFECYCLE_TEXT_BYTES} bytes"
     )]
     Lifecycle,
+    #[error(
+        "contractViolations: more than {MAX_CONTRACT_VIOLATION_ENTRIES} entries, a route longer than {MAX_LIFECYCLE_TEXT_BYTES} bytes, an unknown kind, or more violations than calls can carry"
+    )]
+    ContractViolations,
 }
 
 impl ReportRefused {
@@ -67,6 +72,7 @@ impl ReportRefused {
             ReportRefused::Buckets(..) => "buckets",
             ReportRefused::Revision => "revision",
             ReportRefused::Lifecycle => "lifecycle",
+            ReportRefused::ContractViolations => "contract_violations",
         }
     }
 }
@@ -113,6 +119,18 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     {
         return Err(ReportRefused::Lifecycle);
     }
+    // A body counts once per kind, and up to once per enum field (at most 16) for
+    // `unknown-enum`.
+    let most_violations = most.saturating_mul(16);
+    if r.contract_violations.len() > MAX_CONTRACT_VIOLATION_ENTRIES
+        || r.contract_violations.iter().any(|v| {
+            v.route.len() > MAX_LIFECYCLE_TEXT_BYTES
+                || !CONTRACT_VIOLATION_KINDS.contains(&v.kind.as_str())
+                || v.count > most_violations
+        })
+    {
+        return Err(ReportRefused::ContractViolations);
+    }
     Ok(())
 }
 
@@ -127,6 +145,7 @@ struct Sample {
     p95_ms: Option<f64>,
     /// Calls by duration bucket; empty from a sidecar that does not send them.
     buckets: Vec<u64>,
+    contract: Vec<ContractViolationCount>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -153,6 +172,8 @@ pub struct Observed {
     /// What the partner announced about its routes (deprecation, sunset), merged over the
     /// fresh reports of subscribed sidecars, by route name.
     pub lifecycle: Vec<RouteLifecycle>,
+    /// Contract violations in the window, summed over sidecars, by route and kind.
+    pub contract_violations: Vec<ContractViolationCount>,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -206,6 +227,9 @@ pub struct Partial {
     /// Lifecycle announcements of fresh reports, merged by route.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lifecycle: Vec<RouteLifecycle>,
+    /// Contract violations in the window, summed by route and kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contract_violations: Vec<ContractViolationCount>,
 }
 
 impl Partial {
@@ -229,6 +253,7 @@ impl Partial {
         self.p95_weight = self.p95_weight.saturating_add(o.p95_weight);
         self.reported |= o.reported;
         merge_lifecycle(&mut self.lifecycle, &o.lifecycle);
+        add_contract_violations(&mut self.contract_violations, &o.contract_violations);
     }
 
     /// What the status shows, against the revision in force.
@@ -274,6 +299,7 @@ impl Partial {
             availability_percent: (partner_calls > 0).then_some(100.0 - error_rate),
             latency_p95,
             lifecycle: self.lifecycle.clone(),
+            contract_violations: self.contract_violations.clone(),
         }
     }
 }
@@ -344,6 +370,7 @@ impl TrafficStore {
             } else {
                 Vec::new()
             },
+            contract: r.contract_violations.clone(),
         });
         t.config_revision = r.config_revision.clone();
         t.breaker = r.breaker;
@@ -459,6 +486,7 @@ impl TrafficStore {
             p.rate_limited = p.rate_limited.saturating_add(lim);
             p.refused = p.refused.saturating_add(refused);
             for s in &in_window {
+                add_contract_violations(&mut p.contract_violations, &s.contract);
                 if !s.buckets.is_empty() {
                     add_buckets(&mut p.latency_buckets, &s.buckets);
                 } else if let Some(v) = s.p95_ms
@@ -484,6 +512,31 @@ impl TrafficStore {
         keys.sort();
         keys
     }
+}
+
+/// Adds `more` into `sum` by (route, kind), saturating. Entries beyond
+/// [`MAX_CONTRACT_VIOLATION_ENTRIES`], of an unknown kind or oversized (from a peer) are dropped.
+pub fn add_contract_violations(
+    sum: &mut Vec<ContractViolationCount>,
+    more: &[ContractViolationCount],
+) {
+    for m in more {
+        if m.count == 0
+            || m.route.len() > MAX_LIFECYCLE_TEXT_BYTES
+            || !CONTRACT_VIOLATION_KINDS.contains(&m.kind.as_str())
+        {
+            continue;
+        }
+        match sum
+            .iter()
+            .position(|s| s.route == m.route && s.kind == m.kind)
+        {
+            Some(k) => sum[k].count = sum[k].count.saturating_add(m.count),
+            None if sum.len() < MAX_CONTRACT_VIOLATION_ENTRIES => sum.push(m.clone()),
+            None => {}
+        }
+    }
+    sum.sort_by(|a, b| (&a.route, &a.kind).cmp(&(&b.route, &b.kind)));
 }
 
 /// Merges `more` into `sum` by route: deprecated when any says so, the earliest dates, the
@@ -573,6 +626,7 @@ mod tests {
             latency_buckets: Vec::new(),
             breaker,
             lifecycle: Vec::new(),
+            contract_violations: Vec::new(),
         }
     }
 
@@ -820,5 +874,66 @@ mod tests {
             })
             .collect();
         assert_eq!(check_report(&big), Err(ReportRefused::Lifecycle));
+    }
+
+    fn violations(route: &str, kind: &str, count: u64) -> ContractViolationCount {
+        ContractViolationCount {
+            route: route.into(),
+            kind: kind.into(),
+            count,
+        }
+    }
+
+    /// Contract violations add up over the window's reports and pods (and over replicas), by
+    /// route and kind; a report claiming an unknown kind, too many entries or more violations
+    /// than calls can carry is refused.
+    #[test]
+    fn contract_violations_add_up_and_impossible_ones_are_refused() {
+        let store = TrafficStore::new(Duration::from_secs(60), Duration::from_secs(30));
+        let key = ("ns".to_string(), "a".to_string());
+        let now = Instant::now();
+        let mut a = report(10, 2, 5.0, BreakerState::Closed);
+        a.contract_violations = vec![
+            violations("charges", "success-rule", 2),
+            violations("charges", "unknown-enum", 3),
+        ];
+        let mut b = report(10, 1, 5.0, BreakerState::Closed);
+        b.contract_violations = vec![violations("charges", "success-rule", 1)];
+        store.record("ns/p1", &a, now).unwrap();
+        store
+            .record("ns/p1", &b, now + Duration::from_secs(5))
+            .unwrap();
+        store
+            .record("ns/p2", &b, now + Duration::from_secs(5))
+            .unwrap();
+        let pods = vec!["ns/p1".to_string(), "ns/p2".to_string()];
+        let later = now + Duration::from_secs(6);
+        let o = store.observe(&key, &pods, "1-x", later);
+        assert_eq!(
+            o.contract_violations,
+            vec![
+                violations("charges", "success-rule", 4),
+                violations("charges", "unknown-enum", 3),
+            ]
+        );
+        // Replicas' partials add up too.
+        let mut p = store.partial(&key, &pods, later);
+        p.merge(&store.partial(&key, &pods, later));
+        assert_eq!(p.finish("1-x").contract_violations[0].count, 8);
+        // Out of the window: gone.
+        let o = store.observe(&key, &pods, "1-x", now + Duration::from_secs(70));
+        assert!(o.contract_violations.is_empty(), "{o:?}");
+
+        let mut bad = report(10, 0, 5.0, BreakerState::Closed);
+        bad.contract_violations = vec![violations("charges", "made-up", 1)];
+        assert_eq!(check_report(&bad), Err(ReportRefused::ContractViolations));
+        bad.contract_violations = vec![violations("charges", "schema", u64::MAX)];
+        assert_eq!(check_report(&bad), Err(ReportRefused::ContractViolations));
+        bad.contract_violations = (0..65)
+            .map(|i| violations(&format!("r{i}"), "schema", 1))
+            .collect();
+        assert_eq!(check_report(&bad), Err(ReportRefused::ContractViolations));
+        bad.contract_violations = vec![violations(&"r".repeat(600), "schema", 1)];
+        assert_eq!(check_report(&bad), Err(ReportRefused::ContractViolations));
     }
 }

@@ -240,6 +240,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             latency_buckets: Vec::new(),
             breaker: BreakerState::Closed,
             lifecycle: Vec::new(),
+            contract_violations: Vec::new(),
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());

@@ -114,6 +114,22 @@ async fn an_invalid_spec_keeps_the_previous_revision_and_names_the_field() {
     bad_edit_keeps_previous(&bad, "spec.retries.backoff.base", false).await;
 }
 
+/// A schema that does not compile, and (standalone, where no ConfigMap is read) a schema from a
+/// ConfigMap: the edit is refused naming the field, the previous revision stays.
+#[tokio::test]
+async fn a_schema_that_does_not_compile_keeps_the_previous_revision_and_names_the_field() {
+    let bad = manifest(
+        "partner",
+        "upstream: {url: 'http://127.0.0.1:1'}\ncontract: {schema: {inline: '{\"type\": 12}'}}",
+    );
+    bad_edit_keeps_previous(&bad, "spec.contract.schema.inline", false).await;
+    let from_map = manifest(
+        "partner",
+        "upstream: {url: 'http://127.0.0.1:1'}\ncontract: {schema: {configMapName: orders, key: order.json}}",
+    );
+    bad_edit_keeps_previous(&from_map, "spec.contract.schema.configMapName", false).await;
+}
+
 #[tokio::test]
 async fn the_first_config_must_be_valid() {
     let dir = tempfile::tempdir().unwrap();

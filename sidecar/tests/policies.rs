@@ -417,6 +417,71 @@ async fn a_2xx_that_breaks_the_success_rule_opens_the_breaker_and_is_counted() {
     );
 }
 
+/// A 2xx whose body does not match the route's JSON Schema is counted (`kind="schema"`) and
+/// is a failure for the breaker; one that matches is neither. The app gets the partner's
+/// answer unchanged either way.
+#[tokio::test]
+async fn a_2xx_that_does_not_match_the_schema_is_counted_and_opens_the_breaker() {
+    let partner = Partner::start().await;
+    partner.script(|_, seen| {
+        if seen.path.starts_with("/v1/good") {
+            json_reply(r#"{"id":"o_1","amount":12}"#)
+        } else {
+            json_reply(r#"{"id":"o_2","amount":"twelve"}"#)
+        }
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        r#"contract: {schema: {inline: '{"type": "object", "required": ["id", "amount"], "properties": {"amount": {"type": "integer"}}}'}}
+circuitBreaker: {consecutiveFailures: 2, openDuration: 30s}"#,
+    ))
+    .await;
+    let get = async |path: &str| sidecar.get(&format!("{}{path}", partner.url())).await;
+    for _ in 0..3 {
+        let resp = get("/v1/good").await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["amount"], 12);
+    }
+    let m = sidecar.metrics().await;
+    let count = |m: &str, kind| {
+        metric(
+            m,
+            "tollgate_contract_violations_total",
+            &[
+                ("integration", "test/partner"),
+                ("route", "default"),
+                ("kind", kind),
+            ],
+        )
+    };
+    assert_eq!(count(&m, "schema"), 0.0, "{m}");
+    for _ in 0..2 {
+        let resp = get("/v1/bad").await;
+        assert_eq!(resp.status, 200, "the app gets the partner's answer");
+        assert_eq!(resp.json()["amount"], "twelve");
+    }
+    let resp = get("/v1/good").await;
+    assert_eq!(resp.reason(), Some("circuit-open"), "{}", resp.body);
+    assert_eq!(partner.count(), 5);
+    let m = sidecar.metrics().await;
+    assert_eq!(count(&m, "schema"), 2.0, "{m}");
+    assert_eq!(count(&m, "success-rule"), 0.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_requests_total",
+            &[("outcome", "contract-violation"), ("result", "failure")]
+        ),
+        2.0,
+        "{m}"
+    );
+    let config = sidecar.config().await;
+    assert_eq!(
+        config["integrations"][0]["defaultRoute"]["contract"]["schema"]["source"], "inline",
+        "{config}"
+    );
+}
+
 #[tokio::test]
 async fn answers_that_keep_the_contract_or_are_too_long_to_check_are_not_failures() {
     let partner = Partner::start().await;
@@ -509,6 +574,83 @@ async fn the_success_rule_checks_the_sampled_share_of_answers() {
     );
     // Half of 200, give or take seven standard deviations.
     assert!((50.0..=150.0).contains(&broken), "{broken}: {m}");
+}
+
+/// `result` on `tollgate_requests_total` and `tollgate_request_duration_seconds` tells the
+/// partner's doing (`ok`, `failure`: a 5xx, a contract-breaking 2xx, a stale answer standing in
+/// for a 5xx) from the sidecar's refusals (`refused`: kill switch, quota), so the partner's
+/// error rate is read over partner calls only.
+#[tokio::test]
+async fn the_partners_failures_and_the_sidecars_refusals_are_told_apart() {
+    let partner = Partner::start().await;
+    let cached = std::sync::atomic::AtomicUsize::new(0);
+    partner.script(move |_, seen| match seen.path.as_str() {
+        "/broken" => json_reply(r#"{"status":"error"}"#),
+        "/fail" => Reply::Status(500),
+        "/cached" if cached.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 => {
+            Reply::Status(500)
+        }
+        _ => json_reply(r#"{"status":"ok"}"#),
+    });
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "contract: {success: {jsonPath: $.status, equals: ok}}
+routes:
+- name: killed
+  match: {pathPrefix: /killed}
+  killSwitch: {enabled: true}
+- name: scarce
+  match: {pathPrefix: /scarce}
+  rateLimit: {limits: [{name: tiny, requests: 1, per: 1h}]}
+- name: cached
+  match: {pathPrefix: /cached}
+  fallback: {staleIfError: 5m}",
+    ))
+    .await;
+    let url = |p: &str| format!("{}{p}", partner.url());
+    for (path, status) in [
+        ("/ok", 200),
+        ("/broken", 200),
+        ("/fail", 500),
+        ("/killed", 503),
+        ("/scarce", 200),
+        ("/scarce", 429),
+        ("/cached", 200),
+        ("/cached", 200),
+    ] {
+        assert_eq!(sidecar.get(&url(path)).await.status, status, "{path}");
+    }
+    let m = sidecar.metrics().await;
+    let calls = |labels: &[(&str, &str)]| metric(&m, "tollgate_requests_total", labels);
+    assert_eq!(calls(&[("result", "ok")]), 3.0, "{m}");
+    assert_eq!(calls(&[("result", "failure")]), 3.0, "{m}");
+    assert_eq!(calls(&[("result", "refused")]), 2.0, "{m}");
+    for (outcome, code, result) in [
+        ("contract-violation", "200", "failure"),
+        ("partner-error", "500", "failure"),
+        ("fallback-stale", "200", "failure"),
+        ("kill-switch", "503", "refused"),
+        ("rate-limited", "429", "refused"),
+    ] {
+        assert_eq!(
+            calls(&[("outcome", outcome), ("code", code), ("result", result)]),
+            1.0,
+            "{outcome}: {m}"
+        );
+    }
+    assert_eq!(calls(&[("outcome", "success")]), 3.0, "{m}");
+    let timed = |result| {
+        metric(
+            &m,
+            "tollgate_request_duration_seconds_count",
+            &[("integration", "test/partner"), ("result", result)],
+        )
+    };
+    assert_eq!(
+        (timed("ok"), timed("failure"), timed("refused")),
+        (3.0, 3.0, 2.0),
+        "{m}"
+    );
 }
 
 #[tokio::test]

@@ -174,6 +174,7 @@ const WATCH_RULES: &[(&str, &str, &[&str])] = &[
     ),
     ("tollgate.dev", "partnerintegrations/status", &["patch"]),
     ("", "secrets", &["get", "list", "watch"]),
+    ("", "configmaps", &["list", "watch"]),
     ("", "pods", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
@@ -914,6 +915,8 @@ fn cluster_wide_rbac_is_exactly_what_the_operator_needs() {
         ("get", "secrets", Some(&app)),
         ("list", "secrets", Some("*")),
         ("watch", "secrets", Some("*")),
+        ("list", "configmaps", Some("*")),
+        ("watch", "configmaps", Some("*")),
         ("get", "pods", Some(&app)),
         ("create", "tokenreviews.authentication.k8s.io", None),
         ("create", event, Some(&app)),

@@ -1069,3 +1069,181 @@ fn a_partners_deprecation_and_sunset_reach_the_status_and_one_event() {
     );
     assert_eq!(condition(&c.pi(), "Deprecated").unwrap()["status"], "True");
 }
+
+/// The partner answers a 2xx whose body breaks the route's success rule: the sidecar reports
+/// the violation, and the PartnerIntegration shows condition `ContractViolated` (reason
+/// `SuccessRuleBroken`, the route and its count in the message) with one event for the change,
+/// however many reconciles follow.
+#[test]
+fn a_contract_violation_reaches_the_status_and_one_event() {
+    let c = Cluster::start("contract", |p| {
+        let mut spec = base_spec(p);
+        spec["contract"] = json!({"success": {"jsonPath": "$.status", "equals": "ok"}});
+        spec
+    });
+    let quiet = eventually("condition ContractViolated, False", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "ContractViolated").cloned();
+        anyhow::ensure!(cond.is_some(), "{pi}\n{}", c.logs());
+        Ok(cond.unwrap())
+    });
+    assert_eq!(quiet["status"], "False");
+    assert_eq!(quiet["reason"], "ContractKept");
+
+    c.partner.queue([Reply::Full {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: r#"{"status":"error","detail":"card declined"}"#.into(),
+    }]);
+    let r = c.a.get(&url("/v1/charges")).unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the app gets the partner's answer: {}",
+        r.body
+    );
+    assert!(r.body.contains("card declined"), "{}", r.body);
+
+    let cond = eventually("condition ContractViolated, True", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "ContractViolated").cloned();
+        anyhow::ensure!(
+            cond.as_ref().is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(cond.unwrap())
+    });
+    assert_eq!(cond["reason"], "SuccessRuleBroken");
+    let msg = cond["message"].as_str().unwrap();
+    assert!(msg.contains("route default: 1 success-rule"), "{msg}");
+
+    let contract_events = || -> anyhow::Result<Vec<Value>> {
+        let out =
+            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
+        let all: Value = serde_json::from_str(&out)?;
+        Ok(all["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == "SuccessRuleBroken")
+            .cloned()
+            .collect())
+    };
+    let events = eventually("a SuccessRuleBroken event", SETTLE, || {
+        let e = contract_events()?;
+        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
+        Ok(e)
+    });
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["action"], "ContractCheck");
+    assert_eq!(events[0]["regarding"]["name"], "partner");
+
+    // More reconciles (a kill switch flip, with its own event) bring no second one.
+    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "drill"}}}));
+    eventually("a KillSwitchEnabled event", SETTLE, || {
+        let out =
+            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
+        anyhow::ensure!(out.contains("KillSwitchEnabled"), "{out}");
+        Ok(())
+    });
+    let events = contract_events().unwrap();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(
+        events[0]["series"]["count"].as_u64().unwrap_or(1) <= 1,
+        "{events:#?}"
+    );
+}
+
+/// A route's JSON Schema from a ConfigMap labelled `tollgate.dev/contract-schema=true`: the
+/// operator distributes its text, a partner answer that does not match it is counted and shows
+/// as `ContractViolated` (reason `SchemaMismatch`), and an edit of the ConfigMap is a new
+/// revision that reaches the sidecars.
+#[test]
+fn a_schema_from_a_labelled_config_map_checks_answers_and_follows_edits() {
+    let c = Cluster::start("schema", base_spec);
+    let config_map = |schema: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "orders", "namespace": c.ns,
+                         "labels": {"tollgate.dev/contract-schema": "true"}},
+            "data": {"order.json": schema},
+        })
+        .to_string()
+    };
+    objects::apply(
+        c.cp,
+        &config_map(r#"{"type": "object", "required": ["id"]}"#),
+    )
+    .unwrap();
+    c.patch(
+        json!({"spec": {"contract": {"schema": {"configMapName": "orders", "key": "order.json"}}}}),
+    );
+    let revision = eventually("the schema in force on both sidecars", SETTLE, || {
+        let pi = c.pi();
+        anyhow::ensure!(
+            condition(&pi, "ContractViolated").is_some()
+                && pi["status"]["sidecars"]["upToDate"] == 2,
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(pi["status"]["configRevision"].as_str().unwrap().to_string())
+    });
+
+    c.partner.queue([Reply::Full {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: r#"{"amount":12}"#.into(),
+    }]);
+    let r = c.a.get(&url("/v1/orders/1")).unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the app gets the partner's answer: {}",
+        r.body
+    );
+    assert_eq!(r.body, r#"{"amount":12}"#);
+    let m = c.a.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_contract_violations_total",
+            &[("kind", "schema")]
+        ),
+        1.0,
+        "{m}"
+    );
+    let cond = eventually("condition ContractViolated, True", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "ContractViolated").cloned();
+        anyhow::ensure!(
+            cond.as_ref().is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(cond.unwrap())
+    });
+    assert_eq!(cond["reason"], "SchemaMismatch");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("route default: 1 schema"),
+        "{cond}"
+    );
+
+    // The ConfigMap is edited: a new revision, on both sidecars.
+    objects::apply(c.cp, &config_map(r#"{"type": "object"}"#)).unwrap();
+    eventually(
+        "the edited schema in force on both sidecars",
+        SETTLE,
+        || {
+            let pi = c.pi();
+            anyhow::ensure!(
+                pi["status"]["configRevision"] != revision.as_str()
+                    && pi["status"]["sidecars"]["upToDate"] == 2,
+                "{pi}\n{}",
+                c.logs()
+            );
+            Ok(())
+        },
+    );
+}

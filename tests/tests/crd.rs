@@ -119,8 +119,13 @@ fn the_api_server_refuses_bad_specs_naming_the_field() {
         ),
         (
             "upstream: {url: 'https://a.example'}\ncontract: {maxBodyBytes: 10}",
-            "spec.contract.success",
-            "Required value",
+            "spec.contract",
+            "contract: give success, schema or enums",
+        ),
+        (
+            "upstream: {url: 'https://a.example'}\ncontract: {schema: {configMapName: orders}}",
+            "spec.contract.schema",
+            "contract.schema: give configMapName and key, or inline",
         ),
         ("timeouts: {request: 1s}", "spec.upstream", "Required value"),
     ];

@@ -244,6 +244,28 @@ fn metric_names(expr: &str, out: &mut BTreeSet<String>) {
     }
 }
 
+/// The label names each `tollgate_…{…}` selector in PromQL matches on, by metric name. The
+/// scrape's own labels (`namespace`, `pod`) are left out.
+fn selector_labels(expr: &str, out: &mut BTreeSet<(String, String)>) {
+    let mut names = BTreeSet::new();
+    metric_names(expr, &mut names);
+    for name in names {
+        let pattern = format!("{name}{{");
+        let mut rest = expr;
+        while let Some(at) = rest.find(&pattern) {
+            let after = &rest[at + pattern.len()..];
+            let Some(end) = after.find('}') else { break };
+            for matcher in after[..end].split(',') {
+                let key = matcher.trim().split(['=', '!']).next().unwrap_or("").trim();
+                if !key.is_empty() && !["namespace", "pod"].contains(&key) {
+                    out.insert((name.clone(), key.to_string()));
+                }
+            }
+            rest = &after[end..];
+        }
+    }
+}
+
 /// Every PromQL expression of the dashboard (panels, variables, annotations).
 fn dashboard_exprs(v: &Value, out: &mut Vec<String>) {
     match v {
@@ -274,6 +296,25 @@ fn family(name: &str) -> (&str, &'static str) {
         }
     }
     (name, "gauge")
+}
+
+/// The `(metric, label)` pairs of `wanted` that no sample of the metric in `exposition` carries.
+fn missing_labels(exposition: &str, wanted: &BTreeSet<(String, String)>) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|(name, _)| !FAULT_ONLY.iter().any(|f| f.0 == name))
+        .filter(|(name, label)| {
+            !exposition.lines().any(|l| {
+                l.strip_prefix(name.as_str())
+                    .and_then(|rest| rest.strip_prefix('{'))
+                    .is_some_and(|rest| {
+                        rest.starts_with(&format!("{label}=\""))
+                            || rest.contains(&format!(",{label}=\""))
+                    })
+            })
+        })
+        .map(|(name, label)| format!("{name} has no label {label}"))
+        .collect()
 }
 
 /// Metrics that appear only with a fault this test does not stage (an API server error during a
@@ -327,9 +368,11 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
     let cp = ControlPlane::shared();
     let (rule, dashboard) = rendered(cp);
     let mut names = BTreeSet::new();
+    let mut labels = BTreeSet::new();
     for g in rule["spec"]["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {
             metric_names(r["expr"].as_str().unwrap(), &mut names);
+            selector_labels(r["expr"].as_str().unwrap(), &mut labels);
         }
     }
     let mut exprs = Vec::new();
@@ -337,8 +380,13 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
     assert!(exprs.len() > 10, "{exprs:?}");
     for e in &exprs {
         metric_names(e, &mut names);
+        selector_labels(e, &mut labels);
     }
     assert!(names.len() > 10, "{names:?}");
+    assert!(
+        labels.contains(&("tollgate_requests_total".into(), "result".into())),
+        "{labels:?}"
+    );
 
     install_crd(cp);
     let ns = cp.create_namespace("monitoring-metrics").unwrap();
@@ -355,6 +403,7 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
         }],
         "circuitBreaker": {"window": "30s", "minimumRequests": 20, "failureRatePercent": 50},
         "sla": {"availabilityPercent": "99.9"},
+        "contract": {"success": {"jsonPath": "$.status", "equals": "ok"}},
     });
     objects::apply(cp, &objects::partner_integration(&ns, "partner", spec)).unwrap();
     let uid = objects::pod(cp, &ns, "checkout", "app", &[("app", "checkout")]).unwrap();
@@ -395,8 +444,9 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
         },
     );
 
-    // A success that announces a deprecation and a sunset; a partner failure, retried; on the scarce route a failure whose retry finds
-    // no quota token, then a call the quota refuses; and a subscription refused.
+    // A success that announces a deprecation and a sunset (its body, not JSON, breaks the
+    // contract); a partner failure, retried; on the scarce route a failure whose retry finds no
+    // quota token, then a call the quota refuses; and a subscription refused.
     let url = |path: &str| format!("http://{PARTNER_HOST}{path}");
     // The first answer announces the route's deprecation and sunset.
     partner.queue([Reply::Full {
@@ -419,7 +469,8 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
         Duration::from_millis(250),
         || {
             let exposition = format!("{}{}", sidecar.metrics()?, operator.metrics()?);
-            let gaps = missing(&exposition, &names);
+            let mut gaps = missing(&exposition, &names);
+            gaps.extend(missing_labels(&exposition, &labels));
             anyhow::ensure!(
                 gaps.is_empty(),
                 "missing {gaps:#?}\nin:\n{exposition}\n{}\n{}",
@@ -570,6 +621,7 @@ fn monitoring_objects_render_and_dry_run_on_and_off() {
         "Kill switch",
         "Retries and the retry budget",
         "Fallbacks served",
+        "Contract violations",
     ] {
         assert!(titles.contains(&want), "no panel {want:?} in {titles:?}");
     }

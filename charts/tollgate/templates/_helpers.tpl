@@ -132,6 +132,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
+# Contract schemas: only ConfigMaps labelled tollgate.dev/contract-schema=true are listed and
+# watched (read from that cache, never got by name). Read only.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["list", "watch"]
 # Sidecar authentication: the Pod a token is bound to must exist with the token's uid.
 - apiGroups: [""]
   resources: ["pods"]

@@ -215,6 +215,9 @@ impl Default for HubSettings {
     }
 }
 
+/// Snapshots awaiting a sidecar's ack, per stream; older ones count as push failures.
+const MAX_PENDING_ACKS: usize = 16;
+
 struct Session {
     pod: Arc<PodIdentity>,
     /// Revisions sent and when the change behind each happened; bounded.
@@ -562,9 +565,9 @@ impl Hub {
     fn sent(&self, session: &str, revision: u64, changed_at: Instant) {
         if let Some(s) = self.sessions().get_mut(session) {
             s.sent.push_back((revision, changed_at));
-            while s.sent.len() > 16 {
-                s.sent.pop_front();
-            }
+            let over = s.sent.len().saturating_sub(MAX_PENDING_ACKS);
+            s.sent.drain(..over);
+            self.metrics.push_failed("unacknowledged", over);
         }
     }
 
@@ -578,6 +581,8 @@ impl Hub {
             let (_, at) = s.sent[pos];
             self.metrics.observe_push(at.elapsed());
             s.sent.drain(..=pos);
+            // The sidecar applies snapshots in order: those before this one it refused.
+            self.metrics.push_failed("refused", pos);
         }
         true
     }
@@ -610,14 +615,16 @@ impl Hub {
     fn close(&self, session: &str) {
         let removed = {
             let mut sessions = self.sessions();
-            let removed = sessions.remove(session).is_some();
-            if removed {
+            let removed = sessions.remove(session);
+            if removed.is_some() {
                 self.changed();
             }
             removed
         };
-        if removed {
+        if let Some(s) = removed {
             self.metrics.connected_sidecars.dec();
+            // Pushed, and the stream ended before the sidecar acknowledged them.
+            self.metrics.push_failed("unacknowledged", s.sent.len());
         }
     }
 
@@ -895,5 +902,85 @@ mod tests {
         let key = ("shop".to_string(), "partner".to_string());
         let rev = hub.view().catalog.entries[&key].config_revision.clone();
         assert_eq!(hub.observe(&key, &rev).sidecars.desired, 5);
+    }
+
+    fn pod(name: &str) -> PodIdentity {
+        PodIdentity {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: None,
+            labels: BTreeMap::new(),
+            token_expiry: None,
+        }
+    }
+
+    fn push_failures(metrics: &Metrics, reason: &str) -> u64 {
+        metrics
+            .push_failures
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    /// A snapshot the sidecar never acknowledges is a push failure: `refused` when it
+    /// acknowledges a later one instead, `unacknowledged` when its stream ends first. An
+    /// acknowledged one is not; both reasons are exported at 0 before any failure.
+    #[tokio::test]
+    async fn snapshots_never_acknowledged_count_as_push_failures() {
+        let catalog = CatalogHandle::new();
+        catalog.upsert(global_entry());
+        let metrics = Arc::new(Metrics::new());
+        let text = metrics.encode();
+        for reason in crate::metrics::PUSH_FAILURE_REASONS {
+            assert!(
+                text.contains(&format!(
+                    "tollgate_operator_push_failures_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        let (peers_tx, peers_rx) = watch::channel(peers_with(0));
+        let hub = Hub::with_peers(catalog, metrics.clone(), HubSettings::default(), peers_rx);
+        tokio::spawn(hub.clone().run());
+        let (session, mut rx) = hub.open(pod("web-1"), None);
+        assert!(matches!(
+            next_message(&mut rx).await,
+            StreamMessage::Hello(_)
+        ));
+        let StreamMessage::Snapshot(first) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        assert!(hub.ack(&session, first.revision));
+        assert_eq!(push_failures(&metrics, "refused"), 0);
+
+        // Two more (the other replica's sidecars come and go); only the last is acknowledged.
+        peers_tx.send_replace(peers_with(2));
+        let StreamMessage::Snapshot(second) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        peers_tx.send_replace(peers_with(0));
+        let StreamMessage::Snapshot(third) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        assert_eq!(third.revision, second.revision + 1);
+        assert!(hub.ack(&session, third.revision));
+        assert_eq!(push_failures(&metrics, "refused"), 1);
+        assert_eq!(push_failures(&metrics, "unacknowledged"), 0);
+
+        // One more, and the stream ends before its ack.
+        peers_tx.send_replace(peers_with(3));
+        assert!(matches!(
+            next_message(&mut rx).await,
+            StreamMessage::Snapshot(_)
+        ));
+        drop(rx);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hub.has_session(&session) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!hub.has_session(&session));
+        assert_eq!(push_failures(&metrics, "unacknowledged"), 1);
+        assert_eq!(push_failures(&metrics, "refused"), 1);
     }
 }

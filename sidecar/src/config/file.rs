@@ -107,7 +107,7 @@ impl FileSource {
                 .unwrap_or(DEFAULT_NAMESPACE);
             let name = pi.metadata.name.as_deref().unwrap_or_default();
             refs.extend(super::secret_refs(&pi.spec));
-            match tollgate_crds::compile(ns, name, &pi.spec) {
+            match tollgate_crds::compile_enforceable(ns, name, &pi.spec) {
                 Ok(policy) => candidates.push(Candidate::Compiled(Box::new(policy))),
                 Err(source) if strict => {
                     return Err(ConfigError::Invalid {

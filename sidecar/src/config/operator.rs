@@ -6,12 +6,15 @@
 //! had one, and the rest of the snapshot applies, kill switches included. Each global quota is
 //! scaled to this pod's share. Reports are the traffic counted since the previous report.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
-use tollgate_crds::distribution::{IntegrationReport, Snapshot, bucket_quantile};
+use tollgate_crds::distribution::{
+    ContractViolationCount, IntegrationReport, MAX_CONTRACT_VIOLATION_ENTRIES, Snapshot,
+    bucket_quantile,
+};
 use tollgate_crds::policy::IntegrationId;
 use tollgate_crds::v1alpha1::SecretKeyRef;
 
@@ -66,6 +69,8 @@ struct Reported {
     rate_limited: u64,
     refused: u64,
     latency: Vec<u64>,
+    /// Contract violations since start, by (route, kind).
+    contract: BTreeMap<(String, String), u64>,
     at: Option<Instant>,
 }
 
@@ -110,7 +115,7 @@ impl OperatorSource {
             }
             revisions.insert(id.clone(), i.config_revision.clone());
             candidates.push(
-                match tollgate_crds::compile(&i.namespace, &i.name, &i.spec) {
+                match tollgate_crds::compile_enforceable(&i.namespace, &i.name, &i.spec) {
                     Ok(policy) => Candidate::Compiled(Box::new(policy)),
                     Err(e) => Candidate::Invalid {
                         id,
@@ -178,6 +183,7 @@ impl OperatorSource {
                     .iter()
                     .map(|b| b.load(Ordering::Relaxed))
                     .collect(),
+                contract: self.metrics.contract_totals(&i.label),
                 at: Some(now),
             };
             let last = reported.get(&i.policy.id).cloned().unwrap_or_default();
@@ -207,6 +213,24 @@ impl OperatorSource {
                 latency_buckets: delta,
                 breaker,
                 lifecycle: i.state.lifecycle.routes(),
+                contract_violations: current
+                    .contract
+                    .iter()
+                    .filter_map(|((route, kind), n)| {
+                        let since = last
+                            .contract
+                            .get(&(route.clone(), kind.clone()))
+                            .copied()
+                            .unwrap_or(0);
+                        let count = n.saturating_sub(since);
+                        (count > 0).then(|| ContractViolationCount {
+                            route: route.clone(),
+                            kind: kind.clone(),
+                            count,
+                        })
+                    })
+                    .take(MAX_CONTRACT_VIOLATION_ENTRIES)
+                    .collect(),
             });
             reported.insert(i.policy.id.clone(), current);
         }

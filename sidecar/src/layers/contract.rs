@@ -1,9 +1,11 @@
-//! Contract: checks the partner's 2xx answers against the route's `contract.success` rule.
+//! Contract: checks the partner's 2xx answers against the route's `contract`: its success
+//! rule, its JSON Schema and its enum fields.
 //!
 //! The body streams to the app as it comes; a copy of its first `maxBodyBytes` is kept aside
-//! and checked once the body has ended. A 2xx that breaks the rule is a failure for the
-//! breaker and the status (they ask [`Probe::broken`] when the body ends) and is counted in
-//! `tollgate_contract_violations_total{kind="success-rule"}`; a body too long to check, or
+//! and checked once the body has ended. A 2xx that breaks the rule or does not match the schema
+//! is a failure for the breaker and the status (they ask [`Probe::broken`] when the body ends)
+//! and is counted in `tollgate_contract_violations_total{kind="success-rule"}` or
+//! `{kind="schema"}` (both when it breaks both); a body too long to check, or
 //! compressed, is counted with `kind="unchecked"`. The app's answer is never changed.
 //!
 //! Sits between the circuit breaker and retry: it sees the final answer after retries.
@@ -104,6 +106,7 @@ impl Probe {
         *self.verdict.get_or_init(|| {
             let mut s = self.lock();
             let mut unknown_enums = 0;
+            let mut kinds: Vec<&'static str> = Vec::new();
             let v = if s.skip {
                 Verdict::Unchecked
             } else if !s.complete {
@@ -111,7 +114,13 @@ impl Probe {
             } else {
                 let j = self.rule.judge(&s.buf);
                 unknown_enums = j.unknown_enums;
-                if j.kept {
+                if !j.kept {
+                    kinds.push("success-rule");
+                }
+                if !j.schema_kept {
+                    kinds.push("schema");
+                }
+                if kinds.is_empty() {
                     Verdict::Kept
                 } else {
                     Verdict::Broken
@@ -122,12 +131,10 @@ impl Probe {
                 self.metrics
                     .contract_violation(&self.integration, &self.route, "unknown-enum");
             }
-            let kind = match v {
-                Verdict::Broken => Some("success-rule"),
-                Verdict::Unchecked => Some("unchecked"),
-                _ => None,
-            };
-            if let Some(kind) = kind {
+            if v == Verdict::Unchecked {
+                kinds.push("unchecked");
+            }
+            for kind in kinds {
                 self.metrics
                     .contract_violation(&self.integration, &self.route, kind);
             }

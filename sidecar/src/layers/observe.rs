@@ -15,7 +15,7 @@ use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::telemetry::access_log;
-use crate::telemetry::metrics::{Metrics, RouteMetrics};
+use crate::telemetry::metrics::{CallResult, Metrics, RouteMetrics};
 
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +79,7 @@ where
         Box::pin(
             async move {
                 let result = fut.await;
-                let (resp, outcome, reason) = match result {
+                let (resp, outcome, reason, fallback) = match result {
                     Ok(resp) => {
                         let (outcome, reason) = match resp.extensions().get::<ServedFallback>() {
                             Some(f) => (fallback_outcome(f.kind), f.reason),
@@ -96,15 +96,16 @@ where
                                 resp.headers(),
                             );
                         }
+                        let fallback = resp.extensions().get::<ServedFallback>().is_some();
                         if let Some(f) = resp.extensions().get::<ServedFallback>() {
                             tracing::Span::current().record("tollgate.fallback", f.kind);
                         }
-                        (resp, outcome, reason)
+                        (resp, outcome, reason, fallback)
                     }
                     Err(e) => {
                         let answer = e.into_answer(&call);
                         let reason = answer.reason;
-                        (answer.into_response(), reason.as_str(), Some(reason))
+                        (answer.into_response(), reason.as_str(), Some(reason), false)
                     }
                 };
                 // The call ends with its body: a body cut at the total deadline makes it a
@@ -127,7 +128,13 @@ where
                         };
                         // A 2xx that breaks the contract is the partner's failure.
                         let broken = end == BodyEnd::Done && probe.is_some_and(|p| p.broken());
-                        record(&metrics, &call, &span, status, outcome, reason, broken);
+                        let outcome = if broken && outcome == "success" {
+                            "contract-violation"
+                        } else {
+                            outcome
+                        };
+                        let result = call_result(status, reason, fallback, broken);
+                        record(&metrics, &call, &span, status, outcome, result, reason, broken);
                         if let Some(a) = &access {
                             access_log::write(
                                 &access_log::Line {
@@ -154,13 +161,33 @@ where
     }
 }
 
+/// What a finished call says about the partner: the sidecar's refusals (quota included) are
+/// not its doing; its 5xx, timeouts, an unreachable partner and a 2xx that breaks the contract
+/// are its failures; a fallback counts as what it stood in for (a stale answer without a
+/// reason stands in for the partner's 5xx).
+pub fn call_result(
+    status: u16,
+    reason: Option<Reason>,
+    fallback: bool,
+    broken: bool,
+) -> CallResult {
+    match reason {
+        Some(r) if r == Reason::RateLimited || r.is_refusal() => CallResult::Refused,
+        Some(_) => CallResult::Failure,
+        None if broken || fallback || status >= 500 => CallResult::Failure,
+        None => CallResult::Ok,
+    }
+}
+
 /// Records a finished call in its span, the metrics and the integration's traffic counters.
+#[allow(clippy::too_many_arguments)]
 fn record(
     metrics: &Metrics,
     call: &Call,
     span: &tracing::Span,
     status: u16,
     outcome: &'static str,
+    result: CallResult,
     reason: Option<Reason>,
     broken: bool,
 ) {
@@ -181,10 +208,13 @@ fn record(
     call.route_state()
         .metrics
         .get_or_init(|| RouteMetrics::new(metrics, &call.integration.label, call.route_name()))
-        .record(metrics, outcome, status, elapsed.as_secs_f64());
+        .record(metrics, outcome, result, status, elapsed.as_secs_f64());
+    // The status counts as the metrics do: a fallback standing in for the partner's 5xx is
+    // its failure.
+    let hidden_failure = reason.is_none() && result == CallResult::Failure && status < 500;
     call.integration
         .state
-        .record_call(status, reason, broken, elapsed);
+        .record_call(status, reason, hidden_failure, elapsed);
 }
 
 /// The `outcome` label of a call served from fallback.

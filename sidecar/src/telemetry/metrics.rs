@@ -1,6 +1,7 @@
 //! The sidecar's metrics, named as api.md section 4 binds them.
 
-use std::sync::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,16 +10,61 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use tollgate_crds::distribution::CONTRACT_VIOLATION_KINDS;
+
 use crate::config::Revision;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub integration: String,
     pub route: String,
-    /// `success`, `partner-error` (the partner's own 4xx/5xx), `fallback`, or the reason the
-    /// sidecar answered (`kill-switch`, `rate-limited`, ...).
+    /// `success`, `partner-error` (the partner's own 4xx/5xx), `contract-violation` (a 2xx
+    /// whose body breaks the route's `contract`), `fallback-stale`, `fallback-static`, or the
+    /// reason the sidecar answered (`kill-switch`, `rate-limited`, ...).
     pub outcome: String,
     pub code: String,
+    /// What the call says about the partner ([`CallResult`]): `ok`, `failure` or `refused`.
+    pub result: String,
+}
+
+/// The `result` label of `tollgate_requests_total` and `tollgate_request_duration_seconds`:
+/// whose doing the call's end was, so the partner's error rate and latency read only calls that
+/// reached (or failed to reach) it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallResult {
+    /// The partner answered, and not with a failure (its 4xx included: they are the app's).
+    Ok,
+    /// The partner failed: its 5xx, a timeout, unreachable, a 2xx that breaks the route's
+    /// contract; a fallback served in its stead counts as the failure it stood in for.
+    Failure,
+    /// The sidecar answered without calling the partner: kill switch, quota, breaker open,
+    /// deprecated version, bad request, unknown host (or a fallback in their stead).
+    Refused,
+}
+
+impl CallResult {
+    pub const ALL: [CallResult; 3] = [CallResult::Ok, CallResult::Failure, CallResult::Refused];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallResult::Ok => "ok",
+            CallResult::Failure => "failure",
+            CallResult::Refused => "refused",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Labels of `tollgate_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub integration: String,
+    pub route: String,
+    /// As in [`CallLabels::result`].
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,7 +113,8 @@ pub struct SkipLabels {
 pub struct ContractLabels {
     pub integration: String,
     pub route: String,
-    /// `success-rule` (a 2xx whose body breaks `contract.success`), `unknown-enum` (a field of
+    /// `success-rule` (a 2xx whose body breaks `contract.success`), `schema` (one that does not
+    /// match `contract.schema`), `unknown-enum` (a field of
     /// `contract.enums` with a value not listed) or `unchecked` (a sampled 2xx whose body was
     /// longer than `contract.maxBodyBytes`, or compressed).
     pub kind: String,
@@ -101,10 +148,13 @@ pub struct InterceptLabels {
     pub outcome: String,
 }
 
+/// Contract violations by (route, kind).
+pub type ContractTotals = BTreeMap<(String, String), u64>;
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<CallLabels, Counter>,
-    pub duration: Family<RouteLabels, Histogram>,
+    pub duration: Family<DurationLabels, Histogram>,
     pub rate_limited: Family<BandLabels, Counter>,
     pub retries: Family<RouteLabels, Counter>,
     pub retries_skipped: Family<SkipLabels, Counter>,
@@ -137,6 +187,9 @@ pub struct Metrics {
     /// Access log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
     pub contract_violations: Family<ContractLabels, Counter>,
+    /// The violation counts of `contract_violations` again, by integration, for the operator's
+    /// reports (a family cannot be listed).
+    contract_totals: Mutex<HashMap<String, ContractTotals>>,
     /// Serialises gauge refreshes against each other (scrapes may overlap).
     refresh: Mutex<()>,
 }
@@ -157,7 +210,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<CallLabels, Counter>::default();
-        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+        let duration = Family::<DurationLabels, Histogram>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
         );
         let rate_limited = Family::<BandLabels, Counter>::default();
@@ -178,12 +231,12 @@ impl Default for Metrics {
         // prometheus-client appends `_total` to counters.
         registry.register(
             "tollgate_requests",
-            "Calls to partners, by outcome and status code",
+            "Calls to partners, by outcome, status code and result (ok, failure: the partner's doing; refused: the sidecar's)",
             requests.clone(),
         );
         registry.register(
             "tollgate_request_duration_seconds",
-            "Whole-call latency as the app sees it, retries and queueing included",
+            "Whole-call latency as the app sees it, retries and queueing included, by result (ok, failure, refused)",
             duration.clone(),
         );
         registry.register(
@@ -306,13 +359,14 @@ impl Default for Metrics {
         let contract_violations = Family::<ContractLabels, Counter>::default();
         registry.register(
             "tollgate_contract_violations",
-            "Partner 2xx answers that break the route's contract (kind=success-rule), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
+            "Partner 2xx answers that break the route's success rule (kind=success-rule) or schema (kind=schema), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
             contract_violations.clone(),
         );
         Metrics {
             registry,
             access_log_dropped,
             contract_violations,
+            contract_totals: Mutex::default(),
             partner_deprecated,
             partner_deprecation,
             partner_sunset,
@@ -350,6 +404,28 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+        if CONTRACT_VIOLATION_KINDS.contains(&kind) {
+            let mut totals = self
+                .contract_totals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = totals
+                .entry(integration.to_string())
+                .or_default()
+                .entry((route.to_string(), kind.to_string()))
+                .or_default();
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// Contract violations of `integration` since the sidecar started, by (route, kind).
+    pub fn contract_totals(&self, integration: &str) -> ContractTotals {
+        self.contract_totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(integration)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn config_error(&self) {
@@ -435,46 +511,58 @@ impl Metrics {
 pub struct RouteMetrics {
     integration: String,
     route: String,
-    duration: Histogram,
-    /// `(outcome, status code)` -> its `tollgate_requests_total` series; a handful per route.
-    requests: RwLock<Vec<(&'static str, u16, Counter)>>,
+    /// Per [`CallResult`], made on first use.
+    duration: [OnceLock<Histogram>; 3],
+    /// `(outcome, result, status code)` -> its `tollgate_requests_total` series; a handful per
+    /// route.
+    requests: RwLock<Vec<(&'static str, CallResult, u16, Counter)>>,
 }
 
 impl RouteMetrics {
-    pub fn new(metrics: &Metrics, integration: &str, route: &str) -> Self {
-        let duration = metrics
-            .duration
-            .get_or_create(&RouteLabels {
-                integration: integration.to_string(),
-                route: route.to_string(),
-            })
-            .clone();
+    pub fn new(_metrics: &Metrics, integration: &str, route: &str) -> Self {
         RouteMetrics {
             integration: integration.to_string(),
             route: route.to_string(),
-            duration,
+            duration: Default::default(),
             requests: RwLock::new(Vec::new()),
         }
     }
 
     /// Records one finished call.
-    pub fn record(&self, metrics: &Metrics, outcome: &'static str, code: u16, seconds: f64) {
-        self.duration.observe(seconds);
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        outcome: &'static str,
+        result: CallResult,
+        code: u16,
+        seconds: f64,
+    ) {
+        self.duration[result.index()]
+            .get_or_init(|| {
+                metrics
+                    .duration
+                    .get_or_create(&DurationLabels {
+                        integration: self.integration.clone(),
+                        route: self.route.clone(),
+                        result: result.as_str().to_string(),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+        let same =
+            |o: &&'static str, r: &CallResult, c: &u16| *c == code && *r == result && *o == outcome;
         let found = self
             .requests
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(o, c, _)| *c == code && *o == outcome)
-            .map(|(_, _, counter)| counter.inc());
+            .find(|(o, r, c, _)| same(o, r, c))
+            .map(|(_, _, _, counter)| counter.inc());
         if found.is_some() {
             return;
         }
         let mut requests = self.requests.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, _, counter)) = requests
-            .iter()
-            .find(|(o, c, _)| *c == code && *o == outcome)
-        {
+        if let Some((_, _, _, counter)) = requests.iter().find(|(o, r, c, _)| same(o, r, c)) {
             counter.inc();
             return;
         }
@@ -485,9 +573,10 @@ impl RouteMetrics {
                 route: self.route.clone(),
                 outcome: outcome.to_string(),
                 code: code.to_string(),
+                result: result.as_str().to_string(),
             })
             .clone();
         counter.inc();
-        requests.push((outcome, code, counter));
+        requests.push((outcome, result, code, counter));
     }
 }
