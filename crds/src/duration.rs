@@ -6,6 +6,12 @@ use std::time::Duration;
 /// every duration ends up added to a clock reading, and a clock cannot count that far.
 pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// Parses a command-line flag's duration, for clap's `value_parser` in both binaries; the
+/// error says what a duration looks like.
+pub fn flag(s: &str) -> Result<Duration, String> {
+    parse(s).ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 15s, 1m, 1h)"))
+}
+
 /// Parses a non-negative Go duration. `0` alone is allowed, as in Go.
 ///
 /// Returns `None` for anything else (signs, missing units, unknown units, overflow), so the
@@ -135,6 +141,14 @@ pub mod serde_go {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_that_is_no_duration_is_refused_with_its_value() {
+        assert_eq!(flag("90s"), Ok(Duration::from_secs(90)));
+        let e = flag("5").unwrap_err();
+        assert!(e.contains("\"5\" is not a duration"), "{e}");
+        assert!(flag("-1s").is_err());
+    }
 
     #[test]
     fn parses_go_durations() {

@@ -59,27 +59,27 @@ struct Args {
     identity: Option<String>,
 
     /// How long a Lease stays valid without renewal.
-    #[arg(long, default_value = "15s", value_parser = duration)]
+    #[arg(long, default_value = "15s", value_parser = tollgate_crds::duration::flag)]
     lease_duration: Duration,
 
     /// How often the Lease is renewed or contested.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = tollgate_crds::duration::flag)]
     lease_renew: Duration,
 
     /// How often each replica publishes its sidecars' state to the others (peer Leases).
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = tollgate_crds::duration::flag)]
     peer_interval: Duration,
 
     /// How often each status is refreshed from sidecar reports.
-    #[arg(long, default_value = "10s", value_parser = duration)]
+    #[arg(long, default_value = "10s", value_parser = tollgate_crds::duration::flag)]
     status_interval: Duration,
 
     /// Heartbeat on idle streams.
-    #[arg(long, default_value = "15s", value_parser = duration)]
+    #[arg(long, default_value = "15s", value_parser = tollgate_crds::duration::flag)]
     heartbeat: Duration,
 
     /// How often sidecars report.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = tollgate_crds::duration::flag)]
     report_interval: Duration,
 
     /// Most connections the endpoint holds at once.
@@ -100,15 +100,15 @@ struct Args {
 
     /// How often each open stream's token and pod are verified again (TokenReview and a
     /// read of the Pod); a pod deleted, recreated or relabelled ends its stream.
-    #[arg(long, default_value = "60s", value_parser = duration)]
+    #[arg(long, default_value = "60s", value_parser = tollgate_crds::duration::flag)]
     stream_recheck: Duration,
 
     /// Longest wait for a request's headers, and for an ack or report body.
-    #[arg(long, default_value = "10s", value_parser = duration)]
+    #[arg(long, default_value = "10s", value_parser = tollgate_crds::duration::flag)]
     request_timeout: Duration,
 
     /// How long a token the API server refused is refused from memory.
-    #[arg(long, default_value = "30s", value_parser = duration)]
+    #[arg(long, default_value = "30s", value_parser = tollgate_crds::duration::flag)]
     refused_token_ttl: Duration,
 
     /// TokenReviews in flight at once.
@@ -121,11 +121,6 @@ struct Args {
 
     #[command(flatten)]
     webhook: tollgate_operator::webhook::Flags,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    tollgate_crds::duration::parse(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 5s, 1m)"))
 }
 
 #[tokio::main]

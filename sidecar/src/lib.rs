@@ -25,9 +25,3 @@ pub mod setup;
 pub mod state;
 pub mod telemetry;
 pub mod transparent;
-
-/// Parses a Go-form duration flag (`500ms`, `15s`).
-pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    tollgate_crds::duration::parse(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 15s, 1m)"))
-}

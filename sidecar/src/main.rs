@@ -9,6 +9,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use tollgate_crds::duration::flag as duration_arg;
 use tollgate_sidecar::admin::{self, Admin};
 use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig};
 use tollgate_sidecar::config::Store;
@@ -21,7 +22,7 @@ use tollgate_sidecar::proxy::{ProxyOptions, UnknownHosts, server};
 use tollgate_sidecar::state::StateContext;
 use tollgate_sidecar::telemetry::metrics::Metrics;
 use tollgate_sidecar::telemetry::subscriber::{self as telemetry, LogFormat};
-use tollgate_sidecar::{client, duration_arg, intercept, setup, transparent};
+use tollgate_sidecar::{client, intercept, setup, transparent};
 
 /// Governs this pod's outbound calls to partner APIs.
 #[derive(Debug, Parser)]

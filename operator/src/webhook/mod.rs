@@ -90,7 +90,7 @@ pub struct Flags {
     pub cluster_domain: String,
 
     /// Lifetime of the webhook certificate; renewed with a third of it left.
-    #[arg(long, default_value = "2160h", value_parser = duration)]
+    #[arg(long, default_value = "2160h", value_parser = tollgate_crds::duration::flag)]
     pub webhook_cert_validity: Duration,
 
     /// Another namespace never injected (repeatable). kube-system, kube-public,
@@ -153,7 +153,7 @@ pub struct Flags {
     pub sidecar_args: Vec<String>,
 
     /// Lifetime of the sidecar's projected token (at least 10m; the kubelet renews it).
-    #[arg(long, default_value = "1h", value_parser = duration)]
+    #[arg(long, default_value = "1h", value_parser = tollgate_crds::duration::flag)]
     pub sidecar_token_expiration: Duration,
 
     /// Mode of a pod without the `tollgate.dev/interception` annotation.
@@ -174,7 +174,7 @@ pub struct Flags {
 
     /// How long an injected pod's app waits for the sidecar's first revision (received or
     /// persisted) before --sidecar-startup-on-timeout applies (1s to 1h).
-    #[arg(long, default_value = "60s", value_parser = duration)]
+    #[arg(long, default_value = "60s", value_parser = tollgate_crds::duration::flag)]
     pub sidecar_startup_timeout: Duration,
 
     /// When that wait expires: `fail` (the sidecar's startup probe fails, the app never starts
@@ -227,11 +227,6 @@ fn resource_attribute(s: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((k.to_string(), v.to_string()))
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    tollgate_crds::duration::parse(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 90s, 1h, 2160h)"))
 }
 
 fn resources(s: &str) -> Result<ResourceRequirements, String> {
