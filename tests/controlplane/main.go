@@ -2,7 +2,8 @@
 // end-to-end tests: etcd embedded in-process and the real kube-apiserver command,
 // both on 127.0.0.1. It makes its own CA, serving and admin client certificates,
 // an admin kubeconfig and a ServiceAccount signing key, so TokenRequest and
-// TokenReview work. There is no controller-manager, scheduler or kubelet: tests
+// TokenReview work. There is no controller-manager, scheduler or kubelet here (tests/node
+// has them, for the suite that runs real pods, with --node-ip): other tests
 // create the ServiceAccounts and other objects they need themselves.
 //
 // Once /readyz answers OK it prints exactly one line on stdout:
@@ -67,6 +68,7 @@ func run() error {
 	dir := flags.String("dir", "", "directory for kubeconfig, certificates and etcd data (default: a temporary directory removed on exit)")
 	verbosity := flags.Int("v", 0, "kube-apiserver log verbosity (klog --v)")
 	stdinEOF := flags.Bool("exit-on-stdin-eof", true, "shut down when stdin reaches EOF")
+	nodeIP := flags.String("node-ip", "", "also serve on this address and publish it as the kubernetes Service's endpoint, for pods of a real node (default: loopback only)")
 	if err := flags.Parse(os.Args[1:]); err != nil {
 		return err
 	}
@@ -111,7 +113,15 @@ func run() error {
 		return err
 	}
 	server := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
-	caCert, adminCert, err := writePKI(certDir)
+	var extraIPs []net.IP
+	if *nodeIP != "" {
+		ip := net.ParseIP(*nodeIP)
+		if ip == nil {
+			return fmt.Errorf("--node-ip %q is not an IP address", *nodeIP)
+		}
+		extraIPs = append(extraIPs, ip)
+	}
+	caCert, adminCert, err := writePKI(certDir, extraIPs)
 	if err != nil {
 		return fmt.Errorf("generating certificates: %w", err)
 	}
@@ -133,8 +143,6 @@ func run() error {
 	pki := func(name string) string { return filepath.Join(certDir, name) }
 	args := []string{
 		"--etcd-servers=" + etcdURL,
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
 		fmt.Sprintf("--secure-port=%d", apiPort),
 		"--cert-dir=" + certDir,
 		"--tls-cert-file=" + pki("apiserver.crt"),
@@ -146,11 +154,23 @@ func run() error {
 		"--api-audiences=" + apiAudience,
 		"--authorization-mode=RBAC",
 		"--service-cluster-ip-range=10.0.0.0/24",
-		// The default "lease" reconciler would publish 127.0.0.1 as the endpoint of
-		// the kubernetes Service, which validation rejects (loopback), in a loop.
-		"--endpoint-reconciler-type=none",
-		fmt.Sprintf("--v=%d", *verbosity),
 	}
+	if *nodeIP == "" {
+		args = append(args,
+			"--bind-address=127.0.0.1",
+			"--advertise-address=127.0.0.1",
+			// The default "lease" reconciler would publish 127.0.0.1 as the endpoint of
+			// the kubernetes Service, which validation rejects (loopback), in a loop.
+			"--endpoint-reconciler-type=none",
+		)
+	} else {
+		// Pods reach the API server through the kubernetes Service, whose endpoint
+		// is the node's address.
+		args = append(args, "--bind-address=0.0.0.0", "--advertise-address="+*nodeIP)
+	}
+	args = append(args,
+		fmt.Sprintf("--v=%d", *verbosity),
+	)
 	apiserver.SetArgs(append(args, extraArgs...))
 
 	if ctx.Err() != nil {
@@ -265,7 +285,8 @@ func freePort() (int, error) {
 //	sa.key / sa.pub              RSA key pair that signs and verifies ServiceAccount tokens
 //
 // and returns the CA and admin certificates for the readiness probe.
-func writePKI(dir string) (*x509.Certificate, tls.Certificate, error) {
+// extraIPs are added to the serving certificate (the node address pods dial).
+func writePKI(dir string, extraIPs []net.IP) (*x509.Certificate, tls.Certificate, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, tls.Certificate{}, err
@@ -291,7 +312,7 @@ func writePKI(dir string) (*x509.Certificate, tls.Certificate, error) {
 		Subject:     pkix.Name{CommonName: "kube-apiserver"},
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, net.IPv4(10, 0, 0, 1)},
+		IPAddresses: append([]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, net.IPv4(10, 0, 0, 1)}, extraIPs...),
 		DNSNames: []string{"localhost", "kubernetes", "kubernetes.default",
 			"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 	}

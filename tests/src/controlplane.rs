@@ -65,6 +65,16 @@ impl ControlPlane {
     /// `apiserver_args` are appended to kube-apiserver's flags. Prefer
     /// [`ControlPlane::shared`]: each start costs a few seconds.
     pub fn start(log: &Path, apiserver_args: &[&str]) -> anyhow::Result<ControlPlane> {
+        Self::start_with(log, &[], apiserver_args)
+    }
+
+    /// As [`ControlPlane::start`], with `controlplane_args` for the harness itself (e.g.
+    /// `--node-ip`, for a control plane that pods of a real node reach).
+    pub fn start_with(
+        log: &Path,
+        controlplane_args: &[&str],
+        apiserver_args: &[&str],
+    ) -> anyhow::Result<ControlPlane> {
         let bin = controlplane_bin();
         if let Some(dir) = log.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -79,6 +89,7 @@ impl ControlPlane {
             cmd.env_remove(var);
         }
         let mut child = cmd
+            .args(controlplane_args)
             .arg("--")
             .args(apiserver_args)
             .stdin(Stdio::piped())
