@@ -4,8 +4,10 @@
 #   controlplane   etcd + kube-apiserver harness from tests/controlplane
 #   helm           helm v3 from its Go module
 #   promtool       Prometheus' rule checker and rule unit-test runner, from its Go module
+#   node           kubelet, kube-controller-manager, kube-scheduler, kube-proxy and a
+#                  cluster DNS from tests/node, for the suite that runs real pods
 #
-# Usage: tests/build-tools.sh [controlplane|helm|promtool]...     (no argument: all)
+# Usage: tests/build-tools.sh [controlplane|helm|promtool|node]...     (no argument: all)
 #
 # Tools directory: $TOLLGATE_E2E_TOOLS_DIR, else $CARGO_TARGET_DIR/e2e-tools, else
 # <repo>/target/e2e-tools (a relative CARGO_TARGET_DIR is taken from the repo root).
@@ -75,6 +77,21 @@ build_controlplane() {
     build controlplane "$inputs" go_build
 }
 
+build_node() {
+    cd "$here/node"
+    local kube_version minor ldflags inputs
+    kube_version="$(go list -m -f '{{.Version}}' k8s.io/kubernetes)" # v1.35.x
+    minor="${kube_version#v1.}"
+    minor="${minor%%.*}"
+    ldflags="-s -w"
+    ldflags+=" -X k8s.io/component-base/version.gitVersion=$kube_version"
+    ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
+    ldflags+=" -X k8s.io/component-base/version.gitMinor=$minor"
+    inputs="$(go version) $ldflags $(cat go.mod go.sum ./*.go | sha256sum)"
+    go_build() { go build -ldflags "$ldflags" -o "$out" .; }
+    build node "$inputs" go_build
+}
+
 build_helm() {
     # Helm's own release build sets its version and derives the Kubernetes version
     # it assumes offline (helm template) from the client-go it uses; do the same.
@@ -118,15 +135,16 @@ exec 9>"$tools/.lock"
 flock 9
 
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(controlplane helm promtool)
+[[ ${#targets[@]} -gt 0 ]] || targets=(controlplane helm promtool node)
 total=$SECONDS
 for t in "${targets[@]}"; do
     case "$t" in
     controlplane) (build_controlplane) ;;
     helm) (build_helm) ;;
     promtool) (build_promtool) ;;
+    node) (build_node) ;;
     *)
-        log "unknown tool: $t (expected controlplane, helm or promtool)"
+        log "unknown tool: $t (expected controlplane, helm, promtool or node)"
         exit 2
         ;;
     esac

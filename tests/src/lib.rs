@@ -13,6 +13,7 @@
 
 pub mod bins;
 mod controlplane;
+pub mod node;
 pub mod objects;
 pub mod operator;
 pub mod process;

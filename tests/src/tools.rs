@@ -63,6 +63,13 @@ pub fn helm_bin() -> &'static Path {
     resolve(&BIN, HELM_BIN_ENV, "helm")
 }
 
+/// The node components (`tests/node`: kubelet, controller-manager, scheduler, kube-proxy and
+/// a cluster DNS in one binary), built on first use. Panics with the build error.
+pub fn node_bin() -> &'static Path {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    resolve(&BIN, "TOLLGATE_NODE_BIN", "node")
+}
+
 // A failed build is remembered, so every test that needs the tool fails at once
 // with the same message instead of building again.
 fn resolve(

@@ -11,5 +11,6 @@ mod failstatic;
 mod helm;
 mod hostile;
 mod monitoring;
+mod pods;
 mod tokens;
 mod webhook;
