@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::duration;
 use crate::v1alpha1::{
-    Backoff, CircuitBreaker, Contract, ContractSchema, Fallback, KillSwitch, OnLimit,
+    Backoff, CircuitBreaker, Concurrency, Contract, ContractSchema, Fallback, KillSwitch, OnLimit,
     PartnerIntegrationSpec, RateLimit, RateLimitScope, Retries, SecretKeyRef, Timeouts,
 };
 
@@ -39,6 +39,11 @@ pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
 pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 5;
 pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "idempotency-key";
 pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// `rateLimit.adaptive` defaults.
+pub const DEFAULT_ADAPTIVE_MIN_PERCENT: i64 = 10;
+pub const DEFAULT_ADAPTIVE_RECOVERY: Duration = Duration::from_secs(30);
+/// The largest `maxInFlight` and `maxQueueDepth`.
+pub const MAX_CONCURRENCY: i64 = 100_000;
 pub const DEFAULT_BREAKER_WINDOW: Duration = Duration::from_secs(30);
 pub const DEFAULT_BREAKER_MINIMUM_REQUESTS: u32 = 20;
 pub const DEFAULT_BREAKER_FAILURE_RATE_PERCENT: u32 = 50;
@@ -113,6 +118,8 @@ pub struct IntegrationPolicy {
     pub credentials: Option<CredentialPolicy>,
     /// The partner's account-wide quota: every request counts against it.
     pub rate_limit: Option<RateLimitPolicy>,
+    /// The cap on this pod's calls in flight to the partner, across routes.
+    pub concurrency: Option<ConcurrencyPolicy>,
     /// The integration's breaker, shared by every route without a breaker of its own.
     pub circuit_breaker: Option<BreakerPolicy>,
     /// Declared routes in order; the first match wins.
@@ -371,6 +378,30 @@ pub struct RateLimitPolicy {
     #[serde(serialize_with = "ser::opt_header_name")]
     pub partition_by: Option<HeaderName>,
     pub bands: Vec<BandPolicy>,
+    /// Lowered on the partner's throttling, recovered while it is quiet.
+    pub adaptive: Option<AdaptivePolicy>,
+}
+
+/// `rateLimit.adaptive`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptivePolicy {
+    /// 1..=100.
+    pub min_percent: u32,
+    #[serde(with = "duration::serde_go")]
+    pub recovery: Duration,
+}
+
+/// At most `max_in_flight` calls at once; over it, 429 at once (`reject`) or a wait in line of
+/// at most `max_queue_wait` with at most `max_queue_depth` waiting (`queue`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConcurrencyPolicy {
+    pub max_in_flight: u32,
+    pub on_limit: OnLimit,
+    #[serde(with = "duration::serde_go")]
+    pub max_queue_wait: Duration,
+    pub max_queue_depth: u32,
 }
 
 /// A token bucket: `requests` tokens, refilled continuously over `per`.
@@ -709,6 +740,8 @@ pub struct RoutePolicy {
     pub retries: RetryPolicy,
     /// The route's own bands, enforced in addition to the integration's quota.
     pub rate_limit: Option<RateLimitPolicy>,
+    /// The route's own cap on calls in flight, in addition to the integration's.
+    pub concurrency: Option<ConcurrencyPolicy>,
     pub breaker: BreakerScope,
     pub fallback: FallbackPolicy,
     /// The route's contract, or the integration's.
@@ -958,6 +991,10 @@ impl Compiler {
             .rate_limit
             .as_ref()
             .and_then(|r| self.rate_limit("spec.rateLimit", r, None));
+        let concurrency = spec
+            .concurrency
+            .as_ref()
+            .map(|c| self.concurrency("spec.concurrency", c));
         let circuit_breaker = spec
             .circuit_breaker
             .as_ref()
@@ -1022,6 +1059,10 @@ impl Compiler {
             route.rate_limit = r.rate_limit.as_ref().and_then(|rl| {
                 self.rate_limit(&format!("{base}.rateLimit"), rl, spec.rate_limit.as_ref())
             });
+            route.concurrency = r
+                .concurrency
+                .as_ref()
+                .map(|c| self.concurrency(&format!("{base}.concurrency"), c));
             if let Some(b) = &r.circuit_breaker {
                 route.breaker = BreakerScope::Route(self.breaker(
                     &format!("{base}.circuitBreaker"),
@@ -1098,6 +1139,7 @@ impl Compiler {
             versioning,
             credentials,
             rate_limit,
+            concurrency,
             circuit_breaker,
             routes,
             default_route,
@@ -1508,6 +1550,38 @@ impl Compiler {
 
     /// `inherit`: the integration's quota, whose scope/onLimit/queue settings a route's bands
     /// take unless the route sets its own.
+    fn concurrency(&mut self, base: &str, c: &Concurrency) -> ConcurrencyPolicy {
+        let bounded = |v: i64| u32::try_from(v.clamp(1, MAX_CONCURRENCY)).unwrap_or(1);
+        if !(1..=MAX_CONCURRENCY).contains(&c.max_in_flight) {
+            self.err(
+                format!("{base}.maxInFlight"),
+                format!(
+                    "{} must be between 1 and {MAX_CONCURRENCY}",
+                    c.max_in_flight
+                ),
+            );
+        }
+        if let Some(d) = c.max_queue_depth
+            && !(1..=MAX_CONCURRENCY).contains(&d)
+        {
+            self.err(
+                format!("{base}.maxQueueDepth"),
+                format!("{d} must be between 1 and {MAX_CONCURRENCY}"),
+            );
+        }
+        let max_queue_wait = self.duration(
+            &format!("{base}.maxQueueWait"),
+            c.max_queue_wait.as_ref(),
+            DEFAULT_MAX_QUEUE_WAIT,
+        );
+        ConcurrencyPolicy {
+            max_in_flight: bounded(c.max_in_flight),
+            on_limit: c.on_limit.unwrap_or_default(),
+            max_queue_wait,
+            max_queue_depth: bounded(c.max_queue_depth.unwrap_or(c.max_in_flight)),
+        }
+    }
+
     fn rate_limit(
         &mut self,
         base: &str,
@@ -1569,12 +1643,35 @@ impl Compiler {
             .as_ref()
             .or(inherit.and_then(|i| i.partition_by.as_ref()))
             .and_then(|h| self.header_name(&format!("{base}.partitionBy"), h));
+        let adaptive = r
+            .adaptive
+            .as_ref()
+            .or(inherit.and_then(|i| i.adaptive.as_ref()))
+            .map(|a| {
+                let min_percent = a.min_percent.unwrap_or(DEFAULT_ADAPTIVE_MIN_PERCENT);
+                if !(1..=100).contains(&min_percent) {
+                    self.err(
+                        format!("{base}.adaptive.minPercent"),
+                        format!("{min_percent} must be between 1 and 100"),
+                    );
+                }
+                let recovery = self.positive_duration(
+                    &format!("{base}.adaptive.recovery"),
+                    a.recovery.as_ref(),
+                    DEFAULT_ADAPTIVE_RECOVERY,
+                );
+                AdaptivePolicy {
+                    min_percent: u32::try_from(min_percent.clamp(1, 100)).unwrap_or(100),
+                    recovery,
+                }
+            });
         Some(RateLimitPolicy {
             scope,
             on_limit,
             max_queue_wait,
             partition_by,
             bands,
+            adaptive,
         })
     }
 
@@ -1654,6 +1751,7 @@ impl Compiler {
             timeouts,
             retries,
             rate_limit: None,
+            concurrency: None,
             breaker: if spec.circuit_breaker.is_some() {
                 BreakerScope::Integration
             } else {

@@ -92,6 +92,9 @@ pub struct PartnerIntegrationSpec {
     /// The partner's quota (every call to the partner counts). Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Most calls in flight to the partner at once, from this pod. Absent: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
     /// Stops calling a failing partner for a while. Absent: no breaker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
@@ -411,9 +414,57 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub partition_by: Option<String>,
+    /// Lower the rate when the partner throttles (429, or a rate-limit header saying nothing
+    /// remains) and climb back while it is quiet. Absent: the configured rate always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<Adaptive>,
     /// The bands (burst AND sustained); at least one; names unique (the list is keyed by name).
     #[schemars(length(min = 1, max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub limits: Vec<LimitBand>,
+}
+
+/// A cap on calls in flight at once: a call holds its place from admission until its answer's
+/// body ends (retries included), so a slow partner cannot pile up the app's requests.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Concurrency {
+    /// Calls in flight at once. At least 1.
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_in_flight: i64,
+    /// `reject` (default): 429 at once when every place is taken; `queue`: wait in line first
+    /// come first served, up to `maxQueueWait` and never past the call's total deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_limit: Option<OnLimit>,
+    /// With `onLimit: queue`, the longest a request waits for a place. Default 2s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub max_queue_wait: Option<String>,
+    /// With `onLimit: queue`, the most requests waiting at once; one more is refused at once.
+    /// Default: `maxInFlight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_queue_depth: Option<i64>,
+}
+
+/// AIMD on the partner's signals: each throttle episode halves the rate in force, down to
+/// `minPercent` of the configured rate; after a quiet second it climbs back linearly.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Adaptive {
+    /// The lowest rate, in percent of the configured one. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_percent: Option<i64>,
+    /// How long the climb from `minPercent` back to the full rate takes. Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub recovery: Option<String>,
 }
 
 /// `requests` per `per`: a token bucket that refills continuously.
@@ -571,6 +622,9 @@ pub struct Route {
     /// The route's own bands, enforced in addition to the integration's quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// The route's own cap on calls in flight, in addition to the integration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
     /// Field by field over the integration's timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,

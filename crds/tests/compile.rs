@@ -490,7 +490,79 @@ const BAD: &[(&str, &str, &str)] = &[
         "spec.telemetry.redactHeaders[0]",
         "not a valid HTTP header name",
     ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: [{name: a, requests: 5, per: 1s}], adaptive: {minPercent: 0}}",
+        "spec.rateLimit.adaptive.minPercent",
+        "between 1 and 100",
+    ),
+    (
+        "upstream: {url: https://a.example}\nconcurrency: {maxInFlight: 0}",
+        "spec.concurrency.maxInFlight",
+        "between 1 and 100000",
+    ),
+    (
+        "upstream: {url: https://a.example}\nroutes: [{name: r, concurrency: {maxInFlight: 2, maxQueueDepth: 0}}]",
+        "spec.routes[0].concurrency.maxQueueDepth",
+        "between 1 and 100000",
+    ),
+    (
+        "upstream: {url: https://a.example}\nconcurrency: {maxInFlight: 2, maxQueueWait: soon}",
+        "spec.concurrency.maxQueueWait",
+        "",
+    ),
 ];
+
+#[test]
+fn adaptive_quotas_get_their_defaults_and_routes_inherit_them() {
+    let p = ok("
+upstream: {url: https://a.example}
+rateLimit: {limits: [{name: a, requests: 5, per: 1s}], adaptive: {}}
+routes:
+- name: r
+  rateLimit: {limits: [{name: b, requests: 1, per: 1s}]}
+");
+    let a = p.rate_limit.unwrap().adaptive.expect("adaptive");
+    assert_eq!(a.min_percent, 10);
+    assert_eq!(a.recovery, Duration::from_secs(30));
+    let r = p.routes[0].rate_limit.as_ref().unwrap();
+    assert_eq!(
+        r.adaptive.as_ref(),
+        Some(&a),
+        "the route's quota inherits adaptive"
+    );
+    assert!(ok(MINIMAL).rate_limit.is_none());
+}
+
+#[test]
+fn concurrency_caps_compile_with_their_defaults() {
+    let p = ok("
+upstream: {url: https://a.example}
+concurrency: {maxInFlight: 8}
+routes:
+- name: exports
+  match: {pathPrefix: /v1/exports}
+  concurrency: {maxInFlight: 2, onLimit: queue, maxQueueWait: 5s, maxQueueDepth: 20}
+");
+    let c = p.concurrency.expect("the integration's cap");
+    assert_eq!(c.max_in_flight, 8);
+    assert_eq!(c.on_limit, OnLimit::Reject);
+    assert_eq!(c.max_queue_wait, Duration::from_secs(2));
+    assert_eq!(c.max_queue_depth, 8, "the line defaults to maxInFlight");
+    let r = p.routes[0]
+        .concurrency
+        .as_ref()
+        .expect("the route's own cap");
+    assert_eq!(
+        (
+            r.max_in_flight,
+            r.on_limit,
+            r.max_queue_wait,
+            r.max_queue_depth
+        ),
+        (2, OnLimit::Queue, Duration::from_secs(5), 20)
+    );
+    assert!(p.default_route.concurrency.is_none());
+}
 
 #[test]
 fn every_bad_value_is_refused_with_its_field_path() {

@@ -19,6 +19,8 @@ pub(crate) const FALLBACK_HEADER: &str = "x-tollgate-fallback";
 pub enum Reason {
     KillSwitch,
     RateLimited,
+    /// Every place of a concurrency cap is taken (and the line, if any, is full or timed out).
+    ConcurrencyLimited,
     CircuitOpen,
     Timeout,
     DeprecatedVersion,
@@ -47,6 +49,7 @@ impl Reason {
         match self {
             Reason::KillSwitch => "kill-switch",
             Reason::RateLimited => "rate-limited",
+            Reason::ConcurrencyLimited => "concurrency-limited",
             Reason::CircuitOpen => "circuit-open",
             Reason::Timeout => "timeout",
             Reason::DeprecatedVersion => "deprecated-version",
@@ -59,7 +62,7 @@ impl Reason {
     pub(crate) fn status(self) -> StatusCode {
         match self {
             Reason::KillSwitch | Reason::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
-            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::RateLimited | Reason::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::DeprecatedVersion => StatusCode::GONE,
             Reason::UpstreamUnreachable => StatusCode::BAD_GATEWAY,

@@ -13,15 +13,17 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use tokio::time::Instant;
 use tollgate_crds::policy::{
-    BreakerPolicy, BreakerScope, BudgetPolicy, IntegrationId, IntegrationPolicy, RateLimitPolicy,
-    RoutePolicy,
+    AdaptivePolicy, BreakerPolicy, BreakerScope, BudgetPolicy, ConcurrencyPolicy, IntegrationId,
+    IntegrationPolicy, RateLimitPolicy, RoutePolicy,
 };
 
 use crate::answer::Reason;
 use crate::client::{self, ClientIdentity, HttpClient, PoolOptions};
 use crate::config::routes_in_order;
+use crate::engine::aimd::{Aimd, AimdParams};
 use crate::engine::breaker::{Breaker, BreakerState};
 use crate::engine::budget::RetryBudget;
+use crate::engine::concurrency::InFlight;
 use crate::engine::limiter::Limiter;
 use crate::engine::stale_cache::StaleCache;
 use crate::layers::send::Upstream;
@@ -69,6 +71,8 @@ impl StateContext {
 pub struct Quota {
     pub policy: RateLimitPolicy,
     pub limiter: Arc<Limiter>,
+    /// `rateLimit.adaptive`: the partner's throttling scales the share in force.
+    pub(crate) adaptive: Option<Arc<AdaptiveQuota>>,
 }
 
 #[derive(Clone)]
@@ -84,6 +88,8 @@ pub struct RouteState {
     pub name: String,
     /// The route's own quota (`spec.routes[].rateLimit`).
     pub quota: Option<Quota>,
+    /// The route's own cap on calls in flight (`spec.routes[].concurrency`).
+    pub(crate) concurrency: Option<Arc<InFlight>>,
     /// The breaker governing the route: its own, the integration's, or none.
     pub breaker: Option<Arc<Breaker>>,
     /// The route's own breaker (`circuitBreaker` scoped to the route), kept for carry-over.
@@ -128,6 +134,10 @@ impl RouteState {
         RouteState {
             name: route.name.clone(),
             quota,
+            concurrency: build_cap(
+                route.concurrency.as_ref(),
+                old.and_then(|o| o.concurrency.as_ref()),
+            ),
             breaker,
             own_breaker,
             budget,
@@ -147,6 +157,8 @@ pub struct IntegrationState {
     client_key: (Duration, Option<String>, Option<Arc<ClientIdentity>>),
     /// The integration's account-wide quota.
     pub quota: Option<Quota>,
+    /// The integration's cap on calls in flight (`spec.concurrency`).
+    pub(crate) concurrency: Option<Arc<InFlight>>,
     breaker: Option<KeyedBreaker>,
     /// The declared routes in order, then the default route (see [`IntegrationState::route`]).
     routes: Vec<RouteState>,
@@ -206,6 +218,10 @@ impl IntegrationState {
             upstream: Upstream::new(&policy.upstream),
             client_key,
             quota,
+            concurrency: build_cap(
+                policy.concurrency.as_ref(),
+                old.and_then(|o| o.concurrency.as_ref()),
+            ),
             breaker,
             routes,
             cache,
@@ -275,6 +291,73 @@ impl IntegrationState {
     }
 }
 
+/// A cap carries over (with the calls holding its places) while its policy is unchanged; a
+/// changed cap starts empty.
+fn build_cap(
+    policy: Option<&ConcurrencyPolicy>,
+    old: Option<&Arc<InFlight>>,
+) -> Option<Arc<InFlight>> {
+    let policy = policy?;
+    Some(match old {
+        Some(o) if &o.policy == policy => o.clone(),
+        _ => Arc::new(InFlight::new(policy)),
+    })
+}
+
+/// Throttle signals within this long of a decrease are the same episode.
+const ADAPTIVE_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// An adaptive quota's factor ([`Aimd`], kept across revisions while its policy and bands are
+/// unchanged) and this revision's share, which the factor scales.
+pub(crate) struct AdaptiveQuota {
+    aimd: Arc<Aimd>,
+    policy: AdaptivePolicy,
+    share: f64,
+    /// The factor last given to the limiter.
+    applied: std::sync::Mutex<f64>,
+}
+
+impl Quota {
+    /// The partner throttled: lowers the rate in force. The new factor if it changed.
+    pub(crate) fn throttled(&self, now: Instant) -> Option<f64> {
+        let a = self.adaptive.as_ref()?;
+        let f = a.aimd.throttled(now)?;
+        self.apply(a, f, now);
+        Some(f)
+    }
+
+    /// Brings the rate in force up to date with the recovery; the new factor if it changed
+    /// by at least 1% of the configured rate (or reached it).
+    pub(crate) fn refresh(&self, now: Instant) -> Option<f64> {
+        let a = self.adaptive.as_ref()?;
+        let f = a.aimd.factor(now);
+        let applied = *a.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if (f - applied).abs() < 0.01 && !(f >= 1.0 && applied < 1.0) {
+            return None;
+        }
+        self.apply(a, f, now);
+        Some(f)
+    }
+
+    /// The factor in force (1 without `adaptive`) and the share it scales.
+    pub(crate) fn factor_and_share(&self) -> (f64, f64) {
+        self.adaptive.as_ref().map_or((1.0, 1.0), |a| {
+            (
+                *a.applied.lock().unwrap_or_else(|e| e.into_inner()),
+                a.share,
+            )
+        })
+    }
+
+    fn apply(&self, a: &AdaptiveQuota, factor: f64, now: Instant) {
+        *a.applied.lock().unwrap_or_else(|e| e.into_inner()) = factor;
+        let share = (a.share * factor).clamp(f64::MIN_POSITIVE, 1.0);
+        if let Err(e) = self.limiter.set_share_at(share, now) {
+            tracing::warn!(error = %e, "ignoring an invalid adaptive share");
+        }
+    }
+}
+
 fn build_quota(
     policy: &RateLimitPolicy,
     old: Option<&Quota>,
@@ -295,12 +378,37 @@ fn build_quota(
     } else {
         1.0
     };
-    if let Err(e) = limiter.set_share(scoped) {
+    let now = Instant::now();
+    let adaptive = policy.adaptive.as_ref().map(|p| {
+        let kept = old
+            .and_then(|q| q.adaptive.as_ref())
+            .filter(|a| &a.policy == p && old.is_some_and(|q| Arc::ptr_eq(&q.limiter, &limiter)));
+        let aimd = kept.map(|a| a.aimd.clone()).unwrap_or_else(|| {
+            Arc::new(Aimd::new(
+                AimdParams {
+                    min: f64::from(p.min_percent) / 100.0,
+                    recovery: p.recovery,
+                    cooldown: ADAPTIVE_COOLDOWN,
+                },
+                now,
+            ))
+        });
+        let factor = aimd.factor(now);
+        Arc::new(AdaptiveQuota {
+            aimd,
+            policy: p.clone(),
+            share: scoped,
+            applied: std::sync::Mutex::new(factor),
+        })
+    });
+    let in_force = scoped * adaptive.as_ref().map_or(1.0, |a| a.aimd.factor(now));
+    if let Err(e) = limiter.set_share(in_force.clamp(f64::MIN_POSITIVE, 1.0)) {
         tracing::warn!(integration = ?policy.bands, error = %e, "ignoring an invalid quota share");
     }
     Quota {
         policy: policy.clone(),
         limiter,
+        adaptive,
     }
 }
 

@@ -5,9 +5,11 @@
 //! state sits in small `Send + Sync` structs meant to live behind an `Arc`, with short critical
 //! sections and no await under a lock.
 
+pub(crate) mod aimd;
 pub(crate) mod backoff;
 pub(crate) mod breaker;
 pub(crate) mod budget;
+pub(crate) mod concurrency;
 pub(crate) mod limiter;
 pub mod retry_after;
 pub(crate) mod stale_cache;

@@ -1,8 +1,8 @@
 //! The policy pipeline: one tower layer per policy, in the order a request meets them.
 //!
 //! ```text
-//! observe -> fallback -> kill switch -> version gate -> rate limit -> circuit breaker
-//!         -> contract -> retry -> attempt timeout -> credentials -> send
+//! observe -> fallback -> kill switch -> version gate -> rate limit -> adaptive -> concurrency
+//!         -> circuit breaker -> contract -> retry -> attempt timeout -> credentials -> send
 //! ```
 //!
 //! Layers are static; the policy for a request travels with it as a [`Call`] in the request's
@@ -14,7 +14,9 @@
 //! Kill switch, version gate, rate limit and credentials decide before the call and share one
 //! shape, a [`gate::Gate`]; the others wrap the call (they see its result).
 
+pub(crate) mod adaptive;
 pub(crate) mod circuit_breaker;
+pub(crate) mod concurrency;
 pub(crate) mod contract;
 pub(crate) mod credentials;
 pub(crate) mod fallback;
@@ -162,6 +164,8 @@ pub fn stack(ctx: StackContext) -> Stack {
         .layer(kill_switch::layer())
         .layer(version_gate::layer())
         .layer(rate_limit::layer(ctx.metrics.clone()))
+        .layer(adaptive::layer(ctx.metrics.clone()))
+        .layer(concurrency::layer(ctx.metrics.clone()))
         .layer(circuit_breaker::layer())
         .layer(contract::layer(ctx.metrics.clone()))
         .layer(retry::layer(ctx.metrics.clone()))

@@ -172,7 +172,11 @@ pub fn call_result(
     broken: bool,
 ) -> CallResult {
     match reason {
-        Some(r) if r == Reason::RateLimited || r.is_refusal() => CallResult::Refused,
+        Some(r)
+            if r == Reason::RateLimited || r == Reason::ConcurrencyLimited || r.is_refusal() =>
+        {
+            CallResult::Refused
+        }
         Some(_) => CallResult::Failure,
         None if broken || fallback || status >= 500 => CallResult::Failure,
         None => CallResult::Ok,

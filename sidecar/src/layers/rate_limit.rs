@@ -21,7 +21,9 @@ use crate::answer::Reason;
 use crate::body::ReqBody;
 use crate::engine::limiter::{self, Denied, Limiter};
 use crate::state::Quota;
-use crate::telemetry::metrics::{BandLabels, DecisionLabels, Metrics, RouteLabels};
+use crate::telemetry::metrics::{
+    BandLabels, DecisionLabels, Metrics, QuotaBandLabels, RouteLabels,
+};
 use tollgate_crds::policy::RateLimitPolicy;
 use tollgate_crds::v1alpha1::OnLimit;
 
@@ -75,6 +77,24 @@ fn wait_policy(call: &Call) -> Option<&RateLimitPolicy> {
     quotas(call).next().map(|(q, _)| &q.policy)
 }
 
+/// Sets `tollgate_rate_limit_effective_rate` of `q`'s bands to what they allow now.
+pub(crate) fn report_effective_rate(metrics: &Metrics, call: &Call, q: &Quota, kind: QuotaKind) {
+    let (factor, share) = q.factor_and_share();
+    for band in &q.policy.bands {
+        let per = band.per.as_secs_f64().max(1e-9);
+        metrics
+            .adaptive
+            .effective_rate
+            .get_or_create(&QuotaBandLabels {
+                integration: call.integration.label.to_string(),
+                route: call.route_name().to_string(),
+                quota: kind.as_str().to_string(),
+                band: band.name.clone(),
+            })
+            .set(band.requests as f64 / per * share * factor);
+    }
+}
+
 /// Spends one token of every quota `call` is under for one attempt carrying `headers`, all or
 /// nothing (a refusal by one quota costs the others nothing). Each quota is keyed by the value
 /// of its own `partitionBy` header.
@@ -101,6 +121,10 @@ pub(crate) fn charge(
     let mut entries: Vec<(&Limiter, limiter::Key<'_>)> = Vec::with_capacity(2);
     let mut kinds = Vec::with_capacity(2);
     for (q, kind) in quotas(call) {
+        // An adaptive quota climbs back as time passes; bring it up to date first.
+        if q.refresh(now).is_some() {
+            report_effective_rate(metrics, call, q, kind);
+        }
         let key = q
             .policy
             .partition_by

@@ -67,6 +67,24 @@ pub struct DurationLabels {
     pub result: String,
 }
 
+/// A concurrency cap: the integration's (`scope="integration"`) or a route's own
+/// (`scope="route"`), by the route of the call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapLabels {
+    pub integration: String,
+    pub route: String,
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapRefusedLabels {
+    pub integration: String,
+    pub route: String,
+    pub scope: String,
+    /// `full`, `queue-full` or `queue-timeout`.
+    pub cause: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub integration: String,
@@ -151,8 +169,99 @@ pub struct InterceptLabels {
 /// Contract violations by (route, kind).
 pub type ContractTotals = BTreeMap<(String, String), u64>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub integration: String,
+    pub route: String,
+    /// `route` or `integration`.
+    pub quota: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaBandLabels {
+    pub integration: String,
+    pub route: String,
+    pub quota: String,
+    pub band: String,
+}
+
+/// Adaptive quotas (`rateLimit.adaptive`).
+pub struct AdaptiveMetrics {
+    pub throttle_signals: Family<QuotaLabels, Counter>,
+    pub effective_rate: Family<QuotaBandLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl AdaptiveMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = AdaptiveMetrics {
+            throttle_signals: Family::default(),
+            effective_rate: Family::default(),
+        };
+        registry.register(
+            "tollgate_rate_limit_throttle_signals",
+            "Partner answers that said to slow down (429, or a rate-limit header with nothing remaining) for an adaptive quota",
+            m.throttle_signals.clone(),
+        );
+        registry.register(
+            "tollgate_rate_limit_effective_rate",
+            "Requests per second an adaptive quota's band allows this sidecar now (its share, lowered by the partner's throttling)",
+            m.effective_rate.clone(),
+        );
+        m
+    }
+}
+
+/// The concurrency caps' gauges and refusals (`spec.concurrency`).
+pub struct CapMetrics {
+    pub in_flight: Family<CapLabels, Gauge>,
+    pub limit: Family<CapLabels, Gauge>,
+    pub waiting: Family<CapLabels, Gauge>,
+    pub queue_capacity: Family<CapLabels, Gauge>,
+    pub refused: Family<CapRefusedLabels, Counter>,
+}
+
+impl CapMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = CapMetrics {
+            in_flight: Family::default(),
+            limit: Family::default(),
+            waiting: Family::default(),
+            queue_capacity: Family::default(),
+            refused: Family::default(),
+        };
+        registry.register(
+            "tollgate_concurrency_in_flight",
+            "Calls holding a place under a concurrency cap now (spec.concurrency, or the route's own)",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "tollgate_concurrency_limit",
+            "maxInFlight of the concurrency cap",
+            m.limit.clone(),
+        );
+        registry.register(
+            "tollgate_concurrency_waiting",
+            "Calls waiting in line for a place (onLimit: queue); alert on waiting / queue_capacity",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "tollgate_concurrency_queue_capacity",
+            "maxQueueDepth of the concurrency cap (0 with onLimit: reject)",
+            m.queue_capacity.clone(),
+        );
+        registry.register(
+            "tollgate_concurrency_refused",
+            "Calls answered 429 concurrency-limited, by cause: full (reject), queue-full, queue-timeout",
+            m.refused.clone(),
+        );
+        m
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub caps: CapMetrics,
+    pub adaptive: AdaptiveMetrics,
     pub requests: Family<CallLabels, Counter>,
     pub duration: Family<DurationLabels, Histogram>,
     pub rate_limited: Family<BandLabels, Counter>,
@@ -362,8 +471,12 @@ impl Default for Metrics {
             "Partner 2xx answers that break the route's success rule (kind=success-rule) or schema (kind=schema), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
             contract_violations.clone(),
         );
+        let caps = CapMetrics::register(&mut registry);
+        let adaptive = AdaptiveMetrics::register(&mut registry);
         Metrics {
             registry,
+            caps,
+            adaptive,
             access_log_dropped,
             contract_violations,
             contract_totals: Mutex::default(),

@@ -1,0 +1,159 @@
+//! Adaptive quotas (`rateLimit.adaptive`) against a real partner that starts throttling,
+//! through the real sidecar binary.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use support::*;
+use tollgate_testkit::wait::eventually_async;
+
+/// A partner that, while `limited`, answers 429 past `per_second` calls in each wall-clock
+/// second, and records how many calls it got and let through per second.
+struct Throttling {
+    limited: Arc<AtomicBool>,
+    /// (second since start, calls, answered 200).
+    series: Arc<Mutex<Vec<(u64, usize, usize)>>>,
+}
+
+fn throttling(partner: &Partner, per_second: usize) -> Throttling {
+    let limited = Arc::new(AtomicBool::new(true));
+    let series: Arc<Mutex<Vec<(u64, usize, usize)>>> = Arc::default();
+    let start = Instant::now();
+    let in_second = Arc::new(AtomicUsize::new(0));
+    let (l, s) = (limited.clone(), series.clone());
+    partner.script(move |_, _| {
+        let second = start.elapsed().as_secs();
+        let mut series = s.lock().unwrap();
+        if series.last().is_none_or(|(sec, _, _)| *sec != second) {
+            series.push((second, 0, 0));
+            in_second.store(0, Ordering::SeqCst);
+        }
+        let n = in_second.fetch_add(1, Ordering::SeqCst) + 1;
+        let last = series.last_mut().unwrap();
+        last.1 += 1;
+        if l.load(Ordering::SeqCst) && n > per_second {
+            Reply::Status(429)
+        } else {
+            last.2 += 1;
+            Reply::ok("ok")
+        }
+    });
+    Throttling { limited, series }
+}
+
+fn effective(m: &str) -> f64 {
+    metric(
+        m,
+        "tollgate_rate_limit_effective_rate",
+        &[("quota", "integration"), ("band", "second")],
+    )
+}
+
+#[tokio::test]
+async fn the_rate_falls_under_a_throttling_partners_limit_and_climbs_back_when_it_lifts() {
+    let partner = Partner::start().await;
+    let t = throttling(&partner, 50);
+    let sidecar = Sidecar::start(&manifest(
+        "partner",
+        &format!(
+            "upstream: {{url: '{}'}}\nrateLimit: {{scope: perPod, limits: [{{name: second, requests: 100, per: 1s}}], adaptive: {{minPercent: 20, recovery: 20s}}}}",
+            partner.url()
+        ),
+    ))
+    .await;
+
+    // The app asks for 100 calls a second, more than the partner now takes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, listen, url) = (
+            stop.clone(),
+            sidecar.listen,
+            format!("{}/v1/x", partner.url()),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::SeqCst) {
+                tick.tick().await;
+                request(listen, Method::GET, &url, &[], "").await;
+            }
+        })
+    };
+
+    let admin = sidecar.admin;
+    let metrics = async move || {
+        tollgate_testkit::request(admin, Method::GET, "/metrics", &[], "")
+            .await
+            .body
+    };
+    let started = Instant::now();
+    eventually_async(
+        "the rate in force falls to at most 50/s",
+        Duration::from_secs(10),
+        async || {
+            let m = metrics().await;
+            anyhow::ensure!(
+                m.contains("tollgate_rate_limit_effective_rate{"),
+                "the partner has not throttled yet"
+            );
+            anyhow::ensure!(effective(&m) <= 50.0, "{}", effective(&m));
+            Ok(())
+        },
+    )
+    .await;
+    eprintln!(
+        "adaptive: at most 50/s in force {:.1?} after the partner started throttling",
+        started.elapsed()
+    );
+    let m = metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_rate_limit_throttle_signals_total",
+            &[("quota", "integration")]
+        ) >= 1.0,
+        "{m}"
+    );
+    // Settled: over the next three seconds the partner gets about what it takes (AIMD keeps
+    // probing upward, so each halving is preceded by a few calls over).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = partner.count();
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reached = partner.count() - before;
+    let per_second = reached as f64 / window.elapsed().as_secs_f64();
+    eprintln!("adaptive: the partner got {per_second:.1} calls/s while throttling at 50/s");
+    assert!(
+        per_second <= 55.0,
+        "{per_second:.1}/s reached a partner that takes 50/s"
+    );
+
+    // The partner lifts its limit: the rate climbs back to the configured 100/s.
+    t.limited.store(false, Ordering::SeqCst);
+    let lifted = Instant::now();
+    eventually_async(
+        "the rate in force climbs back to 100/s",
+        Duration::from_secs(40),
+        async || {
+            let m = metrics().await;
+            anyhow::ensure!(effective(&m) >= 100.0, "{}", effective(&m));
+            Ok(())
+        },
+    )
+    .await;
+    eprintln!(
+        "adaptive: back to 100/s {:.1?} after the partner lifted its limit",
+        lifted.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    for (second, calls, ok) in t.series.lock().unwrap().iter() {
+        eprintln!(
+            "adaptive: second {second:>2}: {calls:>3} calls reached the partner, {ok:>3} answered 200"
+        );
+    }
+}
