@@ -402,6 +402,29 @@ pub struct ConcurrencyPolicy {
     #[serde(with = "duration::serde_go")]
     pub max_queue_wait: Duration,
     pub max_queue_depth: u32,
+    /// The header naming a call's [`Priority`] in the line.
+    #[serde(serialize_with = "ser::opt_header_name")]
+    pub priority_header: Option<HeaderName>,
+}
+
+/// A call's class in a concurrency cap's line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// `high`, `normal` or `low` in any case; anything else (or nothing) is `normal`.
+    pub fn from_header(value: Option<&[u8]>) -> Priority {
+        match value {
+            Some(v) if v.eq_ignore_ascii_case(b"high") => Priority::High,
+            Some(v) if v.eq_ignore_ascii_case(b"low") => Priority::Low,
+            _ => Priority::Normal,
+        }
+    }
 }
 
 /// A token bucket: `requests` tokens, refilled continuously over `per`.
@@ -1579,6 +1602,10 @@ impl Compiler {
             on_limit: c.on_limit.unwrap_or_default(),
             max_queue_wait,
             max_queue_depth: bounded(c.max_queue_depth.unwrap_or(c.max_in_flight)),
+            priority_header: c
+                .priority_header
+                .as_ref()
+                .and_then(|h| self.header_name(&format!("{base}.priorityHeader"), h)),
         }
     }
 

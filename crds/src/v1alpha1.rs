@@ -447,6 +447,12 @@ pub struct Concurrency {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_queue_depth: Option<i64>,
+    /// With `onLimit: queue`, the request header that names a call's priority class: `high`
+    /// goes before `normal` (the default, also for a missing or unknown value), which goes
+    /// before `low`; first come first served within a class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub priority_header: Option<String>,
 }
 
 /// AIMD on the partner's signals: each throttle episode halves the rate in force, down to

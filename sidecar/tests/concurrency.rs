@@ -229,3 +229,78 @@ async fn a_route_cap_holds_beside_the_integrations() {
     );
     assert_eq!(held.await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn the_line_serves_the_priority_header_high_before_normal_before_low() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Echo);
+    let sidecar = Sidecar::start(&spec(
+        &partner,
+        "concurrency: {maxInFlight: 1, onLimit: queue, maxQueueDepth: 5, maxQueueWait: 20s, priorityHeader: X-Priority}",
+    ))
+    .await;
+    let first = slow_call(&sidecar, &partner, 800);
+    until(
+        "the partner holds the first call",
+        Duration::from_secs(10),
+        || partner.count() == 1,
+    )
+    .await;
+    let admin = sidecar.admin;
+    let mut queued = Vec::new();
+    for (n, class) in [(1, "low"), (2, "normal"), (3, "HIGH"), (4, "bogus")] {
+        let (listen, url) = (
+            sidecar.listen,
+            format!("{}/v1/queued/{class}", partner.url()),
+        );
+        queued.push(tokio::spawn(async move {
+            request(listen, Method::GET, &url, &[("x-priority", class)], "")
+                .await
+                .status
+        }));
+        eventually_async(
+            "the call waits in line",
+            Duration::from_secs(10),
+            async || {
+                let m = tollgate_testkit::request(admin, Method::GET, "/metrics", &[], "")
+                    .await
+                    .body;
+                anyhow::ensure!(
+                    cap(&m, "tollgate_concurrency_waiting", "integration") == f64::from(n),
+                    "{m}"
+                );
+                Ok(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(first.await.unwrap(), 200);
+    for q in queued {
+        assert_eq!(q.await.unwrap(), 200);
+    }
+    let order: Vec<String> = partner
+        .seen()
+        .iter()
+        .skip(1)
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "/v1/queued/HIGH",
+            "/v1/queued/normal",
+            "/v1/queued/bogus",
+            "/v1/queued/low"
+        ],
+        "high first, then normal (an unknown class is normal) in arrival order, then low"
+    );
+    let m = sidecar.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_concurrency_queue_wait_seconds_count",
+            &[("scope", "integration")]
+        ) >= 4.0,
+        "{m}"
+    );
+}

@@ -17,6 +17,7 @@ use crate::answer::Reason;
 use crate::body::{self, ReqBody, RespBody};
 use crate::engine::concurrency::{InFlight, Place, Refusal};
 use crate::telemetry::metrics::{CapLabels, CapRefusedLabels, Metrics};
+use tollgate_crds::policy::Priority;
 
 /// `Retry-After` of a refusal: places free as calls end, so soon.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -87,13 +88,21 @@ fn report(metrics: &Metrics, call: &Call, cap: &InFlight, scope: &str) {
 /// Takes a place under every cap, in order; a refusal gives back the places already taken.
 async fn enter(
     call: &Call,
+    headers: &http::HeaderMap,
     caps: &[(Arc<InFlight>, &'static str)],
     metrics: &Metrics,
 ) -> Result<Vec<Place>, CallError> {
     let mut places = Vec::with_capacity(caps.len());
     for (cap, scope) in caps {
         let entered = {
-            let waiting = cap.enter(call.deadline);
+            let priority = Priority::from_header(
+                cap.policy
+                    .priority_header
+                    .as_ref()
+                    .and_then(|h| headers.get(h))
+                    .map(|v| v.as_bytes()),
+            );
+            let waiting = cap.enter(priority, call.deadline);
             tokio::pin!(waiting);
             // The line's gauge moves when this call joins it, not only when it leaves.
             match futures::poll!(waiting.as_mut()) {
@@ -106,7 +115,16 @@ async fn enter(
         };
         report(metrics, call, cap, scope);
         match entered {
-            Ok((place, _waited)) => places.push(place),
+            Ok((place, waited)) => {
+                if !waited.is_zero() {
+                    metrics
+                        .caps
+                        .queue_wait
+                        .get_or_create(&labels(call, scope))
+                        .observe(waited.as_secs_f64());
+                }
+                places.push(place);
+            }
             Err(refusal) => {
                 metrics
                     .caps
@@ -170,7 +188,7 @@ where
         let mut ready = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
         Either::Right(Box::pin(async move {
-            let places = enter(&call, &caps, &metrics).await?;
+            let places = enter(&call, req.headers(), &caps, &metrics).await?;
             let result = ready.call(req).await;
             let leave = move || {
                 drop(places);

@@ -218,6 +218,11 @@ pub struct CapMetrics {
     pub waiting: Family<CapLabels, Gauge>,
     pub queue_capacity: Family<CapLabels, Gauge>,
     pub refused: Family<CapRefusedLabels, Counter>,
+    pub queue_wait: Family<CapLabels, Histogram>,
+}
+
+fn queue_wait_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
 }
 
 impl CapMetrics {
@@ -228,7 +233,13 @@ impl CapMetrics {
             waiting: Family::default(),
             queue_capacity: Family::default(),
             refused: Family::default(),
+            queue_wait: Family::new_with_constructor(queue_wait_histogram as fn() -> Histogram),
         };
+        registry.register(
+            "tollgate_concurrency_queue_wait_seconds",
+            "How long calls that waited in a concurrency cap's line waited before their place",
+            m.queue_wait.clone(),
+        );
         registry.register(
             "tollgate_concurrency_in_flight",
             "Calls holding a place under a concurrency cap now (spec.concurrency, or the route's own)",
