@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use crate::duration;
 use crate::v1alpha1::{
-    Backoff, CircuitBreaker, Concurrency, Contract, ContractSchema, Fallback, KillSwitch, OnLimit,
-    PartnerIntegrationSpec, RateLimit, RateLimitScope, Retries, SecretKeyRef, Timeouts,
+    Backoff, CircuitBreaker, Concurrency, Contract, ContractSchema, Fallback, KillSwitch,
+    LimitBand, OnLimit, PartnerIntegrationSpec, RateLimit, RateLimitScope, Retries, SecretKeyRef,
+    Timeouts,
 };
 
 // === defaults (documented in docs/policy.md and on the spec fields) ===
@@ -378,8 +379,17 @@ pub struct RateLimitPolicy {
     #[serde(serialize_with = "ser::opt_header_name")]
     pub partition_by: Option<HeaderName>,
     pub bands: Vec<BandPolicy>,
+    /// Other bands for some values of the partition header.
+    pub overrides: Vec<PartitionOverridePolicy>,
     /// Lowered on the partner's throttling, recovered while it is quiet.
     pub adaptive: Option<AdaptivePolicy>,
+}
+
+/// `rateLimit.overrides[]`: these values of the partition header get these bands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionOverridePolicy {
+    pub values: Vec<String>,
+    pub bands: Vec<BandPolicy>,
 }
 
 /// `rateLimit.adaptive`, resolved.
@@ -1609,19 +1619,15 @@ impl Compiler {
         }
     }
 
-    fn rate_limit(
-        &mut self,
-        base: &str,
-        r: &RateLimit,
-        inherit: Option<&RateLimit>,
-    ) -> Option<RateLimitPolicy> {
-        if r.limits.is_empty() {
-            self.err(format!("{base}.limits"), "at least one band is required");
+    /// `limits`-style bands at `{base}.{field}`: at least one, names unique, each valid.
+    fn bands(&mut self, base: &str, field: &str, limits: &[LimitBand]) -> Vec<BandPolicy> {
+        if limits.is_empty() {
+            self.err(format!("{base}.{field}"), "at least one band is required");
         }
         let mut bands = Vec::new();
         let mut names = BTreeSet::new();
-        for (i, b) in r.limits.iter().enumerate() {
-            let path = format!("{base}.limits[{i}]");
+        for (i, b) in limits.iter().enumerate() {
+            let path = format!("{base}.{field}[{i}]");
             if b.name.is_empty() {
                 self.err(format!("{path}.name"), "must be set");
             } else if !names.insert(b.name.clone()) {
@@ -1650,6 +1656,54 @@ impl Compiler {
                 per,
             });
         }
+        bands
+    }
+
+    fn overrides(
+        &mut self,
+        base: &str,
+        r: &RateLimit,
+        partitioned: bool,
+    ) -> Vec<PartitionOverridePolicy> {
+        if !r.overrides.is_empty() && !partitioned {
+            self.err(
+                format!("{base}.overrides"),
+                "needs partitionBy: overrides give some values of that header their own bands",
+            );
+        }
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for (i, o) in r.overrides.iter().enumerate() {
+            let path = format!("{base}.overrides[{i}]");
+            if o.values.is_empty() {
+                self.err(format!("{path}.values"), "at least one value is required");
+            }
+            for (j, v) in o.values.iter().enumerate() {
+                if v.is_empty() || v.len() > 256 {
+                    self.err(format!("{path}.values[{j}]"), "must be 1 to 256 bytes long");
+                } else if !seen.insert(v.clone()) {
+                    self.err(
+                        format!("{path}.values[{j}]"),
+                        format!("{v:?} is overridden by an earlier entry; list each value once"),
+                    );
+                }
+            }
+            let bands = self.bands(&path, "limits", &o.limits);
+            out.push(PartitionOverridePolicy {
+                values: o.values.clone(),
+                bands,
+            });
+        }
+        out
+    }
+
+    fn rate_limit(
+        &mut self,
+        base: &str,
+        r: &RateLimit,
+        inherit: Option<&RateLimit>,
+    ) -> Option<RateLimitPolicy> {
+        let bands = self.bands(base, "limits", &r.limits);
         let scope = r
             .scope
             .or(inherit.and_then(|i| i.scope))
@@ -1692,12 +1746,14 @@ impl Compiler {
                     recovery,
                 }
             });
+        let overrides = self.overrides(base, r, partition_by.is_some());
         Some(RateLimitPolicy {
             scope,
             on_limit,
             max_queue_wait,
             partition_by,
             bands,
+            overrides,
             adaptive,
         })
     }

@@ -414,6 +414,11 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub partition_by: Option<String>,
+    /// Other bands for chosen values of the `partitionBy` header (region `eu` gets 100/s, `us`
+    /// 200/s): each listed value gets buckets of its own with these bands instead. At most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub overrides: Vec<PartitionOverride>,
     /// Lower the rate when the partner throttles (429, or a rate-limit header saying nothing
     /// remains) and climb back while it is quiet. Absent: the configured rate always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -453,6 +458,18 @@ pub struct Concurrency {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub priority_header: Option<String>,
+}
+
+/// Bands for some values of the partition header.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionOverride {
+    /// Values of the `partitionBy` header (exact, case-sensitive), at least one, at most 16.
+    #[schemars(length(min = 1, max = 16))]
+    pub values: Vec<String>,
+    /// The bands these values get, in place of `limits`.
+    #[schemars(length(min = 1, max = 8))]
+    pub limits: Vec<LimitBand>,
 }
 
 /// AIMD on the partner's signals: each throttle episode halves the rate in force, down to

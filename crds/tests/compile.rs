@@ -496,6 +496,21 @@ const BAD: &[(&str, &str, &str)] = &[
         "between 1 and 100",
     ),
     (
+        "upstream: {url: https://a.example}\nrateLimit: {limits: [{name: a, requests: 5, per: 1s}], overrides: [{values: [eu], limits: [{name: b, requests: 1, per: 1s}]}]}",
+        "spec.rateLimit.overrides",
+        "needs partitionBy",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {partitionBy: X-Region, limits: [{name: a, requests: 5, per: 1s}], overrides: [{values: [eu], limits: [{name: b, requests: 1, per: 1s}]}, {values: [eu], limits: [{name: c, requests: 1, per: 1s}]}]}",
+        "spec.rateLimit.overrides[1].values[0]",
+        "earlier entry",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {partitionBy: X-Region, limits: [{name: a, requests: 5, per: 1s}], overrides: [{values: [eu], limits: [{name: b, requests: 0, per: 1s}]}]}",
+        "spec.rateLimit.overrides[0].limits[0].requests",
+        "at least 1",
+    ),
+    (
         "upstream: {url: https://a.example}\nconcurrency: {maxInFlight: 0}",
         "spec.concurrency.maxInFlight",
         "between 1 and 100000",

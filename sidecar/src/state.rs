@@ -73,6 +73,8 @@ pub struct Quota {
     pub limiter: Arc<Limiter>,
     /// `rateLimit.adaptive`: the partner's throttling scales the share in force.
     pub(crate) adaptive: Option<Arc<AdaptiveQuota>>,
+    /// `rateLimit.overrides`: the limiter of each overridden value of the partition header.
+    pub(crate) overrides: Arc<HashMap<Vec<u8>, Arc<Limiter>>>,
 }
 
 #[derive(Clone)]
@@ -352,8 +354,19 @@ impl Quota {
     fn apply(&self, a: &AdaptiveQuota, factor: f64, now: Instant) {
         *a.applied.lock().unwrap_or_else(|e| e.into_inner()) = factor;
         let share = (a.share * factor).clamp(f64::MIN_POSITIVE, 1.0);
-        if let Err(e) = self.limiter.set_share_at(share, now) {
-            tracing::warn!(error = %e, "ignoring an invalid adaptive share");
+        for limiter in std::iter::once(&self.limiter).chain(self.overrides.values()) {
+            if let Err(e) = limiter.set_share_at(share, now) {
+                tracing::warn!(error = %e, "ignoring an invalid adaptive share");
+            }
+        }
+    }
+
+    /// The limiter for a request whose partition header is `key`: an override's, keyed by
+    /// nothing (the value has it to itself), or the quota's own, keyed by the value.
+    pub(crate) fn limiter_for<'k>(&self, key: Option<&'k [u8]>) -> (&Limiter, Option<&'k [u8]>) {
+        match key.and_then(|k| self.overrides.get(k)) {
+            Some(l) => (l, None),
+            None => (&self.limiter, key),
         }
     }
 }
@@ -401,14 +414,39 @@ fn build_quota(
             applied: std::sync::Mutex::new(factor),
         })
     });
-    let in_force = scoped * adaptive.as_ref().map_or(1.0, |a| a.aimd.factor(now));
-    if let Err(e) = limiter.set_share(in_force.clamp(f64::MIN_POSITIVE, 1.0)) {
+    let in_force = (scoped * adaptive.as_ref().map_or(1.0, |a| a.aimd.factor(now)))
+        .clamp(f64::MIN_POSITIVE, 1.0);
+    if let Err(e) = limiter.set_share(in_force) {
         tracing::warn!(integration = ?policy.bands, error = %e, "ignoring an invalid quota share");
+    }
+    // Each overridden value keeps its buckets while its bands are unchanged.
+    let mut overrides = HashMap::new();
+    for o in &policy.overrides {
+        for value in &o.values {
+            let kept = old
+                .and_then(|q| q.overrides.get(value.as_bytes()))
+                .filter(|_| {
+                    old.is_some_and(|q| {
+                        q.policy
+                            .overrides
+                            .iter()
+                            .any(|p| p.bands == o.bands && p.values.contains(value))
+                    })
+                });
+            let l = kept
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Limiter::new(&o.bands, 1)));
+            if let Err(e) = l.set_share(in_force) {
+                tracing::warn!(error = %e, "ignoring an invalid quota share");
+            }
+            overrides.insert(value.as_bytes().to_vec(), l);
+        }
     }
     Quota {
         policy: policy.clone(),
         limiter,
         adaptive,
+        overrides: Arc::new(overrides),
     }
 }
 

@@ -131,7 +131,7 @@ pub(crate) fn charge(
             .as_ref()
             .and_then(|h| headers.get(h))
             .map(|v| v.as_bytes());
-        entries.push((&*q.limiter, key));
+        entries.push(q.limiter_for(key));
         kinds.push((q, kind));
     }
     let decision = |kind: QuotaKind, decision: &str| {

@@ -1,5 +1,6 @@
-//! Adaptive quotas (`rateLimit.adaptive`) against a real partner that starts throttling,
-//! through the real sidecar binary.
+//! Quotas that track the partner, through the real sidecar binary: adaptive quotas
+//! (`rateLimit.adaptive`) against a real partner that starts throttling, and per-partition
+//! overrides (`rateLimit.overrides`).
 
 mod support;
 
@@ -156,4 +157,42 @@ async fn the_rate_falls_under_a_throttling_partners_limit_and_climbs_back_when_i
             "adaptive: second {second:>2}: {calls:>3} calls reached the partner, {ok:>3} answered 200"
         );
     }
+}
+
+#[tokio::test]
+async fn overridden_partition_values_get_their_own_bands() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&manifest(
+        "partner",
+        &format!(
+            "upstream: {{url: '{}'}}\nrateLimit:\n  partitionBy: X-Region\n  limits: [{{name: other, requests: 1, per: 1h}}]\n  overrides:\n  - values: [eu, uk]\n    limits: [{{name: europe, requests: 3, per: 1h}}]\n  - values: [us]\n    limits: [{{name: americas, requests: 2, per: 1h}}]",
+            partner.url()
+        ),
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    let call = async |region: Option<&str>| {
+        let headers: Vec<(&str, &str)> = region.map(|r| ("x-region", r)).into_iter().collect();
+        request(sidecar.listen, Method::GET, &url, &headers, "").await
+    };
+    for _ in 0..3 {
+        assert_eq!(call(Some("eu")).await.status, 200);
+    }
+    let refused = call(Some("eu")).await;
+    assert_eq!(refused.status, 429);
+    assert!(refused.body.contains("europe"), "{}", refused.body);
+    // Each value has its own buckets, even when they share an override.
+    assert_eq!(call(Some("uk")).await.status, 200);
+    for _ in 0..2 {
+        assert_eq!(call(Some("us")).await.status, 200);
+    }
+    let refused = call(Some("us")).await;
+    assert_eq!(refused.status, 429);
+    assert!(refused.body.contains("americas"), "{}", refused.body);
+    // Any other value, and no header, get the quota's own bands.
+    assert_eq!(call(Some("apac")).await.status, 200);
+    assert_eq!(call(Some("apac")).await.status, 429);
+    assert_eq!(call(None).await.status, 200);
+    assert_eq!(call(None).await.status, 429);
+    assert_eq!(partner.count(), 3 + 1 + 2 + 1 + 1);
 }
