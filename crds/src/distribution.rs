@@ -192,10 +192,25 @@ pub struct DistributedIntegration {
     /// As `credential_held`, for the client certificate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client_certificate_held: bool,
+    /// The values of the other Secret keys the spec's credentials name
+    /// (`credentials.secondaryRef`, `credentials.oauth2.clientIdRef` and `clientSecretRef`),
+    /// those the operator could read. Empty from operators that predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_credentials: Vec<KeyedSecret>,
     /// This pod's share of every `rateLimit.scope: global` band (integration and route bands).
     /// `None` when no band is global.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_share: Option<QuotaShare>,
+}
+
+/// The value of one Secret key, by reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyedSecret {
+    /// The Secret's name (the integration's namespace).
+    pub name: String,
+    pub key: String,
+    pub value: SecretValue,
 }
 
 /// A `kubernetes.io/tls` Secret's content: the certificate chain (public) and its key.
@@ -351,6 +366,24 @@ pub struct IntegrationReport {
     /// [`MAX_CONTRACT_VIOLATION_ENTRIES`]. Empty from sidecars that predate the field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contract_violations: Vec<ContractViolationCount>,
+    /// Which key of a rotation window (`credentials.secondaryRef`) served the calls of the
+    /// interval. `None` without a secondary key, and from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_keys: Option<CredentialKeys>,
+}
+
+/// Calls the partner accepted, by the key they carried (deltas), and when the secondary key
+/// last served one.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialKeys {
+    #[serde(default)]
+    pub primary: u64,
+    #[serde(default)]
+    pub secondary: u64,
+    /// Unix seconds of the last call the secondary key served since the sidecar started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_last_used: Option<i64>,
 }
 
 /// Most (route, kind) entries a report may carry contract violations for.
@@ -442,6 +475,7 @@ mod tests {
             credential_held: false,
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
             quota_share: None,
         };
         assert!(!format!("{i:?}").contains("sk_live_123"));

@@ -340,6 +340,9 @@ impl VersioningPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialPolicy {
     pub secret_ref: SecretKeyRef,
+    /// `spec.credentials.secondaryRef`: the key tried once after the partner answers 401.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secondary_ref: Option<SecretKeyRef>,
     #[serde(serialize_with = "ser::header_name")]
     pub header: HeaderName,
     /// What precedes `{value}` in `format`.
@@ -351,6 +354,15 @@ pub struct CredentialPolicy {
 }
 
 impl CredentialPolicy {
+    /// The Secret keys besides `secretRef` the credential reads, with the field naming each.
+    pub fn more_refs(&self) -> Vec<(&'static str, &SecretKeyRef)> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.secondary_ref {
+            out.push(("spec.credentials.secondaryRef", r));
+        }
+        out
+    }
+
     /// The header value for a secret, or `None` if the result is not a valid header value.
     pub fn render(&self, secret: &str) -> Option<HeaderValue> {
         let mut v =
@@ -1497,8 +1509,23 @@ impl Compiler {
         if c.secret_ref.key.is_empty() {
             self.err("spec.credentials.secretRef.key", "must be set");
         }
+        if let Some(s) = &c.secondary_ref {
+            if s.name.is_empty() {
+                self.err("spec.credentials.secondaryRef.name", "must be set");
+            }
+            if s.key.is_empty() {
+                self.err("spec.credentials.secondaryRef.key", "must be set");
+            }
+            if s == &c.secret_ref {
+                self.err(
+                    "spec.credentials.secondaryRef",
+                    "names the same Secret key as secretRef; a rotation window needs two keys",
+                );
+            }
+        }
         Some(CredentialPolicy {
             secret_ref: c.secret_ref.clone(),
+            secondary_ref: c.secondary_ref.clone(),
             header: header?,
             prefix: parts[0].to_string(),
             suffix: parts[1].to_string(),

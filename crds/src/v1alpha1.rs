@@ -530,6 +530,11 @@ pub struct Versioning {
 pub struct Credentials {
     /// The Secret (same namespace) and key holding the credential.
     pub secret_ref: SecretKeyRef,
+    /// A second key, for a rotation window: the primary (`secretRef`) is sent first; a call
+    /// the partner answers 401 is sent once more with this one when its body can be resent.
+    /// Same rules as `secretRef` (same namespace, the Secret opted in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_ref: Option<SecretKeyRef>,
     /// Header to set, over whatever the app sent. Default `Authorization`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
@@ -543,6 +548,15 @@ pub struct Credentials {
     /// it such a spec is refused: the credential would cross the network in cleartext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_insecure: Option<bool>,
+}
+
+impl Credentials {
+    /// Every Secret key the credentials read.
+    pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
+        let mut out = vec![&self.secret_ref];
+        out.extend(self.secondary_ref.as_ref());
+        out
+    }
 }
 
 /// A key of a Secret in the integration's namespace.
@@ -724,6 +738,11 @@ pub mod condition {
     /// window; the message names the routes with counts per kind. Present when some route has
     /// a `contract`.
     pub const CONTRACT_VIOLATED: &str = "ContractViolated";
+    /// With `credentials.secondaryRef`: true while sidecars report calls in the status window
+    /// that the partner accepted only with the secondary key; the message says when it was
+    /// last used. False: the secondary key served no call in the window (it can be revoked
+    /// once the rotation is over).
+    pub const SECONDARY_KEY_IN_USE: &str = "SecondaryKeyInUse";
 }
 
 /// Condition reasons.
@@ -769,4 +788,8 @@ pub mod reason {
     pub const UNKNOWN_ENUM_VALUES: &str = "UnknownEnumValues";
     /// No sidecar reports a contract violation in the status window.
     pub const CONTRACT_KEPT: &str = "ContractKept";
+    /// Some calls of the status window were accepted only with the secondary key.
+    pub const SECONDARY_KEY_SERVING: &str = "SecondaryKeyServing";
+    /// The partner accepted the primary key for every call of the status window.
+    pub const PRIMARY_KEY_SERVING: &str = "PrimaryKeyServing";
 }

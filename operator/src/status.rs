@@ -2,7 +2,9 @@
 //! functions of what the reconcile found, so they are tested without an API server.
 
 use k8s_openapi::jiff::{Timestamp, Unit};
-use tollgate_crds::distribution::{BreakerState, ContractViolationCount, RouteLifecycle};
+use tollgate_crds::distribution::{
+    BreakerState, ContractViolationCount, CredentialKeys, RouteLifecycle,
+};
 use tollgate_crds::duration;
 use tollgate_crds::v1alpha1::{Condition, PartnerIntegrationStatus, condition, reason};
 
@@ -133,6 +135,17 @@ pub fn build(
     {
         conditions.push(contract_condition(
             f.observed.map_or(&[], |o| &o.contract_violations),
+        ));
+    }
+
+    if let Some(e) = f.in_force
+        && e.policy
+            .credentials
+            .as_ref()
+            .is_some_and(|c| c.secondary_ref.is_some())
+    {
+        conditions.push(secondary_key_condition(
+            f.observed.map(|o| &o.credential_keys),
         ));
     }
 
@@ -323,6 +336,52 @@ fn contract_condition(counts: &[ContractViolationCount]) -> Condition {
             parts.join("; ")
         ),
     )
+}
+
+/// `SecondaryKeyInUse`: whether calls of the status window needed the secondary key of a
+/// rotation window, and when it last served one, so the key can be revoked once it is unused.
+fn secondary_key_condition(keys: Option<&CredentialKeys>) -> Condition {
+    let keys = keys.cloned().unwrap_or_default();
+    let last = match keys.secondary_last_used {
+        Some(t) => format!(
+            "the secondary key last served a call at {}",
+            Timestamp::from_second(t)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| t.to_string())
+        ),
+        None => "no sidecar reports the secondary key serving a call since it started".into(),
+    };
+    if keys.secondary > 0 {
+        let all = keys.primary.saturating_add(keys.secondary);
+        cond(
+            condition::SECONDARY_KEY_IN_USE,
+            true,
+            reason::SECONDARY_KEY_SERVING,
+            format!(
+                "{} of {all} accepted calls in the status window needed the secondary key (the \
+                 partner answered 401 to the primary); {last}",
+                keys.secondary
+            ),
+        )
+    } else if keys.primary > 0 {
+        cond(
+            condition::SECONDARY_KEY_IN_USE,
+            false,
+            reason::PRIMARY_KEY_SERVING,
+            format!(
+                "the partner accepted the primary key for all {} calls in the status window; \
+                 {last}",
+                keys.primary
+            ),
+        )
+    } else {
+        cond(
+            condition::SECONDARY_KEY_IN_USE,
+            false,
+            reason::NO_TRAFFIC,
+            format!("no accepted calls in the status window; {last}"),
+        )
+    }
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
@@ -520,6 +579,99 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A rotation window: what sidecars report about the keys shows on the status.
+    #[tokio::test]
+    async fn the_secondary_key_in_use_shows_with_when_it_was_last_used() {
+        use crate::traffic::TrafficStore;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.credentials = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "api", "key": "new"},
+            "secondaryRef": {"name": "api", "key": "old"},
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let store = TrafficStore::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        );
+        let report = |primary: u64, secondary: u64, last: Option<i64>| {
+            serde_json::from_value::<tollgate_crds::distribution::IntegrationReport>(
+                serde_json::json!({
+                    "namespace": "ns", "name": "a", "configRevision": e.config_revision,
+                    "intervalMillis": 5000, "requests": primary + secondary, "errors": 0,
+                    "rateLimited": 0, "breaker": "closed",
+                    "credentialKeys": {"primary": primary, "secondary": secondary,
+                                       "secondaryLastUsed": last},
+                }),
+            )
+            .unwrap()
+        };
+        let key = ("ns".to_string(), "a".to_string());
+        let pods = ["ns/p1".to_string(), "ns/p2".to_string()];
+        let now = tokio::time::Instant::now();
+        store
+            .record(&pods[0], &report(3, 2, Some(1_780_000_000)), now)
+            .unwrap();
+        store
+            .record(&pods[1], &report(4, 1, Some(1_780_000_100)), now)
+            .unwrap();
+        let observed = store.observe(&key, &pods, &e.config_revision, now);
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(&observed),
+        };
+        let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+        let c = find(Some(&status), condition::SECONDARY_KEY_IN_USE).unwrap();
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::SECONDARY_KEY_SERVING));
+        let m = c.message.as_deref().unwrap();
+        assert!(m.contains("3 of 10 accepted calls"), "{m}");
+        assert!(
+            m.contains("last served a call at 2026-05-28T20:28:20Z"),
+            "{m}"
+        );
+
+        // Later, every call goes with the primary: the secondary can be revoked.
+        let later = now + std::time::Duration::from_secs(400);
+        store
+            .record(&pods[0], &report(6, 0, Some(1_780_000_000)), later)
+            .unwrap();
+        let observed = store.observe(&key, &pods, &e.config_revision, later);
+        let f = Findings {
+            observed: Some(&observed),
+            ..f
+        };
+        let status = build(&f, Some(&status), t("2026-06-01T00:07:00Z"));
+        let c = find(Some(&status), condition::SECONDARY_KEY_IN_USE).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason.as_deref(), Some(reason::PRIMARY_KEY_SERVING));
+        let m = c.message.as_deref().unwrap();
+        assert!(m.contains("primary key for all 6 calls"), "{m}");
+        assert!(
+            m.contains("last served a call at 2026-05-28T20:26:40Z"),
+            "{m}"
+        );
+
+        // Without a secondaryRef there is no such condition.
+        let plain = entry(false, false);
+        let f = Findings {
+            in_force: Some(&plain),
+            ..f
+        };
+        assert!(
+            find(
+                Some(&build(&f, None, t("2026-06-01T00:00:00Z"))),
+                condition::SECONDARY_KEY_IN_USE
+            )
+            .is_none()
+        );
+    }
+
     #[test]
     fn transition_time_kept_while_status_unchanged() {
         let e = entry(false, false);
@@ -582,6 +734,7 @@ mod tests {
             latency_p95: Some(std::time::Duration::from_millis(900)),
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
+            credential_keys: CredentialKeys::default(),
         };
         let f = Findings {
             generation: 2,

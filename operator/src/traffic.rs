@@ -16,8 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_crds::distribution::{
-    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, IntegrationReport,
-    LATENCY_BUCKETS_MS, MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES,
+    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, CredentialKeys,
+    IntegrationReport, LATENCY_BUCKETS_MS, MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES,
     MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle, bucket_quantile,
 };
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
@@ -122,6 +122,15 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     // A body counts once per kind, and up to once per enum field (at most 16) for
     // `unknown-enum`.
     let most_violations = most.saturating_mul(16);
+    if let Some(k) = &r.credential_keys
+        && (k.primary > most || k.secondary > most)
+    {
+        return Err(ReportRefused::TooManyCalls {
+            field: "credentialKeys",
+            value: k.primary.max(k.secondary),
+            interval_millis: r.interval_millis,
+        });
+    }
     if r.contract_violations.len() > MAX_CONTRACT_VIOLATION_ENTRIES
         || r.contract_violations.iter().any(|v| {
             v.route.len() > MAX_LIFECYCLE_TEXT_BYTES
@@ -146,6 +155,8 @@ struct Sample {
     /// Calls by duration bucket; empty from a sidecar that does not send them.
     buckets: Vec<u64>,
     contract: Vec<ContractViolationCount>,
+    /// Calls accepted with the primary and with the secondary key (rotation window).
+    keys: (u64, u64),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -155,6 +166,8 @@ struct PodTraffic {
     breaker: BreakerState,
     /// The partner's lifecycle announcements, as the pod last reported them.
     lifecycle: Vec<RouteLifecycle>,
+    /// When the secondary key last served a call, Unix seconds, as the pod last reported.
+    secondary_last_used: Option<i64>,
     last_report: Option<Instant>,
 }
 
@@ -174,6 +187,9 @@ pub struct Observed {
     pub lifecycle: Vec<RouteLifecycle>,
     /// Contract violations in the window, summed over sidecars, by route and kind.
     pub contract_violations: Vec<ContractViolationCount>,
+    /// Calls of the window by the key of a rotation window that served them, and the last
+    /// time any sidecar reported the secondary key serving one.
+    pub credential_keys: CredentialKeys,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -230,6 +246,15 @@ pub struct Partial {
     /// Contract violations in the window, summed by route and kind.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contract_violations: Vec<ContractViolationCount>,
+    /// Calls of the window accepted with the primary key of a rotation window.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub primary_key: u64,
+    /// Calls of the window accepted only with the secondary key.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub secondary_key: u64,
+    /// The latest time a pod reported the secondary key serving a call, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_last_used: Option<i64>,
 }
 
 impl Partial {
@@ -254,6 +279,9 @@ impl Partial {
         self.reported |= o.reported;
         merge_lifecycle(&mut self.lifecycle, &o.lifecycle);
         add_contract_violations(&mut self.contract_violations, &o.contract_violations);
+        self.primary_key = self.primary_key.saturating_add(o.primary_key);
+        self.secondary_key = self.secondary_key.saturating_add(o.secondary_key);
+        self.secondary_last_used = self.secondary_last_used.max(o.secondary_last_used);
     }
 
     /// What the status shows, against the revision in force.
@@ -300,6 +328,11 @@ impl Partial {
             latency_p95,
             lifecycle: self.lifecycle.clone(),
             contract_violations: self.contract_violations.clone(),
+            credential_keys: CredentialKeys {
+                primary: self.primary_key,
+                secondary: self.secondary_key,
+                secondary_last_used: self.secondary_last_used,
+            },
         }
     }
 }
@@ -371,7 +404,18 @@ impl TrafficStore {
                 Vec::new()
             },
             contract: r.contract_violations.clone(),
+            keys: r
+                .credential_keys
+                .as_ref()
+                .map_or((0, 0), |k| (k.primary, k.secondary)),
         });
+        if let Some(at) = r
+            .credential_keys
+            .as_ref()
+            .and_then(|k| k.secondary_last_used)
+        {
+            t.secondary_last_used = Some(at);
+        }
         t.config_revision = r.config_revision.clone();
         t.breaker = r.breaker;
         t.lifecycle = r.lifecycle.clone();
@@ -485,6 +529,9 @@ impl TrafficStore {
             p.errors = p.errors.saturating_add(sum(|s| s.errors));
             p.rate_limited = p.rate_limited.saturating_add(lim);
             p.refused = p.refused.saturating_add(refused);
+            p.primary_key = p.primary_key.saturating_add(sum(|s| s.keys.0));
+            p.secondary_key = p.secondary_key.saturating_add(sum(|s| s.keys.1));
+            p.secondary_last_used = p.secondary_last_used.max(t.secondary_last_used);
             for s in &in_window {
                 add_contract_violations(&mut p.contract_violations, &s.contract);
                 if !s.buckets.is_empty() {
@@ -627,6 +674,7 @@ mod tests {
             breaker,
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
+            credential_keys: None,
         }
     }
 

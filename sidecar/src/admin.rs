@@ -213,6 +213,12 @@ pub fn config_json(rev: &Revision) -> Value {
             redact_maps(&mut v, &redact);
             if let Some(c) = v.get_mut("credentials").and_then(Value::as_object_mut) {
                 c.insert("loaded".into(), Value::Bool(i.credential.is_some()));
+                if c.contains_key("secondaryRef") {
+                    c.insert(
+                        "secondaryLoaded".into(),
+                        Value::Bool(i.secondary_credential.is_some()),
+                    );
+                }
             }
             if let Some(name) = &i.policy.upstream.client_certificate {
                 v["upstream"]["clientCertificate"] = json!({

@@ -679,6 +679,7 @@ mod tests {
             credential_held: value.is_none(),
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
             quota_share: None,
         }
     }
@@ -734,6 +735,7 @@ mod tests {
             credential_held: false,
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
             quota_share: None,
         });
         save_snapshot(&path, &s).unwrap();

@@ -327,6 +327,13 @@ pub struct Traffic {
     pub refused: AtomicU64,
     /// Latency histogram, buckets of [`LATENCY_BUCKETS_MS`] plus one overflow bucket.
     pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// With a rotation window (`credentials.secondaryRef`): partner answers to the primary key
+    /// other than 401.
+    pub primary_served: AtomicU64,
+    /// Partner answers other than 401 to the secondary key, after the primary got a 401.
+    pub secondary_served: AtomicU64,
+    /// Unix seconds of the last call the secondary key served; 0: never.
+    pub secondary_last_used: std::sync::atomic::AtomicI64,
 }
 
 /// Upper bounds (milliseconds) of the latency buckets, as the operator reads them.

@@ -29,6 +29,9 @@ pub struct Integration {
     /// The rendered credential header value (marked sensitive), if the integration has one and
     /// its secret is known.
     pub credential: Option<HeaderValue>,
+    /// The rendered `credentials.secondaryRef` value, if set and known: sent once when the
+    /// partner answers 401 to the primary.
+    pub secondary_credential: Option<HeaderValue>,
     pub state: IntegrationState,
 }
 
@@ -188,11 +191,10 @@ pub trait SecretSource {
 /// The secrets an integration's spec reads: its credential, and its client certificate's
 /// `tls.crt` and `tls.key`.
 pub fn secret_refs(spec: &tollgate_crds::PartnerIntegrationSpec) -> Vec<SecretKeyRef> {
-    let mut refs: Vec<SecretKeyRef> = spec
-        .credentials
-        .iter()
-        .map(|c| c.secret_ref.clone())
-        .collect();
+    let mut refs: Vec<SecretKeyRef> = Vec::new();
+    if let Some(c) = &spec.credentials {
+        refs.extend(c.secret_refs().into_iter().cloned());
+    }
     if let Some(c) = &spec.upstream.client_certificate {
         for key in ["tls.crt", "tls.key"] {
             refs.push(SecretKeyRef {
@@ -253,7 +255,10 @@ pub fn build_revision(
                 .map(|(_, owner)| format!("spec.upstream.hosts: {h} is already claimed by {owner}"))
         })
     };
-    type Kept = (Option<HeaderValue>, Option<Arc<ClientIdentity>>);
+    type Kept = (
+        (Option<HeaderValue>, Option<HeaderValue>),
+        Option<Arc<ClientIdentity>>,
+    );
     let mut chosen: Vec<(IntegrationPolicy, Option<Kept>)> = Vec::new();
     let mut refused = Vec::new();
     let mut seen_ids: Vec<IntegrationId> = Vec::new();
@@ -284,7 +289,8 @@ pub fn build_revision(
         if let Some(o) = old {
             claimed.extend(o.policy.hosts.iter().map(|h| (h.clone(), cid.clone())));
             let identity = o.state.client_identity().cloned();
-            chosen.push((o.policy.clone(), Some((o.credential.clone(), identity))));
+            let credentials = (o.credential.clone(), o.secondary_credential.clone());
+            chosen.push((o.policy.clone(), Some((credentials, identity))));
         }
         tracing::warn!(integration = %cid, %error, kept_previous = old.is_some(), "integration refused; the others apply");
         refused.push(Refused {
@@ -303,10 +309,13 @@ pub fn build_revision(
                 entry.push(i);
             }
         }
-        let (credential, identity) = match kept {
+        let ((credential, secondary_credential), identity) = match kept {
             Some(kept) => kept,
             None => (
-                resolve_credential(&policy, secrets),
+                (
+                    resolve_credential(&policy, secrets),
+                    resolve_secondary(&policy, secrets),
+                ),
                 resolve_identity(&policy, secrets),
             ),
         };
@@ -317,6 +326,7 @@ pub fn build_revision(
             label: Arc::from(policy.id.to_string()),
             policy,
             credential,
+            secondary_credential,
             state,
         }));
     }
@@ -342,6 +352,24 @@ fn resolve_credential(
     let rendered = c.render(value.trim_end_matches(['\n', '\r']));
     if rendered.is_none() {
         tracing::error!(integration = %policy.id, secret = %c.secret_ref.name, "credential is not a valid header value; not injected");
+    }
+    rendered
+}
+
+/// The rendered `credentials.secondaryRef`; a missing Secret is logged by name.
+fn resolve_secondary(
+    policy: &IntegrationPolicy,
+    secrets: &dyn SecretSource,
+) -> Option<HeaderValue> {
+    let c = policy.credentials.as_ref()?;
+    let r = c.secondary_ref.as_ref()?;
+    let Some(value) = secrets.get(&policy.id.namespace, r) else {
+        tracing::warn!(integration = %policy.id, secret = %r.name, key = %r.key, "secondary credential secret not found; a 401 is not resent");
+        return None;
+    };
+    let rendered = c.render(value.trim_end_matches(['\n', '\r']));
+    if rendered.is_none() {
+        tracing::error!(integration = %policy.id, secret = %r.name, "secondary credential is not a valid header value; not used");
     }
     rendered
 }
