@@ -370,6 +370,10 @@ pub struct IntegrationReport {
     /// interval. `None` without a secondary key, and from sidecars that predate the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_keys: Option<CredentialKeys>,
+    /// OAuth2 token fetches of the interval that failed after their retries. Zero from
+    /// sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub credential_refresh_failures: u64,
 }
 
 /// Calls the partner accepted, by the key they carried (deltas), and when the secondary key

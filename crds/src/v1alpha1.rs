@@ -524,11 +524,15 @@ pub struct Versioning {
     pub denied_path_prefixes: Vec<String>,
 }
 
-/// The credential to inject.
+/// The credential to inject: a static key (`secretRef`) or OAuth2 client credentials
+/// (`oauth2`), exactly one of them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.oauth2)").message("credentials: give exactly one of secretRef and oauth2"))]
+#[x_kube(validation = Rule::new("!has(self.oauth2) || !has(self.secondaryRef)").message("credentials.secondaryRef: not with oauth2 (tokens rotate themselves)"))]
 pub struct Credentials {
     /// The Secret (same namespace) and key holding the credential.
+    #[serde(default, skip_serializing_if = "SecretKeyRef::is_unset")]
     pub secret_ref: SecretKeyRef,
     /// A second key, for a rotation window: the primary (`secretRef`) is sent first; a call
     /// the partner answers 401 is sent once more with this one when its body can be resent.
@@ -548,14 +552,77 @@ pub struct Credentials {
     /// it such a spec is refused: the credential would cross the network in cleartext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_insecure: Option<bool>,
+    /// OAuth 2.0 client credentials (RFC 6749 section 4.4): the sidecar fetches an access
+    /// token, caches it, refreshes it before it expires and sends it as `format` in `header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2>,
+}
+
+/// An OAuth 2.0 client-credentials grant.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2 {
+    /// The token endpoint: `https://`, or `http://` to a loopback host (or any host with
+    /// `credentials.allowInsecure`).
+    #[schemars(length(min = 1, max = 2048))]
+    pub token_url: String,
+    /// The Secret key holding the client id (same rules as `secretRef`).
+    pub client_id_ref: SecretKeyRef,
+    /// The Secret key holding the client secret (same rules as `secretRef`).
+    pub client_secret_ref: SecretKeyRef,
+    /// Sent as `scope`, space-separated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub scopes: Vec<String>,
+    /// Sent as `audience` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+    /// How the client authenticates to the token endpoint: `basic` (HTTP Basic, the default)
+    /// or `body` (`client_id` and `client_secret` in the form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<OAuth2AuthMethod>,
+    /// How long before expiry a token is refreshed. Default: 5m or 10% of the token's
+    /// lifetime, whichever is shorter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub refresh_before: Option<String>,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 section 2.3.1).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OAuth2AuthMethod {
+    /// `Authorization: Basic` with the form-encoded id and secret.
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the request body.
+    Body,
 }
 
 impl Credentials {
     /// Every Secret key the credentials read.
     pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
-        let mut out = vec![&self.secret_ref];
+        let mut out = Vec::new();
+        if !self.secret_ref.is_unset() {
+            out.push(&self.secret_ref);
+        }
         out.extend(self.secondary_ref.as_ref());
+        if let Some(o) = &self.oauth2 {
+            out.push(&o.client_id_ref);
+            out.push(&o.client_secret_ref);
+        }
         out
+    }
+}
+
+impl SecretKeyRef {
+    /// Neither name nor key given.
+    pub fn is_unset(&self) -> bool {
+        self.name.is_empty() && self.key.is_empty()
     }
 }
 
@@ -743,6 +810,10 @@ pub mod condition {
     /// last used. False: the secondary key served no call in the window (it can be revoked
     /// once the rotation is over).
     pub const SECONDARY_KEY_IN_USE: &str = "SecondaryKeyInUse";
+    /// With `credentials.oauth2`: true while sidecars report failed token fetches in the
+    /// status window (calls use the old token until it expires, then are answered
+    /// `credential-unavailable`).
+    pub const CREDENTIAL_REFRESH_FAILING: &str = "CredentialRefreshFailing";
 }
 
 /// Condition reasons.
@@ -792,4 +863,8 @@ pub mod reason {
     pub const SECONDARY_KEY_SERVING: &str = "SecondaryKeyServing";
     /// The partner accepted the primary key for every call of the status window.
     pub const PRIMARY_KEY_SERVING: &str = "PrimaryKeyServing";
+    /// Token fetches failed in the status window.
+    pub const TOKEN_ENDPOINT_FAILING: &str = "TokenEndpointFailing";
+    /// No token fetch failed in the status window.
+    pub const TOKENS_REFRESHED: &str = "TokensRefreshed";
 }

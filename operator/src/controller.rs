@@ -678,6 +678,7 @@ async fn resolve_and_upsert(
         policy
             .credentials
             .as_ref()
+            .filter(|c| c.oauth2.is_none())
             .map(|c| SecretUse::Credential(&c.secret_ref)),
         previous.and_then(|p| p.credential.as_ref()),
     )

@@ -149,6 +149,34 @@ pub fn build(
         ));
     }
 
+    if let Some(e) = f.in_force
+        && e.policy
+            .credentials
+            .as_ref()
+            .is_some_and(|c| c.oauth2.is_some())
+    {
+        let failed = f.observed.map_or(0, |o| o.credential_refresh_failures);
+        conditions.push(if failed > 0 {
+            cond(
+                condition::CREDENTIAL_REFRESH_FAILING,
+                true,
+                reason::TOKEN_ENDPOINT_FAILING,
+                format!(
+                    "{failed} OAuth2 token fetches failed in the status window; calls use the \
+                     old token until it expires, then are answered credential-unavailable \
+                     (the sidecars' logs say why)"
+                ),
+            )
+        } else {
+            cond(
+                condition::CREDENTIAL_REFRESH_FAILING,
+                false,
+                reason::TOKENS_REFRESHED,
+                String::new(),
+            )
+        });
+    }
+
     for c in &mut conditions {
         c.observed_generation = Some(f.generation);
         let carried = previous
@@ -672,6 +700,68 @@ mod tests {
         );
     }
 
+    /// OAuth2: failed token fetches reported by sidecars show on the status.
+    #[tokio::test]
+    async fn failed_token_fetches_show_as_credential_refresh_failing() {
+        use crate::traffic::TrafficStore;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.credentials = serde_json::from_value(serde_json::json!({
+            "format": "Bearer {value}",
+            "oauth2": {
+                "tokenUrl": "https://login.example.com/oauth/token",
+                "clientIdRef": {"name": "oauth", "key": "id"},
+                "clientSecretRef": {"name": "oauth", "key": "secret"},
+            },
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let store = TrafficStore::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        );
+        let key = ("ns".to_string(), "a".to_string());
+        let pods = ["ns/p1".to_string()];
+        let report = serde_json::from_value::<tollgate_crds::distribution::IntegrationReport>(
+            serde_json::json!({
+                "namespace": "ns", "name": "a", "configRevision": e.config_revision,
+                "intervalMillis": 5000, "requests": 4, "errors": 0, "rateLimited": 0,
+                "refused": 4, "breaker": "closed", "credentialRefreshFailures": 3,
+            }),
+        )
+        .unwrap();
+        let now = tokio::time::Instant::now();
+        let observed = store.observe(&key, &pods, &e.config_revision, now);
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(&observed),
+        };
+        let calm = build(&f, None, t("2026-06-01T00:00:00Z"));
+        let c = find(Some(&calm), condition::CREDENTIAL_REFRESH_FAILING).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason.as_deref(), Some(reason::TOKENS_REFRESHED));
+        store.record(&pods[0], &report, now).unwrap();
+        let observed = store.observe(&key, &pods, &e.config_revision, now);
+        let f = Findings {
+            observed: Some(&observed),
+            ..f
+        };
+        let failing = build(&f, Some(&calm), t("2026-06-01T00:00:10Z"));
+        let c = find(Some(&failing), condition::CREDENTIAL_REFRESH_FAILING).unwrap();
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::TOKEN_ENDPOINT_FAILING));
+        assert!(
+            c.message
+                .as_deref()
+                .unwrap()
+                .starts_with("3 OAuth2 token fetches failed")
+        );
+    }
+
     #[test]
     fn transition_time_kept_while_status_unchanged() {
         let e = entry(false, false);
@@ -735,6 +825,7 @@ mod tests {
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
             credential_keys: CredentialKeys::default(),
+            credential_refresh_failures: 0,
         };
         let f = Findings {
             generation: 2,

@@ -122,6 +122,13 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     // A body counts once per kind, and up to once per enum field (at most 16) for
     // `unknown-enum`.
     let most_violations = most.saturating_mul(16);
+    if r.credential_refresh_failures > most {
+        return Err(ReportRefused::TooManyCalls {
+            field: "credentialRefreshFailures",
+            value: r.credential_refresh_failures,
+            interval_millis: r.interval_millis,
+        });
+    }
     if let Some(k) = &r.credential_keys
         && (k.primary > most || k.secondary > most)
     {
@@ -157,6 +164,7 @@ struct Sample {
     contract: Vec<ContractViolationCount>,
     /// Calls accepted with the primary and with the secondary key (rotation window).
     keys: (u64, u64),
+    refresh_failures: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -190,6 +198,8 @@ pub struct Observed {
     /// Calls of the window by the key of a rotation window that served them, and the last
     /// time any sidecar reported the secondary key serving one.
     pub credential_keys: CredentialKeys,
+    /// OAuth2 token fetches that failed in the window, summed over sidecars.
+    pub credential_refresh_failures: u64,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -255,6 +265,9 @@ pub struct Partial {
     /// The latest time a pod reported the secondary key serving a call, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary_last_used: Option<i64>,
+    /// OAuth2 token fetches that failed in the window.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub credential_refresh_failures: u64,
 }
 
 impl Partial {
@@ -282,6 +295,9 @@ impl Partial {
         self.primary_key = self.primary_key.saturating_add(o.primary_key);
         self.secondary_key = self.secondary_key.saturating_add(o.secondary_key);
         self.secondary_last_used = self.secondary_last_used.max(o.secondary_last_used);
+        self.credential_refresh_failures = self
+            .credential_refresh_failures
+            .saturating_add(o.credential_refresh_failures);
     }
 
     /// What the status shows, against the revision in force.
@@ -333,6 +349,7 @@ impl Partial {
                 secondary: self.secondary_key,
                 secondary_last_used: self.secondary_last_used,
             },
+            credential_refresh_failures: self.credential_refresh_failures,
         }
     }
 }
@@ -408,6 +425,7 @@ impl TrafficStore {
                 .credential_keys
                 .as_ref()
                 .map_or((0, 0), |k| (k.primary, k.secondary)),
+            refresh_failures: r.credential_refresh_failures,
         });
         if let Some(at) = r
             .credential_keys
@@ -532,6 +550,9 @@ impl TrafficStore {
             p.primary_key = p.primary_key.saturating_add(sum(|s| s.keys.0));
             p.secondary_key = p.secondary_key.saturating_add(sum(|s| s.keys.1));
             p.secondary_last_used = p.secondary_last_used.max(t.secondary_last_used);
+            p.credential_refresh_failures = p
+                .credential_refresh_failures
+                .saturating_add(sum(|s| s.refresh_failures));
             for s in &in_window {
                 add_contract_violations(&mut p.contract_violations, &s.contract);
                 if !s.buckets.is_empty() {
@@ -675,6 +696,7 @@ mod tests {
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
             credential_keys: None,
+            credential_refresh_failures: 0,
         }
     }
 

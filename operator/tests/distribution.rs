@@ -242,6 +242,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
             credential_keys: None,
+            credential_refresh_failures: 0,
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());

@@ -26,6 +26,9 @@ pub enum Reason {
     BadRequest,
     /// `--unknown-hosts deny` and the host matches no integration.
     UnknownHost,
+    /// The credential could not be obtained (an OAuth2 token endpoint down after the old
+    /// token expired): nothing is sent unauthenticated.
+    CredentialUnavailable,
 }
 
 impl Reason {
@@ -40,6 +43,7 @@ impl Reason {
                 | Reason::DeprecatedVersion
                 | Reason::BadRequest
                 | Reason::UnknownHost
+                | Reason::CredentialUnavailable
         )
     }
 
@@ -53,12 +57,15 @@ impl Reason {
             Reason::UpstreamUnreachable => "upstream-unreachable",
             Reason::BadRequest => "bad-request",
             Reason::UnknownHost => "unknown-host",
+            Reason::CredentialUnavailable => "credential-unavailable",
         }
     }
 
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            Reason::KillSwitch | Reason::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::KillSwitch | Reason::CircuitOpen | Reason::CredentialUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::DeprecatedVersion => StatusCode::GONE,

@@ -19,6 +19,7 @@ pub mod intercept;
 mod io;
 pub mod layers;
 pub mod lifecycle;
+pub mod oauth;
 pub(crate) mod pool;
 pub mod proxy;
 pub mod setup;

@@ -177,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::default());
     let mut ctx = StateContext::new(tls.clone()).with_roots(roots);
+    ctx.metrics = metrics.clone();
     ctx.pool = client::PoolOptions {
         idle_timeout: args.pool_idle_timeout,
         max_idle_per_host: args.pool_max_idle_per_host,

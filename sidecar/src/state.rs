@@ -39,6 +39,8 @@ pub struct StateContext {
     pub max_partitions: usize,
     pub cache_max_entries: usize,
     pub cache_max_bytes: usize,
+    /// Where background work (OAuth2 token fetches) counts what it does.
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 /// Share of each global quota this process may use, per integration (cluster mode: set by the
@@ -54,6 +56,7 @@ impl StateContext {
             max_partitions: 10_000,
             cache_max_entries: 1_000,
             cache_max_bytes: 32 * 1024 * 1024,
+            metrics: Arc::default(),
         }
     }
 

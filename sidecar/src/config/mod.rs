@@ -32,6 +32,9 @@ pub struct Integration {
     /// The rendered `credentials.secondaryRef` value, if set and known: sent once when the
     /// partner answers 401 to the primary.
     pub secondary_credential: Option<HeaderValue>,
+    /// With `credentials.oauth2` and both client credentials known: the token manager, kept
+    /// across revisions while the grant and the credentials are unchanged.
+    pub token: Option<Arc<crate::oauth::TokenManager>>,
     pub state: IntegrationState,
 }
 
@@ -258,6 +261,7 @@ pub fn build_revision(
     type Kept = (
         (Option<HeaderValue>, Option<HeaderValue>),
         Option<Arc<ClientIdentity>>,
+        Option<Arc<crate::oauth::TokenManager>>,
     );
     let mut chosen: Vec<(IntegrationPolicy, Option<Kept>)> = Vec::new();
     let mut refused = Vec::new();
@@ -290,7 +294,10 @@ pub fn build_revision(
             claimed.extend(o.policy.hosts.iter().map(|h| (h.clone(), cid.clone())));
             let identity = o.state.client_identity().cloned();
             let credentials = (o.credential.clone(), o.secondary_credential.clone());
-            chosen.push((o.policy.clone(), Some((credentials, identity))));
+            chosen.push((
+                o.policy.clone(),
+                Some((credentials, identity, o.token.clone())),
+            ));
         }
         tracing::warn!(integration = %cid, %error, kept_previous = old.is_some(), "integration refused; the others apply");
         refused.push(Refused {
@@ -309,7 +316,8 @@ pub fn build_revision(
                 entry.push(i);
             }
         }
-        let ((credential, secondary_credential), identity) = match kept {
+        let old = in_force(&policy.id);
+        let ((credential, secondary_credential), identity, token) = match kept {
             Some(kept) => kept,
             None => (
                 (
@@ -317,9 +325,9 @@ pub fn build_revision(
                     resolve_secondary(&policy, secrets),
                 ),
                 resolve_identity(&policy, secrets),
+                resolve_token_manager(&policy, secrets, old.and_then(|o| o.token.as_ref()), ctx),
             ),
         };
-        let old = in_force(&policy.id);
         let share = shares.get(&policy.id).copied().unwrap_or(1.0);
         let state = IntegrationState::build(&policy, old.map(|o| &o.state), identity, ctx, share);
         integrations.push(Arc::new(Integration {
@@ -327,6 +335,7 @@ pub fn build_revision(
             policy,
             credential,
             secondary_credential,
+            token,
             state,
         }));
     }
@@ -344,7 +353,7 @@ fn resolve_credential(
     policy: &IntegrationPolicy,
     secrets: &dyn SecretSource,
 ) -> Option<HeaderValue> {
-    let c = policy.credentials.as_ref()?;
+    let c = policy.credentials.as_ref().filter(|c| c.oauth2.is_none())?;
     let Some(value) = secrets.get(&policy.id.namespace, &c.secret_ref) else {
         tracing::warn!(integration = %policy.id, secret = %c.secret_ref.name, key = %c.secret_ref.key, "credential secret not found; requests go without it");
         return None;
@@ -354,6 +363,45 @@ fn resolve_credential(
         tracing::error!(integration = %policy.id, secret = %c.secret_ref.name, "credential is not a valid header value; not injected");
     }
     rendered
+}
+
+/// The token manager of `credentials.oauth2`: the one in force when the grant and client
+/// credentials are unchanged (its cached token stays), else a new one. `None` (logged by Secret
+/// name) when a client credential is missing: calls are then answered `credential-unavailable`.
+fn resolve_token_manager(
+    policy: &IntegrationPolicy,
+    secrets: &dyn SecretSource,
+    old: Option<&Arc<crate::oauth::TokenManager>>,
+    ctx: &StateContext,
+) -> Option<Arc<crate::oauth::TokenManager>> {
+    let c = policy.credentials.as_ref()?;
+    let o = c.oauth2.as_ref()?;
+    let read = |r: &SecretKeyRef, what: &str| {
+        let v = secrets.get(&policy.id.namespace, r);
+        if v.is_none() {
+            tracing::warn!(integration = %policy.id, secret = %r.name, key = %r.key, "OAuth2 {what} not found; calls are answered credential-unavailable");
+        }
+        v.map(|v| v.trim_end_matches(['\n', '\r']).to_string())
+    };
+    let id = read(&o.client_id_ref, "client id")?;
+    let secret = read(&o.client_secret_ref, "client secret")?;
+    let key = crate::oauth::TokenManager::key(c, &id, &secret)?;
+    if let Some(old) = old.filter(|m| m.is_for(&key)) {
+        return Some(old.clone());
+    }
+    let tls = crate::client::integration_tls(
+        &ctx.tls,
+        &ctx.roots,
+        policy.upstream.ca_bundle.as_deref(),
+        None,
+    );
+    let client = crate::client::build(tls, policy.upstream.connect_timeout, &ctx.pool);
+    Some(Arc::new(crate::oauth::TokenManager::new(
+        key,
+        Arc::from(policy.id.to_string()),
+        client,
+        ctx.metrics.clone(),
+    )))
 }
 
 /// The rendered `credentials.secondaryRef`; a missing Secret is logged by name.

@@ -82,6 +82,7 @@ struct Reported {
     contract: BTreeMap<(String, String), u64>,
     primary_served: u64,
     secondary_served: u64,
+    refresh_failures: u64,
     at: Option<Instant>,
 }
 
@@ -197,6 +198,10 @@ impl OperatorSource {
                 contract: self.metrics.contract_totals(&i.label),
                 primary_served: t.primary_served.load(Ordering::Relaxed),
                 secondary_served: t.secondary_served.load(Ordering::Relaxed),
+                refresh_failures: i
+                    .token
+                    .as_ref()
+                    .map_or(0, |m| m.failures.load(Ordering::Relaxed)),
                 at: Some(now),
             };
             let last = reported.get(&i.policy.id).cloned().unwrap_or_default();
@@ -257,6 +262,9 @@ impl OperatorSource {
                         secondary_last_used: Some(t.secondary_last_used.load(Ordering::Relaxed))
                             .filter(|s| *s > 0),
                     }),
+                credential_refresh_failures: current
+                    .refresh_failures
+                    .saturating_sub(last.refresh_failures),
             });
             reported.insert(i.policy.id.clone(), current);
         }

@@ -7,19 +7,24 @@
 //! call before acting on it, so this holds for every method. The second send spends a quota
 //! token like any attempt; without one the app gets the partner's 401. Which key the partner
 //! accepted is counted in `tollgate_credential_key_total{key}` and reported to the operator.
+//!
+//! With `credentials.oauth2` the header carries an access token from the integration's
+//! [`TokenManager`] (see [`crate::oauth`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use http::{Request, StatusCode};
+use http::{HeaderName, Request, StatusCode};
 use tokio::time::Instant;
 use tower::layer::{LayerFn, layer_fn};
 use tower::{Service, ServiceExt};
 
 use super::{BoxFuture, Call, CallError, CallResult, rate_limit, retry};
+use crate::answer::Reason;
 use crate::body::{ReqBody, RespBody};
+use crate::oauth::TokenManager;
 use crate::telemetry::metrics::{CredentialKeyLabels, Metrics};
 
 pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Credentials<S> + Clone> {
@@ -103,6 +108,20 @@ where
         };
         // Whatever the app sent under this header never reaches the partner.
         req.headers_mut().remove(&policy.header);
+        if policy.oauth2.is_some() {
+            let clone = self.inner.clone();
+            let inner = std::mem::replace(&mut self.inner, clone);
+            let manager = integration.token.clone();
+            let header = policy.header.clone();
+            return Box::pin(with_token(
+                inner,
+                req,
+                call,
+                manager,
+                header,
+                self.metrics.clone(),
+            ));
+        }
         let Some(primary) = &integration.credential else {
             return Box::pin(self.inner.call(req));
         };
@@ -135,6 +154,65 @@ where
             second
         })
     }
+}
+
+/// An OAuth2 call: the cached token (or the one fetch in flight), and on a partner 401 one
+/// refresh and one more send when the body can be resent. Without a token the call is answered
+/// `credential-unavailable` and the partner never sees it.
+async fn with_token<S>(
+    mut inner: S,
+    mut req: Request<ReqBody>,
+    call: Arc<Call>,
+    manager: Option<Arc<TokenManager>>,
+    header: HeaderName,
+    metrics: Arc<Metrics>,
+) -> CallResult
+where
+    S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
+{
+    let Some(manager) = manager else {
+        return Err(unavailable(
+            &call,
+            "the OAuth2 client credentials (credentials.oauth2.clientIdRef, clientSecretRef) are not available",
+        ));
+    };
+    let token = manager
+        .token(call.deadline)
+        .await
+        .map_err(|u| unavailable(&call, &u.0))?;
+    let spare = retry::spare_copy(&req);
+    req.headers_mut()
+        .insert(header.clone(), token.value.clone());
+    let first = inner.call(req).await;
+    let refused = matches!(&first, Ok(r) if r.status() == StatusCode::UNAUTHORIZED);
+    if !refused {
+        return first;
+    }
+    // The partner no longer takes this token: one refresh, shared with every call that got
+    // the same 401.
+    manager.reject(&token);
+    let Some(mut again) = spare else {
+        return first;
+    };
+    if !admit_resend(&call, &metrics, again.headers()).await {
+        return first;
+    }
+    let fresh = manager
+        .token(call.deadline)
+        .await
+        .map_err(|u| unavailable(&call, &u.0))?;
+    drop(first);
+    again.headers_mut().insert(header, fresh.value);
+    send(&mut inner, again).await
+}
+
+/// The `credential-unavailable` answer, with a span event saying why.
+fn unavailable(call: &Call, why: &str) -> CallError {
+    tracing::info!(integration = %call.integration.label, why, "credential unavailable; the call is not sent");
+    CallError::Answer(call.answer(
+        Reason::CredentialUnavailable,
+        format!("no credential to send, so the call was not sent: {why}"),
+    ))
 }
 
 /// Sends `req` once the service is ready.

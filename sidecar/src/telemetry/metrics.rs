@@ -196,6 +196,8 @@ pub struct Metrics {
     pub contract_violations: Family<ContractLabels, Counter>,
     /// Partner answers other than 401, by the key of a rotation window they came for.
     pub credential_keys: Family<CredentialKeyLabels, Counter>,
+    /// OAuth2 token fetches that failed after their retries.
+    pub credential_refresh_failures: Family<IntegrationLabels, Counter>,
     /// The violation counts of `contract_violations` again, by integration, for the operator's
     /// reports (a family cannot be listed).
     contract_totals: Mutex<HashMap<String, ContractTotals>>,
@@ -377,9 +379,16 @@ impl Default for Metrics {
             "With a rotation window (credentials.secondaryRef): partner answers other than 401, by the key the call carried (key=primary, or key=secondary after the primary got a 401)",
             credential_keys.clone(),
         );
+        let credential_refresh_failures = Family::<IntegrationLabels, Counter>::default();
+        registry.register(
+            "tollgate_credential_refresh_failures",
+            "OAuth2 token fetches that failed after their retries (the old token stays in use until it expires; then calls are answered credential-unavailable)",
+            credential_refresh_failures.clone(),
+        );
         Metrics {
             registry,
             credential_keys,
+            credential_refresh_failures,
             access_log_dropped,
             contract_violations,
             contract_totals: Mutex::default(),
