@@ -374,6 +374,25 @@ pub struct IntegrationReport {
     /// sidecars that predate the field.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub credential_refresh_failures: u64,
+    /// The latest result of the start-up check (`credentials.verify`) for the credential in
+    /// force; `None` before it ran, and from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_check: Option<CredentialCheckResult>,
+}
+
+/// Longest message a credential check result may carry.
+pub const MAX_CHECK_MESSAGE_BYTES: usize = 512;
+
+/// What the start-up check found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialCheckResult {
+    /// The partner answered the expected status.
+    pub ok: bool,
+    /// What was sent and what came back (never a credential).
+    pub message: String,
+    /// When, Unix seconds.
+    pub at: i64,
 }
 
 /// Calls the partner accepted, by the key they carried (deltas), and when the secondary key

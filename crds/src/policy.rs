@@ -355,6 +355,21 @@ pub struct CredentialPolicy {
     /// client credentials instead of `secretRef`'s value (then unset).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oauth2: Option<OAuth2Policy>,
+    /// `spec.credentials.verify`: the start-up check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyPolicy>,
+}
+
+/// The start-up check of a credential: `method path` through the stack, expecting
+/// `expect_status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyPolicy {
+    #[serde(serialize_with = "ser::method")]
+    pub method: Method,
+    /// In normal form.
+    pub path: String,
+    pub expect_status: u16,
 }
 
 /// An OAuth 2.0 client-credentials grant, checked.
@@ -1574,6 +1589,36 @@ impl Compiler {
             suffix: parts[1].to_string(),
             allow_insecure: c.allow_insecure.unwrap_or(false),
             oauth2,
+            verify: c.verify.as_ref().and_then(|v| self.verify(v)),
+        })
+    }
+
+    fn verify(&mut self, v: &crate::v1alpha1::CredentialCheck) -> Option<VerifyPolicy> {
+        let base = "spec.credentials.verify";
+        let m = v.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+        let method = match Method::from_bytes(m.as_bytes()) {
+            Ok(method) if !m.is_empty() => Some(method),
+            _ => {
+                self.err(
+                    format!("{base}.method"),
+                    format!("{m:?} is not an HTTP method"),
+                );
+                None
+            }
+        };
+        let path = self.path_prefix(&format!("{base}.path"), &v.path);
+        let expect_status = v.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            self.err(
+                format!("{base}.expectStatus"),
+                format!("{expect_status} is not an HTTP status"),
+            );
+            return None;
+        }
+        Some(VerifyPolicy {
+            method: method?,
+            path: path?,
+            expect_status,
         })
     }
 
@@ -2130,6 +2175,10 @@ mod ser {
             map.serialize_entry(k.as_str(), v.to_str().unwrap_or("<binary>"))?;
         }
         map.end()
+    }
+
+    pub fn method<S: Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.as_str())
     }
 
     pub fn methods<S: Serializer>(ms: &[Method], s: S) -> Result<S::Ok, S::Error> {

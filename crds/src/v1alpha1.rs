@@ -556,6 +556,28 @@ pub struct Credentials {
     /// token, caches it, refreshes it before it expires and sends it as `format` in `header`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth2: Option<OAuth2>,
+    /// A start-up check: when a revision with a new credential is applied, each sidecar sends
+    /// this request through its policy stack and reports whether the partner answered
+    /// `expectStatus`; the status shows condition `CredentialVerified`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<CredentialCheck>,
+}
+
+/// A request that shows whether the partner accepts the credential.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialCheck {
+    /// Default `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub method: Option<String>,
+    /// e.g. `/v1/account`.
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+    /// Default 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 599))]
+    pub expect_status: Option<u16>,
 }
 
 /// An OAuth 2.0 client-credentials grant.
@@ -814,6 +836,10 @@ pub mod condition {
     /// status window (calls use the old token until it expires, then are answered
     /// `credential-unavailable`).
     pub const CREDENTIAL_REFRESH_FAILING: &str = "CredentialRefreshFailing";
+    /// With `credentials.verify`: the start-up check's result as sidecars report it (True:
+    /// the partner answered the expected status; False: it did not, the message says what
+    /// came back; Unknown: no sidecar has run it yet).
+    pub const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
 }
 
 /// Condition reasons.
@@ -867,4 +893,10 @@ pub mod reason {
     pub const TOKEN_ENDPOINT_FAILING: &str = "TokenEndpointFailing";
     /// No token fetch failed in the status window.
     pub const TOKENS_REFRESHED: &str = "TokensRefreshed";
+    /// The start-up check got the expected status.
+    pub const CHECK_PASSED: &str = "CheckPassed";
+    /// The start-up check got another status, or the sidecar answered it itself.
+    pub const CHECK_FAILED: &str = "CheckFailed";
+    /// No sidecar has reported the start-up check yet.
+    pub const NOT_YET_CHECKED: &str = "NotYetChecked";
 }

@@ -177,6 +177,33 @@ pub fn build(
         });
     }
 
+    if f.in_force
+        .and_then(|e| e.policy.credentials.as_ref())
+        .is_some_and(|c| c.verify.is_some())
+    {
+        conditions.push(match f.observed.and_then(|o| o.credential_check.as_ref()) {
+            Some(r) => cond(
+                condition::CREDENTIAL_VERIFIED,
+                r.ok,
+                if r.ok {
+                    reason::CHECK_PASSED
+                } else {
+                    reason::CHECK_FAILED
+                },
+                r.message.clone(),
+            ),
+            None => Condition {
+                status: "Unknown".to_string(),
+                ..cond(
+                    condition::CREDENTIAL_VERIFIED,
+                    false,
+                    reason::NOT_YET_CHECKED,
+                    "no sidecar has reported the start-up check yet".to_string(),
+                )
+            },
+        });
+    }
+
     for c in &mut conditions {
         c.observed_generation = Some(f.generation);
         let carried = previous
@@ -564,6 +591,26 @@ pub fn notices(
         }
     }
 
+    // One event per result of the start-up check: when it passes or fails anew.
+    if let Some(c) = find(Some(new), condition::CREDENTIAL_VERIFIED)
+        && c.status != "Unknown"
+    {
+        let before = find(old, condition::CREDENTIAL_VERIFIED);
+        if before.is_none_or(|b| b.status != c.status || b.message != c.message) {
+            let passed = c.status == "True";
+            out.push(Notice {
+                warning: !passed,
+                reason: if passed {
+                    reason::CHECK_PASSED
+                } else {
+                    reason::CHECK_FAILED
+                },
+                action: "VerifyCredential",
+                note: c.message.clone().unwrap_or_default(),
+            });
+        }
+    }
+
     if let Some(ready) = find(Some(new), condition::READY)
         && ready.reason.as_deref() == Some(reason::SECRET_MISSING)
     {
@@ -826,6 +873,7 @@ mod tests {
             contract_violations: Vec::new(),
             credential_keys: CredentialKeys::default(),
             credential_refresh_failures: 0,
+            credential_check: None,
         };
         let f = Findings {
             generation: 2,

@@ -16,9 +16,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_crds::distribution::{
-    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, CredentialKeys,
-    IntegrationReport, LATENCY_BUCKETS_MS, MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES,
-    MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle, bucket_quantile,
+    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, CredentialCheckResult,
+    CredentialKeys, IntegrationReport, LATENCY_BUCKETS_MS, MAX_CHECK_MESSAGE_BYTES,
+    MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES, MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle,
+    bucket_quantile,
 };
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
 
@@ -62,6 +63,8 @@ pub enum ReportRefused {
         "contractViolations: more than {MAX_CONTRACT_VIOLATION_ENTRIES} entries, a route longer than {MAX_LIFECYCLE_TEXT_BYTES} bytes, an unknown kind, or more violations than calls can carry"
     )]
     ContractViolations,
+    #[error("credentialCheck: message longer than {MAX_CHECK_MESSAGE_BYTES} bytes")]
+    CredentialCheck,
 }
 
 impl ReportRefused {
@@ -73,6 +76,7 @@ impl ReportRefused {
             ReportRefused::Revision => "revision",
             ReportRefused::Lifecycle => "lifecycle",
             ReportRefused::ContractViolations => "contract_violations",
+            ReportRefused::CredentialCheck => "credential_check",
         }
     }
 }
@@ -122,6 +126,12 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     // A body counts once per kind, and up to once per enum field (at most 16) for
     // `unknown-enum`.
     let most_violations = most.saturating_mul(16);
+    if r.credential_check
+        .as_ref()
+        .is_some_and(|c| c.message.len() > MAX_CHECK_MESSAGE_BYTES)
+    {
+        return Err(ReportRefused::CredentialCheck);
+    }
     if r.credential_refresh_failures > most {
         return Err(ReportRefused::TooManyCalls {
             field: "credentialRefreshFailures",
@@ -176,6 +186,8 @@ struct PodTraffic {
     lifecycle: Vec<RouteLifecycle>,
     /// When the secondary key last served a call, Unix seconds, as the pod last reported.
     secondary_last_used: Option<i64>,
+    /// The start-up check's result, as the pod last reported it.
+    credential_check: Option<CredentialCheckResult>,
     last_report: Option<Instant>,
 }
 
@@ -200,6 +212,8 @@ pub struct Observed {
     pub credential_keys: CredentialKeys,
     /// OAuth2 token fetches that failed in the window, summed over sidecars.
     pub credential_refresh_failures: u64,
+    /// The start-up check: a failure reported by any fresh sidecar, else the latest pass.
+    pub credential_check: Option<CredentialCheckResult>,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -268,6 +282,9 @@ pub struct Partial {
     /// OAuth2 token fetches that failed in the window.
     #[serde(skip_serializing_if = "is_zero")]
     pub credential_refresh_failures: u64,
+    /// The start-up check of fresh sidecars: a failure first, else the latest pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_check: Option<CredentialCheckResult>,
 }
 
 impl Partial {
@@ -298,6 +315,7 @@ impl Partial {
         self.credential_refresh_failures = self
             .credential_refresh_failures
             .saturating_add(o.credential_refresh_failures);
+        merge_check(&mut self.credential_check, o.credential_check.as_ref());
     }
 
     /// What the status shows, against the revision in force.
@@ -350,6 +368,7 @@ impl Partial {
                 secondary_last_used: self.secondary_last_used,
             },
             credential_refresh_failures: self.credential_refresh_failures,
+            credential_check: self.credential_check.clone(),
         }
     }
 }
@@ -427,6 +446,9 @@ impl TrafficStore {
                 .map_or((0, 0), |k| (k.primary, k.secondary)),
             refresh_failures: r.credential_refresh_failures,
         });
+        if r.credential_check.is_some() {
+            t.credential_check = r.credential_check.clone();
+        }
         if let Some(at) = r
             .credential_keys
             .as_ref()
@@ -512,6 +534,7 @@ impl TrafficStore {
                 BreakerState::Closed => {}
             }
             merge_lifecycle(&mut p.lifecycle, &t.lifecycle);
+            merge_check(&mut p.credential_check, t.credential_check.as_ref());
         }
 
         // Traffic counts every pod that reported in the window, subscribed now or not: the
@@ -579,6 +602,18 @@ impl TrafficStore {
         let mut keys: Vec<Key> = inner.by_key.keys().cloned().collect();
         keys.sort();
         keys
+    }
+}
+
+/// Keeps the result the status should show: a failure over a pass, then the later one.
+pub fn merge_check(sum: &mut Option<CredentialCheckResult>, more: Option<&CredentialCheckResult>) {
+    let Some(more) = more else { return };
+    let replace = match sum {
+        None => true,
+        Some(s) => (!more.ok && s.ok) || (more.ok == s.ok && more.at > s.at),
+    };
+    if replace {
+        *sum = Some(more.clone());
     }
 }
 
@@ -697,6 +732,7 @@ mod tests {
             contract_violations: Vec::new(),
             credential_keys: None,
             credential_refresh_failures: 0,
+            credential_check: None,
         }
     }
 

@@ -243,6 +243,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             contract_violations: Vec::new(),
             credential_keys: None,
             credential_refresh_failures: 0,
+            credential_check: None,
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());

@@ -26,3 +26,4 @@ pub mod setup;
 pub mod state;
 pub mod telemetry;
 pub mod transparent;
+pub mod verify;

@@ -157,6 +157,8 @@ pub struct IntegrationState {
     pub traffic: Arc<Traffic>,
     /// What the partner announced about its routes' lifecycle; kept across revisions.
     pub lifecycle: Arc<Lifecycle>,
+    /// The credential's start-up check; kept across revisions.
+    pub check: Arc<crate::verify::CheckState>,
 }
 
 impl IntegrationState {
@@ -214,6 +216,7 @@ impl IntegrationState {
             cache,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
             lifecycle: old.map(|o| o.lifecycle.clone()).unwrap_or_default(),
+            check: old.map(|o| o.check.clone()).unwrap_or_default(),
         }
     }
 

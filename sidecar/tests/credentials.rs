@@ -393,3 +393,53 @@ async fn a_token_endpoint_outage_ends_in_credential_unavailable_and_heals() {
     .await;
     assert_eq!(invalid.load(Ordering::Relaxed), 0);
 }
+
+// === start-up check ===
+
+#[tokio::test]
+async fn the_start_up_check_goes_through_the_stack_once_per_credential() {
+    let partner = Partner::start().await;
+    accepts_only(&partner, "sk_live");
+    let sidecar = Sidecar::start_with(
+        &spec(
+            &partner,
+            "credentials: {secretRef: {name: api, key: token}, format: 'Bearer {value}', verify: {path: /v1/account}}",
+        ),
+        Options {
+            secrets: vec![("api".into(), "token".into(), "sk_live".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    eventually_async("the check passes", Duration::from_secs(10), async || {
+        let log = sidecar.log_text();
+        anyhow::ensure!(log.contains("credential check passed"), "{log}");
+        Ok(())
+    })
+    .await;
+    assert!(
+        sidecar
+            .log_text()
+            .contains("GET /v1/account: the partner answered 200")
+    );
+    let seen = partner.seen();
+    assert_eq!(seen.len(), 1, "one check");
+    assert_eq!(seen[0].path, "/v1/account");
+    assert_eq!(seen[0].header("authorization"), Some("Bearer sk_live"));
+
+    // A rotated key the partner refuses: the check runs again and fails, saying why.
+    write_secret(&sidecar.secrets_dir(), "api", "token", "sk_revoked");
+    eventually_async("the check fails", Duration::from_secs(10), async || {
+        let log = sidecar.log_text();
+        anyhow::ensure!(log.contains("credential check failed"), "{log}");
+        Ok(())
+    })
+    .await;
+    let log = sidecar.log_text();
+    assert!(
+        log.contains("GET /v1/account: the partner answered 401, not 200"),
+        "{log}"
+    );
+    assert!(!log.contains("sk_revoked") && !log.contains("sk_live"));
+    assert_eq!(partner.count(), 2, "once per credential");
+}

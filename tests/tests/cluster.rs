@@ -1247,3 +1247,83 @@ fn a_schema_from_a_labelled_config_map_checks_answers_and_follows_edits() {
         },
     );
 }
+
+/// The start-up check (`credentials.verify`): each sidecar sends it through its policy stack
+/// when the credential is applied, and the status shows `CredentialVerified` with an Event; a
+/// check the partner fails shows `False` with what came back, and a Warning Event.
+#[test]
+fn the_start_up_check_reaches_the_status_and_an_event() {
+    let c = Cluster::start("verify", |p| {
+        let mut spec = base_spec(p);
+        spec["credentials"]["verify"] = json!({"path": "/v1/account"});
+        spec
+    });
+    let verified = |status: &'static str| {
+        eventually(&format!("CredentialVerified {status}"), SETTLE, || {
+            let pi = c.pi();
+            let cond = condition(&pi, "CredentialVerified").cloned();
+            anyhow::ensure!(
+                cond.as_ref().is_some_and(|c| c["status"] == status),
+                "{pi}\n{}",
+                c.logs()
+            );
+            Ok(cond.unwrap())
+        })
+    };
+    let cond = verified("True");
+    assert_eq!(cond["reason"], "CheckPassed");
+    assert_eq!(
+        cond["message"], "GET /v1/account: the partner answered 200",
+        "{cond}"
+    );
+    // The check went through the stack: with the Secret's key, the pinned version.
+    let checks: Vec<_> = c
+        .partner
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/v1/account")
+        .collect();
+    assert_eq!(checks.len(), 2, "one check per sidecar");
+    for s in &checks {
+        assert_eq!(
+            s.header("authorization"),
+            Some(format!("Bearer {FIRST_KEY}").as_str())
+        );
+        assert_eq!(s.header("x-api-version"), Some("2024-06-20"));
+    }
+    let events = |reason: &str| -> anyhow::Result<Vec<Value>> {
+        let out =
+            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
+        let all: Value = serde_json::from_str(&out)?;
+        Ok(all["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == reason)
+            .cloned()
+            .collect())
+    };
+    let passed = eventually("a CheckPassed event", SETTLE, || {
+        let e = events("CheckPassed")?;
+        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
+        Ok(e)
+    });
+    assert_eq!(passed[0]["type"], "Normal");
+    assert_eq!(passed[0]["regarding"]["name"], "partner");
+
+    // A check the partner fails (the echo partner answers 500 under /fail).
+    c.patch(json!({"spec": {"credentials": {"verify": {"path": "/fail/account"}}}}));
+    let cond = verified("False");
+    assert_eq!(cond["reason"], "CheckFailed");
+    assert_eq!(
+        cond["message"], "GET /fail/account: the partner answered 500, not 200",
+        "{cond}"
+    );
+    let failed = eventually("a CheckFailed event", SETTLE, || {
+        let e = events("CheckFailed")?;
+        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
+        Ok(e)
+    });
+    assert_eq!(failed[0]["type"], "Warning");
+    assert!(!c.logs().contains(FIRST_KEY), "the key in a log");
+}

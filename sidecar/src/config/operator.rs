@@ -265,6 +265,7 @@ impl OperatorSource {
                 credential_refresh_failures: current
                     .refresh_failures
                     .saturating_sub(last.refresh_failures),
+                credential_check: i.state.check.result(),
             });
             reported.insert(i.policy.id.clone(), current);
         }
