@@ -1327,3 +1327,63 @@ fn the_start_up_check_reaches_the_status_and_an_event() {
     assert_eq!(failed[0]["type"], "Warning");
     assert!(!c.logs().contains(FIRST_KEY), "the key in a log");
 }
+
+/// OAuth2 client credentials in cluster mode: the operator reads the client id and secret from
+/// their opted-in Secrets and distributes them; each sidecar fetches its own token from the
+/// token endpoint, sends it to the partner, and the status shows the start-up check passed and
+/// `CredentialRefreshFailing` False. The token and the client secret appear in no log.
+#[test]
+fn oauth2_tokens_are_fetched_by_the_sidecars_from_distributed_client_credentials() {
+    let tokens = std::sync::Arc::new(
+        tollgate_e2e::net::runtime()
+            .block_on(tollgate_testkit::TokenServer::start("app", "s3cret-e2e")),
+    );
+    let token_url = tokens.url();
+    let c = Cluster::start("oauth2", |p| {
+        let mut spec = base_spec(p);
+        spec["credentials"] = json!({
+            "format": "Bearer {value}",
+            "oauth2": {
+                "tokenUrl": token_url,
+                "clientIdRef": {"name": "oauth-id", "key": "id"},
+                "clientSecretRef": {"name": "oauth-secret", "key": "secret"},
+                "scopes": ["shipments.read"],
+            },
+            "verify": {"path": "/v1/account"},
+        });
+        spec
+    });
+    objects::secret(c.cp, &c.ns, "oauth-id", "id", "app").unwrap();
+    objects::secret(c.cp, &c.ns, "oauth-secret", "secret", "s3cret-e2e").unwrap();
+
+    let pi = eventually("CredentialVerified True", SETTLE, || {
+        let pi = c.pi();
+        anyhow::ensure!(
+            condition(&pi, "CredentialVerified").is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(pi)
+    });
+    assert_eq!(
+        condition(&pi, "CredentialRefreshFailing").unwrap()["status"],
+        "False",
+        "{pi}"
+    );
+    for s in c.sidecars() {
+        let r = s.get(&url("/v1/charges")).unwrap();
+        let echo = expect_partner_ok(&r).unwrap();
+        let auth = echo["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(tokens.is_valid(Some(&auth)), "{auth}");
+    }
+    assert_eq!(tokens.issued(), 2, "one token per sidecar");
+    let logs = c.logs();
+    assert!(!logs.contains("s3cret-e2e"), "the client secret in a log");
+    assert!(
+        !logs.contains("tok-1") && !logs.contains("tok-2"),
+        "a token in a log"
+    );
+}
