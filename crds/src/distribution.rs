@@ -197,6 +197,11 @@ pub struct DistributedIntegration {
     /// those the operator could read. Empty from operators that predate the field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub more_credentials: Vec<KeyedSecret>,
+    /// As `credential_held`, for `more_credentials`: the operator replica never read some of
+    /// them; the sidecar keeps the values it holds for keys the spec still names, if the
+    /// upstream URL is unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more_credentials_held: bool,
     /// This pod's share of every `rateLimit.scope: global` band (integration and route bands).
     /// `None` when no band is global.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -499,6 +504,7 @@ mod tests {
             client_certificate: None,
             client_certificate_held: false,
             more_credentials: Vec::new(),
+            more_credentials_held: false,
             quota_share: None,
         };
         assert!(!format!("{i:?}").contains("sk_live_123"));

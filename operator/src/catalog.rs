@@ -67,6 +67,8 @@ pub struct Entry {
     /// The other Secret keys the credentials name (`secondaryRef`, OAuth2 client id and
     /// secret), those that could be read.
     pub more_credentials: Vec<(SecretKeyRef, Credential)>,
+    /// As `credential_held`, for some of `more_credentials`.
+    pub more_credentials_held: bool,
 }
 
 impl Entry {
@@ -89,7 +91,17 @@ impl Entry {
             client_certificate: None,
             client_certificate_held: false,
             more_credentials: Vec::new(),
+            more_credentials_held: false,
         }
+    }
+
+    /// As [`Entry::with_held_credential`], for the credentials' other keys.
+    pub fn with_held_more_credentials(mut self) -> Self {
+        self.more_credentials_held = true;
+        if !self.config_revision.ends_with("-held") {
+            self.config_revision = format!("{}-held", self.config_revision);
+        }
+        self
     }
 
     /// The values of the credentials' other Secret keys; their Secret versions enter the

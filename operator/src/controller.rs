@@ -688,6 +688,7 @@ async fn resolve_and_upsert(
         Err(refused) => return Ok(Some(refused)),
     };
     let mut more = Vec::new();
+    let mut more_held = false;
     for (field, r) in policy
         .credentials
         .as_ref()
@@ -699,8 +700,8 @@ async fn resolve_and_upsert(
             .map(|(_, c)| c);
         match resolve(Some(SecretUse::Key(r, field)), previous).await? {
             Ok((Some(value), _)) => more.push((r.clone(), value)),
-            // Never read: the status says why (a held key is not kept by sidecars).
-            Ok((None, _)) => {}
+            // Never read by this replica: the status says why, sidecars keep what they hold.
+            Ok((None, held)) => more_held |= held,
             Err(refused) => return Ok(Some(refused)),
         }
     }
@@ -725,6 +726,9 @@ async fn resolve_and_upsert(
     }
     if certificate_held {
         entry = entry.with_held_client_certificate();
+    }
+    if more_held {
+        entry = entry.with_held_more_credentials();
     }
     let revision = entry.config_revision.clone();
     if ctx.catalog.upsert(entry) {

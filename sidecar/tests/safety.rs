@@ -480,6 +480,7 @@ fn integration(name: &str, spec_yaml: &str) -> DistributedIntegration {
         client_certificate: None,
         client_certificate_held: false,
         more_credentials: Vec::new(),
+        more_credentials_held: false,
     }
 }
 

@@ -146,6 +146,7 @@ impl View {
                             value: c.value.clone(),
                         })
                         .collect(),
+                    more_credentials_held: e.more_credentials_held,
                     quota_share: share,
                 })
                 .collect();
