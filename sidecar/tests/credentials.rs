@@ -223,6 +223,8 @@ async fn one_token_fetch_serves_a_hundred_concurrent_calls() {
     // Never in /config, /metrics or the logs.
     let config = sidecar.admin_get("/config").await.body;
     let metrics = sidecar.metrics().await;
+    assert!(config.contains("\"loaded\": true"), "{config}");
+    assert!(config.contains("clientSecretRef"), "{config}");
     for secret in ["tok-1", "s3cret", "YXBwOnMzY3JldA"] {
         assert!(!config.contains(secret), "{secret} in /config");
         assert!(!metrics.contains(secret), "{secret} in /metrics");
@@ -442,4 +444,59 @@ async fn the_start_up_check_goes_through_the_stack_once_per_credential() {
     );
     assert!(!log.contains("sk_revoked") && !log.contains("sk_live"));
     assert_eq!(partner.count(), 2, "once per credential");
+}
+
+#[tokio::test]
+async fn a_hostile_token_endpoint_is_bounded_and_its_fault_named() {
+    let partner = Partner::start().await;
+    let endpoint = Partner::start().await;
+    let cases = [
+        ("x".repeat(200 * 1024), "answer larger than 65536 bytes"),
+        (
+            r#"{"access_token":5}"#.to_string(),
+            "access_token: not a string",
+        ),
+        (
+            r#"{"access_token":"t","expires_in":-3}"#.to_string(),
+            "expires_in: not a positive number of seconds",
+        ),
+        (
+            r#"{"access_token":"t","token_type":"mac"}"#.to_string(),
+            "token_type: \"mac\" is not Bearer",
+        ),
+    ];
+    for (body, why) in cases {
+        endpoint.clear();
+        endpoint.script(move |_, _| Reply::Full {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.clone(),
+        });
+        let tokens_url = format!("{}/token", endpoint.url());
+        let sidecar = Sidecar::start_with(
+            &spec(
+                &partner,
+                &format!(
+                    "credentials: {{oauth2: {{tokenUrl: '{tokens_url}', clientIdRef: {{name: oauth, key: id}}, clientSecretRef: {{name: oauth, key: secret}}}}}}"
+                ),
+            ),
+            oauth_secrets(),
+        )
+        .await;
+        let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
+        assert_eq!(resp.status, 503, "{why}: {}", resp.body);
+        assert_eq!(resp.reason(), Some("credential-unavailable"));
+        let message = resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(message.contains(why), "{why}: {message}");
+        assert_eq!(endpoint.count(), 1, "{why}: a bad answer is not retried");
+        let log = sidecar.log_text();
+        assert!(
+            log.contains(why) || log.contains(&why.replace('"', "\\\"")),
+            "{why}: logged\n{log}"
+        );
+    }
+    assert_eq!(partner.count(), 0, "never sent unauthenticated");
 }

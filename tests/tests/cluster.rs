@@ -1387,3 +1387,60 @@ fn oauth2_tokens_are_fetched_by_the_sidecars_from_distributed_client_credentials
         "a token in a log"
     );
 }
+
+/// A rotation window: the partner accepts only the key named by `secondaryRef`. Calls succeed
+/// through both sidecars (each sent once more with the secondary after the primary's 401), and
+/// the status shows `SecondaryKeyInUse` True with how many calls needed it.
+#[test]
+fn a_partner_that_takes_only_the_secondary_key_shows_it_in_use() {
+    const SECOND_KEY: &str = "sk_test_second";
+    let c = Cluster::start("rotation", |p| {
+        let mut spec = base_spec(p);
+        spec["credentials"]["secondaryRef"] = json!({"name": "partner-key-old", "key": "apiKey"});
+        spec
+    });
+    objects::secret(c.cp, &c.ns, "partner-key-old", "apiKey", SECOND_KEY).unwrap();
+    c.partner.script(|_, seen| {
+        if seen.header("authorization") == Some("Bearer sk_test_second") {
+            Reply::Echo
+        } else {
+            Reply::Status(401)
+        }
+    });
+    // Once the sidecars hold the secondary, every call is served by it.
+    eventually("calls served with the secondary", SETTLE, || {
+        for s in c.sidecars() {
+            expect_partner_ok(&s.get(&url("/v1/charges"))?)?;
+        }
+        Ok(())
+    });
+    let cond = eventually("SecondaryKeyInUse True", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "SecondaryKeyInUse").cloned();
+        anyhow::ensure!(
+            cond.as_ref().is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(cond.unwrap())
+    });
+    assert_eq!(cond["reason"], "SecondaryKeyServing");
+    let msg = cond["message"].as_str().unwrap();
+    assert!(
+        msg.contains("accepted calls in the status window needed the secondary key")
+            && msg.contains("last served a call at"),
+        "{msg}"
+    );
+    for s in c.sidecars() {
+        let m = s.metrics().unwrap();
+        assert!(
+            metric(
+                &m,
+                "tollgate_credential_key_total",
+                &[("integration", &c.key()), ("key", "secondary")]
+            ) >= 1.0,
+            "{m}"
+        );
+    }
+    assert!(!c.logs().contains(SECOND_KEY), "the key in a log");
+}
