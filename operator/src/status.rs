@@ -809,6 +809,96 @@ mod tests {
         );
     }
 
+    /// The start-up check: Unknown until a sidecar reports, a failure wins over passes, and one
+    /// event per new result.
+    #[test]
+    fn the_start_up_check_shows_as_credential_verified_with_one_event_per_result() {
+        use tollgate_crds::distribution::CredentialCheckResult;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.credentials = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "api", "key": "k"},
+            "verify": {"path": "/v1/account"},
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let result = |ok: bool, message: &str, at: i64| CredentialCheckResult {
+            ok,
+            message: message.into(),
+            at,
+        };
+        let observed = |check: Option<CredentialCheckResult>| Observed {
+            credential_check: check,
+            ..Observed::default()
+        };
+        let status = |o: &Observed, prev: Option<&PartnerIntegrationStatus>| {
+            let f = Findings {
+                generation: 2,
+                invalid: None,
+                secret_problem: None,
+                in_force: Some(&e),
+                observed: Some(o),
+            };
+            build(&f, prev, t("2026-06-01T00:00:00Z"))
+        };
+        let pending = status(&observed(None), None);
+        let c = find(Some(&pending), condition::CREDENTIAL_VERIFIED).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("Unknown", Some(reason::NOT_YET_CHECKED))
+        );
+        assert!(notices(None, &pending).is_empty());
+
+        // Two sidecars: one passed, one failed: the failure shows.
+        let mut merged = None;
+        crate::traffic::merge_check(
+            &mut merged,
+            Some(&result(
+                true,
+                "GET /v1/account: the partner answered 200",
+                20,
+            )),
+        );
+        crate::traffic::merge_check(
+            &mut merged,
+            Some(&result(
+                false,
+                "GET /v1/account: the partner answered 401, not 200",
+                10,
+            )),
+        );
+        crate::traffic::merge_check(&mut merged, Some(&result(true, "later pass", 30)));
+        let failed = status(&observed(merged), Some(&pending));
+        let c = find(Some(&failed), condition::CREDENTIAL_VERIFIED).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("False", Some(reason::CHECK_FAILED))
+        );
+        assert!(c.message.as_deref().unwrap().contains("401, not 200"));
+        let n = notices(Some(&pending), &failed);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].warning);
+        assert_eq!(n[0].reason, reason::CHECK_FAILED);
+        assert!(
+            notices(Some(&failed), &failed).is_empty(),
+            "no event while unchanged"
+        );
+
+        let passed = status(
+            &observed(Some(result(
+                true,
+                "GET /v1/account: the partner answered 200",
+                40,
+            ))),
+            Some(&failed),
+        );
+        let n = notices(Some(&failed), &passed);
+        assert_eq!(n.len(), 1);
+        assert!(!n[0].warning);
+        assert_eq!(n[0].reason, reason::CHECK_PASSED);
+    }
+
     #[test]
     fn transition_time_kept_while_status_unchanged() {
         let e = entry(false, false);

@@ -34,7 +34,7 @@ use tollgate_crds::v1alpha1::OAuth2AuthMethod;
 use crate::body::ReqBody;
 use crate::client::HttpClient;
 use crate::engine::backoff::Backoff;
-use crate::engine::breaker::{Breaker, CallOutcome};
+use crate::engine::breaker::{Breaker, BreakerState, CallOutcome};
 use crate::telemetry::metrics::{IntegrationLabels, Metrics};
 
 /// Largest token endpoint answer read.
@@ -175,7 +175,8 @@ impl TokenManager {
                 let mut s = self.lock();
                 let now = Instant::now();
                 if let Some(t) = s.token.clone().filter(|t| now < t.expires_at) {
-                    if now >= t.refresh_at && !s.fetching {
+                    // While the endpoint's breaker is open the old token serves; no refresh.
+                    if now >= t.refresh_at && !s.fetching && !self.endpoint_open(now) {
                         s.fetching = true;
                         tokio::spawn(self.clone().fetch());
                     }
@@ -186,7 +187,16 @@ impl TokenManager {
                     return Err(Unavailable(why.clone()));
                 }
                 // Not waited yet, or the token fetched meanwhile was already refused (401):
-                // wait for a (new) fetch.
+                // wait for a (new) fetch, unless the endpoint's breaker is open.
+                if !s.fetching && self.endpoint_open(now) {
+                    let why = s
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "token endpoint: failing".to_string());
+                    return Err(Unavailable(format!(
+                        "{why}; it failed repeatedly and is not asked again for a few seconds"
+                    )));
+                }
                 if !s.fetching {
                     s.fetching = true;
                     tokio::spawn(self.clone().fetch());
@@ -205,6 +215,11 @@ impl TokenManager {
         }
     }
 
+    /// Whether the token endpoint's breaker is open (calls fail fast, nothing is fetched).
+    fn endpoint_open(&self, now: Instant) -> bool {
+        self.breaker.state(now) == BreakerState::Open
+    }
+
     /// The partner refused `used` (401): forget it unless a newer one already replaced it, so
     /// the next [`TokenManager::token`] fetches one.
     pub fn reject(&self, used: &Token) {
@@ -217,10 +232,14 @@ impl TokenManager {
     /// One fetch, with its retries, then the waiting calls are woken.
     async fn fetch(self: Arc<Self>) {
         let result = match self.breaker.try_acquire(Instant::now()) {
-            Err(open) => Err(format!(
-                "the token endpoint failed repeatedly; not asked again for {}ms",
-                open.retry_after.as_millis()
-            )),
+            // Not asked: nothing failed anew (the last error stands).
+            Err(_) => {
+                let mut s = self.lock();
+                s.fetching = false;
+                drop(s);
+                self.done.send_modify(|v| *v = v.wrapping_add(1));
+                return;
+            }
             Ok(permit) => {
                 let started = Instant::now();
                 let r = self.attempts().await;

@@ -368,14 +368,20 @@ async fn a_token_endpoint_outage_ends_in_credential_unavailable_and_heals() {
     assert_eq!(partner.count(), sent, "nothing sent without a token");
     assert_eq!(invalid.load(Ordering::Relaxed), 0, "never an expired token");
     let m = sidecar.metrics().await;
-    assert!(
-        metric(
-            &m,
-            "tollgate_credential_refresh_failures_total",
-            &[("integration", "test/partner")]
-        ) >= 1.0,
-        "{m}"
+    let failures = metric(
+        &m,
+        "tollgate_credential_refresh_failures_total",
+        &[("integration", "test/partner")],
     );
+    assert!(failures >= 1.0, "{m}");
+    // Each counted failure asked the endpoint (up to 3 attempts); its breaker keeps the calls
+    // that keep coming from hammering it.
+    let asked = tokens.requests() - 1;
+    assert!(
+        failures <= asked as f64,
+        "{failures} failures, {asked} requests"
+    );
+    assert!(asked <= 30, "the token endpoint was asked {asked} times");
     assert!(
         metric(
             &m,
