@@ -192,10 +192,30 @@ pub struct DistributedIntegration {
     /// As `credential_held`, for the client certificate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client_certificate_held: bool,
+    /// The values of the other Secret keys the spec's credentials name
+    /// (`credentials.secondaryRef`, `credentials.oauth2.clientIdRef` and `clientSecretRef`),
+    /// those the operator could read. Empty from operators that predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_credentials: Vec<KeyedSecret>,
+    /// As `credential_held`, for `more_credentials`: the operator replica never read some of
+    /// them; the sidecar keeps the values it holds for keys the spec still names, if the
+    /// upstream URL is unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more_credentials_held: bool,
     /// This pod's share of every `rateLimit.scope: global` band (integration and route bands).
     /// `None` when no band is global.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_share: Option<QuotaShare>,
+}
+
+/// The value of one Secret key, by reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyedSecret {
+    /// The Secret's name (the integration's namespace).
+    pub name: String,
+    pub key: String,
+    pub value: SecretValue,
 }
 
 /// A `kubernetes.io/tls` Secret's content: the certificate chain (public) and its key.
@@ -351,6 +371,47 @@ pub struct IntegrationReport {
     /// [`MAX_CONTRACT_VIOLATION_ENTRIES`]. Empty from sidecars that predate the field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contract_violations: Vec<ContractViolationCount>,
+    /// Which key of a rotation window (`credentials.secondaryRef`) served the calls of the
+    /// interval. `None` without a secondary key, and from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_keys: Option<CredentialKeys>,
+    /// OAuth2 token fetches of the interval that failed after their retries. Zero from
+    /// sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub credential_refresh_failures: u64,
+    /// The latest result of the start-up check (`credentials.verify`) for the credential in
+    /// force; `None` before it ran, and from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_check: Option<CredentialCheckResult>,
+}
+
+/// Longest message a credential check result may carry.
+pub const MAX_CHECK_MESSAGE_BYTES: usize = 512;
+
+/// What the start-up check found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialCheckResult {
+    /// The partner answered the expected status.
+    pub ok: bool,
+    /// What was sent and what came back (never a credential).
+    pub message: String,
+    /// When, Unix seconds.
+    pub at: i64,
+}
+
+/// Calls the partner accepted, by the key they carried (deltas), and when the secondary key
+/// last served one.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialKeys {
+    #[serde(default)]
+    pub primary: u64,
+    #[serde(default)]
+    pub secondary: u64,
+    /// Unix seconds of the last call the secondary key served since the sidecar started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_last_used: Option<i64>,
 }
 
 /// Most (route, kind) entries a report may carry contract violations for.
@@ -442,6 +503,8 @@ mod tests {
             credential_held: false,
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
+            more_credentials_held: false,
             quota_share: None,
         };
         assert!(!format!("{i:?}").contains("sk_live_123"));

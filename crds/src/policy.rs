@@ -348,6 +348,9 @@ impl VersioningPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialPolicy {
     pub secret_ref: SecretKeyRef,
+    /// `spec.credentials.secondaryRef`: the key tried once after the partner answers 401.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secondary_ref: Option<SecretKeyRef>,
     #[serde(serialize_with = "ser::header_name")]
     pub header: HeaderName,
     /// What precedes `{value}` in `format`.
@@ -356,9 +359,66 @@ pub struct CredentialPolicy {
     pub suffix: String,
     /// `spec.credentials.allowInsecure`: sent over `http://` to a host that is not loopback.
     pub allow_insecure: bool,
+    /// `spec.credentials.oauth2`: the header carries an access token fetched with these
+    /// client credentials instead of `secretRef`'s value (then unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Policy>,
+    /// `spec.credentials.verify`: the start-up check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyPolicy>,
+}
+
+/// The start-up check of a credential: `method path` through the stack, expecting
+/// `expect_status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyPolicy {
+    #[serde(serialize_with = "ser::method")]
+    pub method: Method,
+    /// In normal form.
+    pub path: String,
+    pub expect_status: u16,
+}
+
+/// An OAuth 2.0 client-credentials grant, checked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Policy {
+    pub token_url: String,
+    pub client_id_ref: SecretKeyRef,
+    pub client_secret_ref: SecretKeyRef,
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub auth_method: crate::v1alpha1::OAuth2AuthMethod,
+    /// `None`: 5 minutes or 10% of the token's lifetime, whichever is shorter.
+    #[serde(with = "duration::serde_go::option")]
+    pub refresh_before: Option<Duration>,
+}
+
+/// How long before a token's expiry it is refreshed: `refresh_before`, or 5 minutes or 10% of
+/// its lifetime, whichever is shorter; never the whole lifetime.
+pub fn refresh_margin(refresh_before: Option<Duration>, lifetime: Duration) -> Duration {
+    let margin = refresh_before.unwrap_or_else(|| Duration::from_secs(300).min(lifetime / 10));
+    margin.min(lifetime.mul_f64(0.9))
 }
 
 impl CredentialPolicy {
+    /// The Secret keys besides `secretRef` the credential reads, with the field naming each.
+    pub fn more_refs(&self) -> Vec<(&'static str, &SecretKeyRef)> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.secondary_ref {
+            out.push(("spec.credentials.secondaryRef", r));
+        }
+        if let Some(o) = &self.oauth2 {
+            out.push(("spec.credentials.oauth2.clientIdRef", &o.client_id_ref));
+            out.push((
+                "spec.credentials.oauth2.clientSecretRef",
+                &o.client_secret_ref,
+            ));
+        }
+        out
+    }
+
     /// The header value for a secret, or `None` if the result is not a valid header value.
     pub fn render(&self, secret: &str) -> Option<HeaderValue> {
         let mut v =
@@ -1566,18 +1626,158 @@ impl Compiler {
             );
             return None;
         }
-        if c.secret_ref.name.is_empty() {
-            self.err("spec.credentials.secretRef.name", "must be set");
-        }
-        if c.secret_ref.key.is_empty() {
-            self.err("spec.credentials.secretRef.key", "must be set");
-        }
+        let oauth2 = match &c.oauth2 {
+            Some(o) => {
+                if !c.secret_ref.is_unset() {
+                    self.err(
+                        "spec.credentials.oauth2",
+                        "give either secretRef or oauth2, not both",
+                    );
+                }
+                if c.secondary_ref.is_some() {
+                    self.err(
+                        "spec.credentials.secondaryRef",
+                        "not with oauth2: tokens rotate themselves",
+                    );
+                }
+                self.oauth2(o, c.allow_insecure.unwrap_or(false))
+            }
+            None => {
+                self.secret_key_ref("spec.credentials.secretRef", &c.secret_ref);
+                if let Some(s) = &c.secondary_ref {
+                    self.secret_key_ref("spec.credentials.secondaryRef", s);
+                    if s == &c.secret_ref {
+                        self.err(
+                            "spec.credentials.secondaryRef",
+                            "names the same Secret key as secretRef; a rotation window needs two keys",
+                        );
+                    }
+                }
+                None
+            }
+        };
         Some(CredentialPolicy {
             secret_ref: c.secret_ref.clone(),
+            secondary_ref: c.secondary_ref.clone(),
             header: header?,
             prefix: parts[0].to_string(),
             suffix: parts[1].to_string(),
             allow_insecure: c.allow_insecure.unwrap_or(false),
+            oauth2,
+            verify: c.verify.as_ref().and_then(|v| self.verify(v)),
+        })
+    }
+
+    fn verify(&mut self, v: &crate::v1alpha1::CredentialCheck) -> Option<VerifyPolicy> {
+        let base = "spec.credentials.verify";
+        let m = v.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+        let method = match Method::from_bytes(m.as_bytes()) {
+            Ok(method) if !m.is_empty() => Some(method),
+            _ => {
+                self.err(
+                    format!("{base}.method"),
+                    format!("{m:?} is not an HTTP method"),
+                );
+                None
+            }
+        };
+        let path = self.path_prefix(&format!("{base}.path"), &v.path);
+        let expect_status = v.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            self.err(
+                format!("{base}.expectStatus"),
+                format!("{expect_status} is not an HTTP status"),
+            );
+            return None;
+        }
+        Some(VerifyPolicy {
+            method: method?,
+            path: path?,
+            expect_status,
+        })
+    }
+
+    fn secret_key_ref(&mut self, base: &str, r: &SecretKeyRef) {
+        if r.name.is_empty() {
+            self.err(format!("{base}.name"), "must be set");
+        }
+        if r.key.is_empty() {
+            self.err(format!("{base}.key"), "must be set");
+        }
+    }
+
+    fn oauth2(
+        &mut self,
+        o: &crate::v1alpha1::OAuth2,
+        allow_insecure: bool,
+    ) -> Option<OAuth2Policy> {
+        let base = "spec.credentials.oauth2";
+        self.secret_key_ref(&format!("{base}.clientIdRef"), &o.client_id_ref);
+        self.secret_key_ref(&format!("{base}.clientSecretRef"), &o.client_secret_ref);
+        let path = format!("{base}.tokenUrl");
+        let url = &o.token_url;
+        let uri = match url.parse::<Uri>() {
+            Ok(u) if u.authority().is_some() => u,
+            _ => {
+                self.err(
+                    &path,
+                    format!("{url:?} must be an absolute URL starting with https:// or http://"),
+                );
+                return None;
+            }
+        };
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            self.err(&path, format!("{url:?} must not carry credentials"));
+            return None;
+        }
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if is_loopback(&host) || allow_insecure => {}
+            Some("http") => {
+                self.err(
+                    &path,
+                    format!("{url:?}: the client secret would cross the network in cleartext; use https://, or set spec.credentials.allowInsecure: true"),
+                );
+                return None;
+            }
+            _ => {
+                self.err(
+                    &path,
+                    format!("{url:?} must be an absolute URL starting with https:// or http://"),
+                );
+                return None;
+            }
+        }
+        for (i, scope) in o.scopes.iter().enumerate() {
+            // RFC 6749 section 3.3: printable ASCII without space, `"` or `\`.
+            if scope.is_empty()
+                || scope.len() > 256
+                || !scope
+                    .bytes()
+                    .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+            {
+                self.err(
+                    format!("{base}.scopes[{i}]"),
+                    format!("{scope:?} is not a scope token (printable ASCII, no spaces, quotes or backslashes, at most 256)"),
+                );
+            }
+        }
+        let refresh_before =
+            self.opt_duration(&format!("{base}.refreshBefore"), o.refresh_before.as_ref());
+        Some(OAuth2Policy {
+            token_url: url.clone(),
+            client_id_ref: o.client_id_ref.clone(),
+            client_secret_ref: o.client_secret_ref.clone(),
+            scopes: o.scopes.clone(),
+            audience: o.audience.clone(),
+            auth_method: o.auth_method.unwrap_or_default(),
+            refresh_before,
         })
     }
 
@@ -2156,6 +2356,10 @@ mod ser {
             map.serialize_entry(k.as_str(), v.to_str().unwrap_or("<binary>"))?;
         }
         map.end()
+    }
+
+    pub fn method<S: Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.as_str())
     }
 
     pub fn methods<S: Serializer>(ms: &[Method], s: S) -> Result<S::Ok, S::Error> {

@@ -598,12 +598,21 @@ pub struct Versioning {
     pub denied_path_prefixes: Vec<String>,
 }
 
-/// The credential to inject.
+/// The credential to inject: a static key (`secretRef`) or OAuth2 client credentials
+/// (`oauth2`), exactly one of them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.oauth2)").message("credentials: give exactly one of secretRef and oauth2"))]
+#[x_kube(validation = Rule::new("!has(self.oauth2) || !has(self.secondaryRef)").message("credentials.secondaryRef: not with oauth2 (tokens rotate themselves)"))]
 pub struct Credentials {
     /// The Secret (same namespace) and key holding the credential.
+    #[serde(default, skip_serializing_if = "SecretKeyRef::is_unset")]
     pub secret_ref: SecretKeyRef,
+    /// A second key, for a rotation window: the primary (`secretRef`) is sent first; a call
+    /// the partner answers 401 is sent once more with this one when its body can be resent.
+    /// Same rules as `secretRef` (same namespace, the Secret opted in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_ref: Option<SecretKeyRef>,
     /// Header to set, over whatever the app sent. Default `Authorization`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
@@ -617,6 +626,100 @@ pub struct Credentials {
     /// it such a spec is refused: the credential would cross the network in cleartext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_insecure: Option<bool>,
+    /// OAuth 2.0 client credentials (RFC 6749 section 4.4): the sidecar fetches an access
+    /// token, caches it, refreshes it before it expires and sends it as `format` in `header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2>,
+    /// A start-up check: when a revision with a new credential is applied, each sidecar sends
+    /// this request through its policy stack and reports whether the partner answered
+    /// `expectStatus`; the status shows condition `CredentialVerified`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<CredentialCheck>,
+}
+
+/// A request that shows whether the partner accepts the credential.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialCheck {
+    /// Default `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub method: Option<String>,
+    /// e.g. `/v1/account`.
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+    /// Default 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 599))]
+    pub expect_status: Option<u16>,
+}
+
+/// An OAuth 2.0 client-credentials grant.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2 {
+    /// The token endpoint: `https://`, or `http://` to a loopback host (or any host with
+    /// `credentials.allowInsecure`).
+    #[schemars(length(min = 1, max = 2048))]
+    pub token_url: String,
+    /// The Secret key holding the client id (same rules as `secretRef`).
+    pub client_id_ref: SecretKeyRef,
+    /// The Secret key holding the client secret (same rules as `secretRef`).
+    pub client_secret_ref: SecretKeyRef,
+    /// Sent as `scope`, space-separated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub scopes: Vec<String>,
+    /// Sent as `audience` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+    /// How the client authenticates to the token endpoint: `basic` (HTTP Basic, the default)
+    /// or `body` (`client_id` and `client_secret` in the form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<OAuth2AuthMethod>,
+    /// How long before expiry a token is refreshed. Default: 5m or 10% of the token's
+    /// lifetime, whichever is shorter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 32)
+    )]
+    pub refresh_before: Option<String>,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 section 2.3.1).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OAuth2AuthMethod {
+    /// `Authorization: Basic` with the form-encoded id and secret.
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the request body.
+    Body,
+}
+
+impl Credentials {
+    /// Every Secret key the credentials read.
+    pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
+        let mut out = Vec::new();
+        if !self.secret_ref.is_unset() {
+            out.push(&self.secret_ref);
+        }
+        out.extend(self.secondary_ref.as_ref());
+        if let Some(o) = &self.oauth2 {
+            out.push(&o.client_id_ref);
+            out.push(&o.client_secret_ref);
+        }
+        out
+    }
+}
+
+impl SecretKeyRef {
+    /// Neither name nor key given.
+    pub fn is_unset(&self) -> bool {
+        self.name.is_empty() && self.key.is_empty()
+    }
 }
 
 /// A key of a Secret in the integration's namespace.
@@ -801,6 +904,19 @@ pub mod condition {
     /// window; the message names the routes with counts per kind. Present when some route has
     /// a `contract`.
     pub const CONTRACT_VIOLATED: &str = "ContractViolated";
+    /// With `credentials.secondaryRef`: true while sidecars report calls in the status window
+    /// that the partner accepted only with the secondary key; the message says when it was
+    /// last used. False: the secondary key served no call in the window (it can be revoked
+    /// once the rotation is over).
+    pub const SECONDARY_KEY_IN_USE: &str = "SecondaryKeyInUse";
+    /// With `credentials.oauth2`: true while sidecars report failed token fetches in the
+    /// status window (calls use the old token until it expires, then are answered
+    /// `credential-unavailable`).
+    pub const CREDENTIAL_REFRESH_FAILING: &str = "CredentialRefreshFailing";
+    /// With `credentials.verify`: the start-up check's result as sidecars report it (True:
+    /// the partner answered the expected status; False: it did not, the message says what
+    /// came back; Unknown: no sidecar has run it yet).
+    pub const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
 }
 
 /// Condition reasons.
@@ -846,4 +962,18 @@ pub mod reason {
     pub const UNKNOWN_ENUM_VALUES: &str = "UnknownEnumValues";
     /// No sidecar reports a contract violation in the status window.
     pub const CONTRACT_KEPT: &str = "ContractKept";
+    /// Some calls of the status window were accepted only with the secondary key.
+    pub const SECONDARY_KEY_SERVING: &str = "SecondaryKeyServing";
+    /// The partner accepted the primary key for every call of the status window.
+    pub const PRIMARY_KEY_SERVING: &str = "PrimaryKeyServing";
+    /// Token fetches failed in the status window.
+    pub const TOKEN_ENDPOINT_FAILING: &str = "TokenEndpointFailing";
+    /// No token fetch failed in the status window.
+    pub const TOKENS_REFRESHED: &str = "TokensRefreshed";
+    /// The start-up check got the expected status.
+    pub const CHECK_PASSED: &str = "CheckPassed";
+    /// The start-up check got another status, or the sidecar answered it itself.
+    pub const CHECK_FAILED: &str = "CheckFailed";
+    /// No sidecar has reported the start-up check yet.
+    pub const NOT_YET_CHECKED: &str = "NotYetChecked";
 }

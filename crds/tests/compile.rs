@@ -386,6 +386,51 @@ const BAD: &[(&str, &str, &str)] = &[
         "must be set",
     ),
     (
+        "upstream: {url: https://a.example}\ncredentials: {secretRef: {name: s, key: k}, secondaryRef: {name: s, key: k}}",
+        "spec.credentials.secondaryRef",
+        "a rotation window needs two keys",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {secretRef: {name: s, key: k}, secondaryRef: {name: s, key: ''}}",
+        "spec.credentials.secondaryRef.key",
+        "must be set",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {secretRef: {name: s, key: k}, oauth2: {tokenUrl: 'https://login.example/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: secret}}}",
+        "spec.credentials.oauth2",
+        "either secretRef or oauth2, not both",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {secondaryRef: {name: s, key: k}, oauth2: {tokenUrl: 'https://login.example/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: secret}}}",
+        "spec.credentials.secondaryRef",
+        "not with oauth2",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {oauth2: {tokenUrl: 'http://login.example/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: s}}}",
+        "spec.credentials.oauth2.tokenUrl",
+        "cross the network in cleartext",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {oauth2: {tokenUrl: 'login.example/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: s}}}",
+        "spec.credentials.oauth2.tokenUrl",
+        "must be an absolute URL",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {oauth2: {tokenUrl: 'https://l.example/t', clientIdRef: {name: '', key: id}, clientSecretRef: {name: o, key: s}}}",
+        "spec.credentials.oauth2.clientIdRef.name",
+        "must be set",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {oauth2: {tokenUrl: 'https://login.example/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: secret}, scopes: ['a b']}}",
+        "spec.credentials.oauth2.scopes[0]",
+        "is not a scope token",
+    ),
+    (
+        "upstream: {url: https://a.example}\ncredentials: {oauth2: {tokenUrl: 'https://login.example/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: secret}, refreshBefore: soon}}",
+        "spec.credentials.oauth2.refreshBefore",
+        "is not a duration",
+    ),
+    (
         "upstream: {url: https://a.example}\nroutes: [{name: a, match: {pathPrefix: x}}]",
         "spec.routes[0].match.pathPrefix",
         "must start with '/'",
@@ -788,6 +833,23 @@ fn unsafe_values_are_refused_with_their_field_path() {
             "spec:\n{yaml}\nexpected an error at {path} containing {fragment:?}, got: {err}"
         );
     }
+}
+
+#[test]
+fn oauth2_compiles_with_its_defaults_and_a_loopback_token_url() {
+    let p = ok(
+        "upstream: {url: https://a.example}\ncredentials: {format: 'Bearer {value}', oauth2: {tokenUrl: 'http://127.0.0.1:9/token', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: s}, scopes: [a, 'b:c']}}",
+    );
+    let c = p.credentials.unwrap();
+    let o = c.oauth2.unwrap();
+    assert_eq!(
+        o.auth_method,
+        tollgate_crds::v1alpha1::OAuth2AuthMethod::Basic
+    );
+    assert_eq!(o.refresh_before, None);
+    assert_eq!(o.scopes, ["a", "b:c"]);
+    assert_eq!(c.header.as_str(), "authorization");
+    assert_eq!(c.prefix, "Bearer ");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tollgate_crds::PartnerIntegrationSpec;
 use tollgate_crds::distribution::SecretValue;
 use tollgate_crds::policy::IntegrationPolicy;
-use tollgate_crds::v1alpha1::RateLimitScope;
+use tollgate_crds::v1alpha1::{RateLimitScope, SecretKeyRef};
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
@@ -64,6 +64,11 @@ pub struct Entry {
     pub client_certificate: Option<Credential>,
     /// As `credential_held`, for the client certificate.
     pub client_certificate_held: bool,
+    /// The other Secret keys the credentials name (`secondaryRef`, OAuth2 client id and
+    /// secret), those that could be read.
+    pub more_credentials: Vec<(SecretKeyRef, Credential)>,
+    /// As `credential_held`, for some of `more_credentials`.
+    pub more_credentials_held: bool,
 }
 
 impl Entry {
@@ -85,7 +90,35 @@ impl Entry {
             credential_held: false,
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
+            more_credentials_held: false,
         }
+    }
+
+    /// As [`Entry::with_held_credential`], for the credentials' other keys.
+    pub fn with_held_more_credentials(mut self) -> Self {
+        self.more_credentials_held = true;
+        if !self.config_revision.ends_with("-held") {
+            self.config_revision = format!("{}-held", self.config_revision);
+        }
+        self
+    }
+
+    /// The values of the credentials' other Secret keys; their Secret versions enter the
+    /// config revision. Call before the `with_held_*` methods.
+    pub fn with_more_credentials(mut self, more: Vec<(SecretKeyRef, Credential)>) -> Self {
+        if !more.is_empty() {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(self.config_revision.as_bytes());
+            for (r, c) in &more {
+                ctx.update(format!("\0{}/{}:", r.name, r.key).as_bytes());
+                ctx.update(c.secret_version.as_bytes());
+            }
+            self.config_revision =
+                format!("{}-{}", self.generation, &hex(ctx.finish().as_ref())[..10]);
+        }
+        self.more_credentials = more;
+        self
     }
 
     /// The client certificate to present to the partner; its Secret version enters the config

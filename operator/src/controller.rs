@@ -293,13 +293,15 @@ enum SecretRead {
 #[derive(Clone, Copy, Debug)]
 enum SecretUse<'a> {
     Credential(&'a SecretKeyRef),
+    /// Another key the credentials read, and the field that names it.
+    Key(&'a SecretKeyRef, &'static str),
     ClientCertificate(&'a str),
 }
 
 impl SecretUse<'_> {
     fn name(&self) -> &str {
         match self {
-            SecretUse::Credential(r) => &r.name,
+            SecretUse::Credential(r) | SecretUse::Key(r, _) => &r.name,
             SecretUse::ClientCertificate(name) => name,
         }
     }
@@ -308,26 +310,28 @@ impl SecretUse<'_> {
     fn field(&self) -> &'static str {
         match self {
             SecretUse::Credential(_) => "spec.credentials.secretRef",
+            SecretUse::Key(_, field) => field,
             SecretUse::ClientCertificate(_) => "spec.upstream.clientCertificate.secretName",
         }
     }
 
     fn read(&self, ns: &str, secret: Option<&Secret>) -> SecretRead {
         match self {
-            SecretUse::Credential(r) => read_secret(ns, r, secret),
+            SecretUse::Credential(r) => read_secret(ns, r, "spec.credentials.secretRef", secret),
+            SecretUse::Key(r, field) => read_secret(ns, r, field, secret),
             SecretUse::ClientCertificate(name) => read_tls_secret(ns, name, secret),
         }
     }
 }
 
-fn read_secret(ns: &str, r: &SecretKeyRef, secret: Option<&Secret>) -> SecretRead {
+fn read_secret(ns: &str, r: &SecretKeyRef, field: &str, secret: Option<&Secret>) -> SecretRead {
     let Some(secret) = secret else {
         return SecretRead::NotOptedIn;
     };
     let value = secret.data.as_ref().and_then(|d| d.get(&r.key));
     let Some(bytes) = value else {
         return SecretRead::Unusable(format!(
-            "Secret {ns}/{} has no key {:?} (spec.credentials.secretRef.key)",
+            "Secret {ns}/{} has no key {:?} ({field}.key)",
             r.name, r.key
         ));
     };
@@ -674,6 +678,7 @@ async fn resolve_and_upsert(
         policy
             .credentials
             .as_ref()
+            .filter(|c| c.oauth2.is_none())
             .map(|c| SecretUse::Credential(&c.secret_ref)),
         previous.and_then(|p| p.credential.as_ref()),
     )
@@ -682,6 +687,24 @@ async fn resolve_and_upsert(
         Ok(v) => v,
         Err(refused) => return Ok(Some(refused)),
     };
+    let mut more = Vec::new();
+    let mut more_held = false;
+    for (field, r) in policy
+        .credentials
+        .as_ref()
+        .map(|c| c.more_refs())
+        .unwrap_or_default()
+    {
+        let previous = previous
+            .and_then(|p| p.more_credentials.iter().find(|(k, _)| k == r))
+            .map(|(_, c)| c);
+        match resolve(Some(SecretUse::Key(r, field)), previous).await? {
+            Ok((Some(value), _)) => more.push((r.clone(), value)),
+            // Never read by this replica: the status says why, sidecars keep what they hold.
+            Ok((None, held)) => more_held |= held,
+            Err(refused) => return Ok(Some(refused)),
+        }
+    }
     let certificate = resolve(
         policy
             .upstream
@@ -696,12 +719,16 @@ async fn resolve_and_upsert(
         Err(refused) => return Ok(Some(refused)),
     };
     let mut entry = Entry::new(generation, spec.clone(), policy, credential)
-        .with_client_certificate(certificate);
+        .with_client_certificate(certificate)
+        .with_more_credentials(more);
     if credential_held {
         entry = entry.with_held_credential();
     }
     if certificate_held {
         entry = entry.with_held_client_certificate();
+    }
+    if more_held {
+        entry = entry.with_held_more_credentials();
     }
     let revision = entry.config_revision.clone();
     if ctx.catalog.upsert(entry) {
@@ -887,7 +914,7 @@ fn referencing(
                     .spec
                     .credentials
                     .as_ref()
-                    .is_some_and(|c| c.secret_ref.name == name)
+                    .is_some_and(|c| c.secret_refs().iter().any(|r| r.name == name))
         })
         .map(|pi| ObjectRef::from_obj(&*pi))
         .collect()

@@ -2,7 +2,9 @@
 //! functions of what the reconcile found, so they are tested without an API server.
 
 use k8s_openapi::jiff::{Timestamp, Unit};
-use tollgate_crds::distribution::{BreakerState, ContractViolationCount, RouteLifecycle};
+use tollgate_crds::distribution::{
+    BreakerState, ContractViolationCount, CredentialKeys, RouteLifecycle,
+};
 use tollgate_crds::duration;
 use tollgate_crds::v1alpha1::{Condition, PartnerIntegrationStatus, condition, reason};
 
@@ -134,6 +136,72 @@ pub fn build(
         conditions.push(contract_condition(
             f.observed.map_or(&[], |o| &o.contract_violations),
         ));
+    }
+
+    if let Some(e) = f.in_force
+        && e.policy
+            .credentials
+            .as_ref()
+            .is_some_and(|c| c.secondary_ref.is_some())
+    {
+        conditions.push(secondary_key_condition(
+            f.observed.map(|o| &o.credential_keys),
+        ));
+    }
+
+    if let Some(e) = f.in_force
+        && e.policy
+            .credentials
+            .as_ref()
+            .is_some_and(|c| c.oauth2.is_some())
+    {
+        let failed = f.observed.map_or(0, |o| o.credential_refresh_failures);
+        conditions.push(if failed > 0 {
+            cond(
+                condition::CREDENTIAL_REFRESH_FAILING,
+                true,
+                reason::TOKEN_ENDPOINT_FAILING,
+                format!(
+                    "{failed} OAuth2 token fetches failed in the status window; calls use the \
+                     old token until it expires, then are answered credential-unavailable \
+                     (the sidecars' logs say why)"
+                ),
+            )
+        } else {
+            cond(
+                condition::CREDENTIAL_REFRESH_FAILING,
+                false,
+                reason::TOKENS_REFRESHED,
+                String::new(),
+            )
+        });
+    }
+
+    if f.in_force
+        .and_then(|e| e.policy.credentials.as_ref())
+        .is_some_and(|c| c.verify.is_some())
+    {
+        conditions.push(match f.observed.and_then(|o| o.credential_check.as_ref()) {
+            Some(r) => cond(
+                condition::CREDENTIAL_VERIFIED,
+                r.ok,
+                if r.ok {
+                    reason::CHECK_PASSED
+                } else {
+                    reason::CHECK_FAILED
+                },
+                r.message.clone(),
+            ),
+            None => Condition {
+                status: "Unknown".to_string(),
+                ..cond(
+                    condition::CREDENTIAL_VERIFIED,
+                    false,
+                    reason::NOT_YET_CHECKED,
+                    "no sidecar has reported the start-up check yet".to_string(),
+                )
+            },
+        });
     }
 
     for c in &mut conditions {
@@ -325,6 +393,52 @@ fn contract_condition(counts: &[ContractViolationCount]) -> Condition {
     )
 }
 
+/// `SecondaryKeyInUse`: whether calls of the status window needed the secondary key of a
+/// rotation window, and when it last served one, so the key can be revoked once it is unused.
+fn secondary_key_condition(keys: Option<&CredentialKeys>) -> Condition {
+    let keys = keys.cloned().unwrap_or_default();
+    let last = match keys.secondary_last_used {
+        Some(t) => format!(
+            "the secondary key last served a call at {}",
+            Timestamp::from_second(t)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| t.to_string())
+        ),
+        None => "no sidecar reports the secondary key serving a call since it started".into(),
+    };
+    if keys.secondary > 0 {
+        let all = keys.primary.saturating_add(keys.secondary);
+        cond(
+            condition::SECONDARY_KEY_IN_USE,
+            true,
+            reason::SECONDARY_KEY_SERVING,
+            format!(
+                "{} of {all} accepted calls in the status window needed the secondary key (the \
+                 partner answered 401 to the primary); {last}",
+                keys.secondary
+            ),
+        )
+    } else if keys.primary > 0 {
+        cond(
+            condition::SECONDARY_KEY_IN_USE,
+            false,
+            reason::PRIMARY_KEY_SERVING,
+            format!(
+                "the partner accepted the primary key for all {} calls in the status window; \
+                 {last}",
+                keys.primary
+            ),
+        )
+    } else {
+        cond(
+            condition::SECONDARY_KEY_IN_USE,
+            false,
+            reason::NO_TRAFFIC,
+            format!("no accepted calls in the status window; {last}"),
+        )
+    }
+}
+
 fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
     Condition {
         r#type: type_.to_string(),
@@ -477,6 +591,26 @@ pub fn notices(
         }
     }
 
+    // One event per result of the start-up check: when it passes or fails anew.
+    if let Some(c) = find(Some(new), condition::CREDENTIAL_VERIFIED)
+        && c.status != "Unknown"
+    {
+        let before = find(old, condition::CREDENTIAL_VERIFIED);
+        if before.is_none_or(|b| b.status != c.status || b.message != c.message) {
+            let passed = c.status == "True";
+            out.push(Notice {
+                warning: !passed,
+                reason: if passed {
+                    reason::CHECK_PASSED
+                } else {
+                    reason::CHECK_FAILED
+                },
+                action: "VerifyCredential",
+                note: c.message.clone().unwrap_or_default(),
+            });
+        }
+    }
+
     if let Some(ready) = find(Some(new), condition::READY)
         && ready.reason.as_deref() == Some(reason::SECRET_MISSING)
     {
@@ -518,6 +652,251 @@ mod tests {
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    /// A rotation window: what sidecars report about the keys shows on the status.
+    #[tokio::test]
+    async fn the_secondary_key_in_use_shows_with_when_it_was_last_used() {
+        use crate::traffic::TrafficStore;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.credentials = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "api", "key": "new"},
+            "secondaryRef": {"name": "api", "key": "old"},
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let store = TrafficStore::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        );
+        let report = |primary: u64, secondary: u64, last: Option<i64>| {
+            serde_json::from_value::<tollgate_crds::distribution::IntegrationReport>(
+                serde_json::json!({
+                    "namespace": "ns", "name": "a", "configRevision": e.config_revision,
+                    "intervalMillis": 5000, "requests": primary + secondary, "errors": 0,
+                    "rateLimited": 0, "breaker": "closed",
+                    "credentialKeys": {"primary": primary, "secondary": secondary,
+                                       "secondaryLastUsed": last},
+                }),
+            )
+            .unwrap()
+        };
+        let key = ("ns".to_string(), "a".to_string());
+        let pods = ["ns/p1".to_string(), "ns/p2".to_string()];
+        let now = tokio::time::Instant::now();
+        store
+            .record(&pods[0], &report(3, 2, Some(1_780_000_000)), now)
+            .unwrap();
+        store
+            .record(&pods[1], &report(4, 1, Some(1_780_000_100)), now)
+            .unwrap();
+        let observed = store.observe(&key, &pods, &e.config_revision, now);
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(&observed),
+        };
+        let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+        let c = find(Some(&status), condition::SECONDARY_KEY_IN_USE).unwrap();
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::SECONDARY_KEY_SERVING));
+        let m = c.message.as_deref().unwrap();
+        assert!(m.contains("3 of 10 accepted calls"), "{m}");
+        assert!(
+            m.contains("last served a call at 2026-05-28T20:28:20Z"),
+            "{m}"
+        );
+
+        // Later, every call goes with the primary: the secondary can be revoked.
+        let later = now + std::time::Duration::from_secs(400);
+        store
+            .record(&pods[0], &report(6, 0, Some(1_780_000_000)), later)
+            .unwrap();
+        let observed = store.observe(&key, &pods, &e.config_revision, later);
+        let f = Findings {
+            observed: Some(&observed),
+            ..f
+        };
+        let status = build(&f, Some(&status), t("2026-06-01T00:07:00Z"));
+        let c = find(Some(&status), condition::SECONDARY_KEY_IN_USE).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason.as_deref(), Some(reason::PRIMARY_KEY_SERVING));
+        let m = c.message.as_deref().unwrap();
+        assert!(m.contains("primary key for all 6 calls"), "{m}");
+        assert!(
+            m.contains("last served a call at 2026-05-28T20:26:40Z"),
+            "{m}"
+        );
+
+        // Without a secondaryRef there is no such condition.
+        let plain = entry(false, false);
+        let f = Findings {
+            in_force: Some(&plain),
+            ..f
+        };
+        assert!(
+            find(
+                Some(&build(&f, None, t("2026-06-01T00:00:00Z"))),
+                condition::SECONDARY_KEY_IN_USE
+            )
+            .is_none()
+        );
+    }
+
+    /// OAuth2: failed token fetches reported by sidecars show on the status.
+    #[tokio::test]
+    async fn failed_token_fetches_show_as_credential_refresh_failing() {
+        use crate::traffic::TrafficStore;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.credentials = serde_json::from_value(serde_json::json!({
+            "format": "Bearer {value}",
+            "oauth2": {
+                "tokenUrl": "https://login.example.com/oauth/token",
+                "clientIdRef": {"name": "oauth", "key": "id"},
+                "clientSecretRef": {"name": "oauth", "key": "secret"},
+            },
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let store = TrafficStore::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        );
+        let key = ("ns".to_string(), "a".to_string());
+        let pods = ["ns/p1".to_string()];
+        let report = serde_json::from_value::<tollgate_crds::distribution::IntegrationReport>(
+            serde_json::json!({
+                "namespace": "ns", "name": "a", "configRevision": e.config_revision,
+                "intervalMillis": 5000, "requests": 4, "errors": 0, "rateLimited": 0,
+                "refused": 4, "breaker": "closed", "credentialRefreshFailures": 3,
+            }),
+        )
+        .unwrap();
+        let now = tokio::time::Instant::now();
+        let observed = store.observe(&key, &pods, &e.config_revision, now);
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
+            observed: Some(&observed),
+        };
+        let calm = build(&f, None, t("2026-06-01T00:00:00Z"));
+        let c = find(Some(&calm), condition::CREDENTIAL_REFRESH_FAILING).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason.as_deref(), Some(reason::TOKENS_REFRESHED));
+        store.record(&pods[0], &report, now).unwrap();
+        let observed = store.observe(&key, &pods, &e.config_revision, now);
+        let f = Findings {
+            observed: Some(&observed),
+            ..f
+        };
+        let failing = build(&f, Some(&calm), t("2026-06-01T00:00:10Z"));
+        let c = find(Some(&failing), condition::CREDENTIAL_REFRESH_FAILING).unwrap();
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::TOKEN_ENDPOINT_FAILING));
+        assert!(
+            c.message
+                .as_deref()
+                .unwrap()
+                .starts_with("3 OAuth2 token fetches failed")
+        );
+    }
+
+    /// The start-up check: Unknown until a sidecar reports, a failure wins over passes, and one
+    /// event per new result.
+    #[test]
+    fn the_start_up_check_shows_as_credential_verified_with_one_event_per_result() {
+        use tollgate_crds::distribution::CredentialCheckResult;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.credentials = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "api", "key": "k"},
+            "verify": {"path": "/v1/account"},
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let result = |ok: bool, message: &str, at: i64| CredentialCheckResult {
+            ok,
+            message: message.into(),
+            at,
+        };
+        let observed = |check: Option<CredentialCheckResult>| Observed {
+            credential_check: check,
+            ..Observed::default()
+        };
+        let status = |o: &Observed, prev: Option<&PartnerIntegrationStatus>| {
+            let f = Findings {
+                generation: 2,
+                invalid: None,
+                secret_problem: None,
+                in_force: Some(&e),
+                observed: Some(o),
+            };
+            build(&f, prev, t("2026-06-01T00:00:00Z"))
+        };
+        let pending = status(&observed(None), None);
+        let c = find(Some(&pending), condition::CREDENTIAL_VERIFIED).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("Unknown", Some(reason::NOT_YET_CHECKED))
+        );
+        assert!(notices(None, &pending).is_empty());
+
+        // Two sidecars: one passed, one failed: the failure shows.
+        let mut merged = None;
+        crate::traffic::merge_check(
+            &mut merged,
+            Some(&result(
+                true,
+                "GET /v1/account: the partner answered 200",
+                20,
+            )),
+        );
+        crate::traffic::merge_check(
+            &mut merged,
+            Some(&result(
+                false,
+                "GET /v1/account: the partner answered 401, not 200",
+                10,
+            )),
+        );
+        crate::traffic::merge_check(&mut merged, Some(&result(true, "later pass", 30)));
+        let failed = status(&observed(merged), Some(&pending));
+        let c = find(Some(&failed), condition::CREDENTIAL_VERIFIED).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("False", Some(reason::CHECK_FAILED))
+        );
+        assert!(c.message.as_deref().unwrap().contains("401, not 200"));
+        let n = notices(Some(&pending), &failed);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].warning);
+        assert_eq!(n[0].reason, reason::CHECK_FAILED);
+        assert!(
+            notices(Some(&failed), &failed).is_empty(),
+            "no event while unchanged"
+        );
+
+        let passed = status(
+            &observed(Some(result(
+                true,
+                "GET /v1/account: the partner answered 200",
+                40,
+            ))),
+            Some(&failed),
+        );
+        let n = notices(Some(&failed), &passed);
+        assert_eq!(n.len(), 1);
+        assert!(!n[0].warning);
+        assert_eq!(n[0].reason, reason::CHECK_PASSED);
     }
 
     #[test]
@@ -582,6 +961,9 @@ mod tests {
             latency_p95: Some(std::time::Duration::from_millis(900)),
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
+            credential_keys: CredentialKeys::default(),
+            credential_refresh_failures: 0,
+            credential_check: None,
         };
         let f = Findings {
             generation: 2,

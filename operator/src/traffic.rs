@@ -16,9 +16,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_crds::distribution::{
-    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, IntegrationReport,
-    LATENCY_BUCKETS_MS, MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES,
-    MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle, bucket_quantile,
+    BreakerState, CONTRACT_VIOLATION_KINDS, ContractViolationCount, CredentialCheckResult,
+    CredentialKeys, IntegrationReport, LATENCY_BUCKETS_MS, MAX_CHECK_MESSAGE_BYTES,
+    MAX_CONTRACT_VIOLATION_ENTRIES, MAX_LIFECYCLE_ROUTES, MAX_LIFECYCLE_TEXT_BYTES, RouteLifecycle,
+    bucket_quantile,
 };
 use tollgate_crds::v1alpha1::{SidecarSummary, TrafficSummary};
 
@@ -62,6 +63,8 @@ pub enum ReportRefused {
         "contractViolations: more than {MAX_CONTRACT_VIOLATION_ENTRIES} entries, a route longer than {MAX_LIFECYCLE_TEXT_BYTES} bytes, an unknown kind, or more violations than calls can carry"
     )]
     ContractViolations,
+    #[error("credentialCheck: message longer than {MAX_CHECK_MESSAGE_BYTES} bytes")]
+    CredentialCheck,
 }
 
 impl ReportRefused {
@@ -73,6 +76,7 @@ impl ReportRefused {
             ReportRefused::Revision => "revision",
             ReportRefused::Lifecycle => "lifecycle",
             ReportRefused::ContractViolations => "contract_violations",
+            ReportRefused::CredentialCheck => "credential_check",
         }
     }
 }
@@ -122,6 +126,28 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
     // A body counts once per kind, and up to once per enum field (at most 16) for
     // `unknown-enum`.
     let most_violations = most.saturating_mul(16);
+    if r.credential_check
+        .as_ref()
+        .is_some_and(|c| c.message.len() > MAX_CHECK_MESSAGE_BYTES)
+    {
+        return Err(ReportRefused::CredentialCheck);
+    }
+    if r.credential_refresh_failures > most {
+        return Err(ReportRefused::TooManyCalls {
+            field: "credentialRefreshFailures",
+            value: r.credential_refresh_failures,
+            interval_millis: r.interval_millis,
+        });
+    }
+    if let Some(k) = &r.credential_keys
+        && (k.primary > most || k.secondary > most)
+    {
+        return Err(ReportRefused::TooManyCalls {
+            field: "credentialKeys",
+            value: k.primary.max(k.secondary),
+            interval_millis: r.interval_millis,
+        });
+    }
     if r.contract_violations.len() > MAX_CONTRACT_VIOLATION_ENTRIES
         || r.contract_violations.iter().any(|v| {
             v.route.len() > MAX_LIFECYCLE_TEXT_BYTES
@@ -146,6 +172,9 @@ struct Sample {
     /// Calls by duration bucket; empty from a sidecar that does not send them.
     buckets: Vec<u64>,
     contract: Vec<ContractViolationCount>,
+    /// Calls accepted with the primary and with the secondary key (rotation window).
+    keys: (u64, u64),
+    refresh_failures: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -155,6 +184,10 @@ struct PodTraffic {
     breaker: BreakerState,
     /// The partner's lifecycle announcements, as the pod last reported them.
     lifecycle: Vec<RouteLifecycle>,
+    /// When the secondary key last served a call, Unix seconds, as the pod last reported.
+    secondary_last_used: Option<i64>,
+    /// The start-up check's result, as the pod last reported it.
+    credential_check: Option<CredentialCheckResult>,
     last_report: Option<Instant>,
 }
 
@@ -174,6 +207,13 @@ pub struct Observed {
     pub lifecycle: Vec<RouteLifecycle>,
     /// Contract violations in the window, summed over sidecars, by route and kind.
     pub contract_violations: Vec<ContractViolationCount>,
+    /// Calls of the window by the key of a rotation window that served them, and the last
+    /// time any sidecar reported the secondary key serving one.
+    pub credential_keys: CredentialKeys,
+    /// OAuth2 token fetches that failed in the window, summed over sidecars.
+    pub credential_refresh_failures: u64,
+    /// The start-up check: a failure reported by any fresh sidecar, else the latest pass.
+    pub credential_check: Option<CredentialCheckResult>,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -230,6 +270,21 @@ pub struct Partial {
     /// Contract violations in the window, summed by route and kind.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contract_violations: Vec<ContractViolationCount>,
+    /// Calls of the window accepted with the primary key of a rotation window.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub primary_key: u64,
+    /// Calls of the window accepted only with the secondary key.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub secondary_key: u64,
+    /// The latest time a pod reported the secondary key serving a call, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_last_used: Option<i64>,
+    /// OAuth2 token fetches that failed in the window.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub credential_refresh_failures: u64,
+    /// The start-up check of fresh sidecars: a failure first, else the latest pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_check: Option<CredentialCheckResult>,
 }
 
 impl Partial {
@@ -254,6 +309,13 @@ impl Partial {
         self.reported |= o.reported;
         merge_lifecycle(&mut self.lifecycle, &o.lifecycle);
         add_contract_violations(&mut self.contract_violations, &o.contract_violations);
+        self.primary_key = self.primary_key.saturating_add(o.primary_key);
+        self.secondary_key = self.secondary_key.saturating_add(o.secondary_key);
+        self.secondary_last_used = self.secondary_last_used.max(o.secondary_last_used);
+        self.credential_refresh_failures = self
+            .credential_refresh_failures
+            .saturating_add(o.credential_refresh_failures);
+        merge_check(&mut self.credential_check, o.credential_check.as_ref());
     }
 
     /// What the status shows, against the revision in force.
@@ -300,6 +362,13 @@ impl Partial {
             latency_p95,
             lifecycle: self.lifecycle.clone(),
             contract_violations: self.contract_violations.clone(),
+            credential_keys: CredentialKeys {
+                primary: self.primary_key,
+                secondary: self.secondary_key,
+                secondary_last_used: self.secondary_last_used,
+            },
+            credential_refresh_failures: self.credential_refresh_failures,
+            credential_check: self.credential_check.clone(),
         }
     }
 }
@@ -371,7 +440,22 @@ impl TrafficStore {
                 Vec::new()
             },
             contract: r.contract_violations.clone(),
+            keys: r
+                .credential_keys
+                .as_ref()
+                .map_or((0, 0), |k| (k.primary, k.secondary)),
+            refresh_failures: r.credential_refresh_failures,
         });
+        if r.credential_check.is_some() {
+            t.credential_check = r.credential_check.clone();
+        }
+        if let Some(at) = r
+            .credential_keys
+            .as_ref()
+            .and_then(|k| k.secondary_last_used)
+        {
+            t.secondary_last_used = Some(at);
+        }
         t.config_revision = r.config_revision.clone();
         t.breaker = r.breaker;
         t.lifecycle = r.lifecycle.clone();
@@ -450,6 +534,7 @@ impl TrafficStore {
                 BreakerState::Closed => {}
             }
             merge_lifecycle(&mut p.lifecycle, &t.lifecycle);
+            merge_check(&mut p.credential_check, t.credential_check.as_ref());
         }
 
         // Traffic counts every pod that reported in the window, subscribed now or not: the
@@ -485,6 +570,12 @@ impl TrafficStore {
             p.errors = p.errors.saturating_add(sum(|s| s.errors));
             p.rate_limited = p.rate_limited.saturating_add(lim);
             p.refused = p.refused.saturating_add(refused);
+            p.primary_key = p.primary_key.saturating_add(sum(|s| s.keys.0));
+            p.secondary_key = p.secondary_key.saturating_add(sum(|s| s.keys.1));
+            p.secondary_last_used = p.secondary_last_used.max(t.secondary_last_used);
+            p.credential_refresh_failures = p
+                .credential_refresh_failures
+                .saturating_add(sum(|s| s.refresh_failures));
             for s in &in_window {
                 add_contract_violations(&mut p.contract_violations, &s.contract);
                 if !s.buckets.is_empty() {
@@ -511,6 +602,18 @@ impl TrafficStore {
         let mut keys: Vec<Key> = inner.by_key.keys().cloned().collect();
         keys.sort();
         keys
+    }
+}
+
+/// Keeps the result the status should show: a failure over a pass, then the later one.
+pub fn merge_check(sum: &mut Option<CredentialCheckResult>, more: Option<&CredentialCheckResult>) {
+    let Some(more) = more else { return };
+    let replace = match sum {
+        None => true,
+        Some(s) => (!more.ok && s.ok) || (more.ok == s.ok && more.at > s.at),
+    };
+    if replace {
+        *sum = Some(more.clone());
     }
 }
 
@@ -627,6 +730,9 @@ mod tests {
             breaker,
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
+            credential_keys: None,
+            credential_refresh_failures: 0,
+            credential_check: None,
         }
     }
 

@@ -241,6 +241,9 @@ async fn a_revision_change_reaches_both_sidecars() {
             breaker: BreakerState::Closed,
             lifecycle: Vec::new(),
             contract_violations: Vec::new(),
+            credential_keys: None,
+            credential_refresh_failures: 0,
+            credential_check: None,
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());

@@ -212,7 +212,15 @@ pub fn config_json(rev: &Revision) -> Value {
                 .collect();
             redact_maps(&mut v, &redact);
             if let Some(c) = v.get_mut("credentials").and_then(Value::as_object_mut) {
-                c.insert("loaded".into(), Value::Bool(i.credential.is_some()));
+                // OAuth2: the client credentials are loaded (the token is fetched on demand).
+                let loaded = i.credential.is_some() || i.token.is_some();
+                c.insert("loaded".into(), Value::Bool(loaded));
+                if c.contains_key("secondaryRef") {
+                    c.insert(
+                        "secondaryLoaded".into(),
+                        Value::Bool(i.secondary_credential.is_some()),
+                    );
+                }
             }
             if let Some(name) = &i.policy.upstream.client_certificate {
                 v["upstream"]["clientCertificate"] = json!({

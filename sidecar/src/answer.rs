@@ -28,6 +28,9 @@ pub enum Reason {
     BadRequest,
     /// `--unknown-hosts deny` and the host matches no integration.
     UnknownHost,
+    /// The credential could not be obtained (an OAuth2 token endpoint down after the old
+    /// token expired): nothing is sent unauthenticated.
+    CredentialUnavailable,
 }
 
 impl Reason {
@@ -42,6 +45,7 @@ impl Reason {
                 | Reason::DeprecatedVersion
                 | Reason::BadRequest
                 | Reason::UnknownHost
+                | Reason::CredentialUnavailable
         )
     }
 
@@ -56,12 +60,15 @@ impl Reason {
             Reason::UpstreamUnreachable => "upstream-unreachable",
             Reason::BadRequest => "bad-request",
             Reason::UnknownHost => "unknown-host",
+            Reason::CredentialUnavailable => "credential-unavailable",
         }
     }
 
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            Reason::KillSwitch | Reason::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::KillSwitch | Reason::CircuitOpen | Reason::CredentialUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::RateLimited | Reason::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::DeprecatedVersion => StatusCode::GONE,

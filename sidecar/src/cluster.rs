@@ -53,6 +53,7 @@ use tollgate_crds::distribution::{
     ACK_PATH, Ack, DistributedIntegration, IntegrationReport, PROTOCOL_VERSION, REPORT_PATH,
     Report, SESSION_HEADER, SUBSCRIBE_PATH, Snapshot, StreamMessage,
 };
+use tollgate_crds::v1alpha1::SecretKeyRef;
 
 /// Applies a snapshot (atomically) to the running sidecar. `Err` refuses it.
 pub type ApplyFn = Arc<dyn Fn(&Snapshot) -> Result<(), String> + Send + Sync>;
@@ -248,6 +249,37 @@ pub fn keep_held_credentials(s: &mut Snapshot, previous: Option<&Snapshot>) {
             .and_then(|o| o.credential.clone())
         {
             i.credential = Some(value);
+        }
+    }
+    // The credentials' other keys (secondaryRef, OAuth2 client id and secret): each key the
+    // spec still names and the snapshot lacks, from the same integration and upstream URL.
+    for i in s
+        .integrations
+        .iter_mut()
+        .filter(|i| i.more_credentials_held)
+    {
+        let Some(o) = previous.integrations.iter().find(|o| {
+            o.namespace == i.namespace
+                && o.name == i.name
+                && o.spec.upstream.url == i.spec.upstream.url
+        }) else {
+            continue;
+        };
+        let named: Vec<SecretKeyRef> = i
+            .spec
+            .credentials
+            .as_ref()
+            .map(|c| c.secret_refs().into_iter().cloned().collect())
+            .unwrap_or_default();
+        for k in &o.more_credentials {
+            let still_named = named.iter().any(|r| r.name == k.name && r.key == k.key);
+            let lacking = !i
+                .more_credentials
+                .iter()
+                .any(|m| m.name == k.name && m.key == k.key);
+            if still_named && lacking {
+                i.more_credentials.push(k.clone());
+            }
         }
     }
     // The same for a held client certificate: same Secret name and upstream URL.
@@ -679,6 +711,8 @@ mod tests {
             credential_held: value.is_none(),
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
+            more_credentials_held: false,
             quota_share: None,
         }
     }
@@ -718,6 +752,71 @@ mod tests {
     }
 
     #[test]
+    fn held_oauth2_client_credentials_are_kept_for_keys_the_spec_still_names() {
+        use tollgate_crds::distribution::KeyedSecret;
+        let oauth = |url: &str, id_key: &str, values: &[(&str, &str)], held: bool| {
+            let mut i = with_credential(url, "unused", None);
+            i.credential_held = false;
+            i.spec.credentials = serde_json::from_value(serde_json::json!({
+                "oauth2": {
+                    "tokenUrl": "https://login.example/token",
+                    "clientIdRef": {"name": "oauth", "key": id_key},
+                    "clientSecretRef": {"name": "oauth", "key": "secret"},
+                },
+            }))
+            .unwrap();
+            i.more_credentials = values
+                .iter()
+                .map(|(k, v)| KeyedSecret {
+                    name: "oauth".into(),
+                    key: k.to_string(),
+                    value: SecretValue::new(*v),
+                })
+                .collect();
+            i.more_credentials_held = held;
+            i
+        };
+        let mut before = Snapshot::empty();
+        before.integrations.push(oauth(
+            "https://api.stripe.com",
+            "id",
+            &[("id", "app"), ("secret", "s3cret")],
+            false,
+        ));
+        let kept = |url: &str, id_key: &str, held: bool| {
+            let mut s = Snapshot::empty();
+            s.integrations
+                .push(oauth(url, id_key, &[("secret", "fresh")], held));
+            keep_held_credentials(&mut s, Some(&before));
+            let mut v: Vec<String> = s.integrations[0]
+                .more_credentials
+                .iter()
+                .map(|k| format!("{}={}", k.key, k.value.expose()))
+                .collect();
+            v.sort();
+            v
+        };
+        // The operator never read the client id: the sidecar keeps the one it holds; the
+        // secret it did read is the new one.
+        assert_eq!(
+            kept("https://api.stripe.com", "id", true),
+            ["id=app", "secret=fresh"]
+        );
+        assert_eq!(
+            kept("https://api.stripe.com", "id", false),
+            ["secret=fresh"]
+        );
+        assert_eq!(
+            kept("https://collector.example", "id", true),
+            ["secret=fresh"]
+        );
+        assert_eq!(
+            kept("https://api.stripe.com", "id2", true),
+            ["secret=fresh"]
+        );
+    }
+
+    #[test]
     fn snapshot_persists_with_mode_0600_and_loads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot.json");
@@ -734,6 +833,8 @@ mod tests {
             credential_held: false,
             client_certificate: None,
             client_certificate_held: false,
+            more_credentials: Vec::new(),
+            more_credentials_held: false,
             quota_share: None,
         });
         save_snapshot(&path, &s).unwrap();

@@ -177,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::default());
     let mut ctx = StateContext::new(tls.clone()).with_roots(roots);
+    ctx.metrics = metrics.clone();
     ctx.pool = client::PoolOptions {
         idle_timeout: args.pool_idle_timeout,
         max_idle_per_host: args.pool_max_idle_per_host,
@@ -271,11 +272,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Before the ready line: an app held until the trust files exist then finds them.
     let interceptor = Arc::new(intercept::Interceptor::start(&args.intercept, &metrics));
     let tls_fallback = interceptor.fallback().map(str::to_string);
+    let stack = layers::stack(StackContext {
+        metrics: metrics.clone(),
+    });
+    tokio::spawn(tollgate_sidecar::verify::run(store.clone(), stack.clone()));
     let proxy = Arc::new(Proxy {
         store: store.clone(),
-        stack: layers::stack(StackContext {
-            metrics: metrics.clone(),
-        }),
+        stack,
         passthrough: client::build(tls, options.passthrough_connect_timeout, &ctx.pool),
         tunnels: Arc::new(Semaphore::new(options.max_tunnels)),
         intercept: interceptor,

@@ -41,6 +41,8 @@ pub struct StateContext {
     pub max_partitions: usize,
     pub cache_max_entries: usize,
     pub cache_max_bytes: usize,
+    /// Where background work (OAuth2 token fetches) counts what it does.
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 /// Share of each global quota this process may use, per integration (cluster mode: set by the
@@ -56,6 +58,7 @@ impl StateContext {
             max_partitions: 10_000,
             cache_max_entries: 1_000,
             cache_max_bytes: 32 * 1024 * 1024,
+            metrics: Arc::default(),
         }
     }
 
@@ -168,6 +171,8 @@ pub struct IntegrationState {
     pub traffic: Arc<Traffic>,
     /// What the partner announced about its routes' lifecycle; kept across revisions.
     pub lifecycle: Arc<Lifecycle>,
+    /// The credential's start-up check; kept across revisions.
+    pub check: Arc<crate::verify::CheckState>,
 }
 
 impl IntegrationState {
@@ -229,6 +234,7 @@ impl IntegrationState {
             cache,
             traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
             lifecycle: old.map(|o| o.lifecycle.clone()).unwrap_or_default(),
+            check: old.map(|o| o.check.clone()).unwrap_or_default(),
         }
     }
 
@@ -473,6 +479,13 @@ pub struct Traffic {
     pub refused: AtomicU64,
     /// Latency histogram, buckets of [`LATENCY_BUCKETS_MS`] plus one overflow bucket.
     pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// With a rotation window (`credentials.secondaryRef`): partner answers to the primary key
+    /// other than 401.
+    pub primary_served: AtomicU64,
+    /// Partner answers other than 401 to the secondary key, after the primary got a 401.
+    pub secondary_served: AtomicU64,
+    /// Unix seconds of the last call the secondary key served; 0: never.
+    pub secondary_last_used: std::sync::atomic::AtomicI64,
 }
 
 /// Upper bounds (milliseconds) of the latency buckets, as the operator reads them.

@@ -479,6 +479,8 @@ fn integration(name: &str, spec_yaml: &str) -> DistributedIntegration {
         credential_held: false,
         client_certificate: None,
         client_certificate_held: false,
+        more_credentials: Vec::new(),
+        more_credentials_held: false,
     }
 }
 

@@ -1247,3 +1247,200 @@ fn a_schema_from_a_labelled_config_map_checks_answers_and_follows_edits() {
         },
     );
 }
+
+/// The start-up check (`credentials.verify`): each sidecar sends it through its policy stack
+/// when the credential is applied, and the status shows `CredentialVerified` with an Event; a
+/// check the partner fails shows `False` with what came back, and a Warning Event.
+#[test]
+fn the_start_up_check_reaches_the_status_and_an_event() {
+    let c = Cluster::start("verify", |p| {
+        let mut spec = base_spec(p);
+        spec["credentials"]["verify"] = json!({"path": "/v1/account"});
+        spec
+    });
+    let verified = |status: &'static str| {
+        eventually(&format!("CredentialVerified {status}"), SETTLE, || {
+            let pi = c.pi();
+            let cond = condition(&pi, "CredentialVerified").cloned();
+            anyhow::ensure!(
+                cond.as_ref().is_some_and(|c| c["status"] == status),
+                "{pi}\n{}",
+                c.logs()
+            );
+            Ok(cond.unwrap())
+        })
+    };
+    let cond = verified("True");
+    assert_eq!(cond["reason"], "CheckPassed");
+    assert_eq!(
+        cond["message"], "GET /v1/account: the partner answered 200",
+        "{cond}"
+    );
+    // The check went through the stack: with the Secret's key, the pinned version.
+    let checks: Vec<_> = c
+        .partner
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/v1/account")
+        .collect();
+    assert_eq!(checks.len(), 2, "one check per sidecar");
+    for s in &checks {
+        assert_eq!(
+            s.header("authorization"),
+            Some(format!("Bearer {FIRST_KEY}").as_str())
+        );
+        assert_eq!(s.header("x-api-version"), Some("2024-06-20"));
+    }
+    let events = |reason: &str| -> anyhow::Result<Vec<Value>> {
+        let out =
+            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
+        let all: Value = serde_json::from_str(&out)?;
+        Ok(all["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == reason)
+            .cloned()
+            .collect())
+    };
+    let passed = eventually("a CheckPassed event", SETTLE, || {
+        let e = events("CheckPassed")?;
+        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
+        Ok(e)
+    });
+    assert_eq!(passed[0]["type"], "Normal");
+    assert_eq!(passed[0]["regarding"]["name"], "partner");
+
+    // A check the partner fails (the echo partner answers 500 under /fail).
+    c.patch(json!({"spec": {"credentials": {"verify": {"path": "/fail/account"}}}}));
+    let cond = verified("False");
+    assert_eq!(cond["reason"], "CheckFailed");
+    assert_eq!(
+        cond["message"], "GET /fail/account: the partner answered 500, not 200",
+        "{cond}"
+    );
+    let failed = eventually("a CheckFailed event", SETTLE, || {
+        let e = events("CheckFailed")?;
+        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
+        Ok(e)
+    });
+    assert_eq!(failed[0]["type"], "Warning");
+    assert!(!c.logs().contains(FIRST_KEY), "the key in a log");
+}
+
+/// OAuth2 client credentials in cluster mode: the operator reads the client id and secret from
+/// their opted-in Secrets and distributes them; each sidecar fetches its own token from the
+/// token endpoint, sends it to the partner, and the status shows the start-up check passed and
+/// `CredentialRefreshFailing` False. The token and the client secret appear in no log.
+#[test]
+fn oauth2_tokens_are_fetched_by_the_sidecars_from_distributed_client_credentials() {
+    let tokens = std::sync::Arc::new(
+        tollgate_e2e::net::runtime()
+            .block_on(tollgate_testkit::TokenServer::start("app", "s3cret-e2e")),
+    );
+    let token_url = tokens.url();
+    let c = Cluster::start("oauth2", |p| {
+        let mut spec = base_spec(p);
+        spec["credentials"] = json!({
+            "format": "Bearer {value}",
+            "oauth2": {
+                "tokenUrl": token_url,
+                "clientIdRef": {"name": "oauth-id", "key": "id"},
+                "clientSecretRef": {"name": "oauth-secret", "key": "secret"},
+                "scopes": ["shipments.read"],
+            },
+            "verify": {"path": "/v1/account"},
+        });
+        spec
+    });
+    objects::secret(c.cp, &c.ns, "oauth-id", "id", "app").unwrap();
+    objects::secret(c.cp, &c.ns, "oauth-secret", "secret", "s3cret-e2e").unwrap();
+
+    let pi = eventually("CredentialVerified True", SETTLE, || {
+        let pi = c.pi();
+        anyhow::ensure!(
+            condition(&pi, "CredentialVerified").is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(pi)
+    });
+    assert_eq!(
+        condition(&pi, "CredentialRefreshFailing").unwrap()["status"],
+        "False",
+        "{pi}"
+    );
+    for s in c.sidecars() {
+        let r = s.get(&url("/v1/charges")).unwrap();
+        let echo = expect_partner_ok(&r).unwrap();
+        let auth = echo["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(tokens.is_valid(Some(&auth)), "{auth}");
+    }
+    assert_eq!(tokens.issued(), 2, "one token per sidecar");
+    let logs = c.logs();
+    assert!(!logs.contains("s3cret-e2e"), "the client secret in a log");
+    assert!(
+        !logs.contains("tok-1") && !logs.contains("tok-2"),
+        "a token in a log"
+    );
+}
+
+/// A rotation window: the partner accepts only the key named by `secondaryRef`. Calls succeed
+/// through both sidecars (each sent once more with the secondary after the primary's 401), and
+/// the status shows `SecondaryKeyInUse` True with how many calls needed it.
+#[test]
+fn a_partner_that_takes_only_the_secondary_key_shows_it_in_use() {
+    const SECOND_KEY: &str = "sk_test_second";
+    let c = Cluster::start("rotation", |p| {
+        let mut spec = base_spec(p);
+        spec["credentials"]["secondaryRef"] = json!({"name": "partner-key-old", "key": "apiKey"});
+        spec
+    });
+    objects::secret(c.cp, &c.ns, "partner-key-old", "apiKey", SECOND_KEY).unwrap();
+    c.partner.script(|_, seen| {
+        if seen.header("authorization") == Some("Bearer sk_test_second") {
+            Reply::Echo
+        } else {
+            Reply::Status(401)
+        }
+    });
+    // Once the sidecars hold the secondary, every call is served by it.
+    eventually("calls served with the secondary", SETTLE, || {
+        for s in c.sidecars() {
+            expect_partner_ok(&s.get(&url("/v1/charges"))?)?;
+        }
+        Ok(())
+    });
+    let cond = eventually("SecondaryKeyInUse True", SETTLE, || {
+        let pi = c.pi();
+        let cond = condition(&pi, "SecondaryKeyInUse").cloned();
+        anyhow::ensure!(
+            cond.as_ref().is_some_and(|c| c["status"] == "True"),
+            "{pi}\n{}",
+            c.logs()
+        );
+        Ok(cond.unwrap())
+    });
+    assert_eq!(cond["reason"], "SecondaryKeyServing");
+    let msg = cond["message"].as_str().unwrap();
+    assert!(
+        msg.contains("accepted calls in the status window needed the secondary key")
+            && msg.contains("last served a call at"),
+        "{msg}"
+    );
+    for s in c.sidecars() {
+        let m = s.metrics().unwrap();
+        assert!(
+            metric(
+                &m,
+                "tollgate_credential_key_total",
+                &[("integration", &c.key()), ("key", "secondary")]
+            ) >= 1.0,
+            "{m}"
+        );
+    }
+    assert!(!c.logs().contains(SECOND_KEY), "the key in a log");
+}

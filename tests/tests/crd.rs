@@ -81,6 +81,21 @@ fn the_api_server_refuses_bad_specs_naming_the_field() {
             "spec.credentials.format",
             "must contain {value}",
         ),
+        (
+            "upstream: {url: 'https://a.example'}\ncredentials: {secretRef: {name: s, key: k}, oauth2: {tokenUrl: 'https://l.example/t', clientIdRef: {name: o, key: id}, clientSecretRef: {name: o, key: s}}}",
+            "spec.credentials",
+            "give exactly one of secretRef and oauth2",
+        ),
+        (
+            "upstream: {url: 'https://a.example'}\ncredentials: {header: X-Key}",
+            "spec.credentials",
+            "give exactly one of secretRef and oauth2",
+        ),
+        (
+            "upstream: {url: 'https://a.example'}\ncredentials: {secretRef: {name: s, key: k}, verify: {path: /v1/account, expectStatus: 42}}",
+            "spec.credentials.verify.expectStatus",
+            "greater than or equal to 100",
+        ),
         // Schema: patterns, ranges, required, list-map keys.
         (
             "upstream: {url: 'https://a.example'}\ntimeouts: {request: -5s}",

@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tollgate_crds::distribution::{
-    ClientCertificateValue, DistributedIntegration, Hello, PROTOCOL_VERSION, QuotaShare, Report,
-    StreamMessage,
+    ClientCertificateValue, DistributedIntegration, Hello, KeyedSecret, PROTOCOL_VERSION,
+    QuotaShare, Report, StreamMessage,
 };
 
 use crate::catalog::{Catalog, CatalogHandle, Entry, Key, hex};
@@ -137,6 +137,16 @@ impl View {
                         }
                     }),
                     client_certificate_held: e.client_certificate_held,
+                    more_credentials: e
+                        .more_credentials
+                        .iter()
+                        .map(|(r, c)| KeyedSecret {
+                            name: r.name.clone(),
+                            key: r.key.clone(),
+                            value: c.value.clone(),
+                        })
+                        .collect(),
+                    more_credentials_held: e.more_credentials_held,
                     quota_share: share,
                 })
                 .collect();

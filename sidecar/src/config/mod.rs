@@ -29,6 +29,12 @@ pub struct Integration {
     /// The rendered credential header value (marked sensitive), if the integration has one and
     /// its secret is known.
     pub credential: Option<HeaderValue>,
+    /// The rendered `credentials.secondaryRef` value, if set and known: sent once when the
+    /// partner answers 401 to the primary.
+    pub secondary_credential: Option<HeaderValue>,
+    /// With `credentials.oauth2` and both client credentials known: the token manager, kept
+    /// across revisions while the grant and the credentials are unchanged.
+    pub token: Option<Arc<crate::oauth::TokenManager>>,
     pub state: IntegrationState,
 }
 
@@ -188,11 +194,10 @@ pub trait SecretSource {
 /// The secrets an integration's spec reads: its credential, and its client certificate's
 /// `tls.crt` and `tls.key`.
 pub fn secret_refs(spec: &tollgate_crds::PartnerIntegrationSpec) -> Vec<SecretKeyRef> {
-    let mut refs: Vec<SecretKeyRef> = spec
-        .credentials
-        .iter()
-        .map(|c| c.secret_ref.clone())
-        .collect();
+    let mut refs: Vec<SecretKeyRef> = Vec::new();
+    if let Some(c) = &spec.credentials {
+        refs.extend(c.secret_refs().into_iter().cloned());
+    }
     if let Some(c) = &spec.upstream.client_certificate {
         for key in ["tls.crt", "tls.key"] {
             refs.push(SecretKeyRef {
@@ -253,7 +258,11 @@ pub fn build_revision(
                 .map(|(_, owner)| format!("spec.upstream.hosts: {h} is already claimed by {owner}"))
         })
     };
-    type Kept = (Option<HeaderValue>, Option<Arc<ClientIdentity>>);
+    type Kept = (
+        (Option<HeaderValue>, Option<HeaderValue>),
+        Option<Arc<ClientIdentity>>,
+        Option<Arc<crate::oauth::TokenManager>>,
+    );
     let mut chosen: Vec<(IntegrationPolicy, Option<Kept>)> = Vec::new();
     let mut refused = Vec::new();
     let mut seen_ids: Vec<IntegrationId> = Vec::new();
@@ -284,7 +293,11 @@ pub fn build_revision(
         if let Some(o) = old {
             claimed.extend(o.policy.hosts.iter().map(|h| (h.clone(), cid.clone())));
             let identity = o.state.client_identity().cloned();
-            chosen.push((o.policy.clone(), Some((o.credential.clone(), identity))));
+            let credentials = (o.credential.clone(), o.secondary_credential.clone());
+            chosen.push((
+                o.policy.clone(),
+                Some((credentials, identity, o.token.clone())),
+            ));
         }
         tracing::warn!(integration = %cid, %error, kept_previous = old.is_some(), "integration refused; the others apply");
         refused.push(Refused {
@@ -303,20 +316,26 @@ pub fn build_revision(
                 entry.push(i);
             }
         }
-        let (credential, identity) = match kept {
+        let old = in_force(&policy.id);
+        let ((credential, secondary_credential), identity, token) = match kept {
             Some(kept) => kept,
             None => (
-                resolve_credential(&policy, secrets),
+                (
+                    resolve_credential(&policy, secrets),
+                    resolve_secondary(&policy, secrets),
+                ),
                 resolve_identity(&policy, secrets),
+                resolve_token_manager(&policy, secrets, old.and_then(|o| o.token.as_ref()), ctx),
             ),
         };
-        let old = in_force(&policy.id);
         let share = shares.get(&policy.id).copied().unwrap_or(1.0);
         let state = IntegrationState::build(&policy, old.map(|o| &o.state), identity, ctx, share);
         integrations.push(Arc::new(Integration {
             label: Arc::from(policy.id.to_string()),
             policy,
             credential,
+            secondary_credential,
+            token,
             state,
         }));
     }
@@ -334,7 +353,7 @@ fn resolve_credential(
     policy: &IntegrationPolicy,
     secrets: &dyn SecretSource,
 ) -> Option<HeaderValue> {
-    let c = policy.credentials.as_ref()?;
+    let c = policy.credentials.as_ref().filter(|c| c.oauth2.is_none())?;
     let Some(value) = secrets.get(&policy.id.namespace, &c.secret_ref) else {
         tracing::warn!(integration = %policy.id, secret = %c.secret_ref.name, key = %c.secret_ref.key, "credential secret not found; requests go without it");
         return None;
@@ -342,6 +361,63 @@ fn resolve_credential(
     let rendered = c.render(value.trim_end_matches(['\n', '\r']));
     if rendered.is_none() {
         tracing::error!(integration = %policy.id, secret = %c.secret_ref.name, "credential is not a valid header value; not injected");
+    }
+    rendered
+}
+
+/// The token manager of `credentials.oauth2`: the one in force when the grant and client
+/// credentials are unchanged (its cached token stays), else a new one. `None` (logged by Secret
+/// name) when a client credential is missing: calls are then answered `credential-unavailable`.
+fn resolve_token_manager(
+    policy: &IntegrationPolicy,
+    secrets: &dyn SecretSource,
+    old: Option<&Arc<crate::oauth::TokenManager>>,
+    ctx: &StateContext,
+) -> Option<Arc<crate::oauth::TokenManager>> {
+    let c = policy.credentials.as_ref()?;
+    let o = c.oauth2.as_ref()?;
+    let read = |r: &SecretKeyRef, what: &str| {
+        let v = secrets.get(&policy.id.namespace, r);
+        if v.is_none() {
+            tracing::warn!(integration = %policy.id, secret = %r.name, key = %r.key, "OAuth2 {what} not found; calls are answered credential-unavailable");
+        }
+        v.map(|v| v.trim_end_matches(['\n', '\r']).to_string())
+    };
+    let id = read(&o.client_id_ref, "client id")?;
+    let secret = read(&o.client_secret_ref, "client secret")?;
+    let key = crate::oauth::TokenManager::key(c, &id, &secret)?;
+    if let Some(old) = old.filter(|m| m.is_for(&key)) {
+        return Some(old.clone());
+    }
+    let tls = crate::client::integration_tls(
+        &ctx.tls,
+        &ctx.roots,
+        policy.upstream.ca_bundle.as_deref(),
+        None,
+    );
+    let client = crate::client::build(tls, policy.upstream.connect_timeout, &ctx.pool);
+    Some(Arc::new(crate::oauth::TokenManager::new(
+        key,
+        Arc::from(policy.id.to_string()),
+        client,
+        ctx.metrics.clone(),
+    )))
+}
+
+/// The rendered `credentials.secondaryRef`; a missing Secret is logged by name.
+fn resolve_secondary(
+    policy: &IntegrationPolicy,
+    secrets: &dyn SecretSource,
+) -> Option<HeaderValue> {
+    let c = policy.credentials.as_ref()?;
+    let r = c.secondary_ref.as_ref()?;
+    let Some(value) = secrets.get(&policy.id.namespace, r) else {
+        tracing::warn!(integration = %policy.id, secret = %r.name, key = %r.key, "secondary credential secret not found; a 401 is not resent");
+        return None;
+    };
+    let rendered = c.render(value.trim_end_matches(['\n', '\r']));
+    if rendered.is_none() {
+        tracing::error!(integration = %policy.id, secret = %r.name, "secondary credential is not a valid header value; not used");
     }
     rendered
 }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 use tollgate_crds::distribution::{
-    ContractViolationCount, IntegrationReport, MAX_CONTRACT_VIOLATION_ENTRIES, Snapshot,
-    bucket_quantile,
+    ContractViolationCount, CredentialKeys, IntegrationReport, MAX_CONTRACT_VIOLATION_ENTRIES,
+    Snapshot, bucket_quantile,
 };
 use tollgate_crds::policy::IntegrationId;
 use tollgate_crds::v1alpha1::SecretKeyRef;
@@ -41,6 +41,15 @@ impl SecretSource for SnapshotSecrets<'_> {
                         .is_some_and(|c| &c.secret_ref == secret)
             })
             .and_then(|i| i.credential.as_ref())
+            .or_else(|| {
+                self.snapshot
+                    .integrations
+                    .iter()
+                    .filter(|i| i.namespace == namespace)
+                    .flat_map(|i| &i.more_credentials)
+                    .find(|k| k.name == secret.name && k.key == secret.key)
+                    .map(|k| &k.value)
+            })
             .map(|v| v.expose().to_string())
     }
 
@@ -71,6 +80,9 @@ struct Reported {
     latency: Vec<u64>,
     /// Contract violations since start, by (route, kind).
     contract: BTreeMap<(String, String), u64>,
+    primary_served: u64,
+    secondary_served: u64,
+    refresh_failures: u64,
     at: Option<Instant>,
 }
 
@@ -184,6 +196,12 @@ impl OperatorSource {
                     .map(|b| b.load(Ordering::Relaxed))
                     .collect(),
                 contract: self.metrics.contract_totals(&i.label),
+                primary_served: t.primary_served.load(Ordering::Relaxed),
+                secondary_served: t.secondary_served.load(Ordering::Relaxed),
+                refresh_failures: i
+                    .token
+                    .as_ref()
+                    .map_or(0, |m| m.failures.load(Ordering::Relaxed)),
                 at: Some(now),
             };
             let last = reported.get(&i.policy.id).cloned().unwrap_or_default();
@@ -231,6 +249,23 @@ impl OperatorSource {
                     })
                     .take(MAX_CONTRACT_VIOLATION_ENTRIES)
                     .collect(),
+                credential_keys: i
+                    .policy
+                    .credentials
+                    .as_ref()
+                    .and_then(|c| c.secondary_ref.as_ref())
+                    .map(|_| CredentialKeys {
+                        primary: current.primary_served.saturating_sub(last.primary_served),
+                        secondary: current
+                            .secondary_served
+                            .saturating_sub(last.secondary_served),
+                        secondary_last_used: Some(t.secondary_last_used.load(Ordering::Relaxed))
+                            .filter(|s| *s > 0),
+                    }),
+                credential_refresh_failures: current
+                    .refresh_failures
+                    .saturating_sub(last.refresh_failures),
+                credential_check: i.state.check.result(),
             });
             reported.insert(i.policy.id.clone(), current);
         }

@@ -1,5 +1,5 @@
-//! The shape of the policies that decide before the call: kill switch, version gate, rate limit
-//! and credentials. Each is a [`Gate`]: it reads the call, may change the request, and lets it
+//! The shape of the policies that decide before the call: kill switch, version gate and rate
+//! limit. Each is a [`Gate`]: it reads the call, may change the request, and lets it
 //! through now, lets it through after a wait, or answers in the partner's place. [`GateLayer`]
 //! turns a gate into a tower layer; readiness is the inner service's, handled here once.
 

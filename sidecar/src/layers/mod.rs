@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! observe -> fallback -> kill switch -> version gate -> rate limit -> adaptive -> concurrency
-//!         -> circuit breaker -> contract -> retry -> attempt timeout -> credentials -> send
+//!         -> circuit breaker -> contract -> retry -> credentials -> attempt timeout -> send
 //! ```
 //!
 //! Layers are static; the policy for a request travels with it as a [`Call`] in the request's
@@ -11,8 +11,10 @@
 //! (quota, breaker, retry budget, metrics) from [`Call::route_state`]. Every layer's error is a
 //! [`CallError`]; `observe` turns what remains into the sidecar's answer (api.md section 3).
 //!
-//! Kill switch, version gate, rate limit and credentials decide before the call and share one
-//! shape, a [`gate::Gate`]; the others wrap the call (they see its result).
+//! Kill switch, version gate and rate limit decide before the call and share one shape, a
+//! [`gate::Gate`]; the others wrap the call (they see its result). Credentials wrap each
+//! attempt: a 401 may be answered by one more send with another key, under its own attempt
+//! timeout.
 
 pub(crate) mod adaptive;
 pub(crate) mod circuit_breaker;
@@ -169,8 +171,8 @@ pub fn stack(ctx: StackContext) -> Stack {
         .layer(circuit_breaker::layer())
         .layer(contract::layer(ctx.metrics.clone()))
         .layer(retry::layer(ctx.metrics.clone()))
+        .layer(credentials::layer(ctx.metrics.clone()))
         .layer(timeout::layer())
-        .layer(credentials::layer())
         .service(send::SendAttempt);
     BoxCloneSyncService::new(svc)
 }

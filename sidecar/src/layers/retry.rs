@@ -175,7 +175,7 @@ where
 
 /// A copy of `req` for another attempt; `None` when its body cannot be replayed (too large to
 /// buffer).
-fn spare_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+pub(crate) fn spare_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
     req.body().try_clone().map(|body| {
         let mut r = Request::new(body);
         *r.method_mut() = req.method().clone();

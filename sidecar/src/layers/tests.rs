@@ -522,7 +522,7 @@ async fn credentials_replace_whatever_the_app_sent() {
     let mut req = request(&i, http::Method::GET);
     req.headers_mut()
         .insert("authorization", "Bearer app-guess".parse().unwrap());
-    let call = tokio::spawn(credentials::layer().layer(inner).oneshot(req));
+    let call = tokio::spawn(credentials::layer(metrics()).layer(inner).oneshot(req));
     let sent = answer_next(&mut handle, 200).await;
     let values: Vec<_> = sent.headers().get_all("authorization").iter().collect();
     assert_eq!(values, ["Bearer s3cret"]);

@@ -144,6 +144,13 @@ pub struct RevisionLabels {
     pub source: String,
 }
 
+/// `key`: `primary` or `secondary` (never a value).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialKeyLabels {
+    pub integration: String,
+    pub key: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IntegrationLabels {
     pub integration: String,
@@ -307,6 +314,10 @@ pub struct Metrics {
     /// Access log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
     pub contract_violations: Family<ContractLabels, Counter>,
+    /// Partner answers other than 401, by the key of a rotation window they came for.
+    pub credential_keys: Family<CredentialKeyLabels, Counter>,
+    /// OAuth2 token fetches that failed after their retries.
+    pub credential_refresh_failures: Family<IntegrationLabels, Counter>,
     /// The violation counts of `contract_violations` again, by integration, for the operator's
     /// reports (a family cannot be listed).
     contract_totals: Mutex<HashMap<String, ContractTotals>>,
@@ -482,12 +493,26 @@ impl Default for Metrics {
             "Partner 2xx answers that break the route's success rule (kind=success-rule) or schema (kind=schema), carry an enum value not listed (kind=unknown-enum), or were too long or compressed to check (kind=unchecked)",
             contract_violations.clone(),
         );
+        let credential_keys = Family::<CredentialKeyLabels, Counter>::default();
+        registry.register(
+            "tollgate_credential_key",
+            "With a rotation window (credentials.secondaryRef): partner answers other than 401, by the key the call carried (key=primary, or key=secondary after the primary got a 401)",
+            credential_keys.clone(),
+        );
+        let credential_refresh_failures = Family::<IntegrationLabels, Counter>::default();
+        registry.register(
+            "tollgate_credential_refresh_failures",
+            "OAuth2 token fetches that failed after their retries (the old token stays in use until it expires; then calls are answered credential-unavailable)",
+            credential_refresh_failures.clone(),
+        );
         let caps = CapMetrics::register(&mut registry);
         let adaptive = AdaptiveMetrics::register(&mut registry);
         Metrics {
             registry,
             caps,
             adaptive,
+            credential_keys,
+            credential_refresh_failures,
             access_log_dropped,
             contract_violations,
             contract_totals: Mutex::default(),
