@@ -97,11 +97,11 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     );
 
     // A sidecar-made answer records its reason.
-    sidecar.write_config(&spec.replace("routes:", "killSwitch: {enabled: true}\nroutes:"));
     sidecar
-        .wait_config("kill switch", |c| {
-            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
-        })
+        .write_kill_switch(
+            &spec.replace("routes:", "killSwitch: {enabled: true}\nroutes:"),
+            true,
+        )
         .await;
     sidecar.get(&format!("{}/v1/charges", partner.url())).await;
     let calls = receiver.wait_for("tollgate.call", 2).await;
