@@ -11,6 +11,7 @@ use super::{BoxFuture, Call, CallError, CallResult};
 use crate::body::{self, ReqBody, RespBody};
 use crate::client::classify;
 use crate::proxy::headers::strip_hop_by_hop;
+use crate::telemetry::spans::AttemptSpan;
 use tollgate_crds::policy::{Scheme, UpstreamPolicy};
 
 #[derive(Clone, Copy, Debug)]
@@ -108,7 +109,9 @@ impl Service<Request<ReqBody>> for SendAttempt {
         }
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
-        crate::telemetry::spans::inject_context(req.headers_mut());
+        if let Some(span) = req.extensions().get::<AttemptSpan>().cloned() {
+            span.inject(req.headers_mut());
+        }
         let client = call.integration.state.client.clone();
         Box::pin(async move {
             match client.request(req).await {

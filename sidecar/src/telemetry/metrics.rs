@@ -186,6 +186,8 @@ pub struct Metrics {
     pub partner_sunset: Family<RouteLabels, Gauge>,
     /// Access log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
+    /// Spans dropped because the export queue was full.
+    pub spans_dropped: Counter,
     pub contract_violations: Family<ContractLabels, Counter>,
     /// The violation counts of `contract_violations` again, by integration, for the operator's
     /// reports (a family cannot be listed).
@@ -356,6 +358,12 @@ impl Default for Metrics {
             "Access log lines dropped because stdout did not keep up",
             access_log_dropped.clone(),
         );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "tollgate_spans_dropped",
+            "Spans not exported because the export queue (OTEL_BSP_MAX_QUEUE_SIZE) was full",
+            spans_dropped.clone(),
+        );
         let contract_violations = Family::<ContractLabels, Counter>::default();
         registry.register(
             "tollgate_contract_violations",
@@ -365,6 +373,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             access_log_dropped,
+            spans_dropped,
             contract_violations,
             contract_totals: Mutex::default(),
             partner_deprecated,
@@ -516,6 +525,9 @@ pub struct RouteMetrics {
     /// `(outcome, result, status code)` -> its `tollgate_requests_total` series; a handful per
     /// route.
     requests: RwLock<Vec<(&'static str, CallResult, u16, Counter)>>,
+    /// `tollgate.integration` and `tollgate.route` for the route's spans, shared rather than
+    /// copied into each.
+    span_attributes: [opentelemetry::KeyValue; 2],
 }
 
 impl RouteMetrics {
@@ -525,7 +537,22 @@ impl RouteMetrics {
             route: route.to_string(),
             duration: Default::default(),
             requests: RwLock::new(Vec::new()),
+            span_attributes: [
+                opentelemetry::KeyValue::new(
+                    "tollgate.integration",
+                    opentelemetry::StringValue::from(std::sync::Arc::<str>::from(integration)),
+                ),
+                opentelemetry::KeyValue::new(
+                    "tollgate.route",
+                    opentelemetry::StringValue::from(std::sync::Arc::<str>::from(route)),
+                ),
+            ],
         }
+    }
+
+    /// The attributes naming the route on its call spans.
+    pub fn span_attributes(&self) -> &[opentelemetry::KeyValue] {
+        &self.span_attributes
     }
 
     /// Records one finished call.
