@@ -82,14 +82,6 @@ fn cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
 }
@@ -374,10 +366,10 @@ fn main() {
         "flips": flips,
         "churn": churn,
         "fanout_ms": {
-            "p50": ms(percentile(&samples, 0.50)),
-            "p99": ms(percentile(&samples, 0.99)),
+            "p50": ms(support::percentile(&samples, 0.50)),
+            "p99": ms(support::percentile(&samples, 0.99)),
             "max": ms(samples.last().copied().unwrap_or_default()),
-            "last_stream_p50": ms(percentile(&per_flip, 0.50)),
+            "last_stream_p50": ms(support::percentile(&per_flip, 0.50)),
             "per_flip_last_ms": per_flip_in_order,
         },
         // Includes the 200 ms pause before each flip (an idle operator costs ~nothing).

@@ -28,11 +28,6 @@ fn entry(generation: i64, kill: bool) -> Entry {
     Entry::new(generation, spec, policy, None)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
     let sidecars: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
@@ -120,8 +115,8 @@ fn main() {
         println!(
             "kill-switch propagation, {sidecars} sidecars x {flips} flips ({} samples): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             samples.len(),
-            percentile(&samples, 0.50).as_secs_f64() * 1e3,
-            percentile(&samples, 0.99).as_secs_f64() * 1e3,
+            support::percentile(&samples, 0.50).as_secs_f64() * 1e3,
+            support::percentile(&samples, 0.99).as_secs_f64() * 1e3,
             samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         );
         for t in tasks {

@@ -340,3 +340,12 @@ pub async fn tls_connect(
         .await
         .unwrap()
 }
+
+/// The `p` quantile (0 to 1) of `sorted`, nearest rank; zero when there is none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
