@@ -58,6 +58,36 @@ fn stripe(kill: bool) -> serde_json::Value {
     })
 }
 
+/// `payments/stripe` at `generation`, its kill switch `kill`, its credential `key`.
+fn stripe_entry(generation: i64, kill: bool, key: &str) -> Entry {
+    entry("payments", "stripe", generation, stripe(kill), Some(key))
+}
+
+/// The operator ends `s`'s stream and refuses its reconnect with `status`: a new revision
+/// does not reach it, and the end is counted with `reason`.
+async fn ended_and_refused(
+    op: &OperatorProcess,
+    catalog: &CatalogHandle,
+    s: &mut Sidecar,
+    status: &str,
+    reason: &str,
+) {
+    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
+    s.state_matches(|st| {
+        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains(status)
+    })
+    .await;
+    catalog.upsert(stripe_entry(2, false, "sk_live_2"));
+    s.quiet(Duration::from_millis(500)).await;
+    assert!(
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_streams_ended_total",
+            &[("reason", reason)]
+        ) >= 1.0
+    );
+}
+
 fn global_quota() -> serde_json::Value {
     json!({
         "upstream": {"url": "http://partner.internal:8080"},
@@ -154,13 +184,7 @@ async fn a_revision_change_reaches_both_sidecars() {
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let t2 = api.add_pod("payments", "checkout-2", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -181,13 +205,7 @@ async fn a_revision_change_reaches_both_sidecars() {
     }
 
     // Kill switch on: pushed to both, as revision 2.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_1"));
     for s in [&mut a, &mut b] {
         let snap = s.next().await;
         assert_eq!(snap.revision, 2);
@@ -304,13 +322,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
         },
     );
     let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
     let addr = free_addr();
     let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -355,13 +367,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
     assert!(format!("{st:?}").contains("403"), "{st:?}");
 
     // Changes in payments reach none of them.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_2"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_2"));
     for s in [&mut l, &mut o, &mut forged, &mut unbound, &mut liar] {
         s.quiet(Duration::from_millis(500)).await;
     }
@@ -407,13 +413,7 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
     let api = FakeApi::default();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -455,13 +455,7 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
     s.quiet(Duration::from_millis(300)).await;
 
     // It changed meanwhile: the next revision follows the one the sidecar held.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_2"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_2"));
     let next = s.next().await;
     assert_eq!(next.revision, 2);
     assert_eq!(
@@ -471,13 +465,7 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
     op.stop();
 
     // And a restart of the operator with a change already made resyncs on connect.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        3,
-        stripe(false),
-        Some("sk_live_2"),
-    ));
+    catalog.upsert(stripe_entry(3, false, "sk_live_2"));
     let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
     let resynced = s.next().await;
     assert_eq!(resynced.revision, 3);
@@ -501,13 +489,7 @@ async fn a_stream_ends_when_its_pod_is_deleted() {
     let api = FakeApi::default();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
     let addr = free_addr();
     let limits = ServerLimits {
         stream_recheck: Duration::from_millis(300),
@@ -518,27 +500,7 @@ async fn a_stream_ends_when_its_pod_is_deleted() {
     assert_eq!(s.next().await.revision, 1);
 
     api.remove_pod("payments", "checkout-1");
-    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
-    // The stream ends, then the reconnect is refused.
-    s.state_matches(|st| {
-        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("403")
-    })
-    .await;
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(false),
-        Some("sk_live_2"),
-    ));
-    s.quiet(Duration::from_millis(500)).await;
-    assert!(
-        metric(
-            &op.metrics.encode(),
-            "tollgate_operator_streams_ended_total",
-            &[("reason", "pod_gone")]
-        ) >= 1.0
-    );
+    ended_and_refused(&op, &catalog, &mut s, "403", "pod_gone").await;
 }
 
 /// A stream ends when its token expires (`exp`), with no re-check due: the sidecar must come
@@ -555,40 +517,14 @@ async fn a_stream_ends_when_its_token_expires() {
         Duration::from_secs(2),
     );
     let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
     let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &token);
     assert_eq!(s.next().await.revision, 1);
     assert_eq!(op.hub.session_count(), 1);
 
-    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
-    // The stream ends, then the reconnect is refused.
-    s.state_matches(|st| {
-        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("401")
-    })
-    .await;
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(false),
-        Some("sk_live_2"),
-    ));
-    s.quiet(Duration::from_millis(500)).await;
-    assert!(
-        metric(
-            &op.metrics.encode(),
-            "tollgate_operator_streams_ended_total",
-            &[("reason", "token_expired")]
-        ) >= 1.0
-    );
+    ended_and_refused(&op, &catalog, &mut s, "401", "token_expired").await;
 }
 
 /// One pod's token opens at most `max_streams_per_pod` streams; more are refused with 429
@@ -600,13 +536,7 @@ async fn streams_per_pod_are_limited() {
     let api = FakeApi::default();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
     let addr = free_addr();
     let limits = ServerLimits {
         max_streams_per_pod: 2,
@@ -631,13 +561,7 @@ async fn streams_per_pod_are_limited() {
             &[("reason", "stream_limit")]
         ) >= 1.0
     );
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_1"));
     assert_eq!(first.next().await.revision, 2);
     assert_eq!(second.next().await.revision, 2);
 }
