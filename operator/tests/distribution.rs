@@ -14,7 +14,7 @@ use tollgate_operator::distribution::{HubSettings, ServerLimits};
 use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, ConnectionState};
 use tollgate_testkit::{ServingCert, metric, until};
 
-use support::{FakeApi, OperatorProcess, TokenKind, certs, free_addr};
+use support::{OperatorProcess, TokenKind, fixture, free_addr};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -56,6 +56,13 @@ fn stripe(kill: bool) -> serde_json::Value {
         "killSwitch": {"enabled": kill, "reason": "INC-1"},
         "credentials": {"secretRef": {"name": "stripe-api", "key": "apiKey"}, "format": "Bearer {value}"},
     })
+}
+
+/// A catalog holding `payments/stripe` at generation 1.
+fn stripe_catalog() -> CatalogHandle {
+    let catalog = CatalogHandle::new();
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    catalog
 }
 
 /// `payments/stripe` at `generation`, its kill switch `kill`, its credential `key`.
@@ -178,13 +185,10 @@ impl Drop for Sidecar {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_change_reaches_both_sidecars() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let t2 = api.add_pod("payments", "checkout-2", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -277,9 +281,7 @@ async fn a_revision_change_reaches_both_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_travels_with_its_integration() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
     let mut spec = stripe(false);
@@ -309,9 +311,7 @@ async fn a_client_certificate_travels_with_its_integration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let logistics = api.add_pod("logistics", "router-1", &[("app", "checkout")]);
     let other_app = api.add_pod("payments", "ledger-1", &[("app", "ledger")]);
     let forged = api.add_token("forged", TokenKind::Rejected);
@@ -321,8 +321,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
             namespace: "payments".into(),
         },
     );
-    let catalog = CatalogHandle::new();
-    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -375,9 +374,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_quota_is_divided_among_current_subscribers() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("shop", "web-1", &[]);
     let t2 = api.add_pod("shop", "web-2", &[]);
     let catalog = CatalogHandle::new();
@@ -408,12 +405,9 @@ async fn global_quota_is_divided_among_current_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -484,12 +478,9 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
 /// sidecar (its reconnects are refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_when_its_pod_is_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let limits = ServerLimits {
         stream_recheck: Duration::from_millis(300),
@@ -507,17 +498,14 @@ async fn a_stream_ends_when_its_pod_is_deleted() {
 /// back with a fresh token, and an expired one gets nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_when_its_token_expires() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let token = api.add_pod_token_expiring(
         "payments",
         "checkout-1",
         &[("app", "checkout")],
         Duration::from_secs(2),
     );
-    let catalog = CatalogHandle::new();
-    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
     let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &token);
@@ -531,12 +519,9 @@ async fn a_stream_ends_when_its_token_expires() {
 /// and counted, and the streams already open keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_pod_are_limited() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (_dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let limits = ServerLimits {
         max_streams_per_pod: 2,
@@ -570,9 +555,7 @@ async fn streams_per_pod_are_limited() {
 /// TokenReview, and a refused token is remembered, so retrying it costs nothing either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (_dir, certs, api) = fixture();
     let forged = api.add_token("forged", TokenKind::Rejected);
     let catalog = CatalogHandle::new();
     let addr = free_addr();
@@ -620,9 +603,7 @@ async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_session_is_refused_before_its_body() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (_dir, certs, api) = fixture();
     let addr = free_addr();
     let _op = OperatorProcess::start(addr, &certs, &api, CatalogHandle::new(), settings());
     let mut tls = support::tls_connect(addr, &certs).await;

@@ -13,13 +13,11 @@ use tollgate_operator::catalog::{CatalogHandle, Entry};
 use tollgate_operator::distribution::HubSettings;
 use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, save_snapshot};
 
-use support::{FakeApi, OperatorProcess, certs, free_addr};
+use support::{OperatorProcess, fixture, free_addr};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_from_the_largest_revision_gets_a_fresh_count_not_a_dead_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let token = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
     let spec: tollgate_crds::PartnerIntegrationSpec =

@@ -228,6 +228,13 @@ pub fn not_found(message: &str) -> Response<Full<Bytes>> {
 
 /// A CA and a serving certificate it signed for `localhost`, written into `dir` (`ca.crt` is
 /// the bundle a client trusts).
+/// A test's directory, the operator's serving certificate in it, and an empty fake API server.
+pub fn fixture() -> (tempfile::TempDir, ServingCert, FakeApi) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    (dir, certs, FakeApi::default())
+}
+
 pub fn certs(dir: &std::path::Path) -> ServingCert {
     TestCa::new()
         .write_serving_cert(dir, &["localhost"])
