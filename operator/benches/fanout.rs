@@ -33,7 +33,7 @@ use serde_json::json;
 use tollgate_crds::distribution::Snapshot;
 use tollgate_operator::catalog::{CatalogHandle, Entry};
 use tollgate_operator::distribution::HubSettings;
-use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig};
+use tollgate_sidecar::cluster::ClusterClient;
 
 const CLIENT_ENV: &str = "TOLLGATE_FANOUT_CLIENT";
 const NS: &str = "payments";
@@ -114,15 +114,14 @@ fn client_main(arg: &str) {
     rt.block_on(async {
         for i in first..first + count {
             let pod = format!("checkout-{i}");
-            let mut config = ClusterConfig::new(
-                format!("https://{addr}").parse().expect("url"),
-                dir.join(format!("{pod}.token")),
+            let config = support::cluster_config(
+                addr.parse().expect("a socket address"),
                 PathBuf::from(ca),
-                pod.clone(),
+                dir.join(format!("{pod}.token")),
                 NS,
+                &pod,
                 dir.join(format!("{pod}.json")),
             );
-            config.server_name = Some("localhost".into());
             let tx = tx.clone();
             let client = ClusterClient::new(
                 config,

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tollgate_crds::distribution::{BreakerState, IntegrationReport, SecretValue, Snapshot};
 use tollgate_operator::catalog::{CatalogHandle, Credential, Entry};
 use tollgate_operator::distribution::{HubSettings, ServerLimits};
-use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, ConnectionState};
+use tollgate_sidecar::cluster::{ClusterClient, ConnectionState};
 use tollgate_testkit::{ServingCert, metric, until};
 
 use support::{OperatorProcess, TokenKind, fixture, free_addr};
@@ -120,17 +120,14 @@ impl Sidecar {
     ) -> Self {
         let token_file = dir.join(format!("{ns}-{pod}.token"));
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        let mut config = ClusterConfig::new(
-            format!("https://127.0.0.1:{}", addr.port())
-                .parse()
-                .unwrap(),
-            token_file,
+        let mut config = support::cluster_config(
+            addr,
             certs.ca_file.clone(),
-            pod,
+            token_file,
             ns,
+            pod,
             dir.join(format!("{ns}-{pod}.snapshot.json")),
         );
-        config.server_name = Some("localhost".into());
         config.backoff_base = Duration::from_millis(50);
         config.backoff_max = Duration::from_millis(300);
         let (tx, snapshots) = mpsc::unbounded_channel();

@@ -356,3 +356,27 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
 }
+
+/// A sidecar's settings for the operator at `addr`, whose certificate names `localhost`: the
+/// pod `namespace/pod`, its token in `token_file`, its snapshot kept in `state_file`.
+pub fn cluster_config(
+    addr: SocketAddr,
+    ca_file: impl Into<std::path::PathBuf>,
+    token_file: impl Into<std::path::PathBuf>,
+    namespace: &str,
+    pod: &str,
+    state_file: impl Into<std::path::PathBuf>,
+) -> tollgate_sidecar::cluster::ClusterConfig {
+    let mut config = tollgate_sidecar::cluster::ClusterConfig::new(
+        format!("https://127.0.0.1:{}", addr.port())
+            .parse()
+            .expect("an https URL"),
+        token_file,
+        ca_file,
+        pod,
+        namespace,
+        state_file,
+    );
+    config.server_name = Some("localhost".into());
+    config
+}
