@@ -6,14 +6,7 @@ mod support;
 use support::*;
 
 fn reply(headers: &[(&str, &str)]) -> Reply {
-    Reply::Full {
-        status: 200,
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        body: "ok".into(),
-    }
+    Reply::with(200, headers, "ok")
 }
 
 #[tokio::test]
