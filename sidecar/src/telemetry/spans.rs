@@ -46,10 +46,17 @@ struct HeaderInjector<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        // The W3C propagator's two names, without parsing them; the value's bytes are taken,
+        // not copied.
+        let name = match key {
+            "traceparent" => http::HeaderName::from_static("traceparent"),
+            "tracestate" => http::HeaderName::from_static("tracestate"),
+            other => match http::HeaderName::from_bytes(other.as_bytes()) {
+                Ok(name) => name,
+                Err(_) => return,
+            },
+        };
+        if let Ok(value) = http::HeaderValue::try_from(value) {
             self.0.insert(name, value);
         }
     }
