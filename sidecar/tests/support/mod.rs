@@ -231,3 +231,13 @@ pub fn manifest(name: &str, spec: &str) -> String {
     }
     out
 }
+
+/// `tollgate_tunnels_total` of the integration `test/partner` with `outcome`, in the metrics
+/// text `m`.
+pub fn tunnels(m: &str, outcome: &str) -> f64 {
+    metric(
+        m,
+        "tollgate_tunnels_total",
+        &[("integration", "test/partner"), ("outcome", outcome)],
+    )
+}
