@@ -14,7 +14,7 @@ use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::telemetry::access_log;
-use crate::telemetry::metrics::{CallResult, Metrics, RouteMetrics};
+use crate::telemetry::metrics::{CallResult, Metrics};
 use crate::telemetry::spans::CallSpan;
 
 /// Put on a response served from fallback, so the call is recorded as such.
@@ -59,7 +59,7 @@ where
         let metrics = self.metrics.clone();
         let span = CallSpan::start(
             req.method(),
-            route_metrics(&metrics, &call).span_attributes(),
+            call.metrics(&metrics).span_attributes(),
             req.headers(),
         );
         let access = call.integration.policy.access_log.then(|| {
@@ -185,14 +185,6 @@ pub fn call_result(
     }
 }
 
-/// The route's metric handles and span attributes, made on the route's first call in this
-/// revision.
-fn route_metrics<'a>(metrics: &Metrics, call: &'a Call) -> &'a RouteMetrics {
-    call.route_state()
-        .metrics
-        .get_or_init(|| RouteMetrics::new(metrics, &call.integration.label, call.route_name()))
-}
-
 /// Records a finished call in its span, the metrics and the integration's traffic counters,
 /// and ends the span.
 fn record(
@@ -218,7 +210,8 @@ fn record(
         span.end();
     }
     let elapsed = call.started.elapsed();
-    route_metrics(metrics, call).record(metrics, outcome, result, status, elapsed.as_secs_f64());
+    call.metrics(metrics)
+        .record(metrics, outcome, result, status, elapsed.as_secs_f64());
     // The status counts as the metrics do: a fallback standing in for the partner's 5xx is
     // its failure.
     let hidden_failure = reason.is_none() && result == CallResult::Failure && status < 500;

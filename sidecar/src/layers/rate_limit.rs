@@ -21,7 +21,7 @@ use crate::answer::Reason;
 use crate::body::ReqBody;
 use crate::engine::limiter::{self, Denied, Limiter};
 use crate::state::Quota;
-use crate::telemetry::metrics::{BandLabels, DecisionLabels, Metrics, RouteLabels};
+use crate::telemetry::metrics::{BandLabels, Metrics, RouteLabels};
 use tollgate_crds::policy::RateLimitPolicy;
 use tollgate_crds::v1alpha1::OnLimit;
 
@@ -110,16 +110,9 @@ pub(crate) fn charge(
         entries.push((&*q.limiter, key));
         kinds.push((q, kind));
     }
-    let decision = |kind: QuotaKind, decision: &str| {
-        metrics
-            .rate_limit_decisions
-            .get_or_create(&DecisionLabels {
-                integration: call.integration.label.to_string(),
-                route: call.route_name().to_string(),
-                quota: kind.as_str().to_string(),
-                decision: decision.to_string(),
-            })
-            .inc();
+    let route_metrics = call.metrics(metrics);
+    let decision = |kind: QuotaKind, decision: &'static str| {
+        route_metrics.decision(metrics, kind.as_str(), decision);
     };
     match limiter::admit(&entries, now, max_wait) {
         Ok(admitted) => {

@@ -27,7 +27,7 @@ use super::{BoxFuture, Call, CallError, CallResult, rate_limit};
 use crate::body::{ReqBody, RespBody};
 use crate::client::TransportFailure;
 use crate::engine::{backoff, retry_after};
-use crate::telemetry::metrics::{Metrics, RouteLabels, SkipLabels};
+use crate::telemetry::metrics::{Metrics, SkipLabels};
 use crate::telemetry::spans::{AttemptSpan, CallSpan};
 use tollgate_crds::policy::RetryPolicy;
 
@@ -160,13 +160,7 @@ where
                 return result;
             }
         };
-        metrics
-            .retries
-            .get_or_create(&RouteLabels {
-                integration: call.integration.label.to_string(),
-                route: call.route_name().to_string(),
-            })
-            .inc();
+        call.metrics(&metrics).retry(&metrics);
         drop(result);
         tokio::time::sleep(delay).await;
         req = next;
