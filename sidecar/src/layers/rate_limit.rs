@@ -98,30 +98,45 @@ pub(crate) fn charge(
         OnLimit::Queue => at_least.max(policy.max_queue_wait),
     }
     .min(call.deadline.saturating_duration_since(now));
-    let mut entries: Vec<(&Limiter, limiter::Key<'_>)> = Vec::with_capacity(2);
-    let mut kinds = Vec::with_capacity(2);
-    for (q, kind) in quotas(call) {
+    // At most two quotas (the route's, the account's), held on the stack.
+    fn entry<'a, 'h>(q: &'a Quota, headers: &'h HeaderMap) -> (&'a Limiter, limiter::Key<'h>) {
         let key = q
             .policy
             .partition_by
             .as_ref()
             .and_then(|h| headers.get(h))
             .map(|v| v.as_bytes());
-        entries.push((&*q.limiter, key));
-        kinds.push((q, kind));
+        (&*q.limiter, key)
     }
+    let mut all = quotas(call);
+    let first = all.next()?;
+    let second = all.next();
+    let (pair, one);
+    let (entries, kinds): (&[_], &[_]) = match second {
+        Some(second) => {
+            pair = (
+                [entry(first.0, headers), entry(second.0, headers)],
+                [first, second],
+            );
+            (&pair.0, &pair.1)
+        }
+        None => {
+            one = ([entry(first.0, headers)], [first]);
+            (&one.0, &one.1)
+        }
+    };
     let route_metrics = call.metrics(metrics);
     let decision = |kind: QuotaKind, decision: &'static str| {
         route_metrics.decision(metrics, kind.as_str(), decision);
     };
-    match limiter::admit(&entries, now, max_wait) {
+    match limiter::admit(entries, now, max_wait) {
         Ok(admitted) => {
             let outcome = if admitted.wait.is_zero() {
                 "admitted"
             } else {
                 "queued"
             };
-            for (_, kind) in &kinds {
+            for (_, kind) in kinds {
                 decision(*kind, outcome);
             }
             if admitted.overflow {
