@@ -114,6 +114,8 @@ def main():
                     total = int(line.split()[1])
         print(f"callgrind: {total / res['requests']:.0f} instructions per request ({res['requests']} requests, {path})")
         print(f"callgrind: {count_calls(path, ALLOCATORS) / res['requests']:.1f} heap allocations per request (malloc, calloc, realloc, memalign)")
+        for caller, n in calls_by_caller(path, ALLOCATORS)[:15]:
+            print(f"  {n / res['requests']:5.2f} per request from {caller[:150]}")
         rep = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", path], capture_output=True, text=True)
         print("\n".join(rep.stdout.splitlines()[:70]))
 
@@ -143,6 +145,32 @@ def count_calls(path, names):
                 total += int(line[6:].split()[0])
                 target = False
     return total
+
+
+def calls_by_caller(path, names):
+    """Calls to the named functions in a callgrind dump, by calling function, most first."""
+    ids = {}
+    by = {}
+    caller = None
+    target = False
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            m = re.match(r"fn=\((\d+)\)(?: (.*))?$", line)
+            if m:
+                if m.group(2) is not None:
+                    ids[m.group(1)] = m.group(2)
+                caller = ids.get(m.group(1), "?")
+                continue
+            m = re.match(r"cfn=\((\d+)\)(?: (.*))?$", line)
+            if m:
+                if m.group(2) is not None:
+                    ids[m.group(1)] = m.group(2)
+                target = ids.get(m.group(1), "") in names
+            elif line.startswith("calls=") and target:
+                by[caller] = by.get(caller, 0) + int(line[6:].split()[0])
+                target = False
+    return sorted(by.items(), key=lambda kv: -kv[1])
 
 
 def sidecar_pid(proc):

@@ -33,7 +33,7 @@ use serde_json::json;
 use tollgate_crds::distribution::Snapshot;
 use tollgate_operator::catalog::{CatalogHandle, Entry};
 use tollgate_operator::distribution::HubSettings;
-use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig};
+use tollgate_sidecar::cluster::ClusterClient;
 
 const CLIENT_ENV: &str = "TOLLGATE_FANOUT_CLIENT";
 const NS: &str = "payments";
@@ -82,14 +82,6 @@ fn cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
 }
@@ -122,15 +114,14 @@ fn client_main(arg: &str) {
     rt.block_on(async {
         for i in first..first + count {
             let pod = format!("checkout-{i}");
-            let mut config = ClusterConfig::new(
-                format!("https://{addr}").parse().expect("url"),
-                dir.join(format!("{pod}.token")),
+            let config = support::cluster_config(
+                addr.parse().expect("a socket address"),
                 PathBuf::from(ca),
-                pod.clone(),
+                dir.join(format!("{pod}.token")),
                 NS,
+                &pod,
                 dir.join(format!("{pod}.json")),
             );
-            config.server_name = Some("localhost".into());
             let tx = tx.clone();
             let client = ClusterClient::new(
                 config,
@@ -374,10 +365,10 @@ fn main() {
         "flips": flips,
         "churn": churn,
         "fanout_ms": {
-            "p50": ms(percentile(&samples, 0.50)),
-            "p99": ms(percentile(&samples, 0.99)),
+            "p50": ms(support::percentile(&samples, 0.50)),
+            "p99": ms(support::percentile(&samples, 0.99)),
             "max": ms(samples.last().copied().unwrap_or_default()),
-            "last_stream_p50": ms(percentile(&per_flip, 0.50)),
+            "last_stream_p50": ms(support::percentile(&per_flip, 0.50)),
             "per_flip_last_ms": per_flip_in_order,
         },
         // Includes the 200 ms pause before each flip (an idle operator costs ~nothing).

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tollgate_crds::distribution::Snapshot;
 use tollgate_operator::catalog::{CatalogHandle, Entry};
 use tollgate_operator::distribution::HubSettings;
-use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig};
+use tollgate_sidecar::cluster::ClusterClient;
 
 fn entry(generation: i64, kill: bool) -> Entry {
     let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(json!({
@@ -26,11 +26,6 @@ fn entry(generation: i64, kill: bool) -> Entry {
     .expect("spec");
     let policy = tollgate_crds::compile("payments", "stripe", &spec).expect("compiles");
     Entry::new(generation, spec, policy, None)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 fn main() {
@@ -65,15 +60,14 @@ fn main() {
             let token = api.add_pod("payments", &pod, &[("app", "checkout")]);
             let token_file = dir.path().join(format!("{pod}.token"));
             std::fs::write(&token_file, token).expect("token file");
-            let mut config = ClusterConfig::new(
-                format!("https://127.0.0.1:{}", addr.port()).parse().expect("url"),
-                token_file,
+            let config = support::cluster_config(
+                addr,
                 certs.ca_file.clone(),
-                pod.clone(),
+                token_file,
                 "payments",
+                &pod,
                 dir.path().join(format!("{pod}.json")),
             );
-            config.server_name = Some("localhost".into());
             let tx = tx.clone();
             let client = ClusterClient::new(
                 config,
@@ -120,8 +114,8 @@ fn main() {
         println!(
             "kill-switch propagation, {sidecars} sidecars x {flips} flips ({} samples): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             samples.len(),
-            percentile(&samples, 0.50).as_secs_f64() * 1e3,
-            percentile(&samples, 0.99).as_secs_f64() * 1e3,
+            support::percentile(&samples, 0.50).as_secs_f64() * 1e3,
+            support::percentile(&samples, 0.99).as_secs_f64() * 1e3,
             samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         );
         for t in tasks {

@@ -11,10 +11,10 @@ use tokio::sync::{mpsc, watch};
 use tollgate_crds::distribution::{BreakerState, IntegrationReport, SecretValue, Snapshot};
 use tollgate_operator::catalog::{CatalogHandle, Credential, Entry};
 use tollgate_operator::distribution::{HubSettings, ServerLimits};
-use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, ConnectionState};
+use tollgate_sidecar::cluster::{ClusterClient, ConnectionState};
 use tollgate_testkit::{ServingCert, metric, until};
 
-use support::{FakeApi, OperatorProcess, TokenKind, certs, free_addr};
+use support::{OperatorProcess, TokenKind, fixture, free_addr};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -58,6 +58,43 @@ fn stripe(kill: bool) -> serde_json::Value {
     })
 }
 
+/// A catalog holding `payments/stripe` at generation 1.
+fn stripe_catalog() -> CatalogHandle {
+    let catalog = CatalogHandle::new();
+    catalog.upsert(stripe_entry(1, false, "sk_live_1"));
+    catalog
+}
+
+/// `payments/stripe` at `generation`, its kill switch `kill`, its credential `key`.
+fn stripe_entry(generation: i64, kill: bool, key: &str) -> Entry {
+    entry("payments", "stripe", generation, stripe(kill), Some(key))
+}
+
+/// The operator ends `s`'s stream and refuses its reconnect with `status`: a new revision
+/// does not reach it, and the end is counted with `reason`.
+async fn ended_and_refused(
+    op: &OperatorProcess,
+    catalog: &CatalogHandle,
+    s: &mut Sidecar,
+    status: &str,
+    reason: &str,
+) {
+    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
+    s.state_matches(|st| {
+        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains(status)
+    })
+    .await;
+    catalog.upsert(stripe_entry(2, false, "sk_live_2"));
+    s.quiet(Duration::from_millis(500)).await;
+    assert!(
+        metric(
+            &op.metrics.encode(),
+            "tollgate_operator_streams_ended_total",
+            &[("reason", reason)]
+        ) >= 1.0
+    );
+}
+
 fn global_quota() -> serde_json::Value {
     json!({
         "upstream": {"url": "http://partner.internal:8080"},
@@ -83,17 +120,14 @@ impl Sidecar {
     ) -> Self {
         let token_file = dir.join(format!("{ns}-{pod}.token"));
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        let mut config = ClusterConfig::new(
-            format!("https://127.0.0.1:{}", addr.port())
-                .parse()
-                .unwrap(),
-            token_file,
+        let mut config = support::cluster_config(
+            addr,
             certs.ca_file.clone(),
-            pod,
+            token_file,
             ns,
+            pod,
             dir.join(format!("{ns}-{pod}.snapshot.json")),
         );
-        config.server_name = Some("localhost".into());
         config.backoff_base = Duration::from_millis(50);
         config.backoff_max = Duration::from_millis(300);
         let (tx, snapshots) = mpsc::unbounded_channel();
@@ -148,19 +182,10 @@ impl Drop for Sidecar {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_change_reaches_both_sidecars() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let t2 = api.add_pod("payments", "checkout-2", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -181,13 +206,7 @@ async fn a_revision_change_reaches_both_sidecars() {
     }
 
     // Kill switch on: pushed to both, as revision 2.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_1"));
     for s in [&mut a, &mut b] {
         let snap = s.next().await;
         assert_eq!(snap.revision, 2);
@@ -262,9 +281,7 @@ async fn a_revision_change_reaches_both_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_travels_with_its_integration() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
     let mut spec = stripe(false);
@@ -294,9 +311,7 @@ async fn a_client_certificate_travels_with_its_integration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let logistics = api.add_pod("logistics", "router-1", &[("app", "checkout")]);
     let other_app = api.add_pod("payments", "ledger-1", &[("app", "ledger")]);
     let forged = api.add_token("forged", TokenKind::Rejected);
@@ -306,14 +321,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
             namespace: "payments".into(),
         },
     );
-    let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -358,13 +366,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
     assert!(format!("{st:?}").contains("403"), "{st:?}");
 
     // Changes in payments reach none of them.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_2"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_2"));
     for s in [&mut l, &mut o, &mut forged, &mut unbound, &mut liar] {
         s.quiet(Duration::from_millis(500)).await;
     }
@@ -372,9 +374,7 @@ async fn other_namespaces_unmatched_pods_and_bad_tokens_get_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_quota_is_divided_among_current_subscribers() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("shop", "web-1", &[]);
     let t2 = api.add_pod("shop", "web-2", &[]);
     let catalog = CatalogHandle::new();
@@ -405,18 +405,9 @@ async fn global_quota_is_divided_among_current_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
 
@@ -458,13 +449,7 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
     s.quiet(Duration::from_millis(300)).await;
 
     // It changed meanwhile: the next revision follows the one the sidecar held.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_2"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_2"));
     let next = s.next().await;
     assert_eq!(next.revision, 2);
     assert_eq!(
@@ -474,13 +459,7 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
     op.stop();
 
     // And a restart of the operator with a change already made resyncs on connect.
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        3,
-        stripe(false),
-        Some("sk_live_2"),
-    ));
+    catalog.upsert(stripe_entry(3, false, "sk_live_2"));
     let _op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
     let resynced = s.next().await;
     assert_eq!(resynced.revision, 3);
@@ -499,18 +478,9 @@ async fn persisted_snapshot_outlives_the_operator_and_resyncs() {
 /// sidecar (its reconnects are refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_when_its_pod_is_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let limits = ServerLimits {
         stream_recheck: Duration::from_millis(300),
@@ -521,95 +491,37 @@ async fn a_stream_ends_when_its_pod_is_deleted() {
     assert_eq!(s.next().await.revision, 1);
 
     api.remove_pod("payments", "checkout-1");
-    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
-    // The stream ends, then the reconnect is refused.
-    s.state_matches(|st| {
-        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("403")
-    })
-    .await;
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(false),
-        Some("sk_live_2"),
-    ));
-    s.quiet(Duration::from_millis(500)).await;
-    assert!(
-        metric(
-            &op.metrics.encode(),
-            "tollgate_operator_streams_ended_total",
-            &[("reason", "pod_gone")]
-        ) >= 1.0
-    );
+    ended_and_refused(&op, &catalog, &mut s, "403", "pod_gone").await;
 }
 
 /// A stream ends when its token expires (`exp`), with no re-check due: the sidecar must come
 /// back with a fresh token, and an expired one gets nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_when_its_token_expires() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let token = api.add_pod_token_expiring(
         "payments",
         "checkout-1",
         &[("app", "checkout")],
         Duration::from_secs(2),
     );
-    let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let op = OperatorProcess::start(addr, &certs, &api, catalog.clone(), settings());
     let mut s = Sidecar::start(addr, &certs, dir.path(), "payments", "checkout-1", &token);
     assert_eq!(s.next().await.revision, 1);
     assert_eq!(op.hub.session_count(), 1);
 
-    until("the session closed", WAIT, || op.hub.session_count() == 0).await;
-    // The stream ends, then the reconnect is refused.
-    s.state_matches(|st| {
-        matches!(st, ConnectionState::Disconnected { .. }) && format!("{st:?}").contains("401")
-    })
-    .await;
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(false),
-        Some("sk_live_2"),
-    ));
-    s.quiet(Duration::from_millis(500)).await;
-    assert!(
-        metric(
-            &op.metrics.encode(),
-            "tollgate_operator_streams_ended_total",
-            &[("reason", "token_expired")]
-        ) >= 1.0
-    );
+    ended_and_refused(&op, &catalog, &mut s, "401", "token_expired").await;
 }
 
 /// One pod's token opens at most `max_streams_per_pod` streams; more are refused with 429
 /// and counted, and the streams already open keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_pod_are_limited() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (_dir, certs, api) = fixture();
     let t1 = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
-    let catalog = CatalogHandle::new();
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        1,
-        stripe(false),
-        Some("sk_live_1"),
-    ));
+    let catalog = stripe_catalog();
     let addr = free_addr();
     let limits = ServerLimits {
         max_streams_per_pod: 2,
@@ -634,13 +546,7 @@ async fn streams_per_pod_are_limited() {
             &[("reason", "stream_limit")]
         ) >= 1.0
     );
-    catalog.upsert(entry(
-        "payments",
-        "stripe",
-        2,
-        stripe(true),
-        Some("sk_live_1"),
-    ));
+    catalog.upsert(stripe_entry(2, true, "sk_live_1"));
     assert_eq!(first.next().await.revision, 2);
     assert_eq!(second.next().await.revision, 2);
 }
@@ -649,9 +555,7 @@ async fn streams_per_pod_are_limited() {
 /// TokenReview, and a refused token is remembered, so retrying it costs nothing either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (_dir, certs, api) = fixture();
     let forged = api.add_token("forged", TokenKind::Rejected);
     let catalog = CatalogHandle::new();
     let addr = free_addr();
@@ -699,9 +603,7 @@ async fn junk_and_repeated_bad_tokens_cost_no_token_review_per_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_session_is_refused_before_its_body() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (_dir, certs, api) = fixture();
     let addr = free_addr();
     let _op = OperatorProcess::start(addr, &certs, &api, CatalogHandle::new(), settings());
     let mut tls = support::tls_connect(addr, &certs).await;

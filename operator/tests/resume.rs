@@ -11,15 +11,13 @@ use tokio::sync::mpsc;
 use tollgate_crds::distribution::{PROTOCOL_VERSION, Snapshot};
 use tollgate_operator::catalog::{CatalogHandle, Entry};
 use tollgate_operator::distribution::HubSettings;
-use tollgate_sidecar::cluster::{ClusterClient, ClusterConfig, save_snapshot};
+use tollgate_sidecar::cluster::{ClusterClient, save_snapshot};
 
-use support::{FakeApi, OperatorProcess, certs, free_addr};
+use support::{OperatorProcess, fixture, free_addr};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_from_the_largest_revision_gets_a_fresh_count_not_a_dead_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let api = FakeApi::default();
+    let (dir, certs, api) = fixture();
     let token = api.add_pod("payments", "checkout-1", &[("app", "checkout")]);
     let catalog = CatalogHandle::new();
     let spec: tollgate_crds::PartnerIntegrationSpec =
@@ -47,17 +45,14 @@ async fn a_resume_from_the_largest_revision_gets_a_fresh_count_not_a_dead_stream
     .unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token).unwrap();
-    let mut config = ClusterConfig::new(
-        format!("https://127.0.0.1:{}", addr.port())
-            .parse()
-            .unwrap(),
-        token_file,
+    let config = support::cluster_config(
+        addr,
         certs.ca_file.clone(),
-        "checkout-1",
+        token_file,
         "payments",
+        "checkout-1",
         &state,
     );
-    config.server_name = Some("localhost".into());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let client = ClusterClient::new(
         config,

@@ -165,7 +165,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut telemetry = telemetry::init(args.log_format, "info")?;
+    let metrics = Arc::new(Metrics::default());
+    let mut telemetry = telemetry::init(args.log_format, "info", metrics.spans_dropped.clone())?;
     let ca = match &args.ca_bundle {
         Some(p) => Some(
             std::fs::read(p).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", p.display()))?,
@@ -174,7 +175,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let roots = client::roots(ca.as_deref())?;
     let tls = client::config_from_roots(roots.clone())?;
-    let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::default());
     let mut ctx = StateContext::new(tls.clone()).with_roots(roots);
     ctx.metrics = metrics.clone();

@@ -87,7 +87,8 @@ struct Key {
 }
 
 impl Key {
-    fn from_uri(uri: &Uri) -> Result<Key, Error> {
+    /// The scheme (`true`: https), host and port `uri` goes to.
+    fn parts(uri: &Uri) -> Result<(bool, &str, u16), Error> {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -98,11 +99,30 @@ impl Key {
             .filter(|h| !h.is_empty())
             .ok_or_else(|| Error::Target(uri.to_string()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        Ok(Key {
+        Ok((
+            https,
+            host,
+            uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        ))
+    }
+
+    fn new(https: bool, host: &str, port: u16) -> Key {
+        Key {
             https,
             host: host.to_ascii_lowercase().into_boxed_str(),
-            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
-        })
+            port,
+        }
+    }
+
+    #[cfg(test)]
+    fn from_uri(uri: &Uri) -> Result<Key, Error> {
+        let (https, host, port) = Key::parts(uri)?;
+        Ok(Key::new(https, host, port))
+    }
+
+    /// Whether this is the key of `https`, `host` (in any case) and `port`.
+    fn names(&self, https: bool, host: &str, port: u16) -> bool {
+        self.https == https && self.port == port && self.host.eq_ignore_ascii_case(host)
     }
 }
 
@@ -209,15 +229,16 @@ impl Pool {
         &self,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PoolBody>, Error> {
-        let key = Key::from_uri(req.uri())?;
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
+        let (https, host, port) = Key::parts(req.uri())?;
+        let host = self.inner.host(https, host, port);
+        // The path moves out of the absolute URL (a clone would share its bytes, which costs
+        // an allocation).
+        let pq = std::mem::take(req.uri_mut())
+            .into_parts()
+            .path_and_query
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(pq);
         self.start_reaper();
-        let host = self.inner.host(key);
         // A reused connection that turns out closed before the request was written is
         // replaced; the request never reached the partner.
         let mut stale = 0;
@@ -268,10 +289,17 @@ impl Pool {
 }
 
 impl Inner {
-    fn host(self: &Arc<Self>, key: Key) -> Arc<Host> {
+    fn host(self: &Arc<Self>, https: bool, host: &str, port: u16) -> Arc<Host> {
         let mut hosts = lock(&self.hosts);
+        // A pool mostly serves one partner host: a look at a few keys finds it without making
+        // (allocating) and hashing one.
+        if hosts.len() <= 4
+            && let Some(h) = hosts.values().find(|h| h.key.names(https, host, port))
+        {
+            return h.clone();
+        }
         hosts
-            .entry(key)
+            .entry(Key::new(https, host, port))
             .or_insert_with_key(|key| {
                 Arc::new(Host {
                     key: key.clone(),

@@ -51,13 +51,7 @@ async fn one_json_line_per_call_without_headers() {
         .await;
     assert_eq!(resp.status, 200);
     partner.queue([Reply::Status(404)]);
-    assert_eq!(
-        sidecar
-            .get(&format!("{}/v2/other", partner.url()))
-            .await
-            .status,
-        404
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v2/other").await, 404);
 
     let lines = eventually_async(
         "two access log lines",
@@ -111,21 +105,13 @@ async fn one_json_line_per_call_without_headers() {
     assert_eq!(second["trace_id"], serde_json::Value::Null);
 
     // A call the sidecar answers itself is logged too, with its reason as the outcome.
-    sidecar.write_config(
-        &spec(&partner, true).replace("routes:", "killSwitch: {enabled: true}\nroutes:"),
-    );
     sidecar
-        .wait_config("kill switch", |c| {
-            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
-        })
+        .write_kill_switch(
+            &spec(&partner, true).replace("routes:", "killSwitch: {enabled: true}\nroutes:"),
+            true,
+        )
         .await;
-    assert_eq!(
-        sidecar
-            .get(&format!("{}/v1/charges", partner.url()))
-            .await
-            .status,
-        503
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/charges").await, 503);
     let lines = eventually_async("a third line", Duration::from_secs(10), async || {
         let lines = sidecar.stdout_lines();
         anyhow::ensure!(lines.len() >= 3, "{lines:?}");
@@ -157,10 +143,7 @@ async fn off_by_default_prints_nothing() {
     );
     let sidecar = Sidecar::start(&spec).await;
     for _ in 0..3 {
-        assert_eq!(
-            sidecar.get(&format!("{}/x", partner.url())).await.status,
-            200
-        );
+        assert_eq!(sidecar.status_of(&partner, "/x").await, 200);
     }
     // The calls are recorded (metrics are written at the same moment as an access line).
     sidecar

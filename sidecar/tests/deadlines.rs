@@ -315,14 +315,7 @@ fn good_once(partner: &Partner, replies: Vec<Reply>) {
 }
 
 fn good(body: &str, headers: &[(&str, &str)]) -> Reply {
-    Reply::Full {
-        status: 200,
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        body: body.into(),
-    }
+    Reply::with(200, headers, body)
 }
 
 #[tokio::test]

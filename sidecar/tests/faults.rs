@@ -75,11 +75,16 @@ fn spec(url: &str, rest: &str) -> String {
     manifest("partner", &format!("upstream: {{url: '{url}'}}\n{rest}"))
 }
 
-/// One call through the forward proxy, bounded by [`BOUND`].
-async fn call(sidecar: &Sidecar, method: Method, url: &str, body: &str) -> Resp {
-    tokio::time::timeout(BOUND, sidecar.send(method, url, &[], body))
+/// The app's call to `/v1/charges` of a partner with `fault`, through a sidecar with `policy`,
+/// bounded by [`BOUND`]: the partner (its connections counted) and the answer.
+async fn call_faulty(fault: Fault, policy: &str, method: Method, body: &str) -> (TcpServer, Resp) {
+    let partner = Faulty::start(fault).await;
+    let sidecar = Sidecar::start(&spec(&partner.url(), policy)).await;
+    let url = format!("{}/v1/charges", partner.url());
+    let got = tokio::time::timeout(BOUND, sidecar.send(method, &url, &[], body))
         .await
-        .unwrap_or_else(|_| panic!("no answer to {url} within {BOUND:?}"))
+        .unwrap_or_else(|_| panic!("no answer to {url} within {BOUND:?}"));
+    (partner, got)
 }
 
 /// The answer is the sidecar's own: status, `x-tollgate-reason`, and the JSON error body
@@ -104,16 +109,10 @@ fn assert_answer(got: &Resp, status: u16, reason: &str) {
 /// app gets `504 timeout` once the attempts are spent.
 #[tokio::test]
 async fn a_partner_that_never_answers_gets_the_app_a_timeout() {
-    let partner = Faulty::start(Fault::Silent).await;
-    let sidecar = Sidecar::start(&spec(
-        &partner.url(),
+    let (partner, got) = call_faulty(
+        Fault::Silent,
         "timeouts: {request: 200ms, total: 5s}\nretries: {maxAttempts: 2, backoff: {base: 10ms, max: 20ms}}",
-    ))
-    .await;
-    let got = call(
-        &sidecar,
         Method::GET,
-        &format!("{}/v1/charges", partner.url()),
         "",
     )
     .await;
@@ -129,16 +128,10 @@ async fn a_partner_that_never_answers_gets_the_app_a_timeout() {
 /// deadline ends the second attempt, and the call, with `504 timeout`.
 #[tokio::test]
 async fn a_partner_that_never_answers_is_cut_at_the_total_deadline() {
-    let partner = Faulty::start(Fault::Silent).await;
-    let sidecar = Sidecar::start(&spec(
-        &partner.url(),
+    let (partner, got) = call_faulty(
+        Fault::Silent,
         "timeouts: {request: 250ms, total: 400ms}\nretries: {maxAttempts: 3, backoff: {base: 10ms, max: 20ms}}",
-    ))
-    .await;
-    let got = call(
-        &sidecar,
         Method::GET,
-        &format!("{}/v1/charges", partner.url()),
         "",
     )
     .await;
@@ -154,17 +147,11 @@ async fn a_partner_that_never_answers_is_cut_at_the_total_deadline() {
 /// `502 upstream-unreachable`.
 #[tokio::test]
 async fn a_partner_that_resets_mid_body_gets_the_app_upstream_unreachable() {
-    let partner = Faulty::start(Fault::ResetMidBody).await;
-    let sidecar = Sidecar::start(&spec(
-        &partner.url(),
-        "timeouts: {request: 2s, total: 5s}\nretries: {maxAttempts: 3, backoff: {base: 10ms, max: 20ms}}",
-    ))
-    .await;
     let body = "x".repeat(256 * 1024);
-    let got = call(
-        &sidecar,
+    let (partner, got) = call_faulty(
+        Fault::ResetMidBody,
+        "timeouts: {request: 2s, total: 5s}\nretries: {maxAttempts: 3, backoff: {base: 10ms, max: 20ms}}",
         Method::POST,
-        &format!("{}/v1/charges", partner.url()),
         &body,
     )
     .await;
@@ -180,16 +167,10 @@ async fn a_partner_that_resets_mid_body_gets_the_app_upstream_unreachable() {
 /// partner's bytes.
 #[tokio::test]
 async fn a_partner_that_answers_a_malformed_head_gets_the_app_upstream_unreachable() {
-    let partner = Faulty::start(Fault::MalformedHead).await;
-    let sidecar = Sidecar::start(&spec(
-        &partner.url(),
+    let (partner, got) = call_faulty(
+        Fault::MalformedHead,
         "timeouts: {request: 2s, total: 5s}\nretries: {maxAttempts: 2, backoff: {base: 10ms, max: 20ms}}",
-    ))
-    .await;
-    let got = call(
-        &sidecar,
         Method::GET,
-        &format!("{}/v1/charges", partner.url()),
         "",
     )
     .await;
@@ -330,9 +311,14 @@ async fn sigterm_under_load_drains_keep_alive_connections_without_an_error() {
     let proxy = sidecar.listen;
     let slow_url = format!("{}/slow", partner.url());
     let slow = tokio::spawn(async move { request(proxy, Method::GET, &slow_url, &[], "").await });
-    eventually("the slow call reaches the partner", || {
-        partner.seen().iter().any(|s| s.path == "/slow")
-    })
+    tollgate_testkit::wait::eventually_async(
+        "the slow call reaches the partner",
+        BOUND,
+        async || {
+            anyhow::ensure!(partner.seen().iter().any(|s| s.path == "/slow"));
+            Ok(())
+        },
+    )
     .await;
     let _ = term_tx.send(true);
     sigterm(sidecar.pid());
@@ -382,15 +368,6 @@ async fn sigterm_under_load_drains_keep_alive_connections_without_an_error() {
         .await
         .expect("the sidecar exits before its drain deadline once every connection closed");
     assert!(status.success(), "{status:?}\n{}", sidecar.log_text());
-}
-
-/// Polls `f` until it holds; panics after [`BOUND`].
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 // === out of file descriptors ===

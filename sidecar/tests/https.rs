@@ -11,7 +11,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use netns::*;
-use support::{Partner, Reply, manifest, metric};
+use support::{Partner, Reply, manifest, metric, tunnels};
 
 const SECRET: &[(&str, &str, &str)] = &[("partner-api", "apiKey", "sk_test_123")];
 /// Where the partner with a certificate nobody trusts listens (echo.test's address).
@@ -282,15 +282,7 @@ async fn https_through_connect_meets_every_policy() {
     )
     .await;
     let m = sidecar.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "tollgate_tunnels_total",
-            &[("integration", "test/partner"), ("outcome", "intercepted")]
-        ),
-        calls as f64,
-        "{m}"
-    );
+    assert_eq!(tunnels(&m, "intercepted"), calls as f64, "{m}");
     assert_eq!(
         metric(&m, "tollgate_intercepted_connections_total", &[]),
         0.0,
@@ -508,15 +500,7 @@ async fn a_pod_that_opts_out_gets_partner_tls_spliced() {
         0.0,
         "{m}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            "tollgate_tunnels_total",
-            &[("integration", "test/partner"), ("outcome", "established")]
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(tunnels(&m, "established"), 1.0, "{m}");
 }
 
 // === a start whose pod CA cannot be trusted falls back to splicing ===
@@ -567,12 +551,7 @@ async fn an_unwritable_trust_dir_falls_back_to_splicing_and_says_so() {
     let sidecar = support::Sidecar::start_with(
         &config,
         support::Options {
-            args: vec![
-                "--ca-bundle".into(),
-                ca_file.display().to_string(),
-                "--trust-dir".into(),
-                trust.display().to_string(),
-            ],
+            args: trust_args(&ca_file, &trust),
             ..Default::default()
         },
     )
@@ -619,15 +598,7 @@ async fn an_unwritable_trust_dir_falls_back_to_splicing_and_says_so() {
         "the partner's own certificate: {stderr}"
     );
     let m = sidecar.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "tollgate_tunnels_total",
-            &[("integration", "test/partner"), ("outcome", "established")]
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(tunnels(&m, "established"), 1.0, "{m}");
     assert_eq!(partner.count(), 1);
 }
 
@@ -710,12 +681,7 @@ credentials: {{secretRef: {{name: partner-api, key: apiKey}}, header: Authorizat
                 .iter()
                 .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
                 .collect(),
-            args: vec![
-                "--ca-bundle".into(),
-                ca_file.display().to_string(),
-                "--trust-dir".into(),
-                trust.display().to_string(),
-            ],
+            args: trust_args(&ca_file, &trust),
             ..Default::default()
         },
     )
@@ -774,4 +740,15 @@ credentials: {{secretRef: {{name: partner-api, key: apiKey}}, header: Authorizat
         "{list}"
     );
     assert!(!list.contains("PrivateKeyEntry"), "{list}");
+}
+
+/// The sidecar's arguments to trust the partner's CA (`ca_file`) and write the pod's trust
+/// files under `trust`.
+fn trust_args(ca_file: &Path, trust: &Path) -> Vec<String> {
+    vec![
+        "--ca-bundle".into(),
+        ca_file.display().to_string(),
+        "--trust-dir".into(),
+        trust.display().to_string(),
+    ]
 }

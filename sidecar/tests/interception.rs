@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use netns::*;
 use support::otlp::Receiver;
-use support::{Partner, manifest, metric};
+use support::{Partner, manifest, metric, tunnels};
 
 const SECRET: &[(&str, &str, &str)] = &[("partner-api", "apiKey", "sk_test_123")];
 
@@ -181,15 +181,7 @@ async fn tls_to_a_partner_is_refused_at_connect_by_the_kill_switch_and_spliced_w
     );
     assert_eq!(w.partner_tls.count(), 0);
     let m = sidecar.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "tollgate_tunnels_total",
-            &[("integration", "test/partner"), ("outcome", "kill-switch")]
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(tunnels(&m, "kill-switch"), 1.0, "{m}");
 
     set_kill_switch(&sidecar, false).await;
     let r = curl(
@@ -207,15 +199,7 @@ async fn tls_to_a_partner_is_refused_at_connect_by_the_kill_switch_and_spliced_w
          could not add a header"
     );
     let m = sidecar.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "tollgate_tunnels_total",
-            &[("integration", "test/partner"), ("outcome", "established")]
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(tunnels(&m, "established"), 1.0, "{m}");
     assert_eq!(intercepted(&m, "tls", "tunnel"), 2.0, "{m}");
 }
 
@@ -245,14 +229,6 @@ async fn tls_to_a_partner_meets_the_connect_timeout_and_the_tunnel_limit() {
     )
     .await;
     let ca = w.ca();
-    let tunnels = |m: &str, outcome: &str| {
-        metric(
-            m,
-            "tollgate_tunnels_total",
-            &[("integration", "test/partner"), ("outcome", outcome)],
-        )
-    };
-
     // The partner drops every SYN to 443: the sidecar stops waiting after 300 ms.
     let drop_syn = ["INPUT", "-p", "tcp", "--dport", "443", "-j", "DROP"];
     let add: Vec<&str> = ["-A"].iter().chain(&drop_syn).copied().collect();

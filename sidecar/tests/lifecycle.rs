@@ -6,14 +6,7 @@ mod support;
 use support::*;
 
 fn reply(headers: &[(&str, &str)]) -> Reply {
-    Reply::Full {
-        status: 200,
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        body: "ok".into(),
-    }
+    Reply::with(200, headers, "ok")
 }
 
 #[tokio::test]
@@ -30,13 +23,7 @@ async fn deprecation_and_sunset_show_per_route_on_metrics() {
     let labels = |route| [("integration", "test/payments"), ("route", route)];
 
     // Nothing announced yet: no lifecycle series at all.
-    assert_eq!(
-        sidecar
-            .get(&format!("{}/v1/tracking/1", partner.url()))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/tracking/1").await, 200);
     let m = sidecar.metrics().await;
     assert!(!m.contains("tollgate_partner_deprecated{"), "{m}");
     assert!(
@@ -137,18 +124,12 @@ async fn hostile_lifecycle_headers_show_nothing() {
         ("Sunset", "Sat, 31 Dec 99999 23:59:59 GMT"),
         ("Link", &link),
     ])]);
-    assert_eq!(
-        sidecar.get(&format!("{}/x", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/x").await, 200);
     partner.queue([reply(&[
         ("Deprecation", "@99999999999999999999"),
         ("Sunset", ""),
     ])]);
-    assert_eq!(
-        sidecar.get(&format!("{}/y", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/y").await, 200);
     let m = sidecar.metrics().await;
     assert!(!m.contains("tollgate_partner_deprecated{"), "{m}");
     assert!(
@@ -156,8 +137,5 @@ async fn hostile_lifecycle_headers_show_nothing() {
         "{m}"
     );
     // Still serving.
-    assert_eq!(
-        sidecar.get(&format!("{}/z", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/z").await, 200);
 }

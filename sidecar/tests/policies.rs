@@ -60,19 +60,10 @@ async fn kill_switch_stops_every_call_and_says_why() {
     );
 
     // Off again: traffic flows, without restart.
-    sidecar.write_config(&spec(&partner, "killSwitch: {enabled: false}"));
     sidecar
-        .wait_config("kill switch off", |c| {
-            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == false
-        })
+        .write_kill_switch(&spec(&partner, "killSwitch: {enabled: false}"), false)
         .await;
-    assert_eq!(
-        sidecar
-            .get(&format!("{}/v1/charges", partner.url()))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/charges").await, 200);
     assert_eq!(partner.count(), 1);
 }
 
@@ -89,13 +80,7 @@ async fn a_route_kill_switch_stops_only_that_route() {
         .await;
     assert_eq!(resp.reason(), Some("kill-switch"));
     assert_eq!(resp.json()["error"]["route"], "refunds");
-    assert_eq!(
-        sidecar
-            .get(&format!("{}/v1/charges", partner.url()))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/charges").await, 200);
     assert_eq!(partner.count(), 1);
 }
 
@@ -241,14 +226,11 @@ async fn partitions_have_their_own_buckets() {
     ))
     .await;
     let url = format!("{}/v1/x", partner.url());
-    let get = |region: &'static str| {
-        let url = url.clone();
-        let listen = sidecar.listen;
-        async move {
-            request(listen, Method::GET, &url, &[("x-user-region", region)], "")
-                .await
-                .status
-        }
+    let get = async |region: &str| {
+        sidecar
+            .send(Method::GET, &url, &[("x-user-region", region)], "")
+            .await
+            .status
     };
     assert_eq!(get("eu").await, 200);
     assert_eq!(get("eu").await, 200);
@@ -715,10 +697,7 @@ async fn other_client_errors_are_never_retried() {
             ", retryOn: [connect-error, reset, timeout, '429', '500', '502', '503', '504']",
         ))
         .await;
-        assert_eq!(
-            sidecar.get(&format!("{}/v1/x", partner.url())).await.status,
-            code
-        );
+        assert_eq!(sidecar.status_of(&partner, "/v1/x").await, code);
         assert_eq!(partner.count(), 1, "{code} retried");
     }
 }
@@ -892,13 +871,7 @@ async fn stale_if_error_serves_the_last_good_get() {
     assert_eq!(second.body, "fresh data");
     assert_eq!(second.headers["x-tollgate-fallback"], "stale");
     // Another path has nothing cached: the partner's error passes through.
-    assert_eq!(
-        sidecar
-            .get(&format!("{}/v1/other", partner.url()))
-            .await
-            .status,
-        500
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/other").await, 500);
 }
 
 #[tokio::test]
@@ -1043,19 +1016,15 @@ async fn a_route_quota_is_partitioned_by_its_own_header() {
     ))
     .await;
     let url = format!("{}/v1/tracking/1", partner.url());
-    let get = |account: &'static str, user: &'static str| {
-        let url = url.clone();
-        let listen = sidecar.listen;
-        async move {
-            request(
-                listen,
+    let get = async |account: &str, user: &str| {
+        sidecar
+            .send(
                 Method::GET,
                 &url,
                 &[("x-account", account), ("x-user", user)],
                 "",
             )
             .await
-        }
     };
     assert_eq!(get("acme", "ann").await.status, 200);
     let bob = get("acme", "bob").await;

@@ -195,17 +195,17 @@ async fn connect_tunnels_bytes_and_obeys_the_kill_switch() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(partner.seen()[0].path, "/inside");
 
-    sidecar.write_config(&manifest(
-        "partner",
-        &format!(
-            "upstream: {{url: '{}'}}\nkillSwitch: {{enabled: true, reason: INC-7}}",
-            partner.url()
-        ),
-    ));
     sidecar
-        .wait_config("kill switch on", |c| {
-            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
-        })
+        .write_kill_switch(
+            &manifest(
+                "partner",
+                &format!(
+                    "upstream: {{url: '{}'}}\nkillSwitch: {{enabled: true, reason: INC-7}}",
+                    partner.url()
+                ),
+            ),
+            true,
+        )
         .await;
     let (head, _s) = connect(&sidecar, &partner.addr.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
@@ -613,8 +613,5 @@ async fn requests_to_the_sidecar_itself_are_refused_as_a_loop() {
         "{m}"
     );
     // The listener still serves real traffic.
-    assert_eq!(
-        sidecar.get(&format!("{}/ok", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/ok").await, 200);
 }

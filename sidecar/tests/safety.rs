@@ -61,10 +61,7 @@ async fn a_huge_retry_after_from_the_partner_is_clamped_and_the_app_gets_the_ans
         "a wait past the deadline is not attempted"
     );
     // Still serving.
-    assert_eq!(
-        sidecar.get(&format!("{}/v1/y", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/y").await, 200);
 }
 
 #[tokio::test]
@@ -88,11 +85,11 @@ async fn the_same_host_twice_in_one_spec_is_refused_by_field_and_later_edits_sti
         sidecar.log_text()
     );
     // The sidecar still applies what comes next: a kill switch is never lost.
-    sidecar.write_config(&spec(&partner, "killSwitch: {enabled: true, reason: stop}"));
     sidecar
-        .wait_config("the kill switch", |c| {
-            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
-        })
+        .write_kill_switch(
+            &spec(&partner, "killSwitch: {enabled: true, reason: stop}"),
+            true,
+        )
         .await;
     let resp = sidecar.get(&format!("{}/v1/x", partner.url())).await;
     assert_eq!(resp.status, 503);
@@ -117,10 +114,7 @@ async fn very_long_spec_durations_are_refused_by_field() {
         "{}",
         sidecar.log_text()
     );
-    assert_eq!(
-        sidecar.get(&format!("{}/v1/x", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/x").await, 200);
 }
 
 #[tokio::test]
@@ -400,10 +394,7 @@ async fn credentials_to_a_loopback_http_upstream_are_injected() {
         },
     )
     .await;
-    assert_eq!(
-        sidecar.get(&format!("{}/v1/x", partner.url())).await.status,
-        200
-    );
+    assert_eq!(sidecar.status_of(&partner, "/v1/x").await, 200);
     assert_eq!(
         partner.seen()[0].headers["authorization"],
         "Bearer sk_live_1"

@@ -97,11 +97,11 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     );
 
     // A sidecar-made answer records its reason.
-    sidecar.write_config(&spec.replace("routes:", "killSwitch: {enabled: true}\nroutes:"));
     sidecar
-        .wait_config("kill switch", |c| {
-            c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == true
-        })
+        .write_kill_switch(
+            &spec.replace("routes:", "killSwitch: {enabled: true}\nroutes:"),
+            true,
+        )
         .await;
     sidecar.get(&format!("{}/v1/charges", partner.url())).await;
     let calls = receiver.wait_for("tollgate.call", 2).await;
@@ -133,4 +133,51 @@ async fn spans_continue_the_apps_trace_and_never_carry_credentials() {
     let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(first["trace_id"], trace_id);
     assert_eq!(first["attempts"], 2);
+}
+
+/// A collector that takes the connection and never answers: the export queue fills, calls go on
+/// being answered, and the spans that find no room are dropped and counted.
+#[tokio::test]
+async fn a_stuck_collector_drops_spans_and_counts_them_never_the_calls() {
+    let collector = tollgate_testkit::tcp::TcpServer::start(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        while matches!(tokio::io::AsyncReadExt::read(&mut s, &mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let partner = Partner::start().await;
+    let spec = manifest(
+        "payments",
+        &format!("upstream: {{url: '{}'}}", partner.url()),
+    );
+    let sidecar = Sidecar::start_with(
+        &spec,
+        Options {
+            env: vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector.url()),
+                ("OTEL_BSP_MAX_QUEUE_SIZE".into(), "4".into()),
+                ("OTEL_BSP_SCHEDULE_DELAY".into(), "10".into()),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT".into(), "60000".into()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let url = format!("{}/v1/charges", partner.url());
+    for _ in 0..20 {
+        assert_eq!(sidecar.get(&url).await.status, 200);
+    }
+    // Two spans a call: the first export holds at most a queue's worth, the queue another.
+    let m = sidecar
+        .wait_metrics("spans dropped", |m| {
+            metric(m, "tollgate_spans_dropped_total", &[]) >= 40.0 - 2.0 * 4.0 * 2.0
+        })
+        .await;
+    assert_eq!(
+        metric(&m, "tollgate_requests_total", &[("code", "200")]),
+        20.0
+    );
+    assert!(
+        collector.accepted() >= 1,
+        "the exporter reached the collector"
+    );
 }

@@ -56,6 +56,18 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// `status` with these headers and `body`.
+    pub fn with(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
+        Reply::Full {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.into(),
+        }
+    }
+
     /// `200` with `body` as `text/plain`.
     pub fn ok(body: &str) -> Reply {
         Reply::Full {

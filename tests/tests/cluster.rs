@@ -168,6 +168,76 @@ impl Cluster {
             self.b.tail()
         )
     }
+
+    /// The condition `type_` of the PartnerIntegration once `ok` holds for it.
+    fn wait_condition(&self, type_: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        eventually(&format!("condition {type_}"), SETTLE, || {
+            let pi = self.pi();
+            let cond = condition(&pi, type_).cloned();
+            anyhow::ensure!(cond.as_ref().is_some_and(&ok), "{pi}\n{}", self.logs());
+            Ok(cond.unwrap_or_default())
+        })
+    }
+
+    /// The events of the namespace with `reason`.
+    fn events(&self, reason: &str) -> anyhow::Result<Vec<Value>> {
+        let out = self
+            .cp
+            .kubectl(["get", "events.events.k8s.io", "-n", &self.ns, "-o", "json"])?;
+        let all: Value = serde_json::from_str(&out)?;
+        Ok(all["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == reason)
+            .cloned()
+            .collect())
+    }
+
+    /// The events with `reason`, once there is one.
+    fn wait_events(&self, reason: &str) -> Vec<Value> {
+        eventually(&format!("a {reason} event"), SETTLE, || {
+            let e = self.events(reason)?;
+            anyhow::ensure!(!e.is_empty(), "no event yet\n{}", self.logs());
+            Ok(e)
+        })
+    }
+
+    /// More reconciles (a kill switch flip, with its own event) bring no second event with
+    /// `reason`.
+    fn still_one_event_after_a_reconcile(&self, reason: &str) {
+        self.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "drill"}}}));
+        self.wait_events("KillSwitchEnabled");
+        let events = self.events(reason).unwrap();
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert!(
+            events[0]["series"]["count"].as_u64().unwrap_or(1) <= 1,
+            "{events:#?}"
+        );
+    }
+
+    /// `kubectl get pi` and a reader of its first row's columns by name ("" for one it lacks).
+    fn get_pi(&self) -> anyhow::Result<(String, impl Fn(&str) -> String + use<>)> {
+        let out = self.cp.kubectl(["-n", &self.ns, "get", "pi"])?;
+        let mut lines = out.lines();
+        let header: Vec<String> = split(lines.next());
+        let values: Vec<String> = split(lines.next());
+        let col = move |name: &str| {
+            header
+                .iter()
+                .position(|h| h == name)
+                .and_then(|i| values.get(i).cloned())
+                .unwrap_or_default()
+        };
+        Ok((out, col))
+    }
+}
+
+fn split(line: Option<&str>) -> Vec<String> {
+    line.unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// A sidecar named `name` (in messages and its log file) that subscribes to `operator` as
@@ -816,25 +886,7 @@ fn kubectl_get_pi_shows_live_numbers_from_the_sidecars() {
     });
 
     let row = eventually("kubectl get pi to show the traffic", SETTLE, || {
-        let out = c.cp.kubectl(["-n", &c.ns, "get", "pi"])?;
-        let mut lines = out.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        let values: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| *h == name)
-                .and_then(|i| values.get(i).copied())
-                .unwrap_or("")
-        };
+        let (out, col) = c.get_pi()?;
         let rpm: f64 = col("RPM").parse().unwrap_or(0.0);
         let err: f64 = col("ERR%").parse().unwrap_or(-1.0);
         let p95: f64 = col("P95")
@@ -882,25 +934,7 @@ fn a_kill_switch_drill_shows_refusals_apart_from_partner_errors() {
     }
 
     let row = eventually("kubectl get pi to show the refusals", SETTLE, || {
-        let out = c.cp.kubectl(["-n", &c.ns, "get", "pi"])?;
-        let mut lines = out.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        let values: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| *h == name)
-                .and_then(|i| values.get(i).copied())
-                .unwrap_or("")
-        };
+        let (out, col) = c.get_pi()?;
         let rpm: i64 = col("RPM").parse().unwrap_or(0);
         let refused: i64 = col("REFUSED").parse().unwrap_or(0);
         anyhow::ensure!(col("KILL") == "true", "{out}");
@@ -1013,16 +1047,7 @@ fn a_partners_deprecation_and_sunset_reach_the_status_and_one_event() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("sunset"), Some("Sat, 31 Dec 2050 23:59:59 GMT"));
 
-    let cond = eventually("condition Deprecated", SETTLE, || {
-        let pi = c.pi();
-        let cond = condition(&pi, "Deprecated").cloned();
-        anyhow::ensure!(
-            cond.as_ref().is_some_and(|c| c["status"] == "True"),
-            "{pi}\n{}",
-            c.logs()
-        );
-        Ok(cond.unwrap())
-    });
+    let cond = c.wait_condition("Deprecated", |c| c["status"] == "True");
     assert_eq!(cond["reason"], "SunsetAnnounced");
     let msg = cond["message"].as_str().unwrap();
     assert!(
@@ -1032,41 +1057,12 @@ fn a_partners_deprecation_and_sunset_reach_the_status_and_one_event() {
         "{msg}"
     );
 
-    let lifecycle_events = || -> anyhow::Result<Vec<Value>> {
-        let out =
-            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
-        let all: Value = serde_json::from_str(&out)?;
-        Ok(all["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["reason"] == "SunsetAnnounced")
-            .cloned()
-            .collect())
-    };
-    let events = eventually("a SunsetAnnounced event", SETTLE, || {
-        let e = lifecycle_events()?;
-        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
-        Ok(e)
-    });
+    let events = c.wait_events("SunsetAnnounced");
     assert_eq!(events[0]["type"], "Warning");
     assert_eq!(events[0]["note"], msg);
     assert_eq!(events[0]["regarding"]["name"], "partner");
 
-    // More reconciles (a kill switch flip, with its own event) bring no second one.
-    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "drill"}}}));
-    eventually("a KillSwitchEnabled event", SETTLE, || {
-        let out =
-            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
-        anyhow::ensure!(out.contains("KillSwitchEnabled"), "{out}");
-        Ok(())
-    });
-    let events = lifecycle_events().unwrap();
-    assert_eq!(events.len(), 1, "{events:#?}");
-    assert!(
-        events[0]["series"]["count"].as_u64().unwrap_or(1) <= 1,
-        "{events:#?}"
-    );
+    c.still_one_event_after_a_reconcile("SunsetAnnounced");
     assert_eq!(condition(&c.pi(), "Deprecated").unwrap()["status"], "True");
 }
 
@@ -1081,12 +1077,7 @@ fn a_contract_violation_reaches_the_status_and_one_event() {
         spec["contract"] = json!({"success": {"jsonPath": "$.status", "equals": "ok"}});
         spec
     });
-    let quiet = eventually("condition ContractViolated, False", SETTLE, || {
-        let pi = c.pi();
-        let cond = condition(&pi, "ContractViolated").cloned();
-        anyhow::ensure!(cond.is_some(), "{pi}\n{}", c.logs());
-        Ok(cond.unwrap())
-    });
+    let quiet = c.wait_condition("ContractViolated", |_| true);
     assert_eq!(quiet["status"], "False");
     assert_eq!(quiet["reason"], "ContractKept");
 
@@ -1103,55 +1094,17 @@ fn a_contract_violation_reaches_the_status_and_one_event() {
     );
     assert!(r.body.contains("card declined"), "{}", r.body);
 
-    let cond = eventually("condition ContractViolated, True", SETTLE, || {
-        let pi = c.pi();
-        let cond = condition(&pi, "ContractViolated").cloned();
-        anyhow::ensure!(
-            cond.as_ref().is_some_and(|c| c["status"] == "True"),
-            "{pi}\n{}",
-            c.logs()
-        );
-        Ok(cond.unwrap())
-    });
+    let cond = c.wait_condition("ContractViolated", |c| c["status"] == "True");
     assert_eq!(cond["reason"], "SuccessRuleBroken");
     let msg = cond["message"].as_str().unwrap();
     assert!(msg.contains("route default: 1 success-rule"), "{msg}");
 
-    let contract_events = || -> anyhow::Result<Vec<Value>> {
-        let out =
-            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
-        let all: Value = serde_json::from_str(&out)?;
-        Ok(all["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["reason"] == "SuccessRuleBroken")
-            .cloned()
-            .collect())
-    };
-    let events = eventually("a SuccessRuleBroken event", SETTLE, || {
-        let e = contract_events()?;
-        anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
-        Ok(e)
-    });
+    let events = c.wait_events("SuccessRuleBroken");
     assert_eq!(events[0]["type"], "Warning");
     assert_eq!(events[0]["action"], "ContractCheck");
     assert_eq!(events[0]["regarding"]["name"], "partner");
 
-    // More reconciles (a kill switch flip, with its own event) bring no second one.
-    c.patch(json!({"spec": {"killSwitch": {"enabled": true, "reason": "drill"}}}));
-    eventually("a KillSwitchEnabled event", SETTLE, || {
-        let out =
-            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
-        anyhow::ensure!(out.contains("KillSwitchEnabled"), "{out}");
-        Ok(())
-    });
-    let events = contract_events().unwrap();
-    assert_eq!(events.len(), 1, "{events:#?}");
-    assert!(
-        events[0]["series"]["count"].as_u64().unwrap_or(1) <= 1,
-        "{events:#?}"
-    );
+    c.still_one_event_after_a_reconcile("SuccessRuleBroken");
 }
 
 /// A route's JSON Schema from a ConfigMap labelled `tollgate.dev/contract-schema=true`: the
@@ -1211,16 +1164,7 @@ fn a_schema_from_a_labelled_config_map_checks_answers_and_follows_edits() {
         1.0,
         "{m}"
     );
-    let cond = eventually("condition ContractViolated, True", SETTLE, || {
-        let pi = c.pi();
-        let cond = condition(&pi, "ContractViolated").cloned();
-        anyhow::ensure!(
-            cond.as_ref().is_some_and(|c| c["status"] == "True"),
-            "{pi}\n{}",
-            c.logs()
-        );
-        Ok(cond.unwrap())
-    });
+    let cond = c.wait_condition("ContractViolated", |c| c["status"] == "True");
     assert_eq!(cond["reason"], "SchemaMismatch");
     assert!(
         cond["message"]

@@ -116,6 +116,15 @@ fn credentials(secret: &str) -> Value {
     }})
 }
 
+/// The operator's `tollgate_operator_connected_sidecars`, read from its admin listener.
+fn connected_sidecars(admin: SocketAddr) -> anyhow::Result<f64> {
+    Ok(metric(
+        &tollgate_e2e::net::get(admin, "/metrics")?.body,
+        "tollgate_operator_connected_sidecars",
+        &[],
+    ))
+}
+
 fn condition<'a>(pi: &'a Value, type_: &str) -> Option<&'a Value> {
     pi["status"]["conditions"]
         .as_array()?
@@ -307,11 +316,7 @@ fn a_restarting_operator_never_makes_a_sidecar_drop_the_kill_switch() {
                 b.restart().unwrap();
             },
             || {
-                let m = metric(
-                    &tollgate_e2e::net::get(admin, "/metrics")?.body,
-                    "tollgate_operator_connected_sidecars",
-                    &[],
-                );
+                let m = connected_sidecars(admin)?;
                 anyhow::ensure!(m >= 2.0, "{m} sidecars connected");
                 Ok(())
             },
@@ -444,11 +449,7 @@ fn an_operator_killed_under_load_loses_no_call_and_keeps_every_policy() {
         s.operator.restart().unwrap();
         let admin = s.operator.admin;
         eventually("the sidecar to reconnect", SETTLE, || {
-            let m = metric(
-                &tollgate_e2e::net::get(admin, "/metrics")?.body,
-                "tollgate_operator_connected_sidecars",
-                &[],
-            );
+            let m = connected_sidecars(admin)?;
             anyhow::ensure!(m >= 1.0, "{m} sidecars connected");
             Ok(())
         });
@@ -533,11 +534,7 @@ fn a_restarted_operator_keeps_a_credential_it_cannot_read() {
                 "status {}",
                 pi["status"]
             );
-            let m = metric(
-                &tollgate_e2e::net::get(admin, "/metrics")?.body,
-                "tollgate_operator_connected_sidecars",
-                &[],
-            );
+            let m = connected_sidecars(admin)?;
             anyhow::ensure!(m >= 1.0, "{m} sidecars connected");
             Ok(())
         },

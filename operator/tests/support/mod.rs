@@ -228,6 +228,13 @@ pub fn not_found(message: &str) -> Response<Full<Bytes>> {
 
 /// A CA and a serving certificate it signed for `localhost`, written into `dir` (`ca.crt` is
 /// the bundle a client trusts).
+/// A test's directory, the operator's serving certificate in it, and an empty fake API server.
+pub fn fixture() -> (tempfile::TempDir, ServingCert, FakeApi) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    (dir, certs, FakeApi::default())
+}
+
 pub fn certs(dir: &std::path::Path) -> ServingCert {
     TestCa::new()
         .write_serving_cert(dir, &["localhost"])
@@ -339,4 +346,37 @@ pub async fn tls_connect(
         .connect(name, tcp)
         .await
         .unwrap()
+}
+
+/// The `p` quantile (0 to 1) of `sorted`, nearest rank; zero when there is none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// A sidecar's settings for the operator at `addr`, whose certificate names `localhost`: the
+/// pod `namespace/pod`, its token in `token_file`, its snapshot kept in `state_file`.
+pub fn cluster_config(
+    addr: SocketAddr,
+    ca_file: impl Into<std::path::PathBuf>,
+    token_file: impl Into<std::path::PathBuf>,
+    namespace: &str,
+    pod: &str,
+    state_file: impl Into<std::path::PathBuf>,
+) -> tollgate_sidecar::cluster::ClusterConfig {
+    let mut config = tollgate_sidecar::cluster::ClusterConfig::new(
+        format!("https://127.0.0.1:{}", addr.port())
+            .parse()
+            .expect("an https URL"),
+        token_file,
+        ca_file,
+        pod,
+        namespace,
+        state_file,
+    );
+    config.server_name = Some("localhost".into());
+    config
 }

@@ -26,6 +26,7 @@ use crate::answer::Reason;
 use crate::body::{ReqBody, RespBody};
 use crate::oauth::TokenManager;
 use crate::telemetry::metrics::{CredentialKeyLabels, Metrics};
+use crate::telemetry::spans::AttemptSpan;
 
 pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Credentials<S> + Clone> {
     layer_fn(move |inner| Credentials {
@@ -170,16 +171,18 @@ async fn with_token<S>(
 where
     S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
 {
+    let span = req.extensions().get::<AttemptSpan>().cloned();
     let Some(manager) = manager else {
         return Err(unavailable(
             &call,
+            span.as_ref(),
             "the OAuth2 client credentials (credentials.oauth2.clientIdRef, clientSecretRef) are not available",
         ));
     };
     let token = manager
         .token(call.deadline)
         .await
-        .map_err(|u| unavailable(&call, &u.0))?;
+        .map_err(|u| unavailable(&call, span.as_ref(), &u.0))?;
     let spare = retry::spare_copy(&req);
     req.headers_mut()
         .insert(header.clone(), token.value.clone());
@@ -200,15 +203,18 @@ where
     let fresh = manager
         .token(call.deadline)
         .await
-        .map_err(|u| unavailable(&call, &u.0))?;
+        .map_err(|u| unavailable(&call, span.as_ref(), &u.0))?;
     drop(first);
     again.headers_mut().insert(header, fresh.value);
     send(&mut inner, again).await
 }
 
-/// The `credential-unavailable` answer, with a span event saying why.
-fn unavailable(call: &Call, why: &str) -> CallError {
+/// The `credential-unavailable` answer, with an event on the attempt's span saying why.
+fn unavailable(call: &Call, span: Option<&AttemptSpan>, why: &str) -> CallError {
     tracing::info!(integration = %call.integration.label, why, "credential unavailable; the call is not sent");
+    if let Some(span) = span {
+        span.event("tollgate.credential_unavailable", why);
+    }
     CallError::Answer(call.answer(
         Reason::CredentialUnavailable,
         format!("no credential to send, so the call was not sent: {why}"),

@@ -48,7 +48,7 @@ use crate::answer::{Answer, Reason};
 use crate::body::{ReqBody, RespBody};
 use crate::client::TransportFailure;
 use crate::config::Integration;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -77,6 +77,13 @@ impl Call {
 
     pub fn route_name(&self) -> &str {
         &self.route_policy().name
+    }
+
+    /// The matched route's metric handles, made on its first call in this revision.
+    pub fn metrics(&self, metrics: &Metrics) -> &RouteMetrics {
+        self.route_state()
+            .metrics
+            .get_or_init(|| RouteMetrics::new(metrics, &self.integration.label, self.route_name()))
     }
 
     /// An answer attributed to this call's integration and route.

@@ -9,13 +9,13 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::Service;
 use tower::layer::{LayerFn, layer_fn};
-use tracing::Instrument;
 
 use super::{BoxFuture, Call, CallError};
 use crate::answer::Reason;
 use crate::body::{self, BodyEnd, ReqBody, RespBody};
 use crate::telemetry::access_log;
-use crate::telemetry::metrics::{CallResult, Metrics, RouteMetrics};
+use crate::telemetry::metrics::{CallResult, Metrics};
+use crate::telemetry::spans::CallSpan;
 
 /// Put on a response served from fallback, so the call is recorded as such.
 #[derive(Debug, Clone, Copy)]
@@ -54,16 +54,16 @@ where
         }
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
-        let span = crate::telemetry::spans::call_span(
+        let metrics = self.metrics.clone();
+        let span = CallSpan::start(
             req.method(),
-            &call.integration.label,
-            call.route_name(),
+            call.metrics(&metrics).span_attributes(),
             req.headers(),
         );
         let access = call.integration.policy.access_log.then(|| {
-            let trace_id = crate::telemetry::spans::trace_id(&span).or_else(|| {
+            let trace_id = span.trace_id().or_else(|| {
                 req.headers()
                     .get("traceparent")
                     .and_then(|v| v.to_str().ok())
@@ -71,93 +71,99 @@ where
             });
             access_log::Start::new(req.method(), req.uri(), trace_id)
         });
-        let fut = {
-            let _enter = span.enter();
-            self.inner.call(req)
-        };
-        let metrics = self.metrics.clone();
-        Box::pin(
-            async move {
-                let result = fut.await;
-                let (resp, outcome, reason, fallback) = match result {
-                    Ok(resp) => {
-                        let (outcome, reason) = match resp.extensions().get::<ServedFallback>() {
-                            Some(f) => (fallback_outcome(f.kind), f.reason),
-                            None if resp.status().as_u16() < 400 => ("success", None),
-                            None => ("partner-error", None),
-                        };
-                        // Only the partner's own answers speak for its lifecycle (a stale
-                        // fallback repeats an old one).
-                        if resp.extensions().get::<ServedFallback>().is_none() {
-                            call.integration.state.lifecycle.observe(
-                                &metrics,
-                                &call.integration.label,
-                                call.route_name(),
-                                resp.headers(),
-                            );
-                        }
-                        let fallback = resp.extensions().get::<ServedFallback>().is_some();
-                        if let Some(f) = resp.extensions().get::<ServedFallback>() {
-                            tracing::Span::current().record("tollgate.fallback", f.kind);
-                        }
-                        (resp, outcome, reason, fallback)
+        if span.is_recorded() {
+            // The attempts' parent.
+            req.extensions_mut().insert(span.clone());
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            let (resp, outcome, reason, fallback) = match result {
+                Ok(resp) => {
+                    let (outcome, reason) = match resp.extensions().get::<ServedFallback>() {
+                        Some(f) => (fallback_outcome(f.kind), f.reason),
+                        None if resp.status().as_u16() < 400 => ("success", None),
+                        None => ("partner-error", None),
+                    };
+                    // Only the partner's own answers speak for its lifecycle (a stale
+                    // fallback repeats an old one).
+                    if resp.extensions().get::<ServedFallback>().is_none() {
+                        call.integration.state.lifecycle.observe(
+                            &metrics,
+                            &call.integration.label,
+                            call.route_name(),
+                            resp.headers(),
+                        );
                     }
-                    Err(e) => {
-                        let answer = e.into_answer(&call);
-                        let reason = answer.reason;
-                        (answer.into_response(), reason.as_str(), Some(reason), false)
+                    let fallback = resp.extensions().get::<ServedFallback>().is_some();
+                    if let Some(f) = resp.extensions().get::<ServedFallback>() {
+                        span.set("tollgate.fallback", f.kind);
                     }
-                };
-                // The call ends with its body: a body cut at the total deadline makes it a
-                // timeout, one the partner broke off an unreachable partner.
-                let span = tracing::Span::current();
-                let status = resp.status().as_u16();
-                let probe = super::contract::probe(resp.extensions());
-                Ok(resp.map(move |b| {
-                    body::on_end(b, move |end| {
-                        let (outcome, reason) = match end {
-                            BodyEnd::Done => (outcome, reason),
-                            BodyEnd::Timeout => {
-                                tracing::warn!(parent: &span, "response body cut at the total deadline");
-                                (Reason::Timeout.as_str(), Some(Reason::Timeout))
-                            }
-                            BodyEnd::Failed => (
-                                Reason::UpstreamUnreachable.as_str(),
-                                Some(Reason::UpstreamUnreachable),
-                            ),
-                        };
-                        // A 2xx that breaks the contract is the partner's failure.
-                        let broken = end == BodyEnd::Done && probe.is_some_and(|p| p.broken());
-                        let outcome = if broken && outcome == "success" {
-                            "contract-violation"
-                        } else {
-                            outcome
-                        };
-                        let result = call_result(status, reason, fallback, broken);
-                        record(&metrics, &call, &span, status, outcome, result, reason, broken);
-                        if let Some(a) = &access {
-                            access_log::write(
-                                &access_log::Line {
-                                    integration: &call.integration.label,
-                                    route: call.route_name(),
-                                    method: &a.method,
-                                    path: &a.path,
-                                    status,
-                                    attempts: call.attempts(),
-                                    duration_ms: (call.started.elapsed().as_secs_f64() * 1e6)
-                                        .round()
-                                        / 1e3,
-                                    outcome,
-                                    trace_id: a.trace_id.as_deref(),
-                                },
-                                &metrics,
+                    (resp, outcome, reason, fallback)
+                }
+                Err(e) => {
+                    let answer = e.into_answer(&call);
+                    let reason = answer.reason;
+                    (answer.into_response(), reason.as_str(), Some(reason), false)
+                }
+            };
+            // The call ends with its body: a body cut at the total deadline makes it a
+            // timeout, one the partner broke off an unreachable partner.
+            let status = resp.status().as_u16();
+            let probe = super::contract::probe(resp.extensions());
+            Ok(resp.map(move |b| {
+                body::on_end(b, move |end| {
+                    let (outcome, reason) = match end {
+                        BodyEnd::Done => (outcome, reason),
+                        BodyEnd::Timeout => {
+                            tracing::warn!(
+                                integration = %call.integration.label,
+                                route = call.route_name(),
+                                "response body cut at the total deadline"
                             );
+                            (Reason::Timeout.as_str(), Some(Reason::Timeout))
                         }
-                    })
-                }))
-            }
-            .instrument(span),
-        )
+                        BodyEnd::Failed => (
+                            Reason::UpstreamUnreachable.as_str(),
+                            Some(Reason::UpstreamUnreachable),
+                        ),
+                    };
+                    // A 2xx that breaks the contract is the partner's failure.
+                    let broken = end == BodyEnd::Done && probe.is_some_and(|p| p.broken());
+                    let outcome = if broken && outcome == "success" {
+                        "contract-violation"
+                    } else {
+                        outcome
+                    };
+                    let result = call_result(status, reason, fallback, broken);
+                    record(
+                        &metrics,
+                        &call,
+                        &span,
+                        status,
+                        (outcome, result, reason),
+                        broken,
+                    );
+                    if let Some(a) = &access {
+                        access_log::write(
+                            &access_log::Line {
+                                integration: &call.integration.label,
+                                route: call.route_name(),
+                                method: &a.method,
+                                path: &a.path,
+                                status,
+                                attempts: call.attempts(),
+                                duration_ms: (call.started.elapsed().as_secs_f64() * 1e6).round()
+                                    / 1e3,
+                                outcome,
+                                trace_id: a.trace_id.as_deref(),
+                            },
+                            &metrics,
+                        );
+                    }
+                })
+            }))
+        })
     }
 }
 
@@ -183,35 +189,32 @@ pub fn call_result(
     }
 }
 
-/// Records a finished call in its span, the metrics and the integration's traffic counters.
-#[allow(clippy::too_many_arguments)]
+/// Records a finished call in its span, the metrics and the integration's traffic counters,
+/// and ends the span.
 fn record(
     metrics: &Metrics,
     call: &Call,
-    span: &tracing::Span,
+    span: &CallSpan,
     status: u16,
-    outcome: &'static str,
-    result: CallResult,
-    reason: Option<Reason>,
+    (outcome, result, reason): (&'static str, CallResult, Option<Reason>),
     broken: bool,
 ) {
-    if !span.is_disabled() {
-        span.record("http.response.status_code", status);
-        span.record("tollgate.attempts", call.attempts());
+    if span.is_recorded() {
+        span.set("http.response.status_code", i64::from(status));
+        span.set("tollgate.attempts", i64::from(call.attempts()));
         if let Some(r) = reason {
-            span.record("tollgate.reason", r.as_str());
+            span.set("tollgate.reason", r.as_str());
         }
         if broken {
-            span.record("tollgate.contract", "success-rule");
+            span.set("tollgate.contract", "success-rule");
         }
         if status >= 500 || reason.is_some() || broken {
-            span.record("otel.status_code", "ERROR");
+            span.error();
         }
+        span.end();
     }
     let elapsed = call.started.elapsed();
-    call.route_state()
-        .metrics
-        .get_or_init(|| RouteMetrics::new(metrics, &call.integration.label, call.route_name()))
+    call.metrics(metrics)
         .record(metrics, outcome, result, status, elapsed.as_secs_f64());
     // The status counts as the metrics do: a fallback standing in for the partner's 5xx is
     // its failure.

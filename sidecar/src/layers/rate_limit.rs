@@ -21,9 +21,7 @@ use crate::answer::Reason;
 use crate::body::ReqBody;
 use crate::engine::limiter::{self, Denied, Limiter};
 use crate::state::Quota;
-use crate::telemetry::metrics::{
-    BandLabels, DecisionLabels, Metrics, QuotaBandLabels, RouteLabels,
-};
+use crate::telemetry::metrics::{BandLabels, Metrics, QuotaBandLabels, RouteLabels};
 use tollgate_crds::policy::RateLimitPolicy;
 use tollgate_crds::v1alpha1::OnLimit;
 
@@ -118,41 +116,52 @@ pub(crate) fn charge(
         OnLimit::Queue => at_least.max(policy.max_queue_wait),
     }
     .min(call.deadline.saturating_duration_since(now));
-    let mut entries: Vec<(&Limiter, limiter::Key<'_>)> = Vec::with_capacity(2);
-    let mut kinds = Vec::with_capacity(2);
+    // An adaptive quota climbs back as time passes; bring it up to date first.
     for (q, kind) in quotas(call) {
-        // An adaptive quota climbs back as time passes; bring it up to date first.
         if q.refresh(now).is_some() {
             report_effective_rate(metrics, call, q, kind);
         }
+    }
+    // At most two quotas (the route's, the account's), held on the stack. An overridden value
+    // of the partition header has a limiter of its own.
+    fn entry<'a, 'h>(q: &'a Quota, headers: &'h HeaderMap) -> (&'a Limiter, limiter::Key<'h>) {
         let key = q
             .policy
             .partition_by
             .as_ref()
             .and_then(|h| headers.get(h))
             .map(|v| v.as_bytes());
-        entries.push(q.limiter_for(key));
-        kinds.push((q, kind));
+        q.limiter_for(key)
     }
-    let decision = |kind: QuotaKind, decision: &str| {
-        metrics
-            .rate_limit_decisions
-            .get_or_create(&DecisionLabels {
-                integration: call.integration.label.to_string(),
-                route: call.route_name().to_string(),
-                quota: kind.as_str().to_string(),
-                decision: decision.to_string(),
-            })
-            .inc();
+    let mut all = quotas(call);
+    let first = all.next()?;
+    let second = all.next();
+    let (pair, one);
+    let (entries, kinds): (&[_], &[_]) = match second {
+        Some(second) => {
+            pair = (
+                [entry(first.0, headers), entry(second.0, headers)],
+                [first, second],
+            );
+            (&pair.0, &pair.1)
+        }
+        None => {
+            one = ([entry(first.0, headers)], [first]);
+            (&one.0, &one.1)
+        }
     };
-    match limiter::admit(&entries, now, max_wait) {
+    let route_metrics = call.metrics(metrics);
+    let decision = |kind: QuotaKind, decision: &'static str| {
+        route_metrics.decision(metrics, kind.as_str(), decision);
+    };
+    match limiter::admit(entries, now, max_wait) {
         Ok(admitted) => {
             let outcome = if admitted.wait.is_zero() {
                 "admitted"
             } else {
                 "queued"
             };
-            for (_, kind) in &kinds {
+            for (_, kind) in kinds {
                 decision(*kind, outcome);
             }
             if admitted.overflow {

@@ -22,13 +22,13 @@ use http::{HeaderValue, Method, Request};
 use tokio::time::Instant;
 use tower::layer::{LayerFn, layer_fn};
 use tower::{Service, ServiceExt};
-use tracing::Instrument;
 
 use super::{BoxFuture, Call, CallError, CallResult, rate_limit};
 use crate::body::{ReqBody, RespBody};
 use crate::client::TransportFailure;
 use crate::engine::{backoff, retry_after};
-use crate::telemetry::metrics::{Metrics, RouteLabels, SkipLabels};
+use crate::telemetry::metrics::{Metrics, SkipLabels};
+use crate::telemetry::spans::{AttemptSpan, CallSpan};
 use tollgate_crds::policy::RetryPolicy;
 
 pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> LayerFn<impl Fn(S) -> Retry<S> + Clone> {
@@ -160,13 +160,7 @@ where
                 return result;
             }
         };
-        metrics
-            .retries
-            .get_or_create(&RouteLabels {
-                integration: call.integration.label.to_string(),
-                route: call.route_name().to_string(),
-            })
-            .inc();
+        call.metrics(&metrics).retry(&metrics);
         drop(result);
         tokio::time::sleep(delay).await;
         req = next;
@@ -187,29 +181,36 @@ pub(crate) fn spare_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
     })
 }
 
-/// Attempt `n`, in its own span, once the inner service is ready.
-async fn send_attempt<S>(inner: &mut S, req: Request<ReqBody>, n: u32) -> CallResult
+/// Attempt `n`, in its own span (a child of the call's, when spans are exported), once the
+/// inner service is ready.
+async fn send_attempt<S>(inner: &mut S, mut req: Request<ReqBody>, n: u32) -> CallResult
 where
     S: Service<Request<ReqBody>, Response = http::Response<RespBody>, Error = CallError>,
 {
     let svc = inner.ready().await?;
-    let span = crate::telemetry::spans::attempt_span(n);
-    let fut = {
-        let _enter = span.enter();
-        svc.call(req)
+    let span = match req.extensions().get::<CallSpan>() {
+        Some(call) => call.attempt(n),
+        None => AttemptSpan::default(),
     };
-    let result = fut.instrument(span.clone()).await;
-    match &result {
-        Ok(r) => {
-            span.record("http.response.status_code", r.status().as_u16());
-            if r.status().is_server_error() {
-                span.record("otel.status_code", "ERROR");
+    if span.is_recorded() {
+        // Its context goes to the partner (`layers::send`).
+        req.extensions_mut().insert(span.clone());
+    }
+    let result = svc.call(req).await;
+    if span.is_recorded() {
+        match &result {
+            Ok(r) => {
+                span.set("http.response.status_code", i64::from(r.status().as_u16()));
+                if r.status().is_server_error() {
+                    span.error();
+                }
+            }
+            Err(e) => {
+                span.set("error.type", error_type(e));
+                span.error();
             }
         }
-        Err(e) => {
-            span.record("error.type", error_type(e));
-            span.record("otel.status_code", "ERROR");
-        }
+        span.end();
     }
     result
 }

@@ -11,6 +11,7 @@ use super::{BoxFuture, Call, CallError, CallResult};
 use crate::body::{self, ReqBody, RespBody};
 use crate::client::classify;
 use crate::proxy::headers::strip_hop_by_hop;
+use crate::telemetry::spans::AttemptSpan;
 use tollgate_crds::policy::{Scheme, UpstreamPolicy};
 
 #[derive(Clone, Copy, Debug)]
@@ -62,15 +63,13 @@ impl Upstream {
         }
     }
 
-    /// The partner's URL for a request's path and query.
-    pub(crate) fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    /// The partner's URL for a request's path and query (taken, not cloned: a clone would
+    /// share its bytes, which costs an allocation).
+    pub(crate) fn uri(&self, path_and_query: Option<PathAndQuery>) -> Result<Uri, http::Error> {
         let path = if self.base_path.is_empty() {
-            match path_and_query {
-                Some(pq) => pq.clone(),
-                None => PathAndQuery::from_static("/"),
-            }
+            path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"))
         } else {
-            let pq = path_and_query.map_or("/", PathAndQuery::as_str);
+            let pq = path_and_query.as_ref().map_or("/", PathAndQuery::as_str);
             PathAndQuery::try_from(format!("{}{}", self.base_path, pq))?
         };
         Uri::builder()
@@ -93,7 +92,7 @@ impl Service<Request<ReqBody>> for SendAttempt {
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let call = Call::from_request(&req);
         let up = &call.integration.state.upstream;
-        let uri = match up.uri(req.uri().path_and_query()) {
+        let uri = match up.uri(std::mem::take(req.uri_mut()).into_parts().path_and_query) {
             Ok(u) => u,
             Err(e) => {
                 let err = CallError::Answer(call.answer(
@@ -108,7 +107,9 @@ impl Service<Request<ReqBody>> for SendAttempt {
         }
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
-        crate::telemetry::spans::inject_context(req.headers_mut());
+        if let Some(span) = req.extensions().get::<AttemptSpan>().cloned() {
+            span.inject(req.headers_mut());
+        }
         let client = call.integration.state.client.clone();
         Box::pin(async move {
             match client.request(req).await {

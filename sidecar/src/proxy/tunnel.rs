@@ -20,6 +20,8 @@ use crate::answer::{Answer, Reason};
 use crate::body::{self, RespBody};
 use crate::config::Integration;
 use crate::telemetry::metrics::TunnelLabels;
+use crate::telemetry::spans::TunnelSpan;
+use opentelemetry::KeyValue;
 
 pub(crate) async fn handle(
     proxy: Arc<Proxy>,
@@ -92,30 +94,32 @@ pub(crate) async fn handle(
             target.host.clone()
         }
     );
-    let span = tracing::info_span!(target: crate::telemetry::spans::TARGET, "tollgate.tunnel", otel.kind = "client", tollgate.integration = %label, server.address = %target.host, server.port = port);
-    let upstream = match connect(&proxy, &label, addr.as_str(), connect_timeout)
-        .instrument(span.clone())
-        .await
-    {
+    let span = TunnelSpan::start(|| {
+        vec![
+            KeyValue::new("tollgate.integration", label.clone()),
+            KeyValue::new("server.address", target.host.clone()),
+            KeyValue::new("server.port", i64::from(port)),
+        ]
+    });
+    let upstream = match connect(&proxy, &label, addr.as_str(), connect_timeout).await {
         Ok(s) => s,
         Err(refusal) => return answer(refusal, &addr).into_response(),
     };
-    tokio::spawn(
-        async move {
-            let _permit = permit;
-            match hyper::upgrade::on(req).await {
-                Ok(upgraded) => {
-                    let mut app = TokioIo::new(upgraded);
-                    let mut upstream = upstream;
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut app, &mut upstream).await {
-                        tracing::debug!(error = %e, "tunnel closed with an error");
-                    }
+    tokio::spawn(async move {
+        // The span ends with the tunnel.
+        let _span = span;
+        let _permit = permit;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let mut app = TokioIo::new(upgraded);
+                let mut upstream = upstream;
+                if let Err(e) = tokio::io::copy_bidirectional(&mut app, &mut upstream).await {
+                    tracing::debug!(error = %e, "tunnel closed with an error");
                 }
-                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
-        .instrument(span),
-    );
+    });
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::OK;
     resp

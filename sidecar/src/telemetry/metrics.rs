@@ -313,6 +313,8 @@ pub struct Metrics {
     pub partner_sunset: Family<RouteLabels, Gauge>,
     /// Access log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
+    /// Spans dropped because the export queue was full.
+    pub spans_dropped: Counter,
     pub contract_violations: Family<ContractLabels, Counter>,
     /// Partner answers other than 401, by the key of a rotation window they came for.
     pub credential_keys: Family<CredentialKeyLabels, Counter>,
@@ -487,6 +489,12 @@ impl Default for Metrics {
             "Access log lines dropped because stdout did not keep up",
             access_log_dropped.clone(),
         );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "tollgate_spans_dropped",
+            "Spans not exported because the export queue (OTEL_BSP_MAX_QUEUE_SIZE) was full",
+            spans_dropped.clone(),
+        );
         let contract_violations = Family::<ContractLabels, Counter>::default();
         registry.register(
             "tollgate_contract_violations",
@@ -514,6 +522,7 @@ impl Default for Metrics {
             credential_keys,
             credential_refresh_failures,
             access_log_dropped,
+            spans_dropped,
             contract_violations,
             contract_totals: Mutex::default(),
             partner_deprecated,
@@ -662,9 +671,15 @@ pub struct RouteMetrics {
     route: String,
     /// Per [`CallResult`], made on first use.
     duration: [OnceLock<Histogram>; 3],
-    /// `(outcome, result, status code)` -> its `tollgate_requests_total` series; a handful per
-    /// route.
-    requests: RwLock<Vec<(&'static str, CallResult, u16, Counter)>>,
+    /// `tollgate_requests_total` by `(outcome, result, status code)`: a handful per route.
+    requests: Counters<(&'static str, CallResult, u16)>,
+    /// `tollgate_rate_limit_decisions_total` by `(quota, decision)`: at most six.
+    decisions: Counters<(&'static str, &'static str)>,
+    /// `tollgate_retries_total`.
+    retries: OnceLock<Counter>,
+    /// `tollgate.integration` and `tollgate.route` for the route's spans, shared rather than
+    /// copied into each.
+    span_attributes: [opentelemetry::KeyValue; 2],
 }
 
 impl RouteMetrics {
@@ -673,8 +688,25 @@ impl RouteMetrics {
             integration: integration.to_string(),
             route: route.to_string(),
             duration: Default::default(),
-            requests: RwLock::new(Vec::new()),
+            requests: Counters::default(),
+            decisions: Counters::default(),
+            retries: OnceLock::new(),
+            span_attributes: [
+                opentelemetry::KeyValue::new(
+                    "tollgate.integration",
+                    opentelemetry::StringValue::from(std::sync::Arc::<str>::from(integration)),
+                ),
+                opentelemetry::KeyValue::new(
+                    "tollgate.route",
+                    opentelemetry::StringValue::from(std::sync::Arc::<str>::from(route)),
+                ),
+            ],
         }
+    }
+
+    /// The attributes naming the route on its call spans.
+    pub fn span_attributes(&self) -> &[opentelemetry::KeyValue] {
+        &self.span_attributes
     }
 
     /// Records one finished call.
@@ -698,34 +730,81 @@ impl RouteMetrics {
                     .clone()
             })
             .observe(seconds);
-        let same =
-            |o: &&'static str, r: &CallResult, c: &u16| *c == code && *r == result && *o == outcome;
+        self.requests.inc((outcome, result, code), || {
+            metrics
+                .requests
+                .get_or_create(&CallLabels {
+                    integration: self.integration.clone(),
+                    route: self.route.clone(),
+                    outcome: outcome.to_string(),
+                    code: code.to_string(),
+                    result: result.as_str().to_string(),
+                })
+                .clone()
+        });
+    }
+
+    /// Counts a quota decision (`quota`: `route` or `integration`; `decision`: `admitted`,
+    /// `queued` or `denied`).
+    pub fn decision(&self, metrics: &Metrics, quota: &'static str, decision: &'static str) {
+        self.decisions.inc((quota, decision), || {
+            metrics
+                .rate_limit_decisions
+                .get_or_create(&DecisionLabels {
+                    integration: self.integration.clone(),
+                    route: self.route.clone(),
+                    quota: quota.to_string(),
+                    decision: decision.to_string(),
+                })
+                .clone()
+        });
+    }
+
+    /// Counts a retry sent.
+    pub fn retry(&self, metrics: &Metrics) {
+        self.retries
+            .get_or_init(|| {
+                metrics
+                    .retries
+                    .get_or_create(&RouteLabels {
+                        integration: self.integration.clone(),
+                        route: self.route.clone(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+}
+
+/// A route's counters by a small key, each resolved from its family on first use.
+#[derive(Debug)]
+struct Counters<K>(RwLock<Vec<(K, Counter)>>);
+
+impl<K> Default for Counters<K> {
+    fn default() -> Self {
+        Counters(RwLock::new(Vec::new()))
+    }
+}
+
+impl<K: PartialEq + Copy> Counters<K> {
+    fn inc(&self, key: K, resolve: impl FnOnce() -> Counter) {
         let found = self
-            .requests
+            .0
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(o, r, c, _)| same(o, r, c))
-            .map(|(_, _, _, counter)| counter.inc());
+            .find(|(k, _)| *k == key)
+            .map(|(_, counter)| counter.inc());
         if found.is_some() {
             return;
         }
-        let mut requests = self.requests.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, _, _, counter)) = requests.iter().find(|(o, r, c, _)| same(o, r, c)) {
+        let mut all = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counter)) = all.iter().find(|(k, _)| *k == key) {
             counter.inc();
             return;
         }
-        let counter = metrics
-            .requests
-            .get_or_create(&CallLabels {
-                integration: self.integration.clone(),
-                route: self.route.clone(),
-                outcome: outcome.to_string(),
-                code: code.to_string(),
-                result: result.as_str().to_string(),
-            })
-            .clone();
+        let counter = resolve();
         counter.inc();
-        requests.push((outcome, result, code, counter));
+        all.push((key, counter));
     }
 }

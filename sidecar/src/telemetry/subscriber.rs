@@ -7,12 +7,19 @@
 //! `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` /
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SDK_DISABLED` and `OTEL_TRACES_EXPORTER=none`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use prometheus_client::metrics::counter::Counter;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -52,68 +59,38 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// Installs the global subscriber (logs) and, if configured, the OTLP span exporter. Must run
-/// inside the tokio runtime.
-pub fn init(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry> {
-    let provider = tracer_provider()?;
-    use tracing_subscriber::Layer as _;
-    // No `Option` layers here: an absent layer counts as interested in everything, and the
-    // registry would then build every span whoever wants it.
-    let log = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(false)
-            .with_filter(log_filter(default_filter))
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_filter(log_filter(default_filter))
-            .boxed(),
+/// inside the tokio runtime. Spans the export queue has no room for are dropped and counted in
+/// `dropped`.
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    dropped: Counter,
+) -> anyhow::Result<Telemetry> {
+    let provider = tracer_provider(dropped)?;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let installed = match format {
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(log.with_filter(filter))
+            .try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(log.json().with_filter(filter))
+            .try_init(),
     };
-    let exporting = provider.is_some();
-    // Only Tollgate's own call and attempt spans are exported, whatever the log filter, and
-    // only when there is an exporter.
-    let otel = provider
-        .as_ref()
-        .map(|p| {
-            // The attributes api.md names, and no more: the layer's defaults add source
-            // location, thread, target and busy/idle time to every span, which cost a clock
-            // read on every poll and a third of each span's encoding, and say nothing here
-            // (every span comes from the same two places in the code).
-            tracing_opentelemetry::layer()
-                .with_tracer(p.tracer("tollgate-sidecar"))
-                .with_location(false)
-                .with_threads(false)
-                .with_target(false)
-                .with_tracked_inactivity(false)
-        })
-        .with_filter(tracing_subscriber::filter::filter_fn(move |m| {
-            exporting && m.target().starts_with(crate::telemetry::spans::TARGET)
-        }));
-    tracing_subscriber::registry()
-        .with(otel)
-        .with(log)
-        .try_init()
-        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))?;
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
+    installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))?;
+    // Tollgate's spans are made with the SDK's tracer directly (`telemetry::spans`), not
+    // through `tracing`: log lines never carry them, and a call pays for no span machinery
+    // beyond the spans it exports.
+    if let Some(p) = &provider {
+        crate::telemetry::spans::install(p.tracer("tollgate-sidecar"));
+    }
     Ok(Telemetry { provider })
 }
 
-/// `RUST_LOG` (else `default_filter`) for the log lines, with Tollgate's call and attempt spans
-/// left out: they exist for export, and formatting their fields for the log layer cost about a
-/// quarter of the sidecar's instructions per call.
-fn log_filter(default_filter: &str) -> EnvFilter {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    match format!("{}=off", crate::telemetry::spans::TARGET).parse() {
-        Ok(d) => filter.add_directive(d),
-        Err(_) => filter,
-    }
-}
-
-fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
+fn tracer_provider(dropped: Counter) -> anyhow::Result<Option<SdkTracerProvider>> {
     if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
     {
@@ -143,11 +120,96 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     let resource = Resource::builder()
         .with_service_name(env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate-sidecar".into()))
         .build();
-    let processor =
-        BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+    // Batched and exported by a task of its own: a span ending hands its data to a bounded
+    // queue without waiting, and is dropped and counted when the queue is full.
+    let queued = Arc::new(AtomicUsize::new(0));
+    let exporter = Dequeue {
+        inner: exporter,
+        queued: queued.clone(),
+    };
+    let processor = Bounded {
+        inner: BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build(),
+        queued,
+        capacity: queue_capacity(),
+        dropped,
+    };
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_resource(resource)
         .build();
     Ok(Some(provider))
+}
+
+/// `OTEL_BSP_MAX_QUEUE_SIZE` as the SDK's batch processor reads it.
+fn queue_capacity() -> usize {
+    env("OTEL_BSP_MAX_QUEUE_SIZE")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048)
+}
+
+/// The batch processor, its queue counted: a span that finds it full is dropped here, and
+/// counted, where the SDK would drop it silently.
+#[derive(Debug)]
+struct Bounded<P> {
+    inner: P,
+    /// Spans handed to `inner` and not yet to the exporter.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+    dropped: Counter,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.inc();
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The exporter, counting the spans it takes out of the queue.
+#[derive(Debug)]
+struct Dequeue<E> {
+    inner: E,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<E: SpanExporter> SpanExporter for Dequeue<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        self.inner.export(batch)
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }

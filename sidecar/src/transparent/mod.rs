@@ -33,8 +33,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::Instrument;
-use tracing::field::Empty;
 
 use self::detect::{First, HostPort};
 use self::io::{Prefixed, Watched};
@@ -44,6 +42,8 @@ use crate::proxy::handler::Proxy;
 use crate::proxy::server;
 use crate::proxy::tunnel::{self, Refusal};
 use crate::telemetry::metrics::InterceptLabels;
+use crate::telemetry::spans::TunnelSpan;
+use opentelemetry::KeyValue;
 
 /// The transparent listener's flag.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -368,20 +368,19 @@ async fn partner_tls(
     sni: String,
 ) {
     let label = integration.label.to_string();
-    let span = tracing::info_span!(
-        target: crate::telemetry::spans::TARGET,
-        "tollgate.tunnel",
-        otel.kind = "client",
-        tollgate.integration = %label,
-        tollgate.interception = "transparent",
-        server.address = %sni,
-        server.port = orig.port(),
-        network.peer.address = %orig.ip(),
-        tollgate.reason = Empty,
-    );
+    // Ends when this function returns, with the tunnel.
+    let span = TunnelSpan::start(|| {
+        vec![
+            KeyValue::new("tollgate.integration", label.clone()),
+            KeyValue::new("tollgate.interception", "transparent"),
+            KeyValue::new("server.address", sni.clone()),
+            KeyValue::new("server.port", i64::from(orig.port())),
+            KeyValue::new("network.peer.address", orig.ip().to_string()),
+        ]
+    });
     async {
         let refused = |refusal: &Refusal| {
-            tracing::Span::current().record("tollgate.reason", refusal.reason().as_str());
+            span.set("tollgate.reason", refusal.reason().as_str());
         };
         let _permit = match tunnel::admit(proxy, Some(&integration), &label) {
             Ok(p) => p,
@@ -419,7 +418,6 @@ async fn partner_tls(
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
     }
-    .instrument(span)
     .await;
 }
 

@@ -159,6 +159,21 @@ impl Sidecar {
         .await
     }
 
+    /// The status of the app's `GET` of `path` at `partner`, through this sidecar.
+    pub async fn status_of(&self, partner: &Partner, path: &str) -> u16 {
+        self.get(&format!("{}{path}", partner.url())).await.status
+    }
+
+    /// Writes the config `yaml` and waits until its kill switch (the default route's) is `on`.
+    pub async fn write_kill_switch(&self, yaml: &str, on: bool) {
+        self.write_config(yaml);
+        self.wait_config(
+            &format!("the kill switch {}", if on { "on" } else { "off" }),
+            |c| c["integrations"][0]["defaultRoute"]["killSwitch"]["enabled"] == on,
+        )
+        .await;
+    }
+
     /// Polls the metrics until `pred` holds.
     pub async fn wait_metrics(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         eventually_async(what, Duration::from_secs(10), async || {
@@ -215,4 +230,14 @@ pub fn manifest(name: &str, spec: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `tollgate_tunnels_total` of the integration `test/partner` with `outcome`, in the metrics
+/// text `m`.
+pub fn tunnels(m: &str, outcome: &str) -> f64 {
+    metric(
+        m,
+        "tollgate_tunnels_total",
+        &[("integration", "test/partner"), ("outcome", outcome)],
+    )
 }
