@@ -506,3 +506,30 @@ async fn a_hostile_token_endpoint_is_bounded_and_its_fault_named() {
     }
     assert_eq!(partner.count(), 0, "never sent unauthenticated");
 }
+
+#[tokio::test]
+async fn a_call_without_a_token_has_a_span_event_saying_why() {
+    let receiver = support::otlp::Receiver::start().await;
+    let (tokens, partner, _) = oauth_pair().await;
+    tokens.set_up(false);
+    let mut options = oauth_secrets();
+    options.env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.endpoint()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "50".into()),
+    ];
+    let sidecar = Sidecar::start_with(&oauth_spec(&partner, &tokens, ""), options).await;
+    let refused = sidecar.get(&format!("{}/v1/charges", partner.url())).await;
+    assert_eq!(refused.reason(), Some("credential-unavailable"));
+    assert_eq!(partner.count(), 0);
+    let attempts = receiver.wait_for("tollgate.attempt", 1).await;
+    let event = attempts[0]
+        .events
+        .iter()
+        .find(|(name, _)| name == "tollgate.credential_unavailable")
+        .unwrap_or_else(|| panic!("no credential event on the attempt span: {attempts:?}"));
+    assert!(event.1["reason"].contains("token endpoint"), "{event:?}");
+    assert!(
+        !String::from_utf8_lossy(&receiver.raw()).contains("s3cret"),
+        "the client secret is never exported"
+    );
+}

@@ -27,6 +27,8 @@ pub struct SpanRecord {
     pub span_id: String,
     pub parent_span_id: String,
     pub attributes: BTreeMap<String, String>,
+    /// Each event's name and attributes.
+    pub events: Vec<(String, BTreeMap<String, String>)>,
     pub service_name: String,
 }
 
@@ -111,6 +113,24 @@ impl Receiver {
                                                         .attributes
                                                         .iter()
                                                         .map(|a| (a.key.clone(), text(&a.value)))
+                                                        .collect(),
+                                                    events: span
+                                                        .events
+                                                        .iter()
+                                                        .map(|e| {
+                                                            (
+                                                                e.name.clone(),
+                                                                e.attributes
+                                                                    .iter()
+                                                                    .map(|a| {
+                                                                        (
+                                                                            a.key.clone(),
+                                                                            text(&a.value),
+                                                                        )
+                                                                    })
+                                                                    .collect(),
+                                                            )
+                                                        })
                                                         .collect(),
                                                     service_name: service_name.clone(),
                                                 });
