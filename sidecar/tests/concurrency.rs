@@ -304,3 +304,74 @@ async fn the_line_serves_the_priority_header_high_before_normal_before_low() {
         "{m}"
     );
 }
+
+/// The revision in force, from `tollgate_config_revision_info`.
+async fn revision(sidecar: &Sidecar) -> String {
+    let m = sidecar.metrics().await;
+    m.lines()
+        .find(|l| l.starts_with("tollgate_config_revision_info{"))
+        .and_then(|l| l.split("revision=\"").nth(1))
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn reload(sidecar: &Sidecar, yaml: &str) {
+    let before = revision(sidecar).await;
+    sidecar.write_config(yaml);
+    let admin = sidecar.admin;
+    eventually_async(
+        "the new revision is in force",
+        Duration::from_secs(10),
+        async || {
+            let m = tollgate_testkit::request(admin, Method::GET, "/metrics", &[], "")
+                .await
+                .body;
+            anyhow::ensure!(!m.contains(&format!("revision=\"{before}\"")), "not yet");
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_new_revision_keeps_an_unchanged_cap_with_its_calls_and_a_changed_cap_starts_empty() {
+    let partner = Partner::start().await;
+    partner.script(|_, _| Reply::Echo);
+    let sidecar = Sidecar::start(&spec(&partner, "concurrency: {maxInFlight: 1}")).await;
+    let held = slow_call(&sidecar, &partner, 3000);
+    until(
+        "the partner holds the call",
+        Duration::from_secs(10),
+        || partner.count() == 1,
+    )
+    .await;
+    let fast = format!("{}/v1/fast", partner.url());
+
+    // Another field changes; the cap does not: the held call still has the only place.
+    reload(
+        &sidecar,
+        &spec(
+            &partner,
+            "concurrency: {maxInFlight: 1}\ntimeouts: {total: 20s}",
+        ),
+    )
+    .await;
+    assert_eq!(
+        sidecar.get(&fast).await.status,
+        429,
+        "the place is still taken"
+    );
+
+    // The cap changes: it starts empty, whatever the old one held.
+    reload(
+        &sidecar,
+        &spec(
+            &partner,
+            "concurrency: {maxInFlight: 2}\ntimeouts: {total: 20s}",
+        ),
+    )
+    .await;
+    assert_eq!(sidecar.get(&fast).await.status, 200);
+    assert_eq!(held.await.unwrap(), 200);
+}
