@@ -11,7 +11,7 @@
 //! retries connect errors, resets, timeouts, 429 and 5xx with exponential backoff and jitter,
 //! and a breaker stops asking an endpoint that keeps failing (calls then fail at once).
 //!
-//! A refresh that fails leaves the old token in use until it expires; after that calls are
+//! A refresh that fails leaves the old token in use until it expires (see [`expiry_skew`]); after that calls are
 //! answered `credential-unavailable` (503) and nothing is sent unauthenticated. Every failed
 //! fetch counts in `tollgate_credential_refresh_failures_total` and is logged with why (never a
 //! token or secret). The endpoint's answers are hostile: the body is bounded, every field is
@@ -41,6 +41,12 @@ use crate::telemetry::metrics::{IntegrationLabels, Metrics};
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// Longest access token accepted.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// How long before the endpoint's expiry a token stops being sent: a tenth of its lifetime, at
+/// most 5 seconds.
+fn expiry_skew(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(5))
+}
+
 /// Lifetime assumed when the endpoint gives no `expires_in` (RFC 6749 makes it optional).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// Longest lifetime believed.
@@ -231,7 +237,9 @@ impl TokenManager {
 
     /// One fetch, with its retries, then the waiting calls are woken.
     async fn fetch(self: Arc<Self>) {
-        let result = match self.breaker.try_acquire(Instant::now()) {
+        // The endpoint counts the lifetime from when it issued the token, which is after this.
+        let fetch_started = Instant::now();
+        let result = match self.breaker.try_acquire(fetch_started) {
             // Not asked: nothing failed anew (the last error stands).
             Err(_) => {
                 let mut s = self.lock();
@@ -255,13 +263,15 @@ impl TokenManager {
         let mut s = self.lock();
         match result {
             Ok((value, lifetime)) => {
-                let now = Instant::now();
                 s.serial += 1;
                 let margin = refresh_margin(self.key.oauth2.refresh_before, lifetime);
+                // Counted from before the request, less a skew for calls still in flight when
+                // it ends: a call never reaches the partner with a token already expired there.
+                let usable = lifetime.saturating_sub(expiry_skew(lifetime));
                 s.token = Some(Token {
                     value,
-                    expires_at: now + lifetime,
-                    refresh_at: now + lifetime.saturating_sub(margin),
+                    expires_at: fetch_started + usable,
+                    refresh_at: fetch_started + usable.saturating_sub(margin),
                     serial: s.serial,
                 });
                 s.last_error = None;
