@@ -230,10 +230,11 @@ pub struct ClientCertificateValue {
 
 /// How much of a global quota this sidecar may spend.
 ///
-/// Today the operator divides equally: `fraction = 1 / subscribers`, re-divided whenever a
-/// sidecar of the integration connects or goes away. A demand-proportional scheme will send
-/// other fractions (and may add fields); a sidecar multiplies each global band's `requests`
-/// by `fraction` and needs nothing else.
+/// The operator divides each band in proportion to the demand sidecars report, decreases
+/// before increases (see the operator's `distribution::shares`); a sidecar multiplies each
+/// global band's `requests` by `fraction`. While it has no stream to the operator it runs at
+/// most `1 / subscribers` (the operator reclaims a share three heartbeats and a second after
+/// the stream that carried it ended).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaShare {

@@ -166,6 +166,22 @@ impl Entry {
         global(&self.policy.rate_limit) || self.policy.routes.iter().any(|r| global(&r.rate_limit))
     }
 
+    /// The tightest sustained rate (requests per second) of the global bands, integration
+    /// and routes: the yardstick of demand when they are divided.
+    pub fn global_band_rate(&self) -> Option<f64> {
+        let global = |r: &Option<tollgate_crds::policy::RateLimitPolicy>| {
+            r.as_ref()
+                .filter(|r| r.scope == RateLimitScope::Global)
+                .map(|r| r.bands.clone())
+                .unwrap_or_default()
+        };
+        let mut bands = global(&self.policy.rate_limit);
+        for r in &self.policy.routes {
+            bands.extend(global(&r.rate_limit));
+        }
+        crate::distribution::shares::band_rate(&bands)
+    }
+
     /// Whether the integration's kill switch (not a route's) is on.
     pub fn kill_switch(&self) -> bool {
         self.policy.default_route.kill_switch.enabled

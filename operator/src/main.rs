@@ -74,8 +74,9 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = tollgate_crds::duration::flag)]
     status_interval: Duration,
 
-    /// Heartbeat on idle streams.
-    #[arg(long, default_value = "15s", value_parser = tollgate_crds::duration::flag)]
+    /// Heartbeat on idle streams. A sidecar that hears nothing for three heartbeats
+    /// reconnects, and its share of global bands is reclaimed a second after that.
+    #[arg(long, default_value = "5s", value_parser = tollgate_crds::duration::flag)]
     heartbeat: Duration,
 
     /// How often sidecars report.
@@ -161,6 +162,8 @@ async fn main() -> anyhow::Result<()> {
         HubSettings {
             heartbeat: args.heartbeat,
             report_interval: args.report_interval,
+            budget_delay: HubSettings::budget_delay_for(args.peer_interval),
+            ..HubSettings::default()
         },
         peers_rx,
     );

@@ -227,6 +227,12 @@ pub struct Partial {
     /// Pods subscribed to the integration.
     #[serde(skip_serializing_if = "is_zero")]
     pub subscribers: u32,
+    /// Global bands: what this replica's sidecars need, and the most they may be running, as
+    /// fractions of the band (see `distribution::shares`).
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub quota_need: f64,
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub quota_held: f64,
     /// Subscribed pods with a fresh report, by the config revision they run.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub revisions: BTreeMap<String, u32>,
@@ -290,6 +296,8 @@ pub struct Partial {
 impl Partial {
     pub fn merge(&mut self, o: &Partial) {
         self.subscribers = self.subscribers.saturating_add(o.subscribers);
+        self.quota_need += finite(o.quota_need);
+        self.quota_held += finite(o.quota_held);
         for (r, n) in &o.revisions {
             let c = self.revisions.entry(r.clone()).or_default();
             *c = c.saturating_add(*n);
@@ -594,6 +602,25 @@ impl TrafficStore {
     /// (integration, pod) pairs held.
     pub fn pod_count(&self) -> usize {
         self.lock().by_key.values().map(HashMap::len).sum()
+    }
+
+    /// Calls per second that reached `pod`'s quota for `key` (all calls but those the
+    /// sidecar refused before it: kill switch, open circuit, ...) over its reports of the last
+    /// `within`; `None` without such a report. Admitted and rate limited alike: the demand,
+    /// not what the pod's share let through.
+    pub fn demand(&self, key: &Key, pod: &str, now: Instant, within: Duration) -> Option<f64> {
+        let inner = self.lock();
+        let t = inner.by_key.get(key)?.get(pod)?;
+        let cutoff = now.checked_sub(within);
+        let (mut calls, mut span) = (0u64, Duration::ZERO);
+        for s in t.samples.iter().rev() {
+            if cutoff.is_some_and(|c| s.at < c) {
+                break;
+            }
+            calls = calls.saturating_add(s.requests.saturating_sub(s.refused));
+            span += s.interval;
+        }
+        (span >= Duration::from_millis(100)).then(|| calls as f64 / span.as_secs_f64())
     }
 
     /// Every integration with reports, for tests and debugging.

@@ -22,6 +22,7 @@ fn settings() -> HubSettings {
     HubSettings {
         heartbeat: Duration::from_secs(1),
         report_interval: Duration::from_secs(1),
+        ..HubSettings::default()
     }
 }
 
@@ -386,21 +387,38 @@ async fn global_quota_is_divided_among_current_subscribers() {
     let share = a.next().await.integrations[0].quota_share.clone().unwrap();
     assert_eq!((share.subscribers, share.fraction), (1, 1.0));
 
+    // web-2 joins: web-1 drops to half at once; web-2 starts with the smallest share and gets
+    // its half once web-1 acknowledged the drop (never both above half at once).
     let mut b = Sidecar::start(addr, &certs, dir.path(), "shop", "web-2", &t2);
     let share_b = b.next().await.integrations[0].quota_share.clone().unwrap();
-    assert_eq!((share_b.subscribers, share_b.fraction), (2, 0.5));
+    assert_eq!(share_b.subscribers, 2);
     let snap = a.next().await;
     let share_a = snap.integrations[0].quota_share.clone().unwrap();
     assert_eq!((share_a.subscribers, share_a.fraction), (2, 0.5));
     assert_eq!(share_a.scale(10), 5);
     assert_eq!(snap.revision, 2);
+    if share_b.fraction < 0.5 {
+        let share_b = b.next().await.integrations[0].quota_share.clone().unwrap();
+        assert_eq!((share_b.subscribers, share_b.fraction), (2, 0.5));
+    }
 
-    // web-2 goes away: web-1 gets the whole band back.
+    // web-2 goes away: web-1 counts alone at once, and gets the whole band back once web-2's
+    // lease (three heartbeats and a second) has run out.
     drop(b);
+    let gone = tokio::time::Instant::now();
+    let snap = a.next().await;
+    let share = snap.integrations[0].quota_share.clone().unwrap();
+    assert_eq!((share.subscribers, share.fraction), (1, 0.5));
+    assert_eq!(snap.revision, 3);
     let snap = a.next().await;
     let share = snap.integrations[0].quota_share.clone().unwrap();
     assert_eq!((share.subscribers, share.fraction), (1, 1.0));
-    assert_eq!(snap.revision, 3);
+    let lease = tollgate_operator::distribution::shares::lease(settings().heartbeat);
+    assert!(
+        gone.elapsed() >= lease,
+        "reclaimed after {:?}",
+        gone.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,7 @@ async fn a_resume_from_the_largest_revision_gets_a_fresh_count_not_a_dead_stream
     let settings = HubSettings {
         heartbeat: Duration::from_secs(1),
         report_interval: Duration::from_secs(1),
+        ..HubSettings::default()
     };
     let _op = OperatorProcess::start(addr, &certs, &api, catalog, settings);
 

@@ -225,6 +225,30 @@ struct Held {
     revision: u64,
     digest: String,
     snapshot: Option<Arc<Snapshot>>,
+    /// Its global-band shares are in force only up to `1 / subscribers` ([`cut_off`]).
+    cut_off: bool,
+}
+
+/// `s` as a sidecar without a stream runs it: each share of global bands at most
+/// `1 / subscribers`. The operator reclaims a share once the stream that carried it has been
+/// gone for three heartbeats and a second; until it is connected again a sidecar keeps no more
+/// than an even split, so sidecars cut off together never exceed a band, and an operator
+/// outage never lifts one. `None` when nothing changes.
+pub fn cut_off(s: &Snapshot) -> Option<Snapshot> {
+    let mut out = s.clone();
+    let mut changed = false;
+    for share in out
+        .integrations
+        .iter_mut()
+        .filter_map(|i| i.quota_share.as_mut())
+    {
+        let even = 1.0 / f64::from(share.subscribers.max(1));
+        if share.fraction > even {
+            share.fraction = even;
+            changed = true;
+        }
+    }
+    changed.then_some(out)
 }
 
 /// Gives every integration `s` marks `credential_held` the credential `previous` carries for
@@ -335,7 +359,8 @@ impl ClusterClient {
 
     fn load_persisted(&self) -> Option<Held> {
         match load_snapshot(&self.config.state_file) {
-            Ok(Some(s)) => match (self.apply)(&s) {
+            // Not connected yet: shares of global bands as a sidecar cut off runs them.
+            Ok(Some(s)) => match (self.apply)(cut_off(&s).as_ref().unwrap_or(&s)) {
                 Ok(()) => {
                     tracing::info!(
                         revision = s.revision,
@@ -346,6 +371,7 @@ impl ClusterClient {
                         revision: s.revision,
                         digest: s.digest.clone(),
                         snapshot: Some(Arc::new(s)),
+                        cut_off: true,
                     })
                 }
                 Err(e) => {
@@ -386,10 +412,41 @@ impl ClusterClient {
                 Err(e) => e.to_string(),
             };
             tracing::warn!(%error, "disconnected from the operator; the snapshot in force stays");
+            self.cut_off(&mut held);
             self.state
                 .send_replace(ConnectionState::Disconnected { error });
             failures = failures.saturating_add(1);
             tokio::time::sleep(self.backoff(failures)).await;
+        }
+    }
+
+    /// Without a stream: the held snapshot's global-band shares at most an even split.
+    fn cut_off(&self, held: &mut Option<Held>) {
+        let Some(h) = held.as_mut().filter(|h| !h.cut_off) else {
+            return;
+        };
+        h.cut_off = true;
+        let Some(lowered) = h.snapshot.as_deref().and_then(cut_off) else {
+            return;
+        };
+        match (self.apply)(&lowered) {
+            Ok(()) => tracing::info!(
+                "shares of global rate limits lowered to an even split until the operator is back"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot lower the shares of global rate limits"),
+        }
+    }
+
+    /// Connected again and told the held snapshot is current: its shares are in force again.
+    fn restore_shares(&self, held: &mut Option<Held>) {
+        let Some(h) = held.as_mut().filter(|h| h.cut_off) else {
+            return;
+        };
+        h.cut_off = false;
+        if let Some(s) = h.snapshot.as_deref().filter(|s| cut_off(s).is_some())
+            && let Err(e) = (self.apply)(s)
+        {
+            tracing::warn!(error = %e, "cannot restore the shares of global rate limits");
         }
     }
 
@@ -570,6 +627,7 @@ impl ClusterClient {
                             }
                             StreamMessage::Unchanged { revision, .. } => {
                                 tracing::info!(revision, "resumed: the snapshot in force is current");
+                                self.restore_shares(held);
                                 self.state.send_replace(ConnectionState::Connected { revision });
                             }
                             StreamMessage::Heartbeat => {}
@@ -618,6 +676,7 @@ impl ClusterClient {
             revision,
             digest: s.digest.clone(),
             snapshot: Some(s.clone()),
+            cut_off: false,
         });
         self.state
             .send_replace(ConnectionState::Connected { revision });
@@ -814,6 +873,46 @@ mod tests {
             kept("https://api.stripe.com", "id2", true),
             ["secret=fresh"]
         );
+    }
+
+    #[test]
+    fn a_sidecar_cut_off_runs_at_most_an_even_split_of_a_global_band() {
+        let spec: tollgate_crds::PartnerIntegrationSpec =
+            serde_json::from_value(serde_json::json!({"upstream": {"url": "http://p.internal"}}))
+                .unwrap();
+        let integration = |fraction: f64, subscribers: u32| DistributedIntegration {
+            namespace: "ns".into(),
+            name: format!("p{subscribers}"),
+            generation: 1,
+            config_revision: "1-x".into(),
+            spec: spec.clone(),
+            credential: None,
+            credential_held: false,
+            client_certificate: None,
+            client_certificate_held: false,
+            more_credentials: Vec::new(),
+            more_credentials_held: false,
+            quota_share: Some(tollgate_crds::distribution::QuotaShare {
+                fraction,
+                subscribers,
+            }),
+        };
+        let mut s = Snapshot::empty();
+        s.integrations = vec![
+            integration(0.9, 3),
+            integration(0.05, 3),
+            integration(1.0, 1),
+        ];
+        let cut = cut_off(&s).expect("the busy share is lowered");
+        let fractions: Vec<f64> = cut
+            .integrations
+            .iter()
+            .map(|i| i.quota_share.as_ref().unwrap().fraction)
+            .collect();
+        assert_eq!(fractions, [1.0 / 3.0, 0.05, 1.0]);
+        // Nothing above an even split: nothing to lower.
+        s.integrations.remove(0);
+        assert!(cut_off(&s).is_none());
     }
 
     #[test]

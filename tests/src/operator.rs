@@ -84,7 +84,10 @@ impl Operator {
         }
         spec.args(&config.extra_args)
             .env("KUBECONFIG", cp.kubeconfig())
-            .env("RUST_LOG", "info,kube=warn")
+            .env(
+                "RUST_LOG",
+                "info,kube=warn,tollgate_operator::distribution::hub=debug",
+            )
             .env("NO_COLOR", "1");
         let log_path = target_dir()
             .join("e2e-logs")

@@ -112,6 +112,11 @@ impl Sidecar {
     }
 
     /// SIGKILL.
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut p) = self.process.take() {
             p.kill();

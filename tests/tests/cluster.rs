@@ -865,6 +865,243 @@ fn a_global_band_is_divided_between_the_sidecars() {
     assert_eq!(c.partner.count() as u64, admitted);
 }
 
+// === 6b. demand leases: a global band follows demand ===
+
+/// Calls per second the app of each sidecar makes: one busy pod, two quiet ones.
+const DEMAND: [u32; 3] = [90, 5, 5];
+
+/// The share of the band a sidecar runs, as its persisted snapshot says.
+fn share_of(s: &Sidecar) -> anyhow::Result<f64> {
+    let snapshot = s.persisted()?.unwrap_or_default();
+    snapshot["integrations"][0]["quotaShare"]["fraction"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("no share in {snapshot}"))
+}
+
+/// Three sidecars share a 100/s global band; their apps ask 90/5/5 calls per second for 20 s.
+/// The operator divides the band by reported demand: the partner never sees more than 105
+/// calls in any second, at least 85/s once the shares settle, and at least 80% of them come
+/// from the busy pod (an even split would give it a third). Then a quiet sidecar is killed:
+/// its share stays reserved for its lease (three heartbeats and a second: 16 s with this
+/// operator's 5 s heartbeat) and then goes to the others. The per-second series is printed.
+#[test]
+fn a_global_band_follows_demand_and_a_killed_sidecars_share_is_reclaimed() {
+    demand_leases("demand", 1, Duration::from_secs(5), Duration::from_secs(18));
+}
+
+/// The same across two operator replicas: the busy sidecar on one, the quiet ones on the
+/// other. Each replica takes the part of the band its sidecars need (published in its peer
+/// Lease every 2 s here); a part rises only after two peer intervals and a second (5 s), so
+/// the other has lowered its own first: the shares settle in steps, within 12 s. The killed
+/// sidecar's share comes back after its lease (16 s), two peer intervals (the other replica
+/// sees it go, then this one sees the other let go), that delay and a recount: 27 s.
+#[test]
+fn a_global_band_follows_demand_across_two_operator_replicas() {
+    let reclaim = Duration::from_secs(16 + 4 + 5 + 2);
+    demand_leases("demand2", 2, Duration::from_secs(12), reclaim);
+}
+
+/// The scenario above with `replicas` operators (the busy sidecar subscribes to the first,
+/// the quiet ones to the last); totals count from `settled_at`; the killed sidecar's share
+/// must come back by `reclaim` (and not before its 16 s lease).
+fn demand_leases(prefix: &str, replicas: usize, settled_at: Duration, reclaim: Duration) {
+    const BAND: u64 = 100;
+    const RUN: Duration = Duration::from_secs(20);
+    const LEASE: Duration = Duration::from_secs(16);
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.create_namespace(prefix).unwrap();
+    let partner = Partner::echo().unwrap();
+    objects::service_account(cp, &ns, "app").unwrap();
+    objects::secret(cp, &ns, "partner-key", "apiKey", FIRST_KEY).unwrap();
+    let mut spec = base_spec(&partner);
+    spec["rateLimit"] = json!({
+        "scope": "global",
+        "onLimit": "reject",
+        "limits": [{"name": "second", "requests": BAND, "per": "1s"}],
+    });
+    objects::apply(cp, &objects::partner_integration(&ns, "partner", spec)).unwrap();
+    let operators: Vec<Operator> = (0..replicas)
+        .map(|i| {
+            let config = OperatorConfig::for_namespace(&format!("{ns}-operator-{i}"), &ns);
+            Operator::start(cp, config).unwrap()
+        })
+        .collect();
+    let mut sidecars: Vec<Sidecar> = ["busy", "quiet-1", "quiet-2"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let pod = make_pod(cp, &ns, name, &[("app", "checkout")]);
+            let operator = &operators[if i == 0 { 0 } else { replicas - 1 }];
+            start_sidecar(
+                operator,
+                format!("{ns}-{name}-sidecar"),
+                &ns,
+                name,
+                &pod.token,
+            )
+        })
+        .collect();
+    let logs = |sidecars: &[Sidecar]| {
+        let mut out: Vec<String> = operators.iter().map(Operator::tail).collect();
+        out.extend(sidecars.iter().map(Sidecar::tail));
+        out.join("\n")
+    };
+    for s in &sidecars {
+        eventually(
+            &format!("{} to count three sidecars", s.name()),
+            SETTLE,
+            || {
+                let snapshot = s.persisted()?.unwrap_or_default();
+                let share = &snapshot["integrations"][0]["quotaShare"];
+                anyhow::ensure!(share["subscribers"] == 3, "share {share}");
+                Ok(())
+            },
+        );
+    }
+
+    let _quiet = measuring();
+    let key = format!("{ns}/partner");
+    let start = Instant::now();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    // (seconds since start, partner count) every 50 ms from the start, and each app's admitted
+    // calls by second.
+    let mut samples: Vec<(f64, usize)> = Vec::new();
+    let mut reclaimed_after = None;
+    let admitted: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let apps: Vec<_> = sidecars
+            .iter()
+            .zip(DEMAND)
+            .enumerate()
+            .map(|(i, (s, rate))| {
+                let (key, stop, killed) = (&key, &stop, &killed);
+                scope.spawn(move || {
+                    let mut by_second = vec![0u64; 64];
+                    let every = Duration::from_secs(1) / rate;
+                    let mut next = start;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if i == 2 && killed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        // An open-loop app: calls at its rate, whatever the answers.
+                        next += every;
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let Ok(r) = s.get(&url("/v1/charge")) else {
+                            continue;
+                        };
+                        if r.status == 200 {
+                            let sec = start.elapsed().as_secs() as usize;
+                            if let Some(c) = by_second.get_mut(sec) {
+                                *c += 1;
+                            }
+                        } else {
+                            expect_decision(&r, 429, "rate-limited", key).unwrap();
+                        }
+                    }
+                    by_second
+                })
+            })
+            .collect();
+        // On a fixed schedule, so 20 samples apart is one second.
+        for k in 0..=RUN.as_millis() / 50 {
+            let due = start + Duration::from_millis(50 * k as u64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            samples.push((start.elapsed().as_secs_f64(), partner.count()));
+        }
+        // quiet-2 dies mid-run (SIGKILL); busy and quiet-1 go on.
+        killed.store(true, std::sync::atomic::Ordering::Relaxed);
+        let pid = sidecars[2].pid().expect("quiet-2 runs").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "kill -9 {pid}: {status:?}"
+        );
+        let before = share_of(&sidecars[0]).unwrap();
+        let killed_at = Instant::now();
+        while killed_at.elapsed() < reclaim + Duration::from_secs(6) {
+            if share_of(&sidecars[0]).unwrap_or(0.0) > before + 0.02 {
+                reclaimed_after = Some(killed_at.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        apps.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Reaped.
+    sidecars[2].kill();
+
+    // The partner per second, and each app's admitted calls per second.
+    let at = |t: f64| samples[(t * 20.0).round() as usize].1;
+    let secs = RUN.as_secs() as usize;
+    eprintln!("second  partner  busy  quiet-1  quiet-2");
+    for (sec, ((busy, quiet1), quiet2)) in admitted[0]
+        .iter()
+        .zip(&admitted[1])
+        .zip(&admitted[2])
+        .take(secs)
+        .enumerate()
+    {
+        let partner_in = at(sec as f64 + 1.0) - at(sec as f64);
+        eprintln!("{sec:>6}  {partner_in:>7}  {busy:>4}  {quiet1:>7}  {quiet2:>7}");
+    }
+    // Every 1-second window, sliding by the 50 ms samples.
+    let worst = samples
+        .windows(21)
+        .map(|w| w[20].1 - w[0].1)
+        .max()
+        .unwrap_or(0);
+    let settled = settled_at.as_secs() as usize..secs;
+    let seconds = settled.len() as f64;
+    let total = (at(RUN.as_secs_f64()) - at(settled_at.as_secs_f64())) as f64 / seconds;
+    let busy: u64 = admitted[0][settled.clone()].iter().sum();
+    let all: u64 = admitted
+        .iter()
+        .map(|a| a[settled.clone()].iter().sum::<u64>())
+        .sum();
+    let busy_part = busy as f64 / all.max(1) as f64;
+    eprintln!(
+        "worst 1-s window {worst}; {total:.1}/s in total after {settled_at:?}; the busy pod {:.0}% of it; share reclaimed {reclaimed_after:?} after the kill",
+        busy_part * 100.0
+    );
+    let most = BAND as f64 * 1.05;
+    assert!(
+        worst as f64 <= most,
+        "the partner saw {worst} calls in one second, more than {most}\n{}",
+        logs(&sidecars)
+    );
+    assert!(
+        total >= 85.0,
+        "only {total:.1}/s reached the partner\n{}",
+        logs(&sidecars)
+    );
+    assert!(
+        busy_part >= 0.8,
+        "the busy pod got {:.0}%",
+        busy_part * 100.0
+    );
+    let reclaimed = reclaimed_after.unwrap_or_else(|| {
+        panic!(
+            "the killed sidecar's share was never reclaimed\n{}",
+            logs(&sidecars)
+        )
+    });
+    // Reclaimed when its lease ends, not before, and within a report and a push of it.
+    assert!(
+        reclaimed >= LEASE - Duration::from_secs(1)
+            && reclaimed <= reclaim + Duration::from_secs(2),
+        "reclaimed {reclaimed:?} after the kill, lease {LEASE:?}, expected by {reclaim:?}"
+    );
+    assert!(share_of(&sidecars[0]).unwrap() <= 1.0);
+}
+
 // === 7. kubectl get pi ===
 
 #[test]

@@ -21,6 +21,7 @@ use tollgate_crds::distribution::{
 };
 
 use crate::catalog::{Catalog, CatalogHandle, Entry, Key, hex};
+use crate::distribution::shares::{self, DelayedRise};
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::traffic::{Observed, Partial, PodKey, TrafficStore};
@@ -42,6 +43,9 @@ impl PodIdentity {
     }
 }
 
+/// A pod's share of each global band it runs.
+type Shares = BTreeMap<Key, f64>;
+
 /// Serialized integration lists of one view, by digest.
 type Rendered = Arc<Mutex<HashMap<String, Arc<RawValue>>>>;
 
@@ -53,6 +57,8 @@ pub struct View {
     pub subscribers: BTreeMap<Key, Vec<PodKey>>,
     /// Sidecars subscribed per integration on the other replicas.
     pub remote: BTreeMap<Key, u32>,
+    /// Integrations with a global band: each subscribed pod's share (see [`shares`]).
+    pub shares: BTreeMap<Key, BTreeMap<PodKey, f64>>,
     pub changed_at: Instant,
     /// Pods that run the same integrations get the same content: it is serialized once per
     /// view (bounded by the streams open), not once per stream.
@@ -70,6 +76,7 @@ impl View {
             catalog,
             subscribers,
             remote,
+            shares: BTreeMap::new(),
             changed_at,
             rendered: Rendered::default(),
         }
@@ -90,14 +97,30 @@ impl View {
                 let share = e.has_global_quota().then(|| {
                     let local = self.subscribers.get(key).map_or(1, Vec::len);
                     let remote = self.remote.get(key).copied().unwrap_or(0);
-                    QuotaShare::equal(
+                    let equal = QuotaShare::equal(
                         u32::try_from(local)
                             .unwrap_or(u32::MAX)
                             .saturating_add(remote),
-                    )
+                    );
+                    match self.shares.get(key).and_then(|m| m.get(&pod.key())) {
+                        Some(f) => QuotaShare {
+                            fraction: *f,
+                            ..equal
+                        },
+                        None => equal,
+                    }
                 });
                 (&**e, share)
             })
+    }
+
+    /// `pod`'s share of each integration with a global band it runs.
+    fn shares_of(&self, pod: &PodIdentity) -> BTreeMap<Key, f64> {
+        self.selected(pod)
+            .filter_map(|(e, share)| {
+                share.map(|s| ((e.namespace.clone(), e.name.clone()), s.fraction))
+            })
+            .collect()
     }
 
     /// The digest of what `pod` should run: changes whenever the content does.
@@ -111,7 +134,7 @@ impl View {
             digest.update(b"@");
             digest.update(e.config_revision.as_bytes());
             if let Some(s) = &share {
-                digest.update(format!("#{}", s.subscribers).as_bytes());
+                digest.update(format!("#{}:{:.4}", s.subscribers, s.fraction).as_bytes());
             }
             digest.update(b"\n");
         }
@@ -214,13 +237,27 @@ pub enum OpenError {
 pub struct HubSettings {
     pub heartbeat: Duration,
     pub report_interval: Duration,
+    /// How often global bands are divided again from the latest demand.
+    pub rebalance: Duration,
+    /// How long a budget taken from the other replicas must hold before it rises: two peer
+    /// intervals and a second, so they have seen the change (see [`shares`]).
+    pub budget_delay: Duration,
+}
+
+impl HubSettings {
+    /// The delay for replicas that publish their state every `peer_interval`.
+    pub fn budget_delay_for(peer_interval: Duration) -> Duration {
+        peer_interval.saturating_mul(2) + Duration::from_secs(1)
+    }
 }
 
 impl Default for HubSettings {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_secs(15),
+            heartbeat: Duration::from_secs(5),
             report_interval: Duration::from_secs(5),
+            rebalance: Duration::from_secs(1),
+            budget_delay: Self::budget_delay_for(Duration::from_secs(5)),
         }
     }
 }
@@ -230,14 +267,63 @@ const MAX_PENDING_ACKS: usize = 16;
 
 struct Session {
     pod: Arc<PodIdentity>,
-    /// Revisions sent and when the change behind each happened; bounded.
-    sent: VecDeque<(u64, Instant)>,
+    /// Revisions sent, when the change behind each happened and the global-band shares in
+    /// each; bounded.
+    sent: VecDeque<(u64, Instant, Arc<Shares>)>,
+    /// The shares of the last snapshot it acknowledged, and of snapshots left
+    /// unacknowledged.
+    in_force: BTreeMap<Key, f64>,
+    /// What it may be running from before it connected (a snapshot held across a restart or a
+    /// reconnect), until it acknowledges one of ours.
+    assumed: BTreeMap<Key, f64>,
+}
+
+impl Session {
+    /// The most of each share this sidecar may be running now.
+    fn held(&self) -> impl Iterator<Item = (&Key, f64)> {
+        self.in_force
+            .iter()
+            .chain(&self.assumed)
+            .map(|(k, v)| (k, *v))
+            .chain(
+                self.sent
+                    .iter()
+                    .flat_map(|(_, _, s)| s.iter().map(|(k, v)| (k, *v))),
+            )
+    }
+
+    fn held_map(&self) -> BTreeMap<Key, f64> {
+        let mut out = BTreeMap::new();
+        for (k, v) in self.held() {
+            let e = out.entry(k.clone()).or_insert(0.0);
+            *e = f64::max(*e, v);
+        }
+        out
+    }
+}
+
+/// The shares of a sidecar whose stream ended, reserved until its lease runs out.
+struct Departed {
+    until: Instant,
+    held: BTreeMap<Key, f64>,
+}
+
+/// What the division of global bands remembers between recounts.
+#[derive(Default)]
+struct Book {
+    departed: HashMap<PodKey, Departed>,
+    budgets: HashMap<Key, DelayedRise>,
+    /// Per integration with a global band, as of the last recount: this replica's need and
+    /// what its sidecars may hold, for the other replicas.
+    ledger: BTreeMap<Key, (f64, f64)>,
 }
 
 /// Every stream this replica serves.
 pub struct Hub {
     catalog: CatalogHandle,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Locked after `sessions`, never before.
+    book: Mutex<Book>,
     view: watch::Sender<Arc<View>>,
     peers: watch::Receiver<Arc<Peers>>,
     traffic: TrafficStore,
@@ -279,6 +365,7 @@ impl Hub {
         Arc::new(Self {
             catalog,
             sessions: Mutex::default(),
+            book: Mutex::default(),
             view,
             peers,
             traffic,
@@ -303,15 +390,27 @@ impl Hub {
         let mut peers = self.peers.clone();
         let mut peers_alive = true;
         let mut sessions_at = None;
+        let mut rebalance = tokio::time::interval(self.settings.rebalance);
+        rebalance.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let changed_at = catalog.borrow_and_update().changed_at;
             peers.borrow_and_update();
             self.recompute(sessions_at.take().unwrap_or(changed_at));
-            tokio::select! {
-                c = catalog.changed() => if c.is_err() { return },
-                p = peers.changed(), if peers_alive => if p.is_err() { peers_alive = false },
-                // Opens and closes: many at once cost one recount.
-                _ = self.dirty.notified() => sessions_at = Some(Instant::now()),
+            loop {
+                tokio::select! {
+                    c = catalog.changed() => if c.is_err() { return },
+                    p = peers.changed(), if peers_alive => if p.is_err() { peers_alive = false },
+                    // Opens, closes and acks: many at once cost one recount.
+                    _ = self.dirty.notified() => sessions_at = Some(Instant::now()),
+                    // Demand moves without any of those: global bands are divided again.
+                    _ = rebalance.tick() => {
+                        if !self.view().catalog.entries.values().any(|e| e.has_global_quota()) {
+                            continue;
+                        }
+                        sessions_at = Some(Instant::now());
+                    }
+                }
+                break;
             }
         }
     }
@@ -348,7 +447,11 @@ impl Hub {
         keys.into_iter()
             .map(|k| {
                 let pods = view.subscribers.get(&k).cloned().unwrap_or_default();
-                let p = self.traffic.partial(&k, &pods, now);
+                let mut p = self.traffic.partial(&k, &pods, now);
+                if let Some((need, held)) = self.book().ledger.get(&k) {
+                    p.quota_need = *need;
+                    p.quota_held = *held;
+                }
                 (k, p)
             })
             .collect()
@@ -394,18 +497,137 @@ impl Hub {
             .map(|k| (k.clone(), peers.subscribers(k)))
             .filter(|(_, n)| *n > 0)
             .collect();
+        let shares = self.divide(&sessions, &catalog, &subscribers, &remote, &peers);
         self.view.send_if_modified(|v| {
             if Arc::ptr_eq(&v.catalog, &catalog)
                 && v.subscribers == subscribers
                 && v.remote == remote
+                && v.shares == shares
             {
                 return false;
             }
-            *v = Arc::new(View::new(catalog, subscribers, remote, changed_at));
+            let mut view = View::new(catalog, subscribers, remote, changed_at);
+            view.shares = shares;
+            *v = Arc::new(view);
             true
         });
         self.covered.send_replace(covers);
         drop(sessions);
+    }
+
+    /// Divides every global band among the pods subscribed here (see [`shares`]): each pod's
+    /// share; the ledger for the other replicas is kept in the book.
+    fn divide(
+        &self,
+        sessions: &HashMap<String, Session>,
+        catalog: &Catalog,
+        subscribers: &BTreeMap<Key, Vec<PodKey>>,
+        remote: &BTreeMap<Key, u32>,
+        peers: &Peers,
+    ) -> BTreeMap<Key, BTreeMap<PodKey, f64>> {
+        let now = Instant::now();
+        let mut book = self.book();
+        book.departed.retain(|_, d| d.until > now);
+        book.budgets.retain(|k, _| catalog.entries.contains_key(k));
+        let mut held: HashMap<PodKey, BTreeMap<Key, f64>> = HashMap::new();
+        for s in sessions.values() {
+            let h = held.entry(s.pod.key()).or_default();
+            for (k, v) in s.held() {
+                let e = h.entry(k.clone()).or_insert(0.0);
+                *e = f64::max(*e, v);
+            }
+        }
+        let current = self.view.borrow().clone();
+        let within = self.settings.report_interval * 2 + Duration::from_millis(500);
+        let mut shares = BTreeMap::new();
+        let mut ledger = BTreeMap::new();
+        for (key, e) in &catalog.entries {
+            let Some(pods) = subscribers.get(key) else {
+                continue;
+            };
+            if !e.has_global_quota() {
+                continue;
+            }
+            let total = pods.len() + remote.get(key).copied().unwrap_or(0) as usize;
+            let rate = e.global_band_rate().unwrap_or(1.0);
+            let floor = shares::floor(total);
+            let needs: Vec<f64> = pods
+                .iter()
+                .map(|p| shares::need(self.traffic.demand(key, p, now, within), rate, floor))
+                .collect();
+            let departed: f64 = book
+                .departed
+                .iter()
+                .filter(|(p, _)| !held.contains_key(*p))
+                .filter_map(|(_, d)| d.held.get(key))
+                .sum();
+            let own_need = needs.iter().sum::<f64>() + departed;
+            let own_held = book.ledger.get(key).map_or(0.0, |l| l.1);
+            let others = peers.partial(key);
+            let delay = self.settings.budget_delay;
+            let budget = book
+                .budgets
+                .entry(key.clone())
+                .or_insert_with(|| DelayedRise::new(delay))
+                .offer(
+                    // A replica that publishes no need (it predates demand leases) needs the
+                    // floor for each of its sidecars.
+                    shares::budget(
+                        own_need,
+                        own_held,
+                        others.quota_need.max(f64::from(others.subscribers) * floor),
+                        others.quota_held,
+                    ),
+                    now,
+                );
+            tracing::debug!(
+                integration = %format!("{}/{}", key.0, key.1),
+                budget,
+                own_need,
+                others_need = others.quota_need,
+                others_held = others.quota_held,
+                departed,
+                "global band divided"
+            );
+            let targets = shares::targets((budget - departed).max(0.0), &needs);
+            let in_view = current.shares.get(key);
+            let input: Vec<shares::Pod> = pods
+                .iter()
+                .zip(&targets)
+                .map(|(p, t)| {
+                    let current = in_view.and_then(|m| m.get(p)).copied();
+                    // The view being pushed may still reach it.
+                    let h = held
+                        .get(p)
+                        .and_then(|h| h.get(key))
+                        .copied()
+                        .unwrap_or(0.0)
+                        .max(current.unwrap_or(0.0));
+                    // Whatever it may be running it may be given again: that adds nothing.
+                    shares::Pod {
+                        target: *t,
+                        current,
+                        held: h,
+                        entitled: h,
+                    }
+                })
+                .collect();
+            let grants = shares::grants(budget, departed, &input);
+            let holding = input
+                .iter()
+                .zip(&grants)
+                .map(|(p, g)| p.held.max(*g))
+                .sum::<f64>()
+                + departed;
+            ledger.insert(key.clone(), (own_need, holding));
+            shares.insert(key.clone(), pods.iter().cloned().zip(grants).collect());
+        }
+        book.ledger = ledger;
+        shares
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// An open or close happened (call with the sessions lock held): returns the change's
@@ -453,11 +675,20 @@ impl Hub {
                     max: authority.max_streams_per_pod,
                 });
             }
+            // A sidecar that resumes holds a snapshot, and may run its shares; a new one runs
+            // nothing yet.
+            let assumed = if resume.is_some() {
+                self.assumed_in_force(&pod, &key)
+            } else {
+                BTreeMap::new()
+            };
             sessions.insert(
                 session.clone(),
                 Session {
                     pod: pod.clone(),
                     sent: VecDeque::new(),
+                    in_force: BTreeMap::new(),
+                    assumed,
                 },
             );
             self.changed()
@@ -484,6 +715,25 @@ impl Hub {
             }
         });
         Ok((session, rx))
+    }
+
+    /// What a sidecar that resumes may be running (call with the sessions lock held): its
+    /// shares from before, if its earlier stream ended here within its lease; else what a
+    /// sidecar cut off keeps, `1 / subscribers` of each global band.
+    fn assumed_in_force(&self, pod: &PodIdentity, key: &PodKey) -> BTreeMap<Key, f64> {
+        let mut book = self.book();
+        if let Some(d) = book.departed.remove(key) {
+            return d.held;
+        }
+        let view = self.view();
+        view.selected(pod)
+            .filter_map(|(e, share)| {
+                share.map(|s| {
+                    let n = s.subscribers.saturating_add(1).max(1);
+                    ((e.namespace.clone(), e.name.clone()), 1.0 / f64::from(n))
+                })
+            })
+            .collect()
     }
 
     /// Whether `session` is open here.
@@ -534,11 +784,17 @@ impl Hub {
                         return None;
                     }
                 };
-                revision = tollgate_crds::distribution::next_revision(revision);
+                let next = tollgate_crds::distribution::next_revision(revision);
+                // Only the view in force is sent: the shares it holds are the ones counted.
+                if !self.sent(session, next, &view, pod) {
+                    continue;
+                }
+                revision = next;
                 digest = d;
-                self.sent(session, revision, view.changed_at);
                 snapshot_line(revision, &digest, &integrations)
             } else if first {
+                // The sidecar resumes with this content: it runs these shares.
+                self.resumed(session, &view, pod);
                 line(&StreamMessage::Unchanged {
                     revision,
                     digest: digest.clone(),
@@ -572,12 +828,30 @@ impl Hub {
         }
     }
 
-    fn sent(&self, session: &str, revision: u64, changed_at: Instant) {
-        if let Some(s) = self.sessions().get_mut(session) {
-            s.sent.push_back((revision, changed_at));
+    /// Records `revision` of `view` as sent, unless a newer view was published meanwhile
+    /// (then returns false: send that one instead).
+    fn sent(&self, session: &str, revision: u64, view: &Arc<View>, pod: &PodIdentity) -> bool {
+        let mut sessions = self.sessions();
+        // Views are published under the sessions lock: this one is current or it is not.
+        if !Arc::ptr_eq(&self.view.borrow(), view) {
+            return false;
+        }
+        if let Some(s) = sessions.get_mut(session) {
+            s.sent
+                .push_back((revision, view.changed_at, Arc::new(view.shares_of(pod))));
             let over = s.sent.len().saturating_sub(MAX_PENDING_ACKS);
-            s.sent.drain(..over);
+            // Never acknowledged, perhaps applied: still held.
+            for (_, _, shares) in s.sent.drain(..over).collect::<Vec<_>>() {
+                raise(&mut s.in_force, &shares);
+            }
             self.metrics.push_failed("unacknowledged", over);
+        }
+        true
+    }
+
+    fn resumed(&self, session: &str, view: &View, pod: &PodIdentity) {
+        if let Some(s) = self.sessions().get_mut(session) {
+            raise(&mut s.in_force, &view.shares_of(pod));
         }
     }
 
@@ -587,12 +861,19 @@ impl Hub {
         let Some(s) = sessions.get_mut(session) else {
             return false;
         };
-        if let Some(pos) = s.sent.iter().position(|(r, _)| *r == revision) {
-            let (_, at) = s.sent[pos];
+        if let Some(pos) = s.sent.iter().position(|(r, _, _)| *r == revision) {
+            let (_, at, ref shares) = s.sent[pos];
             self.metrics.observe_push(at.elapsed());
+            let changed = s.in_force != **shares || !s.assumed.is_empty();
+            s.in_force = (**shares).clone();
+            s.assumed.clear();
             s.sent.drain(..=pos);
             // The sidecar applies snapshots in order: those before this one it refused.
             self.metrics.push_failed("refused", pos);
+            if changed {
+                // An increase may have been waiting for this.
+                self.dirty.notify_one();
+            }
         }
         true
     }
@@ -626,7 +907,18 @@ impl Hub {
         let removed = {
             let mut sessions = self.sessions();
             let removed = sessions.remove(session);
-            if removed.is_some() {
+            if let Some(s) = &removed {
+                // Its shares stay reserved for its lease: the sidecar may still run them.
+                let key = s.pod.key();
+                if !sessions.values().any(|o| o.pod.key() == key) {
+                    let mut book = self.book();
+                    let d = book.departed.entry(key).or_insert_with(|| Departed {
+                        until: Instant::now(),
+                        held: BTreeMap::new(),
+                    });
+                    d.until = Instant::now() + shares::lease(self.settings.heartbeat);
+                    raise(&mut d.held, &s.held_map());
+                }
                 self.changed();
             }
             removed
@@ -715,6 +1007,14 @@ fn snapshot_line(revision: u64, digest: &str, integrations: &RawValue) -> Option
     })
 }
 
+/// Each share of `more` into `into`, keeping the larger.
+fn raise(into: &mut BTreeMap<Key, f64>, more: &BTreeMap<Key, f64>) {
+    for (k, v) in more {
+        let e = into.entry(k.clone()).or_insert(0.0);
+        *e = f64::max(*e, *v);
+    }
+}
+
 fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
 }
@@ -730,7 +1030,7 @@ mod tests {
     use crate::catalog::Entry;
     use crate::peers::PeerState;
     use crate::traffic::Partial;
-    use tollgate_crds::distribution::Snapshot;
+    use tollgate_crds::distribution::{BreakerState, Snapshot};
 
     fn global_entry() -> Entry {
         let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(serde_json::json!({
@@ -873,7 +1173,10 @@ mod tests {
         let hub = Hub::with_peers(
             catalog,
             Arc::new(Metrics::new()),
-            HubSettings::default(),
+            HubSettings {
+                budget_delay: Duration::from_millis(300),
+                ..HubSettings::default()
+            },
             peers_rx,
         );
         tokio::spawn(hub.clone().run());
@@ -896,22 +1199,157 @@ mod tests {
         assert_eq!(share.subscribers, 3, "one here, two on the other replica");
         assert_eq!(share.scale(12), 4);
 
-        // The other replica's sidecars leave: this one gets the whole band.
+        // The other replica's sidecars leave: this one counts alone at once, and gets the
+        // whole band once the budget's delay has passed.
         peers_tx.send_replace(Arc::new(Peers::default()));
         let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
             panic!("snapshot expected")
         };
-        assert_eq!(
-            s.integrations[0].quota_share.clone().unwrap().subscribers,
-            1
-        );
+        let share = s.integrations[0].quota_share.clone().unwrap();
+        assert_eq!(share.subscribers, 1);
+        assert!(share.fraction < 0.34, "{share:?}");
         assert_eq!(s.revision, 2);
+        let StreamMessage::Snapshot(s) = next_message(&mut rx).await else {
+            panic!("snapshot expected")
+        };
+        assert_eq!(s.integrations[0].quota_share.clone().unwrap().fraction, 1.0);
 
         // Status counts them too.
         peers_tx.send_replace(peers_with(4));
         let key = ("shop".to_string(), "partner".to_string());
         let rev = hub.view().catalog.entries[&key].config_revision.clone();
         assert_eq!(hub.observe(&key, &rev).sidecars.desired, 5);
+    }
+
+    /// A sidecar of a paused-clock test: acknowledges every snapshot and publishes the share
+    /// it holds.
+    fn follow(
+        hub: &Arc<Hub>,
+        name: &str,
+    ) -> (String, watch::Receiver<f64>, tokio::task::JoinHandle<()>) {
+        let (session, mut rx) = hub.open(pod(name), None);
+        let (tx, share) = watch::channel(0.0);
+        let hub = hub.clone();
+        let id = session.clone();
+        let task = tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                if let Ok(StreamMessage::Snapshot(s)) = serde_json::from_slice(&line) {
+                    let f = s.integrations[0]
+                        .quota_share
+                        .as_ref()
+                        .map_or(0.0, |q| q.fraction);
+                    tx.send_replace(f);
+                    hub.ack(&id, s.revision);
+                }
+            }
+        });
+        (session, share, task)
+    }
+
+    fn demand_report(calls: u64) -> Report {
+        Report {
+            revision: 1,
+            integrations: vec![tollgate_crds::distribution::IntegrationReport {
+                namespace: "shop".into(),
+                name: "partner".into(),
+                config_revision: "1-x".into(),
+                interval_millis: 1_000,
+                requests: calls,
+                errors: 0,
+                rate_limited: 0,
+                refused: 0,
+                latency_p95_millis: None,
+                latency_buckets: Vec::new(),
+                breaker: BreakerState::Closed,
+                lifecycle: Vec::new(),
+                contract_violations: Vec::new(),
+                credential_keys: None,
+                credential_refresh_failures: 0,
+                credential_check: None,
+            }],
+        }
+    }
+
+    /// Demand leases on a paused clock: three sidecars asking 90/5/5 of a 100/s band get
+    /// 0.9/0.05/0.05, never more than the band together at any push; one whose stream ends
+    /// keeps its share reserved for its lease (three heartbeats and a second), then the others
+    /// get it.
+    #[tokio::test(start_paused = true)]
+    async fn shares_follow_demand_and_a_departed_sidecars_lease_is_reclaimed() {
+        let catalog = CatalogHandle::new();
+        let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(serde_json::json!({
+            "upstream": {"url": "http://partner.internal"},
+            "rateLimit": {"scope": "global", "limits": [{"name": "s", "requests": 100, "per": "1s"}]},
+        }))
+        .unwrap();
+        let policy = tollgate_crds::compile("shop", "partner", &spec).unwrap();
+        catalog.upsert(Entry::new(1, spec, policy, None));
+        let settings = HubSettings {
+            heartbeat: Duration::from_secs(5),
+            report_interval: Duration::from_secs(1),
+            ..HubSettings::default()
+        };
+        let hub = Hub::new(catalog, Arc::new(Metrics::new()), settings);
+        tokio::spawn(hub.clone().run());
+        let pods: Vec<(String, watch::Receiver<f64>, tokio::task::JoinHandle<()>)> =
+            ["busy", "quiet-1", "quiet-2"]
+                .iter()
+                .map(|n| follow(&hub, n))
+                .collect();
+        let demand = [90, 5, 5];
+        let mut worst_sum = 0.0f64;
+        // `running`: the sidecars that may run their share (the departed one until its lease
+        // ends).
+        let mut tick = |hub: &Arc<Hub>, live: &[usize], running: &[usize]| {
+            for &i in live {
+                assert!(hub.report(&pods[i].0, &demand_report(demand[i])));
+            }
+            let sum: f64 = running.iter().map(|i| *pods[*i].1.borrow()).sum();
+            worst_sum = worst_sum.max(sum);
+        };
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tick(&hub, &[0, 1, 2], &[0, 1, 2]);
+        }
+        let held: Vec<f64> = pods.iter().map(|p| *p.1.borrow()).collect();
+        assert!((held[0] - 0.9).abs() < 0.01, "{held:?}");
+        assert!(
+            (held[1] - 0.05).abs() < 0.01 && (held[2] - 0.05).abs() < 0.01,
+            "{held:?}"
+        );
+
+        // quiet-2's stream ends; its 0.05 stays reserved for 16 s.
+        pods[2].2.abort();
+        while hub.has_session(&pods[2].0) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let closed = Instant::now();
+        let mut reclaimed = None;
+        for _ in 0..25 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let lease_over = closed.elapsed() >= shares::lease(Duration::from_secs(5));
+            tick(&hub, &[0, 1], if lease_over { &[0, 1] } else { &[0, 1, 2] });
+            let busy = *pods[0].1.borrow();
+            if reclaimed.is_none() && busy > 0.92 {
+                reclaimed = Some(closed.elapsed());
+            }
+            // Until then the two live ones never take the reserved part.
+            if reclaimed.is_none() {
+                assert!(busy + *pods[1].1.borrow() <= 0.95 + 1e-6, "{busy}");
+            }
+        }
+        let reclaimed = reclaimed.expect("the departed share was reclaimed");
+        assert!(
+            reclaimed >= Duration::from_secs(16) && reclaimed <= Duration::from_secs(18),
+            "reclaimed after {reclaimed:?}"
+        );
+        // 90 and 5 of what is left: 0.947 and 0.053.
+        assert!((*pods[0].1.borrow() - 90.0 / 95.0).abs() < 0.01);
+        // Each sidecar runs at least the smallest share: three of them at most over.
+        assert!(
+            worst_sum <= 1.0 + 3.0 * shares::MIN_FRACTION,
+            "shares in force added up to {worst_sum}"
+        );
     }
 
     fn pod(name: &str) -> PodIdentity {

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod hub;
 pub mod server;
+pub mod shares;
 
 pub use auth::{AuthError, Authenticator};
 pub use hub::{Hub, HubSettings, PodIdentity, View};
