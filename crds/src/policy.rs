@@ -438,6 +438,9 @@ pub struct RateLimitPolicy {
     pub max_queue_wait: Duration,
     #[serde(serialize_with = "ser::opt_header_name")]
     pub partition_by: Option<HeaderName>,
+    /// More headers of the partition key, after `partition_by`.
+    #[serde(serialize_with = "ser::header_names")]
+    pub partition_also_by: Vec<HeaderName>,
     pub bands: Vec<BandPolicy>,
     /// Other bands for some values of the partition header.
     pub overrides: Vec<PartitionOverridePolicy>,
@@ -1924,6 +1927,32 @@ impl Compiler {
             .as_ref()
             .or(inherit.and_then(|i| i.partition_by.as_ref()))
             .and_then(|h| self.header_name(&format!("{base}.partitionBy"), h));
+        let also = if r.partition_by.is_some() || !r.partition_also_by.is_empty() {
+            &r.partition_also_by
+        } else {
+            inherit.map_or(&r.partition_also_by, |i| &i.partition_also_by)
+        };
+        if !also.is_empty() && partition_by.is_none() {
+            self.err(
+                format!("{base}.partitionAlsoBy"),
+                "needs partitionBy: these headers add to that header's value in the partition key",
+            );
+        }
+        let mut partition_also_by: Vec<HeaderName> = Vec::new();
+        for (i, h) in also.iter().enumerate() {
+            let path = format!("{base}.partitionAlsoBy[{i}]");
+            let Some(name) = self.header_name(&path, h) else {
+                continue;
+            };
+            if partition_by.as_ref() == Some(&name) || partition_also_by.contains(&name) {
+                self.err(path, format!("{name} is already part of the partition key"));
+            } else {
+                partition_also_by.push(name);
+            }
+        }
+        if also.len() > 3 {
+            self.err(format!("{base}.partitionAlsoBy"), "at most 3 headers");
+        }
         let adaptive = r
             .adaptive
             .as_ref()
@@ -1952,6 +1981,7 @@ impl Compiler {
             on_limit,
             max_queue_wait,
             partition_by,
+            partition_also_by,
             bands,
             overrides,
             adaptive,

@@ -414,6 +414,13 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub partition_by: Option<String>,
+    /// More request headers whose values, with the `partitionBy` header's, make the partition
+    /// key: each combination (tenant and region, say) gets buckets of its own; a missing
+    /// header is a value of its own. At most 3; needs `partitionBy`. Overrides still match
+    /// the `partitionBy` value alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3), inner(length(min = 1, max = 256)), extend("x-kubernetes-list-type" = "set"))]
+    pub partition_also_by: Vec<String>,
     /// Other bands for chosen values of the `partitionBy` header (region `eu` gets 100/s, `us`
     /// 200/s): each listed value gets buckets of its own with these bands instead. At most 16.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -546,6 +546,21 @@ const BAD: &[(&str, &str, &str)] = &[
         "needs partitionBy",
     ),
     (
+        "upstream: {url: https://a.example}\nrateLimit: {partitionAlsoBy: [X-Tenant], limits: [{name: a, requests: 5, per: 1s}]}",
+        "spec.rateLimit.partitionAlsoBy",
+        "needs partitionBy",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {partitionBy: X-Region, partitionAlsoBy: [x-region], limits: [{name: a, requests: 5, per: 1s}]}",
+        "spec.rateLimit.partitionAlsoBy[0]",
+        "already part of the partition key",
+    ),
+    (
+        "upstream: {url: https://a.example}\nrateLimit: {partitionBy: X-Region, partitionAlsoBy: ['a b'], limits: [{name: a, requests: 5, per: 1s}]}",
+        "spec.rateLimit.partitionAlsoBy[0]",
+        "not a valid HTTP header name",
+    ),
+    (
         "upstream: {url: https://a.example}\nrateLimit: {partitionBy: X-Region, limits: [{name: a, requests: 5, per: 1s}], overrides: [{values: [eu], limits: [{name: b, requests: 1, per: 1s}]}, {values: [eu], limits: [{name: c, requests: 1, per: 1s}]}]}",
         "spec.rateLimit.overrides[1].values[0]",
         "earlier entry",

@@ -367,11 +367,18 @@ impl Quota {
         }
     }
 
-    /// The limiter for a request whose partition header is `key`: an override's, keyed by
-    /// nothing (the value has it to itself), or the quota's own, keyed by the value.
-    pub(crate) fn limiter_for<'k>(&self, key: Option<&'k [u8]>) -> (&Limiter, Option<&'k [u8]>) {
-        match key.and_then(|k| self.overrides.get(k)) {
-            Some(l) => (l, None),
+    /// The limiter for a request whose `partitionBy` header is `first` and whose whole
+    /// partition key is `key` (`rest`: its part after `first`, with `partitionAlsoBy`): an
+    /// override's, keyed by the rest (the value has it to itself), or the quota's own, keyed
+    /// by the whole key.
+    pub(crate) fn limiter_for<'k>(
+        &self,
+        first: Option<&[u8]>,
+        key: Option<&'k [u8]>,
+        rest: Option<&'k [u8]>,
+    ) -> (&Limiter, Option<&'k [u8]>) {
+        match first.and_then(|k| self.overrides.get(k)) {
+            Some(l) => (l, rest),
             None => (&self.limiter, key),
         }
     }
@@ -386,7 +393,8 @@ fn build_quota(
     let limiter = match old {
         Some(q)
             if q.policy.bands == policy.bands
-                && q.policy.partition_by.is_some() == policy.partition_by.is_some() =>
+                && q.policy.partition_by.is_some() == policy.partition_by.is_some()
+                && q.policy.partition_also_by == policy.partition_also_by =>
         {
             q.limiter.clone()
         }
@@ -433,15 +441,22 @@ fn build_quota(
                 .and_then(|q| q.overrides.get(value.as_bytes()))
                 .filter(|_| {
                     old.is_some_and(|q| {
-                        q.policy
-                            .overrides
-                            .iter()
-                            .any(|p| p.bands == o.bands && p.values.contains(value))
+                        q.policy.partition_also_by == policy.partition_also_by
+                            && q.policy
+                                .overrides
+                                .iter()
+                                .any(|p| p.bands == o.bands && p.values.contains(value))
                     })
                 });
+            // With `partitionAlsoBy` the other headers still divide an overridden value.
+            let partitions = if policy.partition_also_by.is_empty() {
+                1
+            } else {
+                ctx.max_partitions
+            };
             let l = kept
                 .cloned()
-                .unwrap_or_else(|| Arc::new(Limiter::new(&o.bands, 1)));
+                .unwrap_or_else(|| Arc::new(Limiter::new(&o.bands, partitions)));
             if let Err(e) = l.set_share(in_force) {
                 tracing::warn!(error = %e, "ignoring an invalid quota share");
             }

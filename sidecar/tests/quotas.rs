@@ -196,3 +196,51 @@ async fn overridden_partition_values_get_their_own_bands() {
     assert_eq!(call(None).await.status, 429);
     assert_eq!(partner.count(), 3 + 1 + 2 + 1 + 1);
 }
+
+/// `partitionAlsoBy`: each combination of region and tenant has its own buckets (a missing
+/// header counts as a value of its own, and no two combinations collide); an overridden region
+/// keeps its bands, divided by tenant too. A refusal names every header of the key and echoes
+/// no value.
+#[tokio::test]
+async fn composite_partition_keys_give_each_combination_its_own_buckets() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&manifest(
+        "partner",
+        &format!(
+            "upstream: {{url: '{}'}}\nrateLimit:\n  partitionBy: X-Region\n  partitionAlsoBy: [X-Tenant]\n  limits: [{{name: other, requests: 1, per: 1h}}]\n  overrides:\n  - values: [eu]\n    limits: [{{name: europe, requests: 2, per: 1h}}]",
+            partner.url()
+        ),
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    let call = async |region: Option<&str>, tenant: Option<&str>| {
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        headers.extend(region.map(|r| ("x-region", r)));
+        headers.extend(tenant.map(|t| ("x-tenant", t)));
+        request(sidecar.listen, Method::GET, &url, &headers, "").await
+    };
+    // The quota's own band (1/h) per (region, tenant).
+    assert_eq!(call(Some("us"), Some("acme")).await.status, 200);
+    let refused = call(Some("us"), Some("acme")).await;
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused.body.contains("header x-region and x-tenant") && !refused.body.contains("acme"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(call(Some("us"), Some("globex")).await.status, 200);
+    assert_eq!(call(Some("us"), None).await.status, 200);
+    assert_eq!(call(None, Some("acme")).await.status, 200);
+    // Values that would run together if concatenated are different keys.
+    assert_eq!(call(Some("usa"), Some("cme")).await.status, 200);
+    // The overridden region: its own band (2/h), for each tenant.
+    for tenant in ["acme", "globex"] {
+        for _ in 0..2 {
+            assert_eq!(call(Some("eu"), Some(tenant)).await.status, 200);
+        }
+        let refused = call(Some("eu"), Some(tenant)).await;
+        assert_eq!(refused.status, 429);
+        assert!(refused.body.contains("europe"), "{}", refused.body);
+    }
+    assert_eq!(partner.count(), 5 + 4);
+}

@@ -98,6 +98,16 @@ fn the_api_server_refuses_bad_specs_naming_the_field() {
         ),
         // Schema: patterns, ranges, required, list-map keys.
         (
+            "upstream: {url: 'https://a.example'}\nrateLimit: {partitionBy: X-Region, partitionAlsoBy: [A, B, C, D], limits: [{name: a, requests: 1, per: 1s}]}",
+            "spec.rateLimit.partitionAlsoBy",
+            "must have at most 3 items",
+        ),
+        (
+            "upstream: {url: 'https://a.example'}\nrateLimit: {partitionBy: X-Region, partitionAlsoBy: [X-Tenant, X-Tenant], limits: [{name: a, requests: 1, per: 1s}]}",
+            "spec.rateLimit.partitionAlsoBy[1]",
+            "Duplicate value",
+        ),
+        (
             "upstream: {url: 'https://a.example'}\ntimeouts: {request: -5s}",
             "spec.timeouts.request",
             "should match",

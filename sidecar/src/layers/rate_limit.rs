@@ -124,29 +124,24 @@ pub(crate) fn charge(
     }
     // At most two quotas (the route's, the account's), held on the stack. An overridden value
     // of the partition header has a limiter of its own.
-    fn entry<'a, 'h>(q: &'a Quota, headers: &'h HeaderMap) -> (&'a Limiter, limiter::Key<'h>) {
-        let key = q
-            .policy
-            .partition_by
-            .as_ref()
-            .and_then(|h| headers.get(h))
-            .map(|v| v.as_bytes());
-        q.limiter_for(key)
-    }
     let mut all = quotas(call);
     let first = all.next()?;
     let second = all.next();
+    let (mut key_a, mut key_b) = (Vec::new(), Vec::new());
     let (pair, one);
     let (entries, kinds): (&[_], &[_]) = match second {
         Some(second) => {
             pair = (
-                [entry(first.0, headers), entry(second.0, headers)],
+                [
+                    entry(first.0, headers, &mut key_a),
+                    entry(second.0, headers, &mut key_b),
+                ],
                 [first, second],
             );
             (&pair.0, &pair.1)
         }
         None => {
-            one = ([entry(first.0, headers)], [first]);
+            one = ([entry(first.0, headers, &mut key_a)], [first]);
             (&one.0, &one.1)
         }
     };
@@ -191,8 +186,46 @@ pub(crate) fn charge(
                     "requests without"
                 };
                 which.push_str(&format!(", partition: {state} header {h}"));
+                for h in &quota.policy.partition_also_by {
+                    which.push_str(&format!(" and {h}"));
+                }
             }
             Some(Err(Refused { denied, which }))
+        }
+    }
+}
+
+/// The limiter and partition key of `q` for a request with `headers`. With `partitionAlsoBy`
+/// the key is built in `scratch`: each header's value, length-prefixed (a missing header is a
+/// value of its own), so no two combinations make the same bytes.
+fn entry<'a, 'h>(
+    q: &'a Quota,
+    headers: &'h HeaderMap,
+    scratch: &'h mut Vec<u8>,
+) -> (&'a Limiter, limiter::Key<'h>) {
+    let value = |h: &http::HeaderName| headers.get(h).map(|v| v.as_bytes());
+    let first = q.policy.partition_by.as_ref().and_then(value);
+    if q.policy.partition_also_by.is_empty() {
+        return q.limiter_for(first, first, None);
+    }
+    push_part(scratch, first);
+    let split = scratch.len();
+    for h in &q.policy.partition_also_by {
+        push_part(scratch, value(h));
+    }
+    let key: &'h [u8] = scratch;
+    q.limiter_for(first, Some(key), Some(&key[split..]))
+}
+
+/// One part of a composite partition key: absent, or present with its length (values are
+/// bounded by the header block's limit).
+fn push_part(out: &mut Vec<u8>, part: Option<&[u8]>) {
+    match part {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes());
+            out.extend_from_slice(v);
         }
     }
 }
