@@ -384,6 +384,11 @@ pub struct IntegrationReport {
     /// force; `None` before it ran, and from sidecars that predate the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_check: Option<CredentialCheckResult>,
+    /// With `rateLimit.adaptive`: the rate the partner's throttling leaves in force, percent of
+    /// the configured rate (0..=100), the lowest of the integration's adaptive quotas. `None`
+    /// without one, and from sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_percent: Option<f64>,
 }
 
 /// Longest message a credential check result may carry.

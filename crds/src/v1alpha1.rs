@@ -924,6 +924,11 @@ pub mod condition {
     /// the partner answered the expected status; False: it did not, the message says what
     /// came back; Unknown: no sidecar has run it yet).
     pub const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
+    /// With `rateLimit.adaptive` (the integration's or a route's): true while some sidecar
+    /// runs a quota below its configured rate because the partner throttled (429s or
+    /// rate-limit headers saying nothing remains); the message gives the lowest rate in force,
+    /// percent of the configured one.
+    pub const PARTNER_THROTTLING: &str = "PartnerThrottling";
 }
 
 /// Condition reasons.
@@ -979,6 +984,10 @@ pub mod reason {
     pub const TOKENS_REFRESHED: &str = "TokensRefreshed";
     /// The start-up check got the expected status.
     pub const CHECK_PASSED: &str = "CheckPassed";
+    /// `PartnerThrottling` true: the rate in force is below the configured rate.
+    pub const RATE_LOWERED: &str = "RateLowered";
+    /// `PartnerThrottling` false: every reporting sidecar runs the configured rate.
+    pub const RATE_AS_CONFIGURED: &str = "RateAsConfigured";
     /// The start-up check got another status, or the sidecar answered it itself.
     pub const CHECK_FAILED: &str = "CheckFailed";
     /// No sidecar has reported the start-up check yet.

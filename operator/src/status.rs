@@ -139,6 +139,22 @@ pub fn build(
     }
 
     if let Some(e) = f.in_force
+        && (e
+            .policy
+            .rate_limit
+            .as_ref()
+            .is_some_and(|r| r.adaptive.is_some())
+            || e.policy
+                .routes
+                .iter()
+                .any(|r| r.rate_limit.as_ref().is_some_and(|r| r.adaptive.is_some())))
+    {
+        conditions.push(throttling_condition(
+            f.observed.and_then(|o| o.adaptive_percent),
+        ));
+    }
+
+    if let Some(e) = f.in_force
         && e.policy
             .credentials
             .as_ref()
@@ -391,6 +407,35 @@ fn contract_condition(counts: &[ContractViolationCount]) -> Condition {
             parts.join("; ")
         ),
     )
+}
+
+/// `PartnerThrottling`: whether the partner's throttling holds an adaptive quota below its
+/// configured rate on some fresh sidecar.
+fn throttling_condition(percent: Option<f64>) -> Condition {
+    match percent {
+        Some(p) if p < 99.5 => cond(
+            condition::PARTNER_THROTTLING,
+            true,
+            reason::RATE_LOWERED,
+            format!(
+                "the partner throttled (429s or rate-limit headers saying nothing remains): the \
+                 rate in force is {p:.0}% of the configured rate on the most throttled sidecar, \
+                 climbing back while the partner is quiet"
+            ),
+        ),
+        Some(_) => cond(
+            condition::PARTNER_THROTTLING,
+            false,
+            reason::RATE_AS_CONFIGURED,
+            "every reporting sidecar runs the configured rate".to_string(),
+        ),
+        None => cond(
+            condition::PARTNER_THROTTLING,
+            false,
+            reason::NO_TRAFFIC,
+            "no sidecar has reported its adaptive quotas yet".to_string(),
+        ),
+    }
 }
 
 /// `SecondaryKeyInUse`: whether calls of the status window needed the secondary key of a
@@ -652,6 +697,85 @@ mod tests {
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    /// An adaptive quota: the lowest rate fresh sidecars report in force shows on the status;
+    /// a report claiming an impossible percentage is refused, naming the field.
+    #[tokio::test]
+    async fn partner_throttling_shows_the_lowest_rate_in_force() {
+        use crate::traffic::TrafficStore;
+        let mut s = PartnerIntegrationSpec::default();
+        s.upstream.url = "https://api.example.com".into();
+        s.rate_limit = serde_json::from_value(serde_json::json!({
+            "scope": "perPod",
+            "limits": [{"name": "s", "requests": 100, "per": "1s"}],
+            "adaptive": {"minPercent": 10},
+        }))
+        .unwrap();
+        let p = tollgate_crds::compile("ns", "a", &s).unwrap();
+        let e = Entry::new(2, s, p, None);
+        let store = TrafficStore::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        );
+        let report = |percent: f64| {
+            serde_json::from_value::<tollgate_crds::distribution::IntegrationReport>(
+                serde_json::json!({
+                    "namespace": "ns", "name": "a", "configRevision": e.config_revision,
+                    "intervalMillis": 5000, "requests": 10, "errors": 0,
+                    "rateLimited": 0, "breaker": "closed", "adaptivePercent": percent,
+                }),
+            )
+            .unwrap()
+        };
+        let key = ("ns".to_string(), "a".to_string());
+        let pods = ["ns/p1".to_string(), "ns/p2".to_string()];
+        let condition_at = |percents: [f64; 2], now: tokio::time::Instant| {
+            for (pod, p) in pods.iter().zip(percents) {
+                store.record(pod, &report(p), now).unwrap();
+            }
+            let observed = store.observe(&key, &pods, &e.config_revision, now);
+            let f = Findings {
+                generation: 2,
+                invalid: None,
+                secret_problem: None,
+                in_force: Some(&e),
+                observed: Some(&observed),
+            };
+            let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+            find(Some(&status), condition::PARTNER_THROTTLING)
+                .unwrap()
+                .clone()
+        };
+        let now = tokio::time::Instant::now();
+        let c = condition_at([100.0, 37.4], now);
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason.as_deref(), Some(reason::RATE_LOWERED));
+        assert!(
+            c.message
+                .as_deref()
+                .unwrap()
+                .contains("37% of the configured rate"),
+            "{c:?}"
+        );
+        let c = condition_at([100.0, 100.0], now + std::time::Duration::from_secs(5));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("False", Some(reason::RATE_AS_CONFIGURED))
+        );
+        let bad = store.record(&pods[0], &report(250.0), now).unwrap_err();
+        assert!(bad.to_string().starts_with("adaptivePercent:"), "{bad}");
+        // Without an adaptive quota there is no such condition.
+        let plain = entry(false, false);
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&plain),
+            observed: None,
+        };
+        let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+        assert!(find(Some(&status), condition::PARTNER_THROTTLING).is_none());
     }
 
     /// A rotation window: what sidecars report about the keys shows on the status.
@@ -964,6 +1088,7 @@ mod tests {
             credential_keys: CredentialKeys::default(),
             credential_refresh_failures: 0,
             credential_check: None,
+            adaptive_percent: None,
         };
         let f = Findings {
             generation: 2,

@@ -65,6 +65,8 @@ pub enum ReportRefused {
     ContractViolations,
     #[error("credentialCheck: message longer than {MAX_CHECK_MESSAGE_BYTES} bytes")]
     CredentialCheck,
+    #[error("adaptivePercent: {0} is not a percentage from 0 to 100")]
+    AdaptivePercent(f64),
 }
 
 impl ReportRefused {
@@ -77,6 +79,7 @@ impl ReportRefused {
             ReportRefused::Lifecycle => "lifecycle",
             ReportRefused::ContractViolations => "contract_violations",
             ReportRefused::CredentialCheck => "credential_check",
+            ReportRefused::AdaptivePercent(_) => "adaptive_percent",
         }
     }
 }
@@ -131,6 +134,11 @@ pub fn check_report(r: &IntegrationReport) -> Result<(), ReportRefused> {
         .is_some_and(|c| c.message.len() > MAX_CHECK_MESSAGE_BYTES)
     {
         return Err(ReportRefused::CredentialCheck);
+    }
+    if let Some(p) = r.adaptive_percent
+        && !(p.is_finite() && (0.0..=100.0).contains(&p))
+    {
+        return Err(ReportRefused::AdaptivePercent(p));
     }
     if r.credential_refresh_failures > most {
         return Err(ReportRefused::TooManyCalls {
@@ -188,6 +196,8 @@ struct PodTraffic {
     secondary_last_used: Option<i64>,
     /// The start-up check's result, as the pod last reported it.
     credential_check: Option<CredentialCheckResult>,
+    /// The rate its adaptive quotas leave in force, percent, as the pod last reported it.
+    adaptive_percent: Option<f64>,
     last_report: Option<Instant>,
 }
 
@@ -214,6 +224,9 @@ pub struct Observed {
     pub credential_refresh_failures: u64,
     /// The start-up check: a failure reported by any fresh sidecar, else the latest pass.
     pub credential_check: Option<CredentialCheckResult>,
+    /// The lowest rate fresh sidecars' adaptive quotas leave in force, percent of the
+    /// configured rate.
+    pub adaptive_percent: Option<f64>,
 }
 
 /// One replica's aggregate for one integration. Replicas exchange these (see
@@ -291,6 +304,19 @@ pub struct Partial {
     /// The start-up check of fresh sidecars: a failure first, else the latest pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_check: Option<CredentialCheckResult>,
+    /// The lowest rate fresh sidecars' adaptive quotas leave in force, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_percent: Option<f64>,
+}
+
+/// The lower of two percentages, either possibly unknown (a peer's number: out of range is
+/// ignored).
+fn min_percent(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    let b = b.filter(|p| p.is_finite() && (0.0..=100.0).contains(p));
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl Partial {
@@ -324,6 +350,7 @@ impl Partial {
             .credential_refresh_failures
             .saturating_add(o.credential_refresh_failures);
         merge_check(&mut self.credential_check, o.credential_check.as_ref());
+        self.adaptive_percent = min_percent(self.adaptive_percent, o.adaptive_percent);
     }
 
     /// What the status shows, against the revision in force.
@@ -377,6 +404,7 @@ impl Partial {
             },
             credential_refresh_failures: self.credential_refresh_failures,
             credential_check: self.credential_check.clone(),
+            adaptive_percent: self.adaptive_percent,
         }
     }
 }
@@ -457,6 +485,7 @@ impl TrafficStore {
         if r.credential_check.is_some() {
             t.credential_check = r.credential_check.clone();
         }
+        t.adaptive_percent = r.adaptive_percent;
         if let Some(at) = r
             .credential_keys
             .as_ref()
@@ -543,6 +572,7 @@ impl TrafficStore {
             }
             merge_lifecycle(&mut p.lifecycle, &t.lifecycle);
             merge_check(&mut p.credential_check, t.credential_check.as_ref());
+            p.adaptive_percent = min_percent(p.adaptive_percent, t.adaptive_percent);
         }
 
         // Traffic counts every pod that reported in the window, subscribed now or not: the
@@ -760,6 +790,7 @@ mod tests {
             credential_keys: None,
             credential_refresh_failures: 0,
             credential_check: None,
+            adaptive_percent: None,
         }
     }
 

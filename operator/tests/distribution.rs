@@ -264,6 +264,7 @@ async fn a_revision_change_reaches_both_sidecars() {
             credential_keys: None,
             credential_refresh_failures: 0,
             credential_check: None,
+            adaptive_percent: None,
         }];
     }
     let key = ("payments".to_string(), "stripe".to_string());

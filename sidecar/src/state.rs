@@ -265,6 +265,17 @@ impl IntegrationState {
         out
     }
 
+    /// The lowest factor of the integration's and its routes' adaptive quotas, percent; `None`
+    /// without one.
+    pub fn adaptive_percent(&self, now: Instant) -> Option<f64> {
+        std::iter::once(self.quota.as_ref())
+            .chain(self.routes.iter().map(|r| r.quota.as_ref()))
+            .flatten()
+            .filter_map(|q| q.adaptive_factor(now))
+            .min_by(f64::total_cmp)
+            .map(|f| (f * 100.0).clamp(0.0, 100.0))
+    }
+
     /// `(route label, quota kind, live partitions)` for every partitioned quota, evicting idle
     /// partitions first; the integration's quota is labelled `*`.
     pub fn partition_counts(&self, now: Instant) -> Vec<(String, &'static str, usize)> {
@@ -345,6 +356,11 @@ impl Quota {
         }
         self.apply(a, f, now);
         Some(f)
+    }
+
+    /// With `adaptive`: the factor the partner's throttling leaves in force now.
+    pub(crate) fn adaptive_factor(&self, now: Instant) -> Option<f64> {
+        self.adaptive.as_ref().map(|a| a.aimd.factor(now))
     }
 
     /// The factor in force (1 without `adaptive`) and the share it scales.

@@ -1303,6 +1303,37 @@ fn a_partners_deprecation_and_sunset_reach_the_status_and_one_event() {
     assert_eq!(condition(&c.pi(), "Deprecated").unwrap()["status"], "True");
 }
 
+/// The partner throttles an adaptive quota (a 429): the sidecar lowers its rate and reports
+/// it, and the PartnerIntegration shows `PartnerThrottling` True (reason `RateLowered`, the
+/// rate in force in the message); once the partner is quiet the rate climbs back over
+/// `recovery` and the condition turns False (`RateAsConfigured`).
+#[test]
+fn a_throttling_partner_shows_on_the_status_until_the_rate_is_back() {
+    let c = Cluster::start("throttled", |p| {
+        let mut spec = base_spec(p);
+        spec["rateLimit"] = json!({
+            "scope": "perPod",
+            "limits": [{"name": "second", "requests": 100, "per": "1s"}],
+            "adaptive": {"minPercent": 10, "recovery": "2s"},
+        });
+        spec
+    });
+    let cond = c.wait_condition("PartnerThrottling", |c| c["status"] == "False");
+    c.partner.queue([Reply::Full {
+        status: 429,
+        headers: vec![("retry-after".into(), "1".into())],
+        body: "slow down".into(),
+    }]);
+    let r = c.a.get(&url("/v1/quota")).unwrap();
+    assert_eq!(r.status, 429, "{}", r.body);
+    let lowered = c.wait_condition("PartnerThrottling", |c| c["status"] == "True");
+    assert_eq!(lowered["reason"], "RateLowered");
+    let msg = lowered["message"].as_str().unwrap();
+    assert!(msg.contains("of the configured rate"), "{msg}");
+    let back = c.wait_condition("PartnerThrottling", |c| c["status"] == "False");
+    assert_eq!(back["reason"], "RateAsConfigured", "before: {cond}");
+}
+
 /// The partner answers a 2xx whose body breaks the route's success rule: the sidecar reports
 /// the violation, and the PartnerIntegration shows condition `ContractViolated` (reason
 /// `SuccessRuleBroken`, the route and its count in the message) with one event for the change,

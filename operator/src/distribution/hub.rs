@@ -1266,6 +1266,7 @@ mod tests {
                 credential_keys: None,
                 credential_refresh_failures: 0,
                 credential_check: None,
+                adaptive_percent: None,
             }],
         }
     }

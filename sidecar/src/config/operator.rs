@@ -266,6 +266,7 @@ impl OperatorSource {
                     .refresh_failures
                     .saturating_sub(last.refresh_failures),
                 credential_check: i.state.check.result(),
+                adaptive_percent: i.state.adaptive_percent(now),
             });
             reported.insert(i.policy.id.clone(), current);
         }
