@@ -441,6 +441,8 @@ pub struct RateLimitPolicy {
     /// More headers of the partition key, after `partition_by`.
     #[serde(serialize_with = "ser::header_names")]
     pub partition_also_by: Vec<HeaderName>,
+    /// The client's address is the last part of the partition key.
+    pub partition_by_client_address: bool,
     pub bands: Vec<BandPolicy>,
     /// Other bands for some values of the partition header.
     pub overrides: Vec<PartitionOverridePolicy>,
@@ -1953,6 +1955,10 @@ impl Compiler {
         if also.len() > 3 {
             self.err(format!("{base}.partitionAlsoBy"), "at most 3 headers");
         }
+        let partition_by_client_address = r
+            .partition_by_client_address
+            .or(inherit.and_then(|i| i.partition_by_client_address))
+            .unwrap_or(false);
         let adaptive = r
             .adaptive
             .as_ref()
@@ -1982,6 +1988,7 @@ impl Compiler {
             max_queue_wait,
             partition_by,
             partition_also_by,
+            partition_by_client_address,
             bands,
             overrides,
             adaptive,

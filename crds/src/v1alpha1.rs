@@ -421,6 +421,11 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 3), inner(length(min = 1, max = 256)), extend("x-kubernetes-list-type" = "set"))]
     pub partition_also_by: Vec<String>,
+    /// The address of the app's connection joins the partition key (alone, or after the
+    /// headers): each client host gets buckets of its own. For a sidecar shared by several
+    /// hosts (standalone on a gateway); in a pod every call comes from the pod itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_by_client_address: Option<bool>,
     /// Other bands for chosen values of the `partitionBy` header (region `eu` gets 100/s, `us`
     /// 200/s): each listed value gets buckets of its own with these bands instead. At most 16.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

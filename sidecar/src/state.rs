@@ -279,7 +279,8 @@ impl IntegrationState {
     /// `(route label, quota kind, live partitions)` for every partitioned quota, evicting idle
     /// partitions first; the integration's quota is labelled `*`.
     pub fn partition_counts(&self, now: Instant) -> Vec<(String, &'static str, usize)> {
-        let partitioned = |q: &&Quota| q.policy.partition_by.is_some();
+        let partitioned =
+            |q: &&Quota| q.policy.partition_by.is_some() || q.policy.partition_by_client_address;
         let mut out = Vec::new();
         if let Some(q) = self.quota.as_ref().filter(partitioned) {
             out.push((
@@ -410,7 +411,8 @@ fn build_quota(
         Some(q)
             if q.policy.bands == policy.bands
                 && q.policy.partition_by.is_some() == policy.partition_by.is_some()
-                && q.policy.partition_also_by == policy.partition_also_by =>
+                && q.policy.partition_also_by == policy.partition_also_by
+                && q.policy.partition_by_client_address == policy.partition_by_client_address =>
         {
             q.limiter.clone()
         }
@@ -458,6 +460,8 @@ fn build_quota(
                 .filter(|_| {
                     old.is_some_and(|q| {
                         q.policy.partition_also_by == policy.partition_also_by
+                            && q.policy.partition_by_client_address
+                                == policy.partition_by_client_address
                             && q.policy
                                 .overrides
                                 .iter()
@@ -465,11 +469,12 @@ fn build_quota(
                     })
                 });
             // With `partitionAlsoBy` the other headers still divide an overridden value.
-            let partitions = if policy.partition_also_by.is_empty() {
-                1
-            } else {
-                ctx.max_partitions
-            };
+            let partitions =
+                if policy.partition_also_by.is_empty() && !policy.partition_by_client_address {
+                    1
+                } else {
+                    ctx.max_partitions
+                };
             let l = kept
                 .cloned()
                 .unwrap_or_else(|| Arc::new(Limiter::new(&o.bands, partitions)));

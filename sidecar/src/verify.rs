@@ -112,6 +112,7 @@ async fn check(integration: Arc<Integration>, stack: Stack) {
         deadline: now + integration.route(route).timeouts.total,
         started: now,
         attempts: AtomicU32::new(0),
+        client: None,
     });
     let mut req = Request::new(ReqBody::Full(Bytes::new()));
     *req.method_mut() = v.method.clone();

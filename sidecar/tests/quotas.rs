@@ -1,6 +1,7 @@
 //! Quotas that track the partner, through the real sidecar binary: adaptive quotas
-//! (`rateLimit.adaptive`) against a real partner that starts throttling, and per-partition
-//! overrides (`rateLimit.overrides`).
+//! (`rateLimit.adaptive`) against a real partner that starts throttling, per-partition
+//! overrides (`rateLimit.overrides`) and composite partition keys (`partitionAlsoBy`,
+//! `partitionByClientAddress`).
 
 mod support;
 
@@ -243,4 +244,63 @@ async fn composite_partition_keys_give_each_combination_its_own_buckets() {
         assert!(refused.body.contains("europe"), "{}", refused.body);
     }
     assert_eq!(partner.count(), 5 + 4);
+}
+
+/// `GET url` through the sidecar's proxy from a connection bound to `from` (any 127/8 address
+/// is this machine): the status code.
+async fn status_from(proxy: std::net::SocketAddr, from: [u8; 4], url: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(from), 0).into())
+        .unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let host = url.split('/').nth(2).unwrap_or_default();
+    let head =
+        format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nX-Region: eu\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `partitionByClientAddress`: each client host has its own buckets, after the headers of the
+/// key (a sidecar shared by several hosts); a refusal names the client address as part of the
+/// key, never the address itself.
+#[tokio::test]
+async fn the_client_address_can_join_the_partition_key() {
+    let partner = Partner::start().await;
+    let sidecar = Sidecar::start(&manifest(
+        "partner",
+        &format!(
+            "upstream: {{url: '{}'}}\nrateLimit:\n  partitionBy: X-Region\n  partitionByClientAddress: true\n  limits: [{{name: per-host, requests: 2, per: 1h}}]",
+            partner.url()
+        ),
+    ))
+    .await;
+    let url = format!("{}/v1/x", partner.url());
+    for _ in 0..2 {
+        assert_eq!(status_from(sidecar.listen, [127, 0, 0, 1], &url).await, 200);
+    }
+    assert_eq!(status_from(sidecar.listen, [127, 0, 0, 1], &url).await, 429);
+    // Another host, same header: buckets of its own.
+    for _ in 0..2 {
+        assert_eq!(status_from(sidecar.listen, [127, 0, 0, 2], &url).await, 200);
+    }
+    assert_eq!(status_from(sidecar.listen, [127, 0, 0, 2], &url).await, 429);
+    let refused = request(sidecar.listen, Method::GET, &url, &[("x-region", "eu")], "").await;
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused
+            .body
+            .contains("header x-region and the client address")
+            && !refused.body.contains("127.0.0.1"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(partner.count(), 4);
 }

@@ -204,6 +204,7 @@ pub async fn serve<I>(
     host: &str,
     proxy: Arc<Proxy>,
     drain: Option<watch::Receiver<bool>>,
+    client: Option<std::net::IpAddr>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -227,7 +228,7 @@ pub async fn serve<I>(
         }
     };
     let builder = crate::proxy::server::http_builder(&proxy.options);
-    if let Err(e) = serve_session(tls, host, proxy, &builder, drain).await {
+    if let Err(e) = serve_session(tls, host, proxy, &builder, drain, client).await {
         tracing::debug!(%host, error = %e, "intercepted connection ended with an error");
     }
 }
@@ -240,6 +241,7 @@ async fn serve_session<I>(
     proxy: Arc<Proxy>,
     builder: &http1::Builder,
     drain: Option<watch::Receiver<bool>>,
+    client: Option<std::net::IpAddr>,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -251,8 +253,11 @@ where
         verdicts.clone(),
     ));
     let host: Arc<str> = host.into();
-    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+    let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let verdict = verdicts.next();
+        if let Some(ip) = client {
+            req.extensions_mut().insert(crate::proxy::ClientAddr(ip));
+        }
         let p = proxy.clone();
         let host = host.clone();
         async move {

@@ -63,6 +63,8 @@ pub struct Call {
     pub started: Instant,
     /// Attempts sent to the partner so far.
     pub attempts: AtomicU32,
+    /// The address of the app's connection, when a listener knows it.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Call {

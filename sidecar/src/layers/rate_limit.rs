@@ -133,15 +133,15 @@ pub(crate) fn charge(
         Some(second) => {
             pair = (
                 [
-                    entry(first.0, headers, &mut key_a),
-                    entry(second.0, headers, &mut key_b),
+                    entry(first.0, headers, call.client, &mut key_a),
+                    entry(second.0, headers, call.client, &mut key_b),
                 ],
                 [first, second],
             );
             (&pair.0, &pair.1)
         }
         None => {
-            one = ([entry(first.0, headers, &mut key_a)], [first]);
+            one = ([entry(first.0, headers, call.client, &mut key_a)], [first]);
             (&one.0, &one.1)
         }
     };
@@ -189,29 +189,43 @@ pub(crate) fn charge(
                 for h in &quota.policy.partition_also_by {
                     which.push_str(&format!(" and {h}"));
                 }
+                if quota.policy.partition_by_client_address {
+                    which.push_str(" and the client address");
+                }
+            } else if quota.policy.partition_by_client_address {
+                which.push_str(", partition: this client address");
             }
             Some(Err(Refused { denied, which }))
         }
     }
 }
 
-/// The limiter and partition key of `q` for a request with `headers`. With `partitionAlsoBy`
-/// the key is built in `scratch`: each header's value, length-prefixed (a missing header is a
-/// value of its own), so no two combinations make the same bytes.
+/// The limiter and partition key of `q` for a request with `headers` from `client`. With
+/// `partitionAlsoBy` or `partitionByClientAddress` the key is built in `scratch`: each part
+/// length-prefixed (a missing header is a value of its own), so no two combinations make the
+/// same bytes.
 fn entry<'a, 'h>(
     q: &'a Quota,
     headers: &'h HeaderMap,
+    client: Option<std::net::IpAddr>,
     scratch: &'h mut Vec<u8>,
 ) -> (&'a Limiter, limiter::Key<'h>) {
     let value = |h: &http::HeaderName| headers.get(h).map(|v| v.as_bytes());
     let first = q.policy.partition_by.as_ref().and_then(value);
-    if q.policy.partition_also_by.is_empty() {
+    if q.policy.partition_also_by.is_empty() && !q.policy.partition_by_client_address {
         return q.limiter_for(first, first, None);
     }
     push_part(scratch, first);
     let split = scratch.len();
     for h in &q.policy.partition_also_by {
         push_part(scratch, value(h));
+    }
+    if q.policy.partition_by_client_address {
+        match client {
+            Some(std::net::IpAddr::V4(ip)) => push_part(scratch, Some(&ip.octets())),
+            Some(std::net::IpAddr::V6(ip)) => push_part(scratch, Some(&ip.octets())),
+            None => push_part(scratch, None),
+        }
     }
     let key: &'h [u8] = scratch;
     q.limiter_for(first, Some(key), Some(&key[split..]))

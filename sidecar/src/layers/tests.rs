@@ -48,6 +48,7 @@ fn request(i: &Arc<crate::config::Integration>, method: http::Method) -> Request
         deadline: started + i.route(route).timeouts.total,
         started,
         attempts: AtomicU32::new(0),
+        client: None,
     });
     let mut req = Request::builder()
         .method(method)

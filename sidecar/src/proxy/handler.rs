@@ -198,12 +198,14 @@ impl Proxy {
         parts.uri = Uri::from(pq);
         strip_hop_by_hop(&mut parts.headers);
         let deadline = started + route_policy.timeouts.total;
+        let client = parts.extensions.get::<super::ClientAddr>().map(|c| c.0);
         let call = Arc::new(Call {
             integration,
             route,
             deadline,
             started,
             attempts: AtomicU32::new(0),
+            client,
         });
         parts.extensions.insert(call);
         Ok(Request::from_parts(parts, body))

@@ -31,8 +31,13 @@ pub mod server;
 pub mod sniff;
 pub(crate) mod tunnel;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+/// The address of the app's connection a request came on, attached to the request by the
+/// listener (for `rateLimit.partitionByClientAddress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
 
 /// What to do with a request for a host no integration claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -35,7 +35,7 @@ pub async fn serve(
         drain,
         move |stream, peer, drain_rx| {
             let _ = stream.set_nodelay(true);
-            let conn = serve_connection(stream, proxy.clone(), &builder, drain_rx);
+            let conn = serve_connection(stream, proxy.clone(), &builder, drain_rx, Some(peer.ip()));
             async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -192,6 +192,7 @@ pub fn serve_connection<I>(
     proxy: Arc<Proxy>,
     builder: &http1::Builder,
     drain: watch::Receiver<bool>,
+    client: Option<std::net::IpAddr>,
 ) -> impl Future<Output = Result<(), hyper::Error>> + Send + use<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -202,8 +203,11 @@ where
         proxy.options.max_header_bytes,
         verdicts.clone(),
     ));
-    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let verdict = verdicts.next();
+        if let Some(ip) = client {
+            req.extensions_mut().insert(super::ClientAddr(ip));
+        }
         let p = proxy.clone();
         let drain = drain.clone();
         // A CONNECT answer opens a tunnel: it must not announce a close.

@@ -40,6 +40,7 @@ pub(crate) async fn handle(
         count(&proxy, &i.label, "intercepted");
         let host = target.host.clone();
         let p = proxy.clone();
+        let client = req.extensions().get::<super::ClientAddr>().map(|c| c.0);
         let span = tracing::debug_span!("intercepted tunnel", integration = %i.label, server.address = %host);
         tokio::spawn(
             async move {
@@ -47,8 +48,8 @@ pub(crate) async fn handle(
                     Ok(upgraded) => {
                         let interceptor = p.intercept.clone();
                         if let Some(ca) = interceptor.ca() {
-                            crate::intercept::serve(TokioIo::new(upgraded), ca, &host, p, None)
-                                .await;
+                            let io = TokioIo::new(upgraded);
+                            crate::intercept::serve(io, ca, &host, p, None, client).await;
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),

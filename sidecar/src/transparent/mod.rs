@@ -274,7 +274,8 @@ async fn intercept(
                     count(&proxy, "tls", Handling::Intercept);
                     let interceptor = proxy.intercept.clone();
                     if let Some(ca) = interceptor.for_integration(&i) {
-                        crate::intercept::serve(app, ca, &host, proxy, Some(drain)).await;
+                        let client = Some(peer.ip());
+                        crate::intercept::serve(app, ca, &host, proxy, Some(drain), client).await;
                     }
                 }
                 Some(i) => {
@@ -331,7 +332,7 @@ async fn serve_http(
     drain: watch::Receiver<bool>,
     peer: SocketAddr,
 ) {
-    if let Err(e) = server::serve_connection(app, proxy, builder, drain).await {
+    if let Err(e) = server::serve_connection(app, proxy, builder, drain, Some(peer.ip())).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
