@@ -892,13 +892,13 @@ fn a_global_band_follows_demand_and_a_killed_sidecars_share_is_reclaimed() {
 /// The same across two operator replicas: the busy sidecar on one, the quiet ones on the
 /// other. Each replica takes the part of the band its sidecars need (published in its peer
 /// Lease every 2 s here); a part rises only after two peer intervals and a second (5 s), so
-/// the other has lowered its own first: the shares settle in steps, within 12 s. The killed
-/// sidecar's share comes back after its lease (16 s), two peer intervals (the other replica
-/// sees it go, then this one sees the other let go), that delay and a recount: 27 s.
+/// the other has lowered its own first: the shares settle within 10 s. The killed sidecar's
+/// share comes back after its lease (16 s), a peer interval (this replica sees the other let
+/// go), that delay and a recount: 25 s.
 #[test]
 fn a_global_band_follows_demand_across_two_operator_replicas() {
-    let reclaim = Duration::from_secs(16 + 4 + 5 + 2);
-    demand_leases("demand2", 2, Duration::from_secs(12), reclaim);
+    let reclaim = Duration::from_secs(16 + 2 + 5 + 2);
+    demand_leases("demand2", 2, Duration::from_secs(10), reclaim);
 }
 
 /// The scenario above with `replicas` operators (the busy sidecar subscribes to the first,

@@ -565,21 +565,23 @@ impl Hub {
             let own_held = book.ledger.get(key).map_or(0.0, |l| l.1);
             let others = peers.partial(key);
             let delay = self.settings.budget_delay;
-            let budget = book
+            // The part by need rises only after the delay (the others have seen the needs
+            // behind it); what the others hold limits it as it is now.
+            let part = book
                 .budgets
                 .entry(key.clone())
                 .or_insert_with(|| DelayedRise::new(delay))
                 .offer(
                     // A replica that publishes no need (it predates demand leases) needs the
                     // floor for each of its sidecars.
-                    shares::budget(
+                    shares::part(
                         own_need,
-                        own_held,
                         others.quota_need.max(f64::from(others.subscribers) * floor),
                         others.quota_held,
                     ),
                     now,
                 );
+            let budget = shares::budget(part, own_held, others.quota_held);
             tracing::debug!(
                 integration = %format!("{}/{}", key.0, key.1),
                 budget,

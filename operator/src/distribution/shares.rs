@@ -5,10 +5,10 @@
 //!
 //! 1. **Budget.** With one replica the whole band. With several, each replica publishes the
 //!    sum of its pods' needs and what its pods hold (peer Leases, [`crate::peers`]); a replica
-//!    takes `its need / all needs`, rising above what it holds only into what the others do
-//!    not hold ([`budget`]). A budget falls at once but rises only once it has been at least
-//!    as high for [`DelayedRise`]'s delay (two peer intervals and a second), so every other
-//!    replica has seen the change and lowered its own first.
+//!    takes its part, `its need / all needs` ([`part`]), rising above what it holds only into
+//!    what the others do not hold now ([`budget`]). A part falls at once but rises only once
+//!    it has been at least as high for [`DelayedRise`]'s delay (two peer intervals and a
+//!    second), so every other replica has seen the needs behind it and lowered its own first.
 //! 2. **Targets** ([`targets`]): each pod needs its demand as a fraction of the band, but at
 //!    least the floor (a tenth of the band split evenly among all sidecars, so a quiet pod can
 //!    make its first calls; a pod that has not reported yet needs the floor). When the needs
@@ -171,21 +171,26 @@ pub fn grants(budget: f64, held_elsewhere: f64, pods: &[Pod]) -> Vec<f64> {
         .collect()
 }
 
-/// This replica's part of the band: its pods' needs over everyone's. It falls to that at
-/// once, but rises above what it holds (`own_held`) only into what the other replicas do not
-/// hold now; when replicas hold more than the band together (each took it all before it saw
-/// the others), each falls to its proportional part, which together fit.
-pub fn budget(own_need: f64, own_held: f64, others_need: f64, others_held: f64) -> f64 {
+/// This replica's part of the band by need: its pods' needs over everyone's (the whole band
+/// when no other replica needs or holds any). The hub delays its rises ([`DelayedRise`]).
+pub fn part(own_need: f64, others_need: f64, others_held: f64) -> f64 {
     let others_need = finite(others_need);
-    let others_held = finite(others_held).min(1.0);
     let own_need = finite(own_need);
-    if others_need <= 0.0 && others_held <= 0.0 {
+    if others_need <= 0.0 && finite(others_held) <= 0.0 {
         return 1.0;
     }
     let total = own_need + others_need;
     let proportional = if total > 0.0 { own_need / total } else { 0.0 };
+    proportional.clamp(0.0, 1.0)
+}
+
+/// This replica's budget: its `part`, but above what it holds (`own_held`) only into what the
+/// other replicas do not hold now. When replicas hold more than the band together (each took
+/// it all before it saw the others), each falls to its part, and the parts together fit.
+pub fn budget(part: f64, own_held: f64, others_held: f64) -> f64 {
+    let others_held = finite(others_held).min(1.0);
     let room = finite(own_held).max(1.0 - others_held);
-    proportional.min(room).clamp(0.0, 1.0)
+    finite(part).min(room).clamp(0.0, 1.0)
 }
 
 fn finite(x: f64) -> f64 {
@@ -211,13 +216,18 @@ impl DelayedRise {
 
     /// Offers `value` at `now`; returns the value in force.
     pub fn offer(&mut self, value: f64, now: Instant) -> f64 {
-        // Older offers above this one can never be the minimum again; an equal one keeps its
-        // (earlier) time.
-        while self.offers.back().is_some_and(|(_, v)| *v > value) {
+        // Each entry says since when every offer has been at least its value. Entries above
+        // this offer end here; the offers they covered were above it too, so this one holds
+        // since the earliest of them (noise just under a level does not restart its wait).
+        let mut since = now;
+        while let Some(&(at, v)) = self.offers.back()
+            && v > value
+        {
+            since = at;
             self.offers.pop_back();
         }
         if self.offers.back().is_none_or(|(_, v)| *v < value) {
-            self.offers.push_back((now, value));
+            self.offers.push_back((since, value));
         }
         // Drop offers older than the delay, but keep the newest of them: it was in force for
         // the whole window.
@@ -456,16 +466,17 @@ mod tests {
 
     #[test]
     fn budgets_follow_need_and_leave_what_others_hold() {
-        assert_eq!(budget(0.5, 0.0, 0.0, 0.0), 1.0);
-        assert!(close(budget(0.9, 0.1, 0.1, 0.1), 0.9));
+        assert_eq!(part(0.5, 0.0, 0.0), 1.0);
+        assert!(close(part(0.9, 0.1, 0.1), 0.9));
+        assert_eq!(part(f64::NAN, 1.0, 0.0), 0.0);
+        assert!(close(budget(0.9, 0.1, 0.1), 0.9));
         // Another replica still holds 0.5: this one rises from 0.1 only to 0.5, and waits for
         // it to let go of the rest.
-        assert!(close(budget(0.9, 0.1, 0.1, 0.5), 0.5));
+        assert!(close(budget(0.9, 0.1, 0.5), 0.5));
         // Both took the whole band before they saw each other: each falls to its part, never
         // to nothing.
-        assert!(close(budget(0.9, 1.0, 0.1, 1.0), 0.9));
-        assert!(close(budget(0.1, 1.0, 0.9, 1.0), 0.1));
-        assert_eq!(budget(f64::NAN, 0.0, 1.0, 0.0), 0.0);
+        assert!(close(budget(part(0.9, 0.1, 1.0), 1.0, 1.0), 0.9));
+        assert!(close(budget(part(0.1, 0.9, 1.0), 1.0, 1.0), 0.1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -479,6 +490,14 @@ mod tests {
         // 0.9 has been offered for 5 s: it is in force.
         assert_eq!(b.offer(0.9, t0 + Duration::from_secs(7)), 0.9);
         assert_eq!(b.offer(0.1, t0 + Duration::from_secs(8)), 0.1);
+
+        // Noise just under a level offered since 10 s does not restart its wait.
+        let mut b = DelayedRise::new(Duration::from_secs(5));
+        assert_eq!(b.offer(0.5, t0), 0.5);
+        assert_eq!(b.offer(0.947, t0 + Duration::from_secs(10)), 0.5);
+        assert_eq!(b.offer(0.946, t0 + Duration::from_secs(12)), 0.5);
+        assert_eq!(b.offer(0.9465, t0 + Duration::from_secs(14)), 0.5);
+        assert_eq!(b.offer(0.947, t0 + Duration::from_secs(15)), 0.946);
     }
 
     #[test]
