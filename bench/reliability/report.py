@@ -155,7 +155,7 @@ def fanout_block():
     if "per_flip_last_ms" in f:
         rows.append(f"| the last stream to apply, each flip | {' / '.join(f'{x:,.0f}' for x in f['per_flip_last_ms'])} ms |")
     if "redivide_after_leave_ms" in d:
-        rows.append(f"| {d.get('churn', 50)} pods leaving at once: until every other stream applied its new quota share | {d['redivide_after_leave_ms']:,} ms |")
+        rows.append(f"| {d.get('churn', 50)} pods leaving at once: until every other stream applied its next snapshot (the new count of sidecars; the shares follow once the leavers' leases end) | {d['redivide_after_leave_ms']:,} ms |")
     if "operator_cpu_ms_per_flip" in d:
         rows.append(f"| operator CPU per flip (all streams) | {d['operator_cpu_ms_per_flip']} ms |")
     rows += [
