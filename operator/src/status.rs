@@ -699,6 +699,18 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The status of `e` (generation 2, valid, its Secret read) with what sidecars reported.
+    fn status_for(e: &Entry, observed: Option<&Observed>) -> PartnerIntegrationStatus {
+        let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(e),
+            observed,
+        };
+        build(&f, None, t("2026-06-01T00:00:00Z"))
+    }
+
     /// An adaptive quota: the lowest rate fresh sidecars report in force shows on the status;
     /// a report claiming an impossible percentage is refused, naming the field.
     #[tokio::test]
@@ -735,14 +747,7 @@ mod tests {
                 store.record(pod, &report(p), now).unwrap();
             }
             let observed = store.observe(&key, &pods, &e.config_revision, now);
-            let f = Findings {
-                generation: 2,
-                invalid: None,
-                secret_problem: None,
-                in_force: Some(&e),
-                observed: Some(&observed),
-            };
-            let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+            let status = status_for(&e, Some(&observed));
             find(Some(&status), condition::PARTNER_THROTTLING)
                 .unwrap()
                 .clone()
@@ -767,14 +772,7 @@ mod tests {
         assert!(bad.to_string().starts_with("adaptivePercent:"), "{bad}");
         // Without an adaptive quota there is no such condition.
         let plain = entry(false, false);
-        let f = Findings {
-            generation: 2,
-            invalid: None,
-            secret_problem: None,
-            in_force: Some(&plain),
-            observed: None,
-        };
-        let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+        let status = status_for(&plain, None);
         assert!(find(Some(&status), condition::PARTNER_THROTTLING).is_none());
     }
 
@@ -817,14 +815,7 @@ mod tests {
             .record(&pods[1], &report(4, 1, Some(1_780_000_100)), now)
             .unwrap();
         let observed = store.observe(&key, &pods, &e.config_revision, now);
-        let f = Findings {
-            generation: 2,
-            invalid: None,
-            secret_problem: None,
-            in_force: Some(&e),
-            observed: Some(&observed),
-        };
-        let status = build(&f, None, t("2026-06-01T00:00:00Z"));
+        let status = status_for(&e, Some(&observed));
         let c = find(Some(&status), condition::SECONDARY_KEY_IN_USE).unwrap();
         assert_eq!(c.status, "True");
         assert_eq!(c.reason.as_deref(), Some(reason::SECONDARY_KEY_SERVING));
@@ -842,8 +833,11 @@ mod tests {
             .unwrap();
         let observed = store.observe(&key, &pods, &e.config_revision, later);
         let f = Findings {
+            generation: 2,
+            invalid: None,
+            secret_problem: None,
+            in_force: Some(&e),
             observed: Some(&observed),
-            ..f
         };
         let status = build(&f, Some(&status), t("2026-06-01T00:07:00Z"));
         let c = find(Some(&status), condition::SECONDARY_KEY_IN_USE).unwrap();

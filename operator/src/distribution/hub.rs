@@ -1032,7 +1032,7 @@ mod tests {
     use crate::catalog::Entry;
     use crate::peers::PeerState;
     use crate::traffic::Partial;
-    use tollgate_crds::distribution::{BreakerState, Snapshot};
+    use tollgate_crds::distribution::Snapshot;
 
     fn global_entry() -> Entry {
         let spec: tollgate_crds::PartnerIntegrationSpec = serde_json::from_value(serde_json::json!({
@@ -1249,27 +1249,14 @@ mod tests {
     }
 
     fn demand_report(calls: u64) -> Report {
+        let r = serde_json::json!({
+            "namespace": "shop", "name": "partner", "configRevision": "1-x",
+            "intervalMillis": 1000, "requests": calls, "errors": 0, "rateLimited": 0,
+            "breaker": "closed",
+        });
         Report {
             revision: 1,
-            integrations: vec![tollgate_crds::distribution::IntegrationReport {
-                namespace: "shop".into(),
-                name: "partner".into(),
-                config_revision: "1-x".into(),
-                interval_millis: 1_000,
-                requests: calls,
-                errors: 0,
-                rate_limited: 0,
-                refused: 0,
-                latency_p95_millis: None,
-                latency_buckets: Vec::new(),
-                breaker: BreakerState::Closed,
-                lifecycle: Vec::new(),
-                contract_violations: Vec::new(),
-                credential_keys: None,
-                credential_refresh_failures: 0,
-                credential_check: None,
-                adaptive_percent: None,
-            }],
+            integrations: vec![serde_json::from_value(r).unwrap()],
         }
     }
 
