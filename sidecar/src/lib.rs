@@ -14,6 +14,7 @@ pub(crate) mod body;
 pub mod client;
 pub mod cluster;
 pub mod config;
+mod encoding;
 pub mod engine;
 pub mod intercept;
 mod io;
