@@ -396,6 +396,7 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
         "upstream": {"url": partner.url(), "hosts": [PARTNER_HOST], "connectTimeout": "1s"},
         "retries": {"maxAttempts": 2, "retryOn": ["500"], "backoff": {"base": "10ms", "max": "20ms"}},
         "rateLimit": {"limits": [{"name": "sustained", "requests": 1000, "per": "1m"}]},
+        "concurrency": {"maxInFlight": 50, "onLimit": "queue"},
         "routes": [{
             "name": "scarce",
             "match": {"pathPrefix": "/fail-scarce"},
