@@ -318,9 +318,10 @@ fn missing_labels(exposition: &str, wanted: &BTreeSet<(String, String)>) -> Vec<
 }
 
 /// Metrics that appear only with a fault this test does not stage (an API server error during a
-/// reconcile, an integration the operator accepts but a sidecar cannot compile): an empty family
+/// reconcile, an integration the operator accepts but a sidecar cannot compile, an OAuth2
+/// token endpoint that fails): an empty family
 /// is not in the exposition, so for these the name must be the one the binary registers.
-const FAULT_ONLY: [(&str, &str, &str); 2] = [
+const FAULT_ONLY: [(&str, &str, &str); 3] = [
     (
         "tollgate_operator_reconcile_errors_total",
         "operator/src/metrics.rs",
@@ -330,6 +331,11 @@ const FAULT_ONLY: [(&str, &str, &str); 2] = [
         "tollgate_config_refused",
         "sidecar/src/telemetry/metrics.rs",
         "\"tollgate_config_refused\"",
+    ),
+    (
+        "tollgate_credential_refresh_failures_total",
+        "sidecar/src/telemetry/metrics.rs",
+        "\"tollgate_credential_refresh_failures\"",
     ),
 ];
 
