@@ -1508,20 +1508,8 @@ fn the_start_up_check_reaches_the_status_and_an_event() {
         );
         assert_eq!(s.header("x-api-version"), Some("2024-06-20"));
     }
-    let events = |reason: &str| -> anyhow::Result<Vec<Value>> {
-        let out =
-            c.cp.kubectl(["get", "events.events.k8s.io", "-n", &c.ns, "-o", "json"])?;
-        let all: Value = serde_json::from_str(&out)?;
-        Ok(all["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["reason"] == reason)
-            .cloned()
-            .collect())
-    };
     let passed = eventually("a CheckPassed event", SETTLE, || {
-        let e = events("CheckPassed")?;
+        let e = c.events("CheckPassed")?;
         anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
         Ok(e)
     });
@@ -1537,7 +1525,7 @@ fn the_start_up_check_reaches_the_status_and_an_event() {
         "{cond}"
     );
     let failed = eventually("a CheckFailed event", SETTLE, || {
-        let e = events("CheckFailed")?;
+        let e = c.events("CheckFailed")?;
         anyhow::ensure!(!e.is_empty(), "no event yet\n{}", c.logs());
         Ok(e)
     });
